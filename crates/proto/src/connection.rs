@@ -1,0 +1,694 @@
+//! The connection state machine: bytes in, messages out, bytes to send.
+//!
+//! One [`Connection`] per WebSocket, after the handshake. The caller appends received bytes to
+//! [`Connection::receive_buffer`] (or passes them to [`Connection::receive_data`]), pulls messages with
+//! [`Connection::next_message`], queues outgoing messages with [`Connection::send`], and writes out
+//! what [`Connection::output_slices`] shows, reporting progress with [`Connection::consume_output`].
+//!
+//! Payloads are unmasked and UTF-8-checked in place as bytes arrive, so a bad frame fails as soon as
+//! its bad byte is seen and a good one is handed out as a slice of the receive buffer, never copied
+//! (fragmented messages are the exception: their pieces are joined). Size limits are checked against
+//! the frame header, before the payload is buffered.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::close::{parse_close_payload, CloseCode, CloseFrame, ClosePayloadError};
+use crate::frame::{FrameHeader, OpCode, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN};
+use crate::mask::apply_mask;
+use crate::message::{Message, Utf8Bytes};
+use crate::random::MaskKeys;
+use crate::utf8::Utf8Validator;
+
+/// Which end of the connection this engine is. Clients mask what they send; servers require it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Server,
+    Client,
+}
+
+/// Limits and behaviour of one connection. The defaults suit a public server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Largest frame payload accepted; a larger header fails with 1009 before any payload is read.
+    pub max_frame_size: usize,
+    /// Largest message accepted, summed over its fragments; checked at each fragment header (1009).
+    pub max_message_size: usize,
+    /// Answer pings with pongs automatically.
+    pub auto_pong: bool,
+    /// Server payloads at least this large are queued by reference and written with vectored I/O
+    /// instead of being copied into the output buffer.
+    pub zero_copy_threshold: usize,
+    /// Fixed client masking key; `None` (the default and the only safe choice) draws fresh random keys.
+    pub fixed_mask_key: Option<[u8; 4]>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_frame_size: 16 << 20,
+            max_message_size: 16 << 20,
+            auto_pong: true,
+            zero_copy_threshold: 4096,
+            fixed_mask_key: None,
+        }
+    }
+}
+
+/// Why the engine failed the connection. A close frame with [`ProtocolError::close_code`] has been
+/// queued; after flushing it the caller should close the transport.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("invalid frame header: {0}")]
+    Header(#[from] crate::frame::HeaderError),
+    #[error("reserved bits set without a negotiated extension")]
+    ReservedBits,
+    #[error("client frame is not masked")]
+    UnmaskedFrame,
+    #[error("server frame is masked")]
+    MaskedFrame,
+    #[error("continuation frame without a message in progress")]
+    UnexpectedContinuation,
+    #[error("new data frame while a fragmented message is in progress")]
+    ExpectedContinuation,
+    #[error("frame of {size} bytes exceeds the limit of {limit}")]
+    FrameTooLarge { size: u64, limit: usize },
+    #[error("message of at least {size} bytes exceeds the limit of {limit}")]
+    MessageTooLarge { size: u64, limit: usize },
+    #[error("text is not valid UTF-8")]
+    InvalidUtf8,
+    #[error("malformed close frame (one byte, or a code that may not be sent)")]
+    InvalidClosePayload,
+    #[error("close reason is not valid UTF-8")]
+    InvalidCloseReason,
+}
+
+impl ProtocolError {
+    /// The close code sent to the peer for this error.
+    pub fn close_code(&self) -> CloseCode {
+        match self {
+            Self::FrameTooLarge { .. } | Self::MessageTooLarge { .. } => CloseCode::MESSAGE_TOO_BIG,
+            Self::InvalidUtf8 | Self::InvalidCloseReason => CloseCode::INVALID_PAYLOAD,
+            _ => CloseCode::PROTOCOL_ERROR,
+        }
+    }
+}
+
+/// Why a message could not be queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("a close frame was already sent; no more frames may follow it")]
+    Closed,
+    #[error("control frame payload of {0} bytes exceeds 125")]
+    ControlTooLong(usize),
+    #[error("close code {0} may not be sent")]
+    InvalidCloseCode(u16),
+    #[error("a fragmented message is in progress; finish it first")]
+    FragmentInProgress,
+    #[error("no fragmented message is in progress")]
+    NoFragmentInProgress,
+}
+
+/// Where the close handshake stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseState {
+    Open,
+    /// We sent a close frame and wait for the peer's.
+    CloseSent,
+    /// Both close frames have crossed (or the connection failed): no more frames either way.
+    Closed,
+}
+
+/// A frame whose header has been read and whose payload is arriving.
+#[derive(Debug, Clone, Copy)]
+struct InFrame {
+    header: FrameHeader,
+    len: usize,
+    /// Payload bytes at the front of the receive buffer already unmasked and validated.
+    processed: usize,
+    is_text: bool,
+}
+
+/// A fragmented data message being joined.
+#[derive(Debug)]
+struct Assembly {
+    is_text: bool,
+    data: BytesMut,
+}
+
+/// The queue of bytes to send: frames encoded into `tail`, large server payloads held by reference.
+#[derive(Debug, Default)]
+struct Output {
+    /// Finished chunks, in order, before `tail`.
+    chunks: VecDeque<Bytes>,
+    tail: BytesMut,
+    len: usize,
+}
+
+impl Output {
+    fn seal_tail(&mut self) {
+        if !self.tail.is_empty() {
+            self.chunks.push_back(self.tail.split().freeze());
+        }
+    }
+
+    fn consume(&mut self, mut n: usize) {
+        assert!(
+            n <= self.len,
+            "consumed {n} bytes but only {} are pending",
+            self.len
+        );
+        self.len -= n;
+        while n > 0 {
+            match self.chunks.front_mut() {
+                Some(chunk) if chunk.len() <= n => {
+                    n -= chunk.len();
+                    self.chunks.pop_front();
+                }
+                Some(chunk) => {
+                    chunk.advance(n);
+                    n = 0;
+                }
+                None => {
+                    self.tail.advance(n);
+                    n = 0;
+                }
+            }
+        }
+        if self.tail.is_empty() {
+            // Rewind so the allocation is reused from its start.
+            self.tail.clear();
+        }
+    }
+}
+
+/// One WebSocket connection's protocol state.
+#[derive(Debug)]
+pub struct Connection {
+    role: Role,
+    config: Config,
+    recv: BytesMut,
+    frame: Option<InFrame>,
+    assembly: Option<Assembly>,
+    utf8: Utf8Validator,
+    out: Output,
+    mask_keys: MaskKeys,
+    close_sent: bool,
+    close_received: bool,
+    failed: bool,
+    /// An outgoing fragmented message is in progress (frames sent with `fin == false`).
+    sending_fragments: bool,
+}
+
+impl Connection {
+    pub fn new(role: Role, config: Config) -> Self {
+        let mask_keys = match config.fixed_mask_key {
+            Some(key) => MaskKeys::Fixed(key),
+            None => MaskKeys::random(),
+        };
+        Self {
+            role,
+            config,
+            recv: BytesMut::new(),
+            frame: None,
+            assembly: None,
+            utf8: Utf8Validator::new(),
+            out: Output::default(),
+            mask_keys,
+            close_sent: false,
+            close_received: false,
+            failed: false,
+            sending_fragments: false,
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    // --------------------------------------------------------------------------------------------
+    // Receiving
+
+    /// Appends received bytes.
+    pub fn receive_data(&mut self, data: &[u8]) {
+        if !self.failed {
+            self.recv.extend_from_slice(data);
+        }
+    }
+
+    /// The receive buffer, for reading from a socket straight into it. Append only.
+    pub fn receive_buffer(&mut self) -> &mut BytesMut {
+        &mut self.recv
+    }
+
+    /// Bytes received but not yet turned into messages.
+    pub fn buffered_input(&self) -> usize {
+        self.recv.len()
+    }
+
+    /// The next complete message, `Ok(None)` when more input is needed (or nothing more will come).
+    ///
+    /// An `Err` fails the connection: a close frame with the error's code is queued, further input is
+    /// ignored, and every later call returns `Ok(None)`.
+    pub fn next_message(&mut self) -> Result<Option<Message>, ProtocolError> {
+        if self.failed {
+            return Ok(None);
+        }
+        match self.advance() {
+            Ok(message) => Ok(message),
+            Err(error) => {
+                self.fail(&error);
+                Err(error)
+            }
+        }
+    }
+
+    fn advance(&mut self) -> Result<Option<Message>, ProtocolError> {
+        loop {
+            if self.close_received {
+                // Nothing after the peer's close frame is part of the conversation.
+                self.recv.clear();
+                return Ok(None);
+            }
+            let frame = match self.frame {
+                Some(frame) => frame,
+                None => match FrameHeader::decode(&self.recv)? {
+                    None => return Ok(None),
+                    Some((header, header_len)) => {
+                        let frame = self.check_header(header)?;
+                        self.recv.advance(header_len);
+                        self.frame = Some(frame);
+                        frame
+                    }
+                },
+            };
+            let available = self.recv.len().min(frame.len);
+            if available > frame.processed {
+                let fresh = &mut self.recv[frame.processed..available];
+                if let Some(key) = frame.header.mask {
+                    apply_mask(fresh, key, frame.processed);
+                }
+                if frame.is_text && self.utf8.feed(fresh).is_err() {
+                    return Err(ProtocolError::InvalidUtf8);
+                }
+                self.frame = Some(InFrame {
+                    processed: available,
+                    ..frame
+                });
+            }
+            if available < frame.len {
+                return Ok(None);
+            }
+            self.frame = None;
+            let payload = self.recv.split_to(frame.len).freeze();
+            if let Some(message) = self.complete_frame(frame, payload)? {
+                return Ok(Some(message));
+            }
+        }
+    }
+
+    /// Checks a header against the connection's state and limits, before any payload is read.
+    fn check_header(&mut self, header: FrameHeader) -> Result<InFrame, ProtocolError> {
+        if header.rsv != 0 {
+            return Err(ProtocolError::ReservedBits);
+        }
+        match (self.role, header.mask.is_some()) {
+            (Role::Server, false) => return Err(ProtocolError::UnmaskedFrame),
+            (Role::Client, true) => return Err(ProtocolError::MaskedFrame),
+            _ => {}
+        }
+        let limit = self.config.max_frame_size;
+        if header.payload_len > limit as u64 {
+            return Err(ProtocolError::FrameTooLarge {
+                size: header.payload_len,
+                limit,
+            });
+        }
+        let len = header.payload_len as usize;
+        let is_text = match header.opcode {
+            OpCode::Text | OpCode::Binary => {
+                if self.assembly.is_some() {
+                    return Err(ProtocolError::ExpectedContinuation);
+                }
+                self.check_message_size(len)?;
+                let is_text = header.opcode == OpCode::Text;
+                if is_text {
+                    self.utf8.reset();
+                }
+                is_text
+            }
+            OpCode::Continuation => match &self.assembly {
+                None => return Err(ProtocolError::UnexpectedContinuation),
+                Some(assembly) => {
+                    let is_text = assembly.is_text;
+                    self.check_message_size(assembly.data.len() + len)?;
+                    is_text
+                }
+            },
+            OpCode::Close | OpCode::Ping | OpCode::Pong => false,
+        };
+        Ok(InFrame {
+            header,
+            len,
+            processed: 0,
+            is_text,
+        })
+    }
+
+    fn check_message_size(&self, size: usize) -> Result<(), ProtocolError> {
+        let limit = self.config.max_message_size;
+        if size > limit {
+            return Err(ProtocolError::MessageTooLarge {
+                size: size as u64,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    fn complete_frame(
+        &mut self,
+        frame: InFrame,
+        payload: Bytes,
+    ) -> Result<Option<Message>, ProtocolError> {
+        let fin = frame.header.fin;
+        match frame.header.opcode {
+            OpCode::Text | OpCode::Binary if fin => {
+                Ok(Some(self.finish_message(frame.is_text, payload)?))
+            }
+            OpCode::Text | OpCode::Binary => {
+                let mut data = BytesMut::with_capacity(payload.len().max(1024));
+                data.extend_from_slice(&payload);
+                self.assembly = Some(Assembly {
+                    is_text: frame.is_text,
+                    data,
+                });
+                Ok(None)
+            }
+            OpCode::Continuation => {
+                let assembly = self.assembly.as_mut().expect("checked in check_header");
+                assembly.data.extend_from_slice(&payload);
+                if !fin {
+                    return Ok(None);
+                }
+                let assembly = self.assembly.take().expect("present");
+                Ok(Some(self.finish_message(
+                    assembly.is_text,
+                    assembly.data.freeze(),
+                )?))
+            }
+            OpCode::Ping => {
+                if self.config.auto_pong && !self.close_sent {
+                    self.queue_frame(OpCode::Pong, true, &payload);
+                }
+                Ok(Some(Message::Ping(payload)))
+            }
+            OpCode::Pong => Ok(Some(Message::Pong(payload))),
+            OpCode::Close => {
+                let close = parse_close_payload(&payload).map_err(|e| match e {
+                    ClosePayloadError::Malformed => ProtocolError::InvalidClosePayload,
+                    ClosePayloadError::InvalidReason => ProtocolError::InvalidCloseReason,
+                })?;
+                self.close_received = true;
+                if !self.close_sent {
+                    // Echo the peer's code (RFC 6455 §5.5.1); an empty close is answered empty.
+                    let echo = close
+                        .as_ref()
+                        .map(|c| CloseFrame::new(c.code, "").encode())
+                        .unwrap_or_default();
+                    self.queue_frame(OpCode::Close, true, &echo);
+                    self.close_sent = true;
+                }
+                Ok(Some(Message::Close(close)))
+            }
+        }
+    }
+
+    fn finish_message(&mut self, is_text: bool, payload: Bytes) -> Result<Message, ProtocolError> {
+        if !is_text {
+            return Ok(Message::Binary(payload));
+        }
+        if !self.utf8.is_complete() {
+            return Err(ProtocolError::InvalidUtf8);
+        }
+        Ok(Message::Text(Utf8Bytes::from_validated(payload)))
+    }
+
+    fn fail(&mut self, error: &ProtocolError) {
+        self.failed = true;
+        self.frame = None;
+        self.assembly = None;
+        self.recv = BytesMut::new();
+        if !self.close_sent {
+            let payload = CloseFrame::new(error.close_code(), error.to_string()).encode();
+            self.queue_frame(OpCode::Close, true, &payload);
+            self.close_sent = true;
+        }
+    }
+
+    // --------------------------------------------------------------------------------------------
+    // Sending
+
+    /// Queues a message. `Close` starts the close handshake; `Ping`/`Pong` payloads must be ≤125 bytes.
+    pub fn send(&mut self, message: Message) -> Result<(), SendError> {
+        match message {
+            Message::Text(text) => self.send_data(OpCode::Text, text.into_bytes()),
+            Message::Binary(data) => self.send_data(OpCode::Binary, data),
+            Message::Ping(data) => self.send_control(OpCode::Ping, &data),
+            Message::Pong(data) => self.send_control(OpCode::Pong, &data),
+            Message::Close(frame) => self.close(frame),
+        }
+    }
+
+    /// Queues a text message from a borrowed string (copied into the output buffer).
+    pub fn send_text(&mut self, text: &str) -> Result<(), SendError> {
+        self.check_can_send_data()?;
+        self.queue_frame(OpCode::Text, true, text.as_bytes());
+        Ok(())
+    }
+
+    /// Queues a binary message from a borrowed slice (copied into the output buffer).
+    pub fn send_binary(&mut self, data: &[u8]) -> Result<(), SendError> {
+        self.check_can_send_data()?;
+        self.queue_frame(OpCode::Binary, true, data);
+        Ok(())
+    }
+
+    /// Queues one frame of a fragmented message: the first with `Text` or `Binary`, the rest with
+    /// `Continuation`; `fin` ends the message. Control frames may be sent between fragments.
+    pub fn send_fragment(
+        &mut self,
+        opcode: OpCode,
+        payload: &[u8],
+        fin: bool,
+    ) -> Result<(), SendError> {
+        if self.close_sent {
+            return Err(SendError::Closed);
+        }
+        match opcode {
+            OpCode::Text | OpCode::Binary if self.sending_fragments => {
+                return Err(SendError::FragmentInProgress)
+            }
+            OpCode::Continuation if !self.sending_fragments => {
+                return Err(SendError::NoFragmentInProgress)
+            }
+            op if op.is_control() => return self.send_control(op, payload),
+            _ => {}
+        }
+        self.sending_fragments = !fin;
+        self.queue_frame(opcode, fin, payload);
+        Ok(())
+    }
+
+    fn check_can_send_data(&self) -> Result<(), SendError> {
+        if self.close_sent {
+            Err(SendError::Closed)
+        } else if self.sending_fragments {
+            Err(SendError::FragmentInProgress)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn send_data(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), SendError> {
+        self.check_can_send_data()?;
+        if self.role == Role::Server && payload.len() >= self.config.zero_copy_threshold {
+            self.queue_header(opcode, true, payload.len(), None);
+            self.out.seal_tail();
+            self.out.len += payload.len();
+            self.out.chunks.push_back(payload);
+        } else {
+            self.queue_frame(opcode, true, &payload);
+        }
+        Ok(())
+    }
+
+    fn send_control(&mut self, opcode: OpCode, payload: &[u8]) -> Result<(), SendError> {
+        if self.close_sent {
+            return Err(SendError::Closed);
+        }
+        if payload.len() > MAX_CONTROL_PAYLOAD {
+            return Err(SendError::ControlTooLong(payload.len()));
+        }
+        self.queue_frame(opcode, true, payload);
+        Ok(())
+    }
+
+    /// Starts the close handshake (or answers the peer's close if not done yet). `None` sends a close
+    /// frame without a code.
+    pub fn close(&mut self, frame: Option<CloseFrame>) -> Result<(), SendError> {
+        if self.close_sent {
+            return Err(SendError::Closed);
+        }
+        let payload = match &frame {
+            Some(f) if !f.code.is_sendable() => return Err(SendError::InvalidCloseCode(f.code.0)),
+            Some(f) => f.encode(),
+            None => Bytes::new(),
+        };
+        self.queue_frame(OpCode::Close, true, &payload);
+        self.close_sent = true;
+        Ok(())
+    }
+
+    fn queue_header(&mut self, opcode: OpCode, fin: bool, len: usize, mask: Option<[u8; 4]>) {
+        let header = FrameHeader {
+            fin,
+            rsv: 0,
+            opcode,
+            mask,
+            payload_len: len as u64,
+        };
+        let mut encoded = [0u8; MAX_HEADER_LEN];
+        let n = header.encode(&mut encoded);
+        self.out.tail.extend_from_slice(&encoded[..n]);
+        self.out.len += n;
+    }
+
+    /// Encodes a whole frame into the output buffer, masking it when we are the client.
+    fn queue_frame(&mut self, opcode: OpCode, fin: bool, payload: &[u8]) {
+        let mask = match self.role {
+            Role::Client => Some(self.mask_keys.next_key()),
+            Role::Server => None,
+        };
+        self.out.tail.reserve(MAX_HEADER_LEN + payload.len());
+        self.queue_header(opcode, fin, payload.len(), mask);
+        let start = self.out.tail.len();
+        self.out.tail.put_slice(payload);
+        if let Some(key) = mask {
+            apply_mask(&mut self.out.tail[start..], key, 0);
+        }
+        self.out.len += payload.len();
+    }
+
+    // --------------------------------------------------------------------------------------------
+    // Output
+
+    /// Bytes queued and not yet written.
+    pub fn pending_output(&self) -> usize {
+        self.out.len
+    }
+
+    /// Fills `dst` with the pending output in order, for a vectored write; returns how many slices.
+    pub fn output_slices<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for chunk in self
+            .out
+            .chunks
+            .iter()
+            .map(|c| &c[..])
+            .chain(std::iter::once(&self.out.tail[..]))
+        {
+            if n == dst.len() {
+                break;
+            }
+            if !chunk.is_empty() {
+                dst[n] = IoSlice::new(chunk);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The first contiguous run of pending output, for a plain write.
+    pub fn output_front(&self) -> &[u8] {
+        self.out
+            .chunks
+            .front()
+            .map(|c| &c[..])
+            .unwrap_or(&self.out.tail[..])
+    }
+
+    /// Marks `n` bytes of output as written.
+    ///
+    /// # Panics
+    /// If `n` exceeds [`Connection::pending_output`].
+    pub fn consume_output(&mut self, n: usize) {
+        self.out.consume(n);
+    }
+
+    /// Takes every pending output byte as one contiguous buffer (tests, simple transports).
+    pub fn take_output(&mut self) -> Vec<u8> {
+        let mut all = Vec::with_capacity(self.out.len);
+        for chunk in &self.out.chunks {
+            all.extend_from_slice(chunk);
+        }
+        all.extend_from_slice(&self.out.tail);
+        let n = self.out.len;
+        self.out.consume(n);
+        all
+    }
+
+    /// Frees the receive and send buffers when they hold nothing, so an idle connection keeps no
+    /// buffer memory. Call when the connection goes quiet; the next use allocates again.
+    pub fn release_idle_buffers(&mut self) {
+        if self.recv.is_empty() && self.frame.is_none() {
+            self.recv = BytesMut::new();
+        }
+        if self.out.len == 0 {
+            self.out.tail = BytesMut::new();
+        }
+    }
+
+    // --------------------------------------------------------------------------------------------
+    // State
+
+    pub fn close_state(&self) -> CloseState {
+        if self.failed || (self.close_sent && self.close_received) {
+            CloseState::Closed
+        } else if self.close_sent {
+            CloseState::CloseSent
+        } else {
+            CloseState::Open
+        }
+    }
+
+    /// True once the connection failed with a protocol error.
+    pub fn is_failed(&self) -> bool {
+        self.failed
+    }
+
+    /// True once the peer's close frame arrived.
+    pub fn close_received(&self) -> bool {
+        self.close_received
+    }
+
+    /// True once our close frame is queued.
+    pub fn close_sent(&self) -> bool {
+        self.close_sent
+    }
+
+    /// Whether we may close the transport now: the handshake is over and the output is flushed, and we
+    /// are the side that closes first. RFC 6455 §7.1.1: the server closes TCP first; the client waits
+    /// for it (and closes itself only after a timeout, which is the caller's clock to keep).
+    pub fn should_close_transport(&self) -> bool {
+        self.close_state() == CloseState::Closed
+            && self.out.len == 0
+            && (self.role == Role::Server || self.failed)
+    }
+}

@@ -1,0 +1,149 @@
+//! Incremental UTF-8 validation that fails as soon as the bytes seen so far cannot begin valid text.
+//!
+//! Text messages arrive in pieces (partial reads, fragments). RFC 6455 §8.1 asks that invalid text fail
+//! the connection; checking each piece as it arrives, rather than the whole message at the end, means a
+//! peer cannot make us buffer megabytes of garbage first. A code point split across pieces is carried
+//! (at most 3 bytes) to the next call.
+
+/// Why validation stopped: the bytes can never be valid UTF-8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidUtf8;
+
+/// Validator state between pieces of one text message.
+#[derive(Debug, Default, Clone)]
+pub struct Utf8Validator {
+    carry: [u8; 4],
+    carry_len: u8,
+}
+
+impl Utf8Validator {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Forgets any carried bytes (start of a new message).
+    pub fn reset(&mut self) {
+        self.carry_len = 0;
+    }
+
+    /// True when no partial code point is pending: the text so far ends on a character boundary.
+    pub fn is_complete(&self) -> bool {
+        self.carry_len == 0
+    }
+
+    /// Checks the next piece of a message.
+    pub fn feed(&mut self, mut input: &[u8]) -> Result<(), InvalidUtf8> {
+        if self.carry_len > 0 {
+            let have = self.carry_len as usize;
+            let need = sequence_length(self.carry[0]).ok_or(InvalidUtf8)?;
+            let take = (need - have).min(input.len());
+            self.carry[have..have + take].copy_from_slice(&input[..take]);
+            let candidate = &self.carry[..have + take];
+            match std::str::from_utf8(candidate) {
+                Ok(_) => self.carry_len = 0,
+                Err(e) if e.error_len().is_none() => {
+                    self.carry_len = candidate.len() as u8;
+                    return Ok(());
+                }
+                Err(_) => return Err(InvalidUtf8),
+            }
+            input = &input[take..];
+        }
+        match simdutf8::compat::from_utf8(input) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error_len().is_none() => {
+                let tail = &input[e.valid_up_to()..];
+                self.carry[..tail.len()].copy_from_slice(tail);
+                self.carry_len = tail.len() as u8;
+                Ok(())
+            }
+            Err(_) => Err(InvalidUtf8),
+        }
+    }
+}
+
+/// Length of the sequence a lead byte starts, or None when it cannot start one.
+fn sequence_length(lead: u8) -> Option<usize> {
+    match lead {
+        0x00..=0x7f => Some(1),
+        0xc2..=0xdf => Some(2),
+        0xe0..=0xef => Some(3),
+        0xf0..=0xf4 => Some(4),
+        _ => None,
+    }
+}
+
+/// Validates a complete buffer in one call.
+pub fn validate(bytes: &[u8]) -> Result<(), InvalidUtf8> {
+    simdutf8::basic::from_utf8(bytes)
+        .map(|_| ())
+        .map_err(|_| InvalidUtf8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn feed_split(bytes: &[u8], cuts: &[usize]) -> Result<bool, InvalidUtf8> {
+        let mut v = Utf8Validator::new();
+        let mut start = 0;
+        for &cut in cuts {
+            let cut = cut.clamp(start, bytes.len());
+            v.feed(&bytes[start..cut])?;
+            start = cut;
+        }
+        v.feed(&bytes[start..])?;
+        Ok(v.is_complete())
+    }
+
+    #[test]
+    fn multibyte_split_at_every_position() {
+        let text = "κόσμε 𝄞 € ok".as_bytes();
+        for cut in 0..=text.len() {
+            assert_eq!(feed_split(text, &[cut]), Ok(true), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn fails_fast_on_impossible_prefix() {
+        // 0xF4 0x90 is above U+10FFFF: invalid before the sequence is complete.
+        let mut v = Utf8Validator::new();
+        v.feed(&[b'a', 0xf4]).unwrap();
+        assert_eq!(v.feed(&[0x90]), Err(InvalidUtf8));
+        // A lone continuation byte fails at once.
+        assert_eq!(Utf8Validator::new().feed(&[0x80]), Err(InvalidUtf8));
+        // Surrogates (ED A0..) fail at the second byte.
+        let mut v = Utf8Validator::new();
+        v.feed(&[0xed]).unwrap();
+        assert_eq!(v.feed(&[0xa0]), Err(InvalidUtf8));
+    }
+
+    #[test]
+    fn truncated_sequence_is_incomplete_not_invalid() {
+        let mut v = Utf8Validator::new();
+        v.feed(&[0xe2, 0x82]).unwrap();
+        assert!(!v.is_complete());
+        v.feed(&[0xac]).unwrap();
+        assert!(v.is_complete());
+    }
+
+    proptest! {
+        #[test]
+        fn agrees_with_std_under_any_split(bytes in proptest::collection::vec(any::<u8>(), 0..64),
+                                           cuts in proptest::collection::vec(0usize..64, 0..6)) {
+            let mut cuts = cuts;
+            cuts.sort();
+            let expected = std::str::from_utf8(&bytes).is_ok();
+            let got = matches!(feed_split(&bytes, &cuts), Ok(true));
+            prop_assert_eq!(expected, got);
+        }
+
+        #[test]
+        fn valid_strings_pass_under_any_split(s in "\\PC{0,40}", cuts in proptest::collection::vec(0usize..200, 0..6)) {
+            let mut cuts = cuts;
+            cuts.sort();
+            prop_assert_eq!(feed_split(s.as_bytes(), &cuts), Ok(true));
+        }
+    }
+}

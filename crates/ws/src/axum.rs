@@ -1,0 +1,98 @@
+//! An axum extractor for WebSocket upgrades on the switchboard engine.
+//!
+//! ```no_run
+//! use axum::{routing::get, Router};
+//! use switchboard_ws::axum::WebSocketUpgrade;
+//!
+//! let app: Router = Router::new().route("/ws", get(|ws: WebSocketUpgrade| async move {
+//!     ws.on_upgrade(|mut socket| async move {
+//!         while let Some(Ok(message)) = socket.recv().await {
+//!             if socket.send(message).await.is_err() { break; }
+//!         }
+//!     })
+//! }));
+//! ```
+
+use std::future::Future;
+
+use axum::extract::FromRequestParts;
+use axum::response::{IntoResponse, Response};
+use http::request::Parts;
+use hyper::upgrade::OnUpgrade;
+use switchboard_proto::handshake::{HandshakeError, UpgradeRequest};
+
+use crate::config::Config;
+use crate::upgrade::{refusal_response, Upgrade, UpgradedWebSocket};
+
+/// Extracts a valid WebSocket upgrade request; invalid ones are answered with the engine's refusal
+/// (400, 405, 426 with `Sec-WebSocket-Version: 13`).
+pub struct WebSocketUpgrade {
+    inner: Upgrade,
+}
+
+/// The refusal of an invalid upgrade request.
+#[derive(Debug)]
+pub struct WebSocketRejection(pub HandshakeError);
+
+impl IntoResponse for WebSocketRejection {
+    fn into_response(self) -> Response {
+        refusal_response(&self.0).map(axum::body::Body::new)
+    }
+}
+
+impl<St: Send + Sync> FromRequestParts<St> for WebSocketUpgrade {
+    type Rejection = WebSocketRejection;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &St) -> Result<Self, Self::Rejection> {
+        let on_upgrade = parts.extensions.remove::<OnUpgrade>().ok_or_else(|| {
+            WebSocketRejection(HandshakeError::Rejected {
+                status: 426,
+                reason: "connection cannot be upgraded".into(),
+            })
+        })?;
+        let inner = Upgrade::from_parts(
+            &parts.method,
+            &parts.uri,
+            parts.version,
+            &parts.headers,
+            on_upgrade,
+        )
+        .map_err(WebSocketRejection)?;
+        Ok(Self { inner })
+    }
+}
+
+impl WebSocketUpgrade {
+    pub fn request(&self) -> &UpgradeRequest {
+        self.inner.request()
+    }
+
+    /// Selects the first of `supported` that the client offered.
+    pub fn protocols(self, supported: &[&str]) -> Self {
+        Self {
+            inner: self.inner.protocols(supported),
+        }
+    }
+
+    pub fn config(self, config: Config) -> Self {
+        Self {
+            inner: self.inner.config(config),
+        }
+    }
+
+    /// Answers 101 and runs `callback` with the socket on a new task.
+    pub fn on_upgrade<F, Fut>(self, callback: F) -> Response
+    where
+        F: FnOnce(UpgradedWebSocket) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (response, upgrade) = self.inner.into_response();
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(socket) => callback(socket).await,
+                Err(error) => tracing::debug!(%error, "WebSocket upgrade failed"),
+            }
+        });
+        response.map(axum::body::Body::new)
+    }
+}

@@ -1,0 +1,78 @@
+//! Settings of a WebSocket connection: the engine's limits plus what needs a runtime (timers,
+//! buffering, backpressure). Defaults are safe for a public server.
+
+use std::time::Duration;
+
+/// Ping the peer when it has been quiet for `interval`; give up if nothing arrives within `timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+/// Settings of one connection.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Frame and message limits, automatic pongs.
+    pub protocol: switchboard_proto::Config,
+    /// Largest request or response head accepted during the handshake (431 beyond it).
+    pub max_head_bytes: usize,
+    /// The whole opening handshake must finish within this.
+    pub handshake_timeout: Duration,
+    /// `send` waits (backpressure) while more than this many bytes are queued unsent; reading also
+    /// pauses while automatic replies (pongs) exceed it, so a peer that never reads cannot grow memory.
+    pub write_high_water: usize,
+    /// How much to ask the socket for per read.
+    pub read_chunk: usize,
+    /// Optional ping keepalive (off by default: a library should not surprise its user with traffic).
+    pub keepalive: Option<Keepalive>,
+    /// How long to wait for the peer's part of the close handshake (its close frame, or, for a client,
+    /// the server closing TCP) before dropping the connection.
+    pub close_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            protocol: switchboard_proto::Config::default(),
+            max_head_bytes: switchboard_proto::handshake::DEFAULT_MAX_HEAD_BYTES,
+            handshake_timeout: Duration::from_secs(10),
+            write_high_water: 1 << 20,
+            read_chunk: 8 * 1024,
+            keepalive: None,
+            close_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Config {
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.protocol.max_message_size = bytes;
+        self
+    }
+
+    pub fn max_frame_size(mut self, bytes: usize) -> Self {
+        self.protocol.max_frame_size = bytes;
+        self
+    }
+
+    pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.keepalive = Some(Keepalive { interval, timeout });
+        self
+    }
+
+    pub fn write_high_water(mut self, bytes: usize) -> Self {
+        self.write_high_water = bytes;
+        self
+    }
+
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+}

@@ -1,0 +1,326 @@
+//! The poll-level driver shared by [`WebSocket`](crate::WebSocket) and its split halves: moves bytes
+//! between a socket and one protocol engine, runs the keepalive and close timers, applies backpressure.
+//!
+//! Every method takes the task context(s) to register with and keeps all progress in `self`, so any
+//! future built on it can be dropped at an await point without losing a byte (cancel safety).
+//! Writes take their own context because, once split, the reader may flush on the writer's behalf and
+//! both tasks must be woken when the socket becomes writable (see `split`).
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use switchboard_proto::{CloseCode, CloseFrame, CloseState, Connection, Message, Role, SendError};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, Sleep};
+
+use crate::config::{Config, Keepalive};
+use crate::error::{Error, Result};
+
+/// How many output chunks one vectored write may carry.
+const MAX_IO_SLICES: usize = 64;
+
+struct KeepaliveTimer {
+    settings: Keepalive,
+    timer: Pin<Box<Sleep>>,
+    last_activity: Instant,
+    /// When our unanswered ping went out.
+    ping_sent: Option<Instant>,
+}
+
+pub(crate) struct Core<S> {
+    pub(crate) io: S,
+    pub(crate) conn: Connection,
+    config: Config,
+    keepalive: Option<KeepaliveTimer>,
+    close_deadline: Option<Pin<Box<Sleep>>>,
+    write_shut: bool,
+    /// `recv` has reported the end; nothing more will come.
+    finished: bool,
+    /// Writing failed or the stream ended: nothing more can be sent.
+    write_failed: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
+    pub(crate) fn new(io: S, role: Role, config: Config, leftover: &[u8]) -> Self {
+        let mut conn = Connection::new(role, config.protocol.clone());
+        conn.receive_data(leftover);
+        let keepalive = config.keepalive.map(|settings| KeepaliveTimer {
+            settings,
+            timer: Box::pin(tokio::time::sleep(settings.interval)),
+            last_activity: Instant::now(),
+            ping_sent: None,
+        });
+        Self {
+            io,
+            conn,
+            config,
+            keepalive,
+            close_deadline: None,
+            write_shut: false,
+            finished: false,
+            write_failed: false,
+        }
+    }
+
+    /// The next message; `None` once the connection is over (after the close handshake, or after an
+    /// error was reported).
+    pub(crate) fn poll_recv(
+        &mut self,
+        cx: &mut Context<'_>,
+        wcx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Message>>> {
+        loop {
+            if self.finished {
+                return Poll::Ready(None);
+            }
+            match self.conn.next_message() {
+                Ok(Some(message)) => {
+                    if message.is_close() {
+                        self.arm_close_deadline();
+                    }
+                    return Poll::Ready(Some(Ok(message)));
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    self.arm_close_deadline();
+                    // Replies queued before the bad frame and our close frame should reach the peer
+                    // even if the caller stops here; later calls finish the close (bounded by the deadline).
+                    if !self.write_failed {
+                        if let Poll::Ready(Err(_)) = self.poll_write_output(wcx) {
+                            self.write_failed = true;
+                        }
+                    }
+                    return Poll::Ready(Some(Err(Error::Protocol(error))));
+                }
+            }
+            if self.conn.pending_output() > 0 && !self.write_failed {
+                // Everything buffered has been handed out: before waiting for input, send what was queued
+                // meanwhile (replies `feed`-ed by the caller, pongs, close echoes) in one batch, without
+                // blocking the reader if the socket is full.
+                if let Poll::Ready(Err(e)) = self.poll_write_output(wcx) {
+                    self.write_failed = true;
+                    if self.conn.close_state() == CloseState::Open {
+                        self.finished = true;
+                        return Poll::Ready(Some(Err(Error::Io(e))));
+                    }
+                }
+            }
+            match self.conn.close_state() {
+                CloseState::Closed => return self.poll_finish(cx, wcx).map(|()| None),
+                CloseState::CloseSent => {
+                    if self.close_deadline_passed(cx) {
+                        self.finished = true;
+                        return Poll::Ready(None);
+                    }
+                }
+                CloseState::Open => {
+                    let queued = self.conn.pending_output();
+                    if let Some(error) = self.poll_keepalive(cx) {
+                        self.finished = true;
+                        return Poll::Ready(Some(Err(error)));
+                    }
+                    if self.conn.pending_output() > queued {
+                        continue; // a keepalive ping was queued: send it now, not after the next read
+                    }
+                }
+            }
+            if self.conn.pending_output() > self.config.write_high_water && !self.write_failed {
+                // Our replies are piling up unread by the peer: stop reading until they drain.
+                return Poll::Pending;
+            }
+            match self.poll_read(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    self.finished = true;
+                    return match self.conn.close_state() {
+                        CloseState::Open => Poll::Ready(Some(Err(Error::AbnormalClosure))),
+                        // We started closing and the peer just hung up: done, if not graciously.
+                        _ => Poll::Ready(None),
+                    };
+                }
+                Poll::Ready(Ok(_)) => {
+                    if let Some(keepalive) = &mut self.keepalive {
+                        keepalive.last_activity = Instant::now();
+                    }
+                }
+                Poll::Ready(Err(e)) => {
+                    self.finished = true;
+                    return Poll::Ready(Some(Err(Error::Io(e))));
+                }
+            }
+        }
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let chunk = self.config.read_chunk;
+        let buf = self.conn.receive_buffer();
+        if buf.capacity() - buf.len() < chunk / 2 {
+            buf.reserve(chunk);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, buf)
+    }
+
+    /// After both close frames: flush, let the side that should close TCP first do so, wait (bounded)
+    /// for the peer's end of stream, then report the end.
+    fn poll_finish(&mut self, cx: &mut Context<'_>, wcx: &mut Context<'_>) -> Poll<()> {
+        if !self.write_failed {
+            match self.poll_write_output(wcx) {
+                Poll::Pending if !self.close_deadline_passed(cx) => return Poll::Pending,
+                Poll::Ready(Ok(())) => {}
+                _ => self.write_failed = true,
+            }
+        }
+        if !self.write_shut && (self.conn.should_close_transport() || self.write_failed) {
+            if !self.write_failed {
+                if let Poll::Pending = Pin::new(&mut self.io).poll_shutdown(wcx) {
+                    if !self.close_deadline_passed(cx) {
+                        return Poll::Pending;
+                    }
+                }
+            }
+            self.write_shut = true;
+        }
+        // Drain until the peer's FIN so our close frame is not lost to a reset.
+        loop {
+            if self.close_deadline_passed(cx) {
+                break;
+            }
+            let buf = self.conn.receive_buffer();
+            buf.clear();
+            match self.poll_read(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => break,
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+        self.conn.receive_buffer().clear();
+        self.finished = true;
+        Poll::Ready(())
+    }
+
+    fn arm_close_deadline(&mut self) {
+        if self.close_deadline.is_none() {
+            self.close_deadline = Some(Box::pin(tokio::time::sleep(self.config.close_timeout)));
+        }
+    }
+
+    fn close_deadline_passed(&mut self, cx: &mut Context<'_>) -> bool {
+        self.arm_close_deadline();
+        let deadline = self.close_deadline.as_mut().expect("armed");
+        deadline.as_mut().poll(cx).is_ready()
+    }
+
+    /// Runs the keepalive timer; returns an error when the peer stopped answering.
+    fn poll_keepalive(&mut self, cx: &mut Context<'_>) -> Option<Error> {
+        loop {
+            let keepalive = self.keepalive.as_mut()?;
+            if keepalive.timer.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+            let now = Instant::now();
+            let settings = keepalive.settings;
+            match keepalive.ping_sent {
+                Some(sent) if keepalive.last_activity <= sent => {
+                    tracing::debug!(timeout = ?settings.timeout, "keepalive: no answer, dropping connection");
+                    // Best effort: the peer is probably gone, but tell it why if it is not.
+                    let _ = self.conn.close(Some(CloseFrame::new(
+                        CloseCode::GOING_AWAY,
+                        "keepalive timeout",
+                    )));
+                    self.write_failed = true;
+                    return Some(Error::KeepaliveTimeout(settings.timeout));
+                }
+                Some(_) => {
+                    keepalive.ping_sent = None;
+                    let next = keepalive.last_activity + settings.interval;
+                    keepalive.timer.as_mut().reset(next);
+                }
+                None if now >= keepalive.last_activity + settings.interval => {
+                    keepalive.ping_sent = Some(now);
+                    keepalive.timer.as_mut().reset(now + settings.timeout);
+                    if self.conn.send(Message::Ping(bytes::Bytes::new())).is_err() {
+                        return None;
+                    }
+                }
+                None => {
+                    let next = keepalive.last_activity + settings.interval;
+                    keepalive.timer.as_mut().reset(next);
+                }
+            }
+        }
+    }
+
+    /// Writes queued output until none is left, batching frames into vectored writes.
+    pub(crate) fn poll_write_output(&mut self, wcx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.conn.pending_output() > 0 {
+            let written = if self.io.is_write_vectored() {
+                let mut slices = [IoSlice::new(&[]); MAX_IO_SLICES];
+                let count = self.conn.output_slices(&mut slices);
+                ready!(Pin::new(&mut self.io).poll_write_vectored(wcx, &slices[..count]))?
+            } else {
+                ready!(Pin::new(&mut self.io).poll_write(wcx, self.conn.output_front()))?
+            };
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.conn.consume_output(written);
+        }
+        Pin::new(&mut self.io).poll_flush(wcx)
+    }
+
+    /// Ready to queue another message: waits while the unsent bytes exceed the high-water mark.
+    pub(crate) fn poll_ready(&mut self, wcx: &mut Context<'_>) -> Poll<Result<()>> {
+        if self.write_failed {
+            return Poll::Ready(Err(Error::ConnectionClosed));
+        }
+        while self.conn.pending_output() > self.config.write_high_water {
+            if let Err(e) = ready!(self.poll_write_output(wcx)) {
+                self.write_failed = true;
+                return Poll::Ready(Err(Error::Io(e)));
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    pub(crate) fn start_send(&mut self, message: Message) -> Result<()> {
+        if self.write_failed {
+            return Err(Error::ConnectionClosed);
+        }
+        let closing = message.is_close();
+        self.conn.send(message).map_err(|e| match e {
+            SendError::Closed => Error::ConnectionClosed,
+            other => Error::Send(other),
+        })?;
+        if closing {
+            self.arm_close_deadline();
+        }
+        Ok(())
+    }
+
+    pub(crate) fn poll_flush(&mut self, wcx: &mut Context<'_>) -> Poll<Result<()>> {
+        if self.write_failed {
+            return Poll::Ready(if self.conn.pending_output() == 0 {
+                Ok(())
+            } else {
+                Err(Error::ConnectionClosed)
+            });
+        }
+        match ready!(self.poll_write_output(wcx)) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(e) => {
+                self.write_failed = true;
+                Poll::Ready(Err(Error::Io(e)))
+            }
+        }
+    }
+
+    /// Starts the close handshake if not started, and flushes.
+    pub(crate) fn poll_close(&mut self, wcx: &mut Context<'_>) -> Poll<Result<()>> {
+        if !self.conn.close_sent() && !self.write_failed {
+            self.start_send(Message::Close(Some(CloseFrame::new(CloseCode::NORMAL, ""))))?;
+        }
+        self.poll_flush(wcx)
+    }
+}
