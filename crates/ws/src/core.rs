@@ -173,12 +173,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
             }
         }
         if !self.write_shut && (self.conn.should_close_transport() || self.write_failed) {
-            if !self.write_failed {
-                if let Poll::Pending = Pin::new(&mut self.io).poll_shutdown(wcx) {
-                    if !self.close_deadline_passed(cx) {
-                        return Poll::Pending;
-                    }
-                }
+            let shutdown_pending =
+                !self.write_failed && Pin::new(&mut self.io).poll_shutdown(wcx).is_pending();
+            if shutdown_pending && !self.close_deadline_passed(cx) {
+                return Poll::Pending;
             }
             self.write_shut = true;
         }

@@ -1,0 +1,121 @@
+//! `switchboard echo` as a user runs it: the real binary on a loopback port, driven by our client.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use switchboard_ws::{CloseCode, Message};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_echo(extra: &[&str]) -> Server {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["echo", "--listen", &addr])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start switchboard echo");
+    let started = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "echo server did not listen on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Server { child, addr }
+}
+
+#[tokio::test]
+async fn echoes_text_and_binary_and_closes_cleanly() {
+    let server = start_echo(&[]);
+    let (mut ws, _) = switchboard_ws::connect(&format!("ws://{}/", server.addr))
+        .await
+        .unwrap();
+    ws.send("hello, switchboard").await.unwrap();
+    assert_eq!(
+        ws.recv().await.unwrap().unwrap(),
+        Message::text("hello, switchboard")
+    );
+    let blob: Vec<u8> = (0..1_000_000u32).map(|i| (i * 31) as u8).collect();
+    ws.send(blob.clone()).await.unwrap();
+    assert_eq!(ws.recv().await.unwrap().unwrap(), Message::binary(blob));
+    ws.close(CloseCode::NORMAL, "bye").await.unwrap();
+    match ws.recv().await {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::NORMAL),
+        other => panic!("expected the close echo, got {other:?}"),
+    }
+    assert!(ws.recv().await.is_none());
+}
+
+#[tokio::test]
+async fn message_size_flag_is_enforced_with_1009() {
+    let server = start_echo(&["--max-message-size", "1000"]);
+    let (mut ws, _) = switchboard_ws::connect(&format!("ws://{}/", server.addr))
+        .await
+        .unwrap();
+    ws.send(vec![0u8; 1001]).await.unwrap();
+    match ws.recv().await {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::MESSAGE_TOO_BIG),
+        other => panic!("expected close 1009, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn plain_http_gets_a_reason_not_a_hang() {
+    let server = start_echo(&[]);
+    let mut stream = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400 Bad Request"), "{answer}");
+    assert!(answer.contains("missing 'Upgrade: websocket'"), "{answer}");
+}
+
+#[test]
+fn ctrl_c_exits_cleanly() {
+    let mut server = start_echo(&[]);
+    let status = Command::new("kill")
+        .args(["-INT", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = Instant::now();
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "did not exit on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
