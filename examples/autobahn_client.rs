@@ -2,22 +2,16 @@
 //!
 //! `autobahn_client ws://127.0.0.1:9001 switchboard` (or `AB_FUZZ_URL` / `AB_AGENT` in the environment).
 
+use switchboard_ws::proto::deflate::DeflateConfig;
 use switchboard_ws::{ClientBuilder, Config, Message};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let base = args
-        .next()
-        .or_else(|| std::env::var("AB_FUZZ_URL").ok())
-        .unwrap_or("ws://127.0.0.1:9001".into());
-    let agent = args
-        .next()
-        .or_else(|| std::env::var("AB_AGENT").ok())
-        .unwrap_or("switchboard".into());
-    let config = Config::default()
-        .max_message_size(64 << 20)
-        .max_frame_size(64 << 20);
+    let base = args.next().or_else(|| std::env::var("AB_FUZZ_URL").ok()).unwrap_or("ws://127.0.0.1:9001".into());
+    let agent = args.next().or_else(|| std::env::var("AB_AGENT").ok()).unwrap_or("switchboard".into());
+    let config =
+        Config::default().max_message_size(64 << 20).max_frame_size(64 << 20).compression(DeflateConfig::default());
 
     let (mut ws, _) = switchboard_ws::connect(&format!("{base}/getCaseCount")).await?;
     let count: u32 = match ws.recv().await {
@@ -28,11 +22,7 @@ async fn main() -> anyhow::Result<()> {
 
     for case in 1..=count {
         let url = format!("{base}/runCase?case={case}&agent={agent}");
-        match ClientBuilder::new(url)
-            .config(config.clone())
-            .connect()
-            .await
-        {
+        match ClientBuilder::new(url).config(config.clone()).connect().await {
             Ok((mut ws, _)) => {
                 while let Some(message) = ws.recv().await {
                     match message {
@@ -50,8 +40,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    let (mut ws, _) =
-        switchboard_ws::connect(&format!("{base}/updateReports?agent={agent}")).await?;
+    let (mut ws, _) = switchboard_ws::connect(&format!("{base}/updateReports?agent={agent}")).await?;
     while ws.recv().await.is_some() {}
     println!("ran {count} cases");
     Ok(())

@@ -13,6 +13,4 @@ cargo build --release --locked -p switchboard --bin switchboard -p switchboard-e
 export AB_SERVER_CMD="$ROOT/target/release/switchboard echo --listen 127.0.0.1:9002"
 export AB_CLIENT_CMD="$ROOT/target/release/examples/autobahn_client \"\$AB_FUZZ_URL\" \"\$AB_AGENT\""
 export AB_OUT=${AB_OUT:-$ROOT/autobahn-reports}
-# permessage-deflate (12.*, 13.*) is not implemented yet: see CONFORMANCE.md.
-export AB_EXCLUDE=${AB_EXCLUDE-12.*,13.*}
 exec bash "$RUN" "${1:-both}"

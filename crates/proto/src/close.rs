@@ -62,10 +62,7 @@ pub struct CloseFrame {
 
 impl CloseFrame {
     pub fn new(code: impl Into<CloseCode>, reason: impl Into<String>) -> Self {
-        Self {
-            code: code.into(),
-            reason: reason.into(),
-        }
+        Self { code: code.into(), reason: reason.into() }
     }
 
     /// Encodes the payload, cutting the reason on a character boundary to fit a control frame.
@@ -108,12 +105,8 @@ pub(crate) fn parse_close_payload(payload: &[u8]) -> Result<Option<CloseFrame>, 
             if !code.is_sendable() {
                 return Err(ClosePayloadError::Malformed);
             }
-            let reason =
-                std::str::from_utf8(&payload[2..]).map_err(|_| ClosePayloadError::InvalidReason)?;
-            Ok(Some(CloseFrame {
-                code,
-                reason: reason.to_owned(),
-            }))
+            let reason = std::str::from_utf8(&payload[2..]).map_err(|_| ClosePayloadError::InvalidReason)?;
+            Ok(Some(CloseFrame { code, reason: reason.to_owned() }))
         }
     }
 }
@@ -124,15 +117,10 @@ mod tests {
 
     #[test]
     fn sendable_codes() {
-        for ok in [
-            1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999,
-            4000, 4999,
-        ] {
+        for ok in [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999] {
             assert!(CloseCode(ok).is_sendable(), "{ok}");
         }
-        for bad in [
-            0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
-        ] {
+        for bad in [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535] {
             assert!(!CloseCode(bad).is_sendable(), "{bad}");
         }
     }
@@ -141,18 +129,9 @@ mod tests {
     fn parse_payloads() {
         assert_eq!(parse_close_payload(&[]), Ok(None));
         assert_eq!(parse_close_payload(&[3]), Err(ClosePayloadError::Malformed));
-        assert_eq!(
-            parse_close_payload(&[0x03, 0xed]),
-            Err(ClosePayloadError::Malformed)
-        ); // 1005
-        assert_eq!(
-            parse_close_payload(&[0x03, 0xe8, 0xff]),
-            Err(ClosePayloadError::InvalidReason)
-        );
-        assert_eq!(
-            parse_close_payload(b"\x03\xe8bye"),
-            Ok(Some(CloseFrame::new(1000, "bye")))
-        );
+        assert_eq!(parse_close_payload(&[0x03, 0xed]), Err(ClosePayloadError::Malformed)); // 1005
+        assert_eq!(parse_close_payload(&[0x03, 0xe8, 0xff]), Err(ClosePayloadError::InvalidReason));
+        assert_eq!(parse_close_payload(b"\x03\xe8bye"), Ok(Some(CloseFrame::new(1000, "bye"))));
     }
 
     #[test]

@@ -16,11 +16,12 @@ use std::io::IoSlice;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::close::{parse_close_payload, CloseCode, CloseFrame, ClosePayloadError};
+use crate::deflate::{self, Compressor, Decompressor, DeflateConfig, DeflateParams, InflateError};
 use crate::frame::{FrameHeader, OpCode, MAX_CONTROL_PAYLOAD, MAX_HEADER_LEN};
 use crate::mask::apply_mask;
 use crate::message::{Message, Utf8Bytes};
 use crate::random::MaskKeys;
-use crate::utf8::Utf8Validator;
+use crate::utf8::{InvalidUtf8, Utf8Validator};
 
 /// Which end of the connection this engine is. Clients mask what they send; servers require it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +84,8 @@ pub enum ProtocolError {
     InvalidClosePayload,
     #[error("close reason is not valid UTF-8")]
     InvalidCloseReason,
+    #[error("compressed message does not inflate")]
+    InvalidCompressedData,
 }
 
 impl ProtocolError {
@@ -90,7 +93,7 @@ impl ProtocolError {
     pub fn close_code(&self) -> CloseCode {
         match self {
             Self::FrameTooLarge { .. } | Self::MessageTooLarge { .. } => CloseCode::MESSAGE_TOO_BIG,
-            Self::InvalidUtf8 | Self::InvalidCloseReason => CloseCode::INVALID_PAYLOAD,
+            Self::InvalidUtf8 | Self::InvalidCloseReason | Self::InvalidCompressedData => CloseCode::INVALID_PAYLOAD,
             _ => CloseCode::PROTOCOL_ERROR,
         }
     }
@@ -128,13 +131,18 @@ struct InFrame {
     len: usize,
     /// Payload bytes at the front of the receive buffer already unmasked and validated.
     processed: usize,
+    /// Validate the raw payload as UTF-8 as it arrives (uncompressed text only).
     is_text: bool,
+    /// Part of a permessage-deflate message: inflate when complete.
+    compressed: bool,
 }
 
 /// A fragmented data message being joined.
 #[derive(Debug)]
 struct Assembly {
     is_text: bool,
+    compressed: bool,
+    /// The message so far (inflated, when compressed).
     data: BytesMut,
 }
 
@@ -155,11 +163,7 @@ impl Output {
     }
 
     fn consume(&mut self, mut n: usize) {
-        assert!(
-            n <= self.len,
-            "consumed {n} bytes but only {} are pending",
-            self.len
-        );
+        assert!(n <= self.len, "consumed {n} bytes but only {} are pending", self.len);
         self.len -= n;
         while n > 0 {
             match self.chunks.front_mut() {
@@ -200,6 +204,13 @@ pub struct Connection {
     failed: bool,
     /// An outgoing fragmented message is in progress (frames sent with `fin == false`).
     sending_fragments: bool,
+    /// permessage-deflate, when negotiated.
+    compressor: Option<Compressor>,
+    decompressor: Option<Decompressor>,
+    compress_threshold: usize,
+    /// Reused buffer for compressed output.
+    compressed: Vec<u8>,
+    deflate_params: Option<DeflateParams>,
 }
 
 impl Connection {
@@ -221,7 +232,40 @@ impl Connection {
             close_received: false,
             failed: false,
             sending_fragments: false,
+            compressor: None,
+            decompressor: None,
+            compress_threshold: usize::MAX,
+            compressed: Vec::new(),
+            deflate_params: None,
         }
+    }
+
+    /// Turns on permessage-deflate with the negotiated `params`; `config` supplies the local choices
+    /// (level, memory level, threshold). Call right after the handshake, before any frame.
+    pub fn enable_deflate(&mut self, params: DeflateParams, config: &DeflateConfig) {
+        let (send_bits, send_reset, recv_bits, recv_reset) = match self.role {
+            Role::Server => (
+                params.server_max_window_bits,
+                params.server_no_context_takeover,
+                params.client_max_window_bits,
+                params.client_no_context_takeover,
+            ),
+            Role::Client => (
+                params.client_max_window_bits,
+                params.client_no_context_takeover,
+                params.server_max_window_bits,
+                params.server_no_context_takeover,
+            ),
+        };
+        self.compressor = Some(Compressor::new(send_bits, config.level, config.mem_level, send_reset));
+        self.decompressor = Some(Decompressor::new(recv_bits, recv_reset));
+        self.compress_threshold = config.threshold;
+        self.deflate_params = Some(params);
+    }
+
+    /// The negotiated permessage-deflate parameters, if the extension is on.
+    pub fn deflate_params(&self) -> Option<DeflateParams> {
+        self.deflate_params
     }
 
     pub fn role(&self) -> Role {
@@ -297,10 +341,7 @@ impl Connection {
                 if frame.is_text && self.utf8.feed(fresh).is_err() {
                     return Err(ProtocolError::InvalidUtf8);
                 }
-                self.frame = Some(InFrame {
-                    processed: available,
-                    ..frame
-                });
+                self.frame = Some(InFrame { processed: available, ..frame });
             }
             if available < frame.len {
                 return Ok(None);
@@ -315,7 +356,10 @@ impl Connection {
 
     /// Checks a header against the connection's state and limits, before any payload is read.
     fn check_header(&mut self, header: FrameHeader) -> Result<InFrame, ProtocolError> {
-        if header.rsv != 0 {
+        // RSV1 marks a compressed message: only with permessage-deflate, only on its first frame.
+        let rsv1 = header.rsv & 0b100 != 0;
+        let rsv1_allowed = self.decompressor.is_some() && matches!(header.opcode, OpCode::Text | OpCode::Binary);
+        if header.rsv & 0b011 != 0 || (rsv1 && !rsv1_allowed) {
             return Err(ProtocolError::ReservedBits);
         }
         match (self.role, header.mask.is_some()) {
@@ -325,83 +369,79 @@ impl Connection {
         }
         let limit = self.config.max_frame_size;
         if header.payload_len > limit as u64 {
-            return Err(ProtocolError::FrameTooLarge {
-                size: header.payload_len,
-                limit,
-            });
+            return Err(ProtocolError::FrameTooLarge { size: header.payload_len, limit });
         }
         let len = header.payload_len as usize;
-        let is_text = match header.opcode {
+        // A compressed message's size is checked while inflating, against the inflated bytes.
+        let (is_text, compressed) = match header.opcode {
             OpCode::Text | OpCode::Binary => {
                 if self.assembly.is_some() {
                     return Err(ProtocolError::ExpectedContinuation);
                 }
-                self.check_message_size(len)?;
+                if !rsv1 {
+                    self.check_message_size(len)?;
+                }
                 let is_text = header.opcode == OpCode::Text;
                 if is_text {
                     self.utf8.reset();
                 }
-                is_text
+                (is_text, rsv1)
             }
             OpCode::Continuation => match &self.assembly {
                 None => return Err(ProtocolError::UnexpectedContinuation),
                 Some(assembly) => {
-                    let is_text = assembly.is_text;
-                    self.check_message_size(assembly.data.len() + len)?;
-                    is_text
+                    if !assembly.compressed {
+                        self.check_message_size(assembly.data.len() + len)?;
+                    }
+                    (assembly.is_text, assembly.compressed)
                 }
             },
-            OpCode::Close | OpCode::Ping | OpCode::Pong => false,
+            OpCode::Close | OpCode::Ping | OpCode::Pong => (false, false),
         };
-        Ok(InFrame {
-            header,
-            len,
-            processed: 0,
-            is_text,
-        })
+        Ok(InFrame { header, len, processed: 0, is_text: is_text && !compressed, compressed })
     }
 
     fn check_message_size(&self, size: usize) -> Result<(), ProtocolError> {
         let limit = self.config.max_message_size;
         if size > limit {
-            return Err(ProtocolError::MessageTooLarge {
-                size: size as u64,
-                limit,
-            });
+            return Err(ProtocolError::MessageTooLarge { size: size as u64, limit });
         }
         Ok(())
     }
 
-    fn complete_frame(
-        &mut self,
-        frame: InFrame,
-        payload: Bytes,
-    ) -> Result<Option<Message>, ProtocolError> {
+    fn complete_frame(&mut self, frame: InFrame, payload: Bytes) -> Result<Option<Message>, ProtocolError> {
         let fin = frame.header.fin;
         match frame.header.opcode {
-            OpCode::Text | OpCode::Binary if fin => {
+            OpCode::Text | OpCode::Binary if !frame.compressed && fin => {
                 Ok(Some(self.finish_message(frame.is_text, payload)?))
             }
             OpCode::Text | OpCode::Binary => {
-                let mut data = BytesMut::with_capacity(payload.len().max(1024));
-                data.extend_from_slice(&payload);
-                self.assembly = Some(Assembly {
-                    is_text: frame.is_text,
-                    data,
-                });
+                let is_text = frame.header.opcode == OpCode::Text;
+                let mut assembly = Assembly { is_text, compressed: frame.compressed, data: BytesMut::new() };
+                if frame.compressed {
+                    self.inflate(&payload, &mut assembly)?;
+                } else {
+                    assembly.data = BytesMut::with_capacity(payload.len().max(1024));
+                    assembly.data.extend_from_slice(&payload);
+                }
+                self.assembly = Some(assembly);
+                if fin {
+                    return self.finish_assembly().map(Some);
+                }
                 Ok(None)
             }
             OpCode::Continuation => {
-                let assembly = self.assembly.as_mut().expect("checked in check_header");
-                assembly.data.extend_from_slice(&payload);
+                let mut assembly = self.assembly.take().expect("checked in check_header");
+                if assembly.compressed {
+                    self.inflate(&payload, &mut assembly)?;
+                } else {
+                    assembly.data.extend_from_slice(&payload);
+                }
+                self.assembly = Some(assembly);
                 if !fin {
                     return Ok(None);
                 }
-                let assembly = self.assembly.take().expect("present");
-                Ok(Some(self.finish_message(
-                    assembly.is_text,
-                    assembly.data.freeze(),
-                )?))
+                self.finish_assembly().map(Some)
             }
             OpCode::Ping => {
                 if self.config.auto_pong && !self.close_sent {
@@ -418,16 +458,44 @@ impl Connection {
                 self.close_received = true;
                 if !self.close_sent {
                     // Echo the peer's code (RFC 6455 §5.5.1); an empty close is answered empty.
-                    let echo = close
-                        .as_ref()
-                        .map(|c| CloseFrame::new(c.code, "").encode())
-                        .unwrap_or_default();
+                    let echo = close.as_ref().map(|c| CloseFrame::new(c.code, "").encode()).unwrap_or_default();
                     self.queue_frame(OpCode::Close, true, &echo);
                     self.close_sent = true;
                 }
                 Ok(Some(Message::Close(close)))
             }
         }
+    }
+
+    /// Inflates one frame's payload onto the message, checking size and (for text) UTF-8 as it grows.
+    fn inflate(&mut self, input: &[u8], assembly: &mut Assembly) -> Result<(), ProtocolError> {
+        let limit = self.config.max_message_size;
+        let room = limit.saturating_sub(assembly.data.len());
+        let decompressor = self.decompressor.as_mut().expect("RSV1 accepted only with deflate");
+        let utf8 = &mut self.utf8;
+        let data = &mut assembly.data;
+        let is_text = assembly.is_text;
+        let mut sink = |chunk: &[u8]| {
+            if is_text {
+                utf8.feed(chunk).map_err(|InvalidUtf8| InflateError::InvalidUtf8)?;
+            }
+            data.extend_from_slice(chunk);
+            Ok(())
+        };
+        decompressor.decompress(input, room, &mut sink).map_err(|e| match e {
+            InflateError::Corrupt => ProtocolError::InvalidCompressedData,
+            InflateError::InvalidUtf8 => ProtocolError::InvalidUtf8,
+            InflateError::TooLarge => ProtocolError::MessageTooLarge { size: limit as u64 + 1, limit },
+        })
+    }
+
+    fn finish_assembly(&mut self) -> Result<Message, ProtocolError> {
+        let mut assembly = self.assembly.take().expect("a message in progress");
+        if assembly.compressed {
+            self.inflate(deflate::sync_tail(), &mut assembly)?;
+            self.decompressor.as_mut().expect("deflate on").end_message();
+        }
+        self.finish_message(assembly.is_text, assembly.data.freeze())
     }
 
     fn finish_message(&mut self, is_text: bool, payload: Bytes) -> Result<Message, ProtocolError> {
@@ -469,35 +537,40 @@ impl Connection {
     /// Queues a text message from a borrowed string (copied into the output buffer).
     pub fn send_text(&mut self, text: &str) -> Result<(), SendError> {
         self.check_can_send_data()?;
-        self.queue_frame(OpCode::Text, true, text.as_bytes());
+        self.queue_message(OpCode::Text, text.as_bytes());
         Ok(())
     }
 
     /// Queues a binary message from a borrowed slice (copied into the output buffer).
     pub fn send_binary(&mut self, data: &[u8]) -> Result<(), SendError> {
         self.check_can_send_data()?;
-        self.queue_frame(OpCode::Binary, true, data);
+        self.queue_message(OpCode::Binary, data);
         Ok(())
+    }
+
+    /// Queues a whole message as one frame, compressed when deflate is on and it is long enough.
+    fn queue_message(&mut self, opcode: OpCode, payload: &[u8]) {
+        match &mut self.compressor {
+            Some(compressor) if payload.len() >= self.compress_threshold => {
+                let mut compressed = std::mem::take(&mut self.compressed);
+                compressed.clear();
+                compressor.compress(payload, &mut compressed);
+                self.queue_frame_with_rsv(opcode, true, 0b100, &compressed);
+                self.compressed = compressed;
+            }
+            _ => self.queue_frame(opcode, true, payload),
+        }
     }
 
     /// Queues one frame of a fragmented message: the first with `Text` or `Binary`, the rest with
     /// `Continuation`; `fin` ends the message. Control frames may be sent between fragments.
-    pub fn send_fragment(
-        &mut self,
-        opcode: OpCode,
-        payload: &[u8],
-        fin: bool,
-    ) -> Result<(), SendError> {
+    pub fn send_fragment(&mut self, opcode: OpCode, payload: &[u8], fin: bool) -> Result<(), SendError> {
         if self.close_sent {
             return Err(SendError::Closed);
         }
         match opcode {
-            OpCode::Text | OpCode::Binary if self.sending_fragments => {
-                return Err(SendError::FragmentInProgress)
-            }
-            OpCode::Continuation if !self.sending_fragments => {
-                return Err(SendError::NoFragmentInProgress)
-            }
+            OpCode::Text | OpCode::Binary if self.sending_fragments => return Err(SendError::FragmentInProgress),
+            OpCode::Continuation if !self.sending_fragments => return Err(SendError::NoFragmentInProgress),
             op if op.is_control() => return self.send_control(op, payload),
             _ => {}
         }
@@ -518,8 +591,11 @@ impl Connection {
 
     fn send_data(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), SendError> {
         self.check_can_send_data()?;
-        if self.role == Role::Server && payload.len() >= self.config.zero_copy_threshold {
-            self.queue_header(opcode, true, payload.len(), None);
+        let compress = self.compressor.is_some() && payload.len() >= self.compress_threshold;
+        if compress {
+            self.queue_message(opcode, &payload);
+        } else if self.role == Role::Server && payload.len() >= self.config.zero_copy_threshold {
+            self.queue_header(opcode, true, 0, payload.len(), None);
             self.out.seal_tail();
             self.out.len += payload.len();
             self.out.chunks.push_back(payload);
@@ -556,14 +632,8 @@ impl Connection {
         Ok(())
     }
 
-    fn queue_header(&mut self, opcode: OpCode, fin: bool, len: usize, mask: Option<[u8; 4]>) {
-        let header = FrameHeader {
-            fin,
-            rsv: 0,
-            opcode,
-            mask,
-            payload_len: len as u64,
-        };
+    fn queue_header(&mut self, opcode: OpCode, fin: bool, rsv: u8, len: usize, mask: Option<[u8; 4]>) {
+        let header = FrameHeader { fin, rsv, opcode, mask, payload_len: len as u64 };
         let mut encoded = [0u8; MAX_HEADER_LEN];
         let n = header.encode(&mut encoded);
         self.out.tail.extend_from_slice(&encoded[..n]);
@@ -572,12 +642,16 @@ impl Connection {
 
     /// Encodes a whole frame into the output buffer, masking it when we are the client.
     fn queue_frame(&mut self, opcode: OpCode, fin: bool, payload: &[u8]) {
+        self.queue_frame_with_rsv(opcode, fin, 0, payload);
+    }
+
+    fn queue_frame_with_rsv(&mut self, opcode: OpCode, fin: bool, rsv: u8, payload: &[u8]) {
         let mask = match self.role {
             Role::Client => Some(self.mask_keys.next_key()),
             Role::Server => None,
         };
         self.out.tail.reserve(MAX_HEADER_LEN + payload.len());
-        self.queue_header(opcode, fin, payload.len(), mask);
+        self.queue_header(opcode, fin, rsv, payload.len(), mask);
         let start = self.out.tail.len();
         self.out.tail.put_slice(payload);
         if let Some(key) = mask {
@@ -597,13 +671,7 @@ impl Connection {
     /// Fills `dst` with the pending output in order, for a vectored write; returns how many slices.
     pub fn output_slices<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
         let mut n = 0;
-        for chunk in self
-            .out
-            .chunks
-            .iter()
-            .map(|c| &c[..])
-            .chain(std::iter::once(&self.out.tail[..]))
-        {
+        for chunk in self.out.chunks.iter().map(|c| &c[..]).chain(std::iter::once(&self.out.tail[..])) {
             if n == dst.len() {
                 break;
             }
@@ -617,11 +685,7 @@ impl Connection {
 
     /// The first contiguous run of pending output, for a plain write.
     pub fn output_front(&self) -> &[u8] {
-        self.out
-            .chunks
-            .front()
-            .map(|c| &c[..])
-            .unwrap_or(&self.out.tail[..])
+        self.out.chunks.front().map(|c| &c[..]).unwrap_or(&self.out.tail[..])
     }
 
     /// Marks `n` bytes of output as written.
@@ -652,6 +716,15 @@ impl Connection {
         }
         if self.out.len == 0 {
             self.out.tail = BytesMut::new();
+            if let Some(compressor) = &mut self.compressor {
+                compressor.release();
+            }
+            self.compressed = Vec::new();
+        }
+        if self.assembly.is_none() && self.frame.is_none() {
+            if let Some(decompressor) = &mut self.decompressor {
+                decompressor.release();
+            }
         }
     }
 
@@ -687,8 +760,6 @@ impl Connection {
     /// are the side that closes first. RFC 6455 §7.1.1: the server closes TCP first; the client waits
     /// for it (and closes itself only after a timeout, which is the caller's clock to keep).
     pub fn should_close_transport(&self) -> bool {
-        self.close_state() == CloseState::Closed
-            && self.out.len == 0
-            && (self.role == Role::Server || self.failed)
+        self.close_state() == CloseState::Closed && self.out.len == 0 && (self.role == Role::Server || self.failed)
     }
 }

@@ -125,16 +125,7 @@ impl FrameHeader {
         } else {
             None
         };
-        Ok(Some((
-            FrameHeader {
-                fin,
-                rsv,
-                opcode,
-                mask,
-                payload_len,
-            },
-            pos,
-        )))
+        Ok(Some((FrameHeader { fin, rsv, opcode, mask, payload_len }, pos)))
     }
 
     /// Encodes the header with the minimal length encoding; returns the bytes written into `out`.
@@ -170,24 +161,12 @@ mod tests {
     fn rfc_examples_decode() {
         // §5.7: unmasked "Hello", masked "Hello", 256-byte and 64 KiB binary lengths.
         let (h, n) = FrameHeader::decode(&[0x81, 0x05]).unwrap().unwrap();
-        assert_eq!(
-            (h.fin, h.opcode, h.mask, h.payload_len, n),
-            (true, OpCode::Text, None, 5, 2)
-        );
-        let (h, n) = FrameHeader::decode(&[0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d])
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            (h.mask, h.payload_len, n),
-            (Some([0x37, 0xfa, 0x21, 0x3d]), 5, 6)
-        );
-        let (h, n) = FrameHeader::decode(&[0x82, 0x7e, 0x01, 0x00])
-            .unwrap()
-            .unwrap();
+        assert_eq!((h.fin, h.opcode, h.mask, h.payload_len, n), (true, OpCode::Text, None, 5, 2));
+        let (h, n) = FrameHeader::decode(&[0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d]).unwrap().unwrap();
+        assert_eq!((h.mask, h.payload_len, n), (Some([0x37, 0xfa, 0x21, 0x3d]), 5, 6));
+        let (h, n) = FrameHeader::decode(&[0x82, 0x7e, 0x01, 0x00]).unwrap().unwrap();
         assert_eq!((h.opcode, h.payload_len, n), (OpCode::Binary, 256, 4));
-        let (h, n) = FrameHeader::decode(&[0x82, 0x7f, 0, 0, 0, 0, 0, 1, 0, 0])
-            .unwrap()
-            .unwrap();
+        let (h, n) = FrameHeader::decode(&[0x82, 0x7f, 0, 0, 0, 0, 0, 1, 0, 0]).unwrap().unwrap();
         assert_eq!((h.payload_len, n), (65536, 10));
         // Fragments: "Hel" then "lo".
         let (h, _) = FrameHeader::decode(&[0x01, 0x03]).unwrap().unwrap();
@@ -198,59 +177,25 @@ mod tests {
 
     #[test]
     fn incomplete_headers_ask_for_more() {
-        for bytes in [
-            &[][..],
-            &[0x82],
-            &[0x82, 0x7e, 0x01],
-            &[0x82, 0x7f, 0, 0, 0],
-            &[0x81, 0x85, 1, 2, 3],
-        ] {
+        for bytes in [&[][..], &[0x82], &[0x82, 0x7e, 0x01], &[0x82, 0x7f, 0, 0, 0], &[0x81, 0x85, 1, 2, 3]] {
             assert_eq!(FrameHeader::decode(bytes), Ok(None), "{bytes:?}");
         }
     }
 
     #[test]
     fn header_errors() {
-        assert_eq!(
-            FrameHeader::decode(&[0x83, 0x00]),
-            Err(HeaderError::ReservedOpcode(3))
-        );
-        assert_eq!(
-            FrameHeader::decode(&[0x8b, 0x00]),
-            Err(HeaderError::ReservedOpcode(0xb))
-        );
-        assert_eq!(
-            FrameHeader::decode(&[0x09, 0x00]),
-            Err(HeaderError::FragmentedControl)
-        );
-        assert_eq!(
-            FrameHeader::decode(&[0x89, 0x7e, 0, 126]),
-            Err(HeaderError::ControlTooLong(126))
-        );
-        assert_eq!(
-            FrameHeader::decode(&[0x82, 0x7f, 0x80, 0, 0, 0, 0, 0, 0, 0]),
-            Err(HeaderError::LengthOverflow)
-        );
+        assert_eq!(FrameHeader::decode(&[0x83, 0x00]), Err(HeaderError::ReservedOpcode(3)));
+        assert_eq!(FrameHeader::decode(&[0x8b, 0x00]), Err(HeaderError::ReservedOpcode(0xb)));
+        assert_eq!(FrameHeader::decode(&[0x09, 0x00]), Err(HeaderError::FragmentedControl));
+        assert_eq!(FrameHeader::decode(&[0x89, 0x7e, 0, 126]), Err(HeaderError::ControlTooLong(126)));
+        assert_eq!(FrameHeader::decode(&[0x82, 0x7f, 0x80, 0, 0, 0, 0, 0, 0, 0]), Err(HeaderError::LengthOverflow));
     }
 
     #[test]
     fn minimal_length_encoding() {
         let mut out = [0u8; MAX_HEADER_LEN];
-        for (len, header_len) in [
-            (0u64, 2),
-            (125, 2),
-            (126, 4),
-            (65535, 4),
-            (65536, 10),
-            (1 << 40, 10),
-        ] {
-            let h = FrameHeader {
-                fin: true,
-                rsv: 0,
-                opcode: OpCode::Binary,
-                mask: None,
-                payload_len: len,
-            };
+        for (len, header_len) in [(0u64, 2), (125, 2), (126, 4), (65535, 4), (65536, 10), (1 << 40, 10)] {
+            let h = FrameHeader { fin: true, rsv: 0, opcode: OpCode::Binary, mask: None, payload_len: len };
             assert_eq!(h.encode(&mut out), header_len, "len {len}");
         }
     }

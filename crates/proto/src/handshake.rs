@@ -55,10 +55,7 @@ pub struct Head {
 impl Head {
     /// The first value of a header, if it is UTF-8.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(&h.value).ok())
+        self.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).and_then(|h| std::str::from_utf8(&h.value).ok())
     }
 
     /// Every comma-separated token of every line of a header, trimmed (RFC 9110 list syntax).
@@ -73,8 +70,7 @@ impl Head {
     }
 
     fn has_token(&self, name: &str, token: &str) -> bool {
-        self.header_tokens(name)
-            .any(|t| t.eq_ignore_ascii_case(token))
+        self.header_tokens(name).any(|t| t.eq_ignore_ascii_case(token))
     }
 }
 
@@ -141,9 +137,7 @@ pub fn error_response(status: u16, body: &str, extra_headers: &[(&str, &str)]) -
             out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
         }
     }
-    out.extend_from_slice(
-        format!("Content-Length: {}\r\n\r\n{}\n", body.len() + 1, body).as_bytes(),
-    );
+    out.extend_from_slice(format!("Content-Length: {}\r\n\r\n{}\n", body.len() + 1, body).as_bytes());
     out
 }
 
@@ -173,10 +167,7 @@ fn is_safe_header(name: &str, value: &[u8]) -> bool {
 
 /// Parses a request head from the front of `buf`: `Ok(None)` while incomplete, else the head and the
 /// number of bytes it used (bytes after it already belong to the WebSocket stream).
-pub fn parse_request(
-    buf: &[u8],
-    max_head_bytes: usize,
-) -> Result<Option<(Head, usize)>, HandshakeError> {
+pub fn parse_request(buf: &[u8], max_head_bytes: usize) -> Result<Option<(Head, usize)>, HandshakeError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
@@ -190,30 +181,18 @@ pub fn parse_request(
             };
             Ok(Some((head, n)))
         }
-        Ok(httparse::Status::Complete(_)) => Err(HandshakeError::HeadTooLarge {
-            limit: max_head_bytes,
-        }),
+        Ok(httparse::Status::Complete(_)) => Err(HandshakeError::HeadTooLarge { limit: max_head_bytes }),
         Ok(httparse::Status::Partial) if buf.len() >= max_head_bytes => {
-            Err(HandshakeError::HeadTooLarge {
-                limit: max_head_bytes,
-            })
+            Err(HandshakeError::HeadTooLarge { limit: max_head_bytes })
         }
         Ok(httparse::Status::Partial) => Ok(None),
-        Err(httparse::Error::TooManyHeaders) => Err(HandshakeError::HeadTooLarge {
-            limit: max_head_bytes,
-        }),
+        Err(httparse::Error::TooManyHeaders) => Err(HandshakeError::HeadTooLarge { limit: max_head_bytes }),
         Err(e) => Err(HandshakeError::Malformed(e.to_string())),
     }
 }
 
 fn copy_headers(headers: &[httparse::Header<'_>]) -> Vec<Header> {
-    headers
-        .iter()
-        .map(|h| Header {
-            name: h.name.to_owned(),
-            value: h.value.to_vec(),
-        })
-        .collect()
+    headers.iter().map(|h| Header { name: h.name.to_owned(), value: h.value.to_vec() }).collect()
 }
 
 /// A request that passed WebSocket validation: what an application needs to decide on it.
@@ -267,37 +246,20 @@ pub fn validate_request(head: Head) -> Result<UpgradeRequest, HandshakeError> {
         Some(WEBSOCKET_VERSION) => {}
         Some(other) => return Err(HandshakeError::UnsupportedVersion(other.to_owned())),
     }
-    let key = head
-        .header("Sec-WebSocket-Key")
-        .map(str::trim)
-        .unwrap_or_default();
+    let key = head.header("Sec-WebSocket-Key").map(str::trim).unwrap_or_default();
     if key.len() != 24 || BASE64.decode(key).map(|k| k.len()) != Ok(16) {
         return Err(HandshakeError::BadKey);
     }
     let key = key.to_owned();
-    let protocols = head
-        .header_tokens("Sec-WebSocket-Protocol")
-        .map(str::to_owned)
-        .collect();
-    let extensions = head
-        .header_tokens("Sec-WebSocket-Extensions")
-        .map(str::to_owned)
-        .collect();
-    Ok(UpgradeRequest {
-        head,
-        key,
-        protocols,
-        extensions,
-    })
+    let protocols = head.header_tokens("Sec-WebSocket-Protocol").map(str::to_owned).collect();
+    let extensions = head.header_tokens("Sec-WebSocket-Extensions").map(str::to_owned).collect();
+    Ok(UpgradeRequest { head, key, protocols, extensions })
 }
 
 /// Picks the subprotocol: the first of the server's `supported` list (its preference order) that the
 /// client offered.
 pub fn negotiate_subprotocol<'a>(offered: &[String], supported: &[&'a str]) -> Option<&'a str> {
-    supported
-        .iter()
-        .copied()
-        .find(|s| offered.iter().any(|o| o == s))
+    supported.iter().copied().find(|s| offered.iter().any(|o| o == s))
 }
 
 /// Builds the 101 answer. Extra headers with CR/LF are dropped rather than sent.
@@ -308,20 +270,13 @@ pub fn accept_response(
     extra_headers: &[(&str, &str)],
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(160);
-    out.extend_from_slice(
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
-    );
+    out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n");
     out.extend_from_slice(b"Sec-WebSocket-Accept: ");
     out.extend_from_slice(accept_key(key).as_bytes());
     out.extend_from_slice(b"\r\n");
-    let optional = [
-        ("Sec-WebSocket-Protocol", protocol),
-        ("Sec-WebSocket-Extensions", extensions),
-    ];
-    for (name, value) in optional
-        .into_iter()
-        .filter_map(|(n, v)| v.map(|v| (n, v)))
-        .chain(extra_headers.iter().copied())
+    let optional = [("Sec-WebSocket-Protocol", protocol), ("Sec-WebSocket-Extensions", extensions)];
+    for (name, value) in
+        optional.into_iter().filter_map(|(n, v)| v.map(|v| (n, v))).chain(extra_headers.iter().copied())
     {
         if is_safe_header(name, value.as_bytes()) {
             out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
@@ -348,10 +303,7 @@ pub enum ResponseError {
     #[error("response lacks 'Connection: Upgrade'")]
     MissingConnectionUpgrade,
     #[error("Sec-WebSocket-Accept is {got:?}, expected {expected:?}")]
-    BadAccept {
-        expected: String,
-        got: Option<String>,
-    },
+    BadAccept { expected: String, got: Option<String> },
     #[error("server chose subprotocol {0:?}, which was not offered")]
     UnofferedProtocol(String),
     #[error("server chose extension {0:?}, which was not offered")]
@@ -376,28 +328,14 @@ pub struct ClientRequest {
 
 impl ClientRequest {
     pub fn new(host: impl Into<String>, target: impl Into<String>) -> Self {
-        Self {
-            host: host.into(),
-            target: target.into(),
-            key: generate_key(),
-            ..Self::default()
-        }
+        Self { host: host.into(), target: target.into(), key: generate_key(), ..Self::default() }
     }
 
     /// The request bytes; refuses header names or values that would break the head.
     pub fn encode(&self) -> Result<Vec<u8>, ResponseError> {
-        let target = if self.target.is_empty() {
-            "/"
-        } else {
-            &self.target
-        };
-        if target
-            .bytes()
-            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-        {
-            return Err(ResponseError::InvalidHeader(format!(
-                "request target {target:?}"
-            )));
+        let target = if self.target.is_empty() { "/" } else { &self.target };
+        if target.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+            return Err(ResponseError::InvalidHeader(format!("request target {target:?}")));
         }
         let mut out = Vec::with_capacity(256);
         out.extend_from_slice(format!("GET {target} HTTP/1.1\r\n").as_bytes());
@@ -436,10 +374,7 @@ pub struct Accepted {
 }
 
 /// Parses a response head from the front of `buf`: `Ok(None)` while incomplete.
-pub fn parse_response(
-    buf: &[u8],
-    max_head_bytes: usize,
-) -> Result<Option<(Head, usize)>, ResponseError> {
+pub fn parse_response(buf: &[u8], max_head_bytes: usize) -> Result<Option<(Head, usize)>, ResponseError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(buf) {
@@ -452,18 +387,12 @@ pub fn parse_response(
             };
             Ok(Some((head, n)))
         }
-        Ok(httparse::Status::Complete(_)) => Err(ResponseError::HeadTooLarge {
-            limit: max_head_bytes,
-        }),
+        Ok(httparse::Status::Complete(_)) => Err(ResponseError::HeadTooLarge { limit: max_head_bytes }),
         Ok(httparse::Status::Partial) if buf.len() >= max_head_bytes => {
-            Err(ResponseError::HeadTooLarge {
-                limit: max_head_bytes,
-            })
+            Err(ResponseError::HeadTooLarge { limit: max_head_bytes })
         }
         Ok(httparse::Status::Partial) => Ok(None),
-        Err(httparse::Error::TooManyHeaders) => Err(ResponseError::HeadTooLarge {
-            limit: max_head_bytes,
-        }),
+        Err(httparse::Error::TooManyHeaders) => Err(ResponseError::HeadTooLarge { limit: max_head_bytes }),
         Err(e) => Err(ResponseError::Malformed(e.to_string())),
     }
 }
@@ -471,10 +400,7 @@ pub fn parse_response(
 /// Checks the server's answer against what `request` asked for (RFC 6455 §4.1, steps 1-6).
 pub fn verify_response(request: &ClientRequest, head: Head) -> Result<Accepted, ResponseError> {
     if head.status != 101 {
-        return Err(ResponseError::Status {
-            status: head.status,
-            head,
-        });
+        return Err(ResponseError::Status { status: head.status, head });
     }
     if !head.has_token("Upgrade", "websocket") {
         return Err(ResponseError::MissingUpgrade);
@@ -485,32 +411,21 @@ pub fn verify_response(request: &ClientRequest, head: Head) -> Result<Accepted, 
     let expected = accept_key(&request.key);
     let got = head.header("Sec-WebSocket-Accept").map(str::trim);
     if got != Some(expected.as_str()) {
-        return Err(ResponseError::BadAccept {
-            expected,
-            got: got.map(str::to_owned),
-        });
+        return Err(ResponseError::BadAccept { expected, got: got.map(str::to_owned) });
     }
-    let protocol = head
-        .header("Sec-WebSocket-Protocol")
-        .map(|p| p.trim().to_owned());
+    let protocol = head.header("Sec-WebSocket-Protocol").map(|p| p.trim().to_owned());
     if let Some(p) = &protocol {
         if !request.protocols.iter().any(|o| o == p) {
             return Err(ResponseError::UnofferedProtocol(p.clone()));
         }
     }
-    let extensions = head
-        .header("Sec-WebSocket-Extensions")
-        .map(|e| e.trim().to_owned());
+    let extensions = head.header("Sec-WebSocket-Extensions").map(|e| e.trim().to_owned());
     if let Some(e) = &extensions {
         if request.extensions.is_none() {
             return Err(ResponseError::UnofferedExtension(e.clone()));
         }
     }
-    Ok(Accepted {
-        head,
-        protocol,
-        extensions,
-    })
+    Ok(Accepted { head, protocol, extensions })
 }
 
 #[cfg(test)]
@@ -521,10 +436,7 @@ mod tests {
 Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSocket-Version: 13\r\n\r\n";
 
     fn request_with(replace: &str, with: &str) -> Vec<u8> {
-        String::from_utf8(SEED_REQUEST.to_vec())
-            .unwrap()
-            .replace(replace, with)
-            .into_bytes()
+        String::from_utf8(SEED_REQUEST.to_vec()).unwrap().replace(replace, with).into_bytes()
     }
 
     fn validate(bytes: &[u8]) -> Result<UpgradeRequest, HandshakeError> {
@@ -534,18 +446,12 @@ Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSoc
 
     #[test]
     fn accept_key_seed_004_example() {
-        assert_eq!(
-            accept_key("x3JJHMbDL1EzLkh9GBhXDw=="),
-            "HSmrc0sMlYUkAGmm5OPpG2HaGWk="
-        );
+        assert_eq!(accept_key("x3JJHMbDL1EzLkh9GBhXDw=="), "HSmrc0sMlYUkAGmm5OPpG2HaGWk=");
     }
 
     #[test]
     fn accept_key_rfc_example() {
-        assert_eq!(
-            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-        );
+        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 
     #[test]
@@ -565,10 +471,7 @@ Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSoc
         assert!(validate(&req).is_ok());
         let req = request_with("Upgrade: websocket", "Upgrade: WebSocket");
         assert!(validate(&req).is_ok());
-        let req = request_with(
-            "Connection: Upgrade",
-            "Connection: keep-alive\r\nConnection: upgrade",
-        );
+        let req = request_with("Connection: Upgrade", "Connection: keep-alive\r\nConnection: upgrade");
         assert!(validate(&req).is_ok());
     }
 
@@ -579,19 +482,10 @@ Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSoc
             (request_with("HTTP/1.1", "HTTP/1.0"), 400),
             (request_with("Host: server.example.com\r\n", ""), 400),
             (request_with("Upgrade: websocket", "Upgrade: h2c"), 400),
-            (
-                request_with("Connection: Upgrade", "Connection: close"),
-                400,
-            ),
+            (request_with("Connection: Upgrade", "Connection: close"), 400),
             (request_with("x3JJHMbDL1EzLkh9GBhXDw==", "c2hvcnQ="), 400),
-            (
-                request_with("x3JJHMbDL1EzLkh9GBhXDw==", "!!!!!!!!!!!!!!!!!!!!!!=="),
-                400,
-            ),
-            (
-                request_with("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"),
-                426,
-            ),
+            (request_with("x3JJHMbDL1EzLkh9GBhXDw==", "!!!!!!!!!!!!!!!!!!!!!!=="), 400),
+            (request_with("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"), 426),
             (request_with("Sec-WebSocket-Version: 13\r\n", ""), 400),
         ];
         for (bytes, status) in cases {
@@ -613,34 +507,21 @@ Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSoc
         let err = parse_request(&big, DEFAULT_MAX_HEAD_BYTES).unwrap_err();
         assert_eq!(err.status(), 431);
         // A small but incomplete head is just incomplete.
-        assert_eq!(
-            parse_request(b"GET / HTTP/1.1\r\nHost: a\r\n", DEFAULT_MAX_HEAD_BYTES),
-            Ok(None)
-        );
+        assert_eq!(parse_request(b"GET / HTTP/1.1\r\nHost: a\r\n", DEFAULT_MAX_HEAD_BYTES), Ok(None));
     }
 
     #[test]
     fn garbage_is_400() {
-        let err = parse_request(
-            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
-            8192,
-        )
-        .unwrap_err();
+        let err = parse_request(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 8192).unwrap_err();
         assert_eq!(err.status(), 400);
     }
 
     #[test]
     fn subprotocol_negotiation_uses_server_preference() {
-        let req = validate(&request_with(
-            "Version: 13",
-            "Version: 13\r\nSec-WebSocket-Protocol: chat, switchboard.v1",
-        ))
-        .unwrap();
+        let req = validate(&request_with("Version: 13", "Version: 13\r\nSec-WebSocket-Protocol: chat, switchboard.v1"))
+            .unwrap();
         assert_eq!(req.protocols, vec!["chat", "switchboard.v1"]);
-        assert_eq!(
-            negotiate_subprotocol(&req.protocols, &["switchboard.v1", "chat"]),
-            Some("switchboard.v1")
-        );
+        assert_eq!(negotiate_subprotocol(&req.protocols, &["switchboard.v1", "chat"]), Some("switchboard.v1"));
         assert_eq!(negotiate_subprotocol(&req.protocols, &["mqtt"]), None);
     }
 
@@ -648,17 +529,13 @@ Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSoc
     fn client_request_round_trips_through_server_validation() {
         let mut request = ClientRequest::new("localhost:9002", "/ws?room=a");
         request.protocols = vec!["switchboard.v1".into()];
-        request
-            .headers
-            .push(("Authorization".into(), "Bearer t".into()));
+        request.headers.push(("Authorization".into(), "Bearer t".into()));
         let bytes = request.encode().unwrap();
         let req = validate(&bytes).unwrap();
         assert_eq!(req.query(), Some("room=a"));
         assert_eq!(req.header("authorization"), Some("Bearer t"));
         let resp = accept_response(&req.key, Some("switchboard.v1"), None, &[]);
-        let (head, n) = parse_response(&resp, DEFAULT_MAX_HEAD_BYTES)
-            .unwrap()
-            .unwrap();
+        let (head, n) = parse_response(&resp, DEFAULT_MAX_HEAD_BYTES).unwrap().unwrap();
         assert_eq!(n, resp.len());
         let accepted = verify_response(&request, head).unwrap();
         assert_eq!(accepted.protocol.as_deref(), Some("switchboard.v1"));
@@ -668,40 +545,26 @@ Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSoc
     fn client_rejects_bad_answers() {
         let request = ClientRequest::new("h", "/");
         let check = |resp: &[u8]| {
-            let (head, _) = parse_response(resp, DEFAULT_MAX_HEAD_BYTES)
-                .unwrap()
-                .unwrap();
+            let (head, _) = parse_response(resp, DEFAULT_MAX_HEAD_BYTES).unwrap().unwrap();
             verify_response(&request, head)
         };
         let good_accept = accept_key(&request.key);
-        assert!(matches!(
-            check(b"HTTP/1.1 403 Forbidden\r\n\r\n"),
-            Err(ResponseError::Status { status: 403, .. })
-        ));
-        let wrong = b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAA\r\n\r\n";
+        assert!(matches!(check(b"HTTP/1.1 403 Forbidden\r\n\r\n"), Err(ResponseError::Status { status: 403, .. })));
+        let wrong =
+            b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAA\r\n\r\n";
         assert!(matches!(check(wrong), Err(ResponseError::BadAccept { .. })));
         let unoffered = format!("HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {good_accept}\r\nSec-WebSocket-Protocol: x\r\n\r\n");
-        assert_eq!(
-            check(unoffered.as_bytes()),
-            Err(ResponseError::UnofferedProtocol("x".into()))
-        );
+        assert_eq!(check(unoffered.as_bytes()), Err(ResponseError::UnofferedProtocol("x".into())));
         let ext = format!("HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {good_accept}\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n");
-        assert!(matches!(
-            check(ext.as_bytes()),
-            Err(ResponseError::UnofferedExtension(_))
-        ));
+        assert!(matches!(check(ext.as_bytes()), Err(ResponseError::UnofferedExtension(_))));
     }
 
     #[test]
     fn header_injection_is_refused() {
         let mut request = ClientRequest::new("h", "/");
         request.headers.push(("X".into(), "a\r\nEvil: 1".into()));
-        assert!(matches!(
-            request.encode(),
-            Err(ResponseError::InvalidHeader(_))
-        ));
-        let resp =
-            String::from_utf8(accept_response("k", None, None, &[("X", "a\r\nEvil: 1")])).unwrap();
+        assert!(matches!(request.encode(), Err(ResponseError::InvalidHeader(_))));
+        let resp = String::from_utf8(accept_response("k", None, None, &[("X", "a\r\nEvil: 1")])).unwrap();
         assert!(!resp.contains("Evil"));
     }
 }

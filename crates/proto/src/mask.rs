@@ -7,9 +7,7 @@
 #[inline]
 pub fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: usize) {
     let key = rotate_key(key, offset);
-    let word = u64::from_ne_bytes([
-        key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
-    ]);
+    let word = u64::from_ne_bytes([key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3]]);
     // Chunks of 32 bytes give the auto-vectoriser four independent words per iteration.
     let mut wide = buf.chunks_exact_mut(32);
     for chunk in &mut wide {

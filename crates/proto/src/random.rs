@@ -26,10 +26,7 @@ pub(crate) enum MaskKeys {
 
 impl MaskKeys {
     pub(crate) fn random() -> Self {
-        Self::Random {
-            pool: Box::new([0; POOL_BYTES]),
-            used: POOL_BYTES,
-        }
+        Self::Random { pool: Box::new([0; POOL_BYTES]), used: POOL_BYTES }
     }
 
     pub(crate) fn next_key(&mut self) -> [u8; 4] {
@@ -40,12 +37,7 @@ impl MaskKeys {
                     fill(&mut pool[..]);
                     *used = 0;
                 }
-                let key = [
-                    pool[*used],
-                    pool[*used + 1],
-                    pool[*used + 2],
-                    pool[*used + 3],
-                ];
+                let key = [pool[*used], pool[*used + 1], pool[*used + 2], pool[*used + 3]];
                 *used += 4;
                 key
             }
@@ -63,10 +55,6 @@ mod tests {
         let drawn: Vec<[u8; 4]> = (0..200).map(|_| keys.next_key()).collect();
         let distinct: std::collections::HashSet<_> = drawn.iter().collect();
         // 200 draws of 32 random bits: a collision is astronomically unlikely, a constant key certain.
-        assert!(
-            distinct.len() >= 199,
-            "only {} distinct keys",
-            distinct.len()
-        );
+        assert!(distinct.len() >= 199, "only {} distinct keys", distinct.len());
     }
 }

@@ -75,9 +75,7 @@ fn sequence_length(lead: u8) -> Option<usize> {
 
 /// Validates a complete buffer in one call.
 pub fn validate(bytes: &[u8]) -> Result<(), InvalidUtf8> {
-    simdutf8::basic::from_utf8(bytes)
-        .map(|_| ())
-        .map_err(|_| InvalidUtf8)
+    simdutf8::basic::from_utf8(bytes).map(|_| ()).map_err(|_| InvalidUtf8)
 }
 
 #[cfg(test)]

@@ -11,13 +11,7 @@ use switchboard_proto::{
 
 /// Encodes one frame as a client would (masked) or a server would (unmasked).
 fn frame(opcode: OpCode, fin: bool, rsv: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-    let header = FrameHeader {
-        fin,
-        rsv,
-        opcode,
-        mask,
-        payload_len: payload.len() as u64,
-    };
+    let header = FrameHeader { fin, rsv, opcode, mask, payload_len: payload.len() as u64 };
     let mut head = [0u8; MAX_HEADER_LEN];
     let n = header.encode(&mut head);
     let mut out = head[..n].to_vec();
@@ -89,13 +83,7 @@ fn client_and_server_engines_talk() {
     // Client frames are masked: the text does not appear in clear.
     assert!(!wire.windows(5).any(|w| w == b"hello"));
     let got = feed(&mut server, &wire);
-    assert_eq!(
-        got,
-        vec![
-            Ok(Message::text("hello")),
-            Ok(Message::binary(vec![1u8, 2, 3]))
-        ]
-    );
+    assert_eq!(got, vec![Ok(Message::text("hello")), Ok(Message::binary(vec![1u8, 2, 3]))]);
     server.send(Message::text("world")).unwrap();
     let got = feed(&mut client, &server.take_output());
     assert_eq!(got, vec![Ok(Message::text("world"))]);
@@ -109,17 +97,8 @@ fn fragmented_message_with_ping_in_between() {
     wire.extend(client_frame(OpCode::Continuation, false, b"lo, "));
     wire.extend(client_frame(OpCode::Continuation, true, "wörld".as_bytes()));
     let got = feed(&mut s, &wire);
-    assert_eq!(
-        got,
-        vec![
-            Ok(Message::Ping(Bytes::from_static(b"p"))),
-            Ok(Message::text("Hello, wörld"))
-        ]
-    );
-    assert_eq!(
-        decode_output(&s.take_output()),
-        vec![(OpCode::Pong, b"p".to_vec())]
-    );
+    assert_eq!(got, vec![Ok(Message::Ping(Bytes::from_static(b"p"))), Ok(Message::text("Hello, wörld"))]);
+    assert_eq!(decode_output(&s.take_output()), vec![(OpCode::Pong, b"p".to_vec())]);
 }
 
 #[test]
@@ -145,32 +124,13 @@ fn protocol_violations_close_1002() {
         (frame(OpCode::Binary, true, 0b001, b"x", KEY), "rsv3"),
         (vec![0x83, 0x80, 1, 2, 3, 4], "reserved opcode 3"),
         (vec![0x8f, 0x80, 1, 2, 3, 4], "reserved opcode 0xf"),
-        (
-            client_frame(OpCode::Continuation, true, b"x"),
-            "continuation without start",
-        ),
-        (
-            [
-                client_frame(OpCode::Text, false, b"a"),
-                client_frame(OpCode::Text, true, b"b"),
-            ]
-            .concat(),
-            "text in text",
-        ),
+        (client_frame(OpCode::Continuation, true, b"x"), "continuation without start"),
+        ([client_frame(OpCode::Text, false, b"a"), client_frame(OpCode::Text, true, b"b")].concat(), "text in text"),
         (frame(OpCode::Ping, false, 0, b"", KEY), "fragmented ping"),
         (client_frame(OpCode::Close, true, &[0x03]), "one-byte close"),
-        (
-            client_frame(OpCode::Close, true, &1005u16.to_be_bytes()),
-            "close 1005 on the wire",
-        ),
-        (
-            client_frame(OpCode::Close, true, &999u16.to_be_bytes()),
-            "close 999",
-        ),
-        (
-            client_frame(OpCode::Close, true, &5000u16.to_be_bytes()),
-            "close 5000",
-        ),
+        (client_frame(OpCode::Close, true, &1005u16.to_be_bytes()), "close 1005 on the wire"),
+        (client_frame(OpCode::Close, true, &999u16.to_be_bytes()), "close 999"),
+        (client_frame(OpCode::Close, true, &5000u16.to_be_bytes()), "close 5000"),
     ];
     for (wire, what) in cases {
         let mut s = server();
@@ -196,10 +156,7 @@ fn invalid_utf8_fails_fast_mid_frame() {
     // Header (2 + 2 + 4 mask bytes), then "aa": still valid, the engine waits.
     assert!(feed(&mut s, &wire[..10]).is_empty());
     // The invalid byte arrives with 989 payload bytes still missing: failure now.
-    assert_eq!(
-        feed(&mut s, &wire[10..11]),
-        vec![Err(ProtocolError::InvalidUtf8)]
-    );
+    assert_eq!(feed(&mut s, &wire[10..11]), vec![Err(ProtocolError::InvalidUtf8)]);
     assert_eq!(close_code_sent(&mut s), 1007);
     // The rest of the frame is ignored.
     assert!(feed(&mut s, &wire[11..]).is_empty());
@@ -214,51 +171,26 @@ fn invalid_utf8_in_a_later_fragment_and_truncated_at_end() {
     assert_eq!(close_code_sent(&mut s), 1007);
 
     let mut s = server();
-    let got = feed(
-        &mut s,
-        &client_frame(OpCode::Close, true, b"\x03\xe8\xff\xfe"),
-    );
+    let got = feed(&mut s, &client_frame(OpCode::Close, true, b"\x03\xe8\xff\xfe"));
     assert_eq!(got, vec![Err(ProtocolError::InvalidCloseReason)]);
     assert_eq!(close_code_sent(&mut s), 1007);
 }
 
 #[test]
 fn size_limits_are_checked_at_the_header() {
-    let config = Config {
-        max_frame_size: 100,
-        max_message_size: 150,
-        ..Config::default()
-    };
+    let config = Config { max_frame_size: 100, max_message_size: 150, ..Config::default() };
     let mut s = Connection::new(Role::Server, config.clone());
     // Only the header of a 1 MiB frame arrives: refused before any payload.
     let wire = client_frame(OpCode::Binary, true, &vec![0u8; 1 << 20]);
     let got = feed(&mut s, &wire[..14]);
-    assert!(
-        matches!(
-            got[..],
-            [Err(ProtocolError::FrameTooLarge {
-                size: 1048576,
-                limit: 100
-            })]
-        ),
-        "{got:?}"
-    );
+    assert!(matches!(got[..], [Err(ProtocolError::FrameTooLarge { size: 1048576, limit: 100 })]), "{got:?}");
     assert_eq!(close_code_sent(&mut s), 1009);
 
     let mut s = Connection::new(Role::Server, config);
     let mut wire = client_frame(OpCode::Binary, false, &[0u8; 100]);
     wire.extend(client_frame(OpCode::Continuation, true, &[0u8; 51]));
     let got = feed(&mut s, &wire);
-    assert!(
-        matches!(
-            got[..],
-            [Err(ProtocolError::MessageTooLarge {
-                size: 151,
-                limit: 150
-            })]
-        ),
-        "{got:?}"
-    );
+    assert!(matches!(got[..], [Err(ProtocolError::MessageTooLarge { size: 151, limit: 150 })]), "{got:?}");
     assert_eq!(close_code_sent(&mut s), 1009);
 }
 
@@ -271,44 +203,23 @@ fn close_handshake_initiated_by_client() {
     assert_eq!(client.send_text("late"), Err(SendError::Closed));
 
     let got = feed(&mut server, &client.take_output());
-    assert_eq!(
-        got,
-        vec![Ok(Message::Close(Some(CloseFrame::new(1000, "bye"))))]
-    );
+    assert_eq!(got, vec![Ok(Message::Close(Some(CloseFrame::new(1000, "bye"))))]);
     assert_eq!(server.close_state(), CloseState::Closed);
     let echo = server.take_output();
-    assert_eq!(
-        decode_output(&echo),
-        vec![(OpCode::Close, 1000u16.to_be_bytes().to_vec())]
-    );
-    assert!(
-        server.should_close_transport(),
-        "the server closes TCP first"
-    );
+    assert_eq!(decode_output(&echo), vec![(OpCode::Close, 1000u16.to_be_bytes().to_vec())]);
+    assert!(server.should_close_transport(), "the server closes TCP first");
 
     let got = feed(&mut client, &echo);
-    assert_eq!(
-        got,
-        vec![Ok(Message::Close(Some(CloseFrame::new(1000, ""))))]
-    );
+    assert_eq!(got, vec![Ok(Message::Close(Some(CloseFrame::new(1000, ""))))]);
     assert_eq!(client.close_state(), CloseState::Closed);
-    assert!(
-        !client.should_close_transport(),
-        "the client waits for the server to close TCP"
-    );
+    assert!(!client.should_close_transport(), "the client waits for the server to close TCP");
 }
 
 #[test]
 fn empty_close_is_answered_empty_and_reported_without_code() {
     let mut s = server();
-    assert_eq!(
-        feed(&mut s, &client_frame(OpCode::Close, true, b"")),
-        vec![Ok(Message::Close(None))]
-    );
-    assert_eq!(
-        decode_output(&s.take_output()),
-        vec![(OpCode::Close, vec![])]
-    );
+    assert_eq!(feed(&mut s, &client_frame(OpCode::Close, true, b"")), vec![Ok(Message::Close(None))]);
+    assert_eq!(decode_output(&s.take_output()), vec![(OpCode::Close, vec![])]);
 }
 
 #[test]
@@ -336,18 +247,9 @@ fn no_pong_after_close_sent_and_sends_refused() {
 #[test]
 fn send_errors() {
     let mut s = server();
-    assert_eq!(
-        s.send(Message::Ping(vec![0u8; 126].into())),
-        Err(SendError::ControlTooLong(126))
-    );
-    assert_eq!(
-        s.close(Some(CloseFrame::new(1006, ""))),
-        Err(SendError::InvalidCloseCode(1006))
-    );
-    assert_eq!(
-        s.send_fragment(OpCode::Continuation, b"x", true),
-        Err(SendError::NoFragmentInProgress)
-    );
+    assert_eq!(s.send(Message::Ping(vec![0u8; 126].into())), Err(SendError::ControlTooLong(126)));
+    assert_eq!(s.close(Some(CloseFrame::new(1006, ""))), Err(SendError::InvalidCloseCode(1006)));
+    assert_eq!(s.send_fragment(OpCode::Continuation, b"x", true), Err(SendError::NoFragmentInProgress));
     s.send_fragment(OpCode::Text, b"a", false).unwrap();
     assert_eq!(s.send_text("b"), Err(SendError::FragmentInProgress));
     s.send_fragment(OpCode::Ping, b"", true).unwrap();
@@ -366,11 +268,7 @@ fn large_server_payloads_are_not_copied() {
     let mut slices = [std::io::IoSlice::new(&[]); 8];
     let n = s.output_slices(&mut slices);
     assert_eq!(n, 3, "header, shared payload, small frame");
-    assert_eq!(
-        slices[1].as_ptr(),
-        big.as_ptr(),
-        "payload is the caller's buffer"
-    );
+    assert_eq!(slices[1].as_ptr(), big.as_ptr(), "payload is the caller's buffer");
     // 100,000 needs the 64-bit length: a 10-byte header.
     assert_eq!(s.pending_output(), 10 + 100_000 + 7);
     s.consume_output(50_000);
@@ -387,26 +285,15 @@ fn release_idle_buffers_keeps_state() {
     feed(&mut s, &client_frame(OpCode::Text, true, &[b'x'; 5000]));
     s.release_idle_buffers();
     assert_eq!(s.receive_buffer().capacity(), 0);
-    assert_eq!(
-        feed(&mut s, &client_frame(OpCode::Text, true, b"again")),
-        vec![Ok(Message::text("again"))]
-    );
+    assert_eq!(feed(&mut s, &client_frame(OpCode::Text, true, b"again")), vec![Ok(Message::text("again"))]);
 }
 
 /// A conversation of varied frames (fragments, controls, large lengths) as a client sends it.
 fn conversation() -> impl Strategy<Value = Vec<u8>> {
     let piece = prop_oneof![
         "\\PC{0,20}".prop_map(|s| client_frame(OpCode::Text, true, s.as_bytes())),
-        proptest::collection::vec(any::<u8>(), 0..300).prop_map(|b| client_frame(
-            OpCode::Binary,
-            true,
-            &b
-        )),
-        proptest::collection::vec(any::<u8>(), 0..125).prop_map(|b| client_frame(
-            OpCode::Ping,
-            true,
-            &b
-        )),
+        proptest::collection::vec(any::<u8>(), 0..300).prop_map(|b| client_frame(OpCode::Binary, true, &b)),
+        proptest::collection::vec(any::<u8>(), 0..125).prop_map(|b| client_frame(OpCode::Ping, true, &b)),
         ("\\PC{1,10}", "\\PC{1,10}").prop_map(|(a, b)| {
             let mut f = client_frame(OpCode::Text, false, a.as_bytes());
             f.extend(client_frame(OpCode::Pong, true, b"x"));
@@ -425,11 +312,7 @@ fn conversation() -> impl Strategy<Value = Vec<u8>> {
 }
 
 /// Runs `bytes` through a fresh engine in the given chunks; returns every message and the output.
-fn run_split(
-    role: Role,
-    bytes: &[u8],
-    cuts: &[usize],
-) -> (Vec<Result<Message, ProtocolError>>, Vec<u8>, CloseState) {
+fn run_split(role: Role, bytes: &[u8], cuts: &[usize]) -> (Vec<Result<Message, ProtocolError>>, Vec<u8>, CloseState) {
     // A fixed mask key so that a client engine's output is comparable between runs.
     let config = Config {
         max_frame_size: 100_000,
@@ -499,11 +382,7 @@ proptest! {
 
 #[test]
 fn close_codes_for_errors_are_sendable() {
-    for code in [
-        CloseCode::PROTOCOL_ERROR,
-        CloseCode::INVALID_PAYLOAD,
-        CloseCode::MESSAGE_TOO_BIG,
-    ] {
+    for code in [CloseCode::PROTOCOL_ERROR, CloseCode::INVALID_PAYLOAD, CloseCode::MESSAGE_TOO_BIG] {
         assert!(code.is_sendable());
     }
 }

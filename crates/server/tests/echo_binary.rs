@@ -19,11 +19,7 @@ impl Drop for Server {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn start_echo(extra: &[&str]) -> Server {
@@ -37,10 +33,7 @@ fn start_echo(extra: &[&str]) -> Server {
         .expect("start switchboard echo");
     let started = Instant::now();
     while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "echo server did not listen on {addr}"
-        );
+        assert!(started.elapsed() < Duration::from_secs(10), "echo server did not listen on {addr}");
         std::thread::sleep(Duration::from_millis(20));
     }
     Server { child, addr }
@@ -49,14 +42,9 @@ fn start_echo(extra: &[&str]) -> Server {
 #[tokio::test]
 async fn echoes_text_and_binary_and_closes_cleanly() {
     let server = start_echo(&[]);
-    let (mut ws, _) = switchboard_ws::connect(&format!("ws://{}/", server.addr))
-        .await
-        .unwrap();
+    let (mut ws, _) = switchboard_ws::connect(&format!("ws://{}/", server.addr)).await.unwrap();
     ws.send("hello, switchboard").await.unwrap();
-    assert_eq!(
-        ws.recv().await.unwrap().unwrap(),
-        Message::text("hello, switchboard")
-    );
+    assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("hello, switchboard"));
     let blob: Vec<u8> = (0..1_000_000u32).map(|i| (i * 31) as u8).collect();
     ws.send(blob.clone()).await.unwrap();
     assert_eq!(ws.recv().await.unwrap().unwrap(), Message::binary(blob));
@@ -71,9 +59,7 @@ async fn echoes_text_and_binary_and_closes_cleanly() {
 #[tokio::test]
 async fn message_size_flag_is_enforced_with_1009() {
     let server = start_echo(&["--max-message-size", "1000"]);
-    let (mut ws, _) = switchboard_ws::connect(&format!("ws://{}/", server.addr))
-        .await
-        .unwrap();
+    let (mut ws, _) = switchboard_ws::connect(&format!("ws://{}/", server.addr)).await.unwrap();
     ws.send(vec![0u8; 1001]).await.unwrap();
     match ws.recv().await {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::MESSAGE_TOO_BIG),
@@ -85,15 +71,9 @@ async fn message_size_flag_is_enforced_with_1009() {
 async fn plain_http_gets_a_reason_not_a_hang() {
     let server = start_echo(&[]);
     let mut stream = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
     let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer)).await.unwrap().unwrap();
     assert!(answer.starts_with("HTTP/1.1 400 Bad Request"), "{answer}");
     assert!(answer.contains("missing 'Upgrade: websocket'"), "{answer}");
 }
@@ -101,10 +81,7 @@ async fn plain_http_gets_a_reason_not_a_hang() {
 #[test]
 fn ctrl_c_exits_cleanly() {
     let mut server = start_echo(&[]);
-    let status = Command::new("kill")
-        .args(["-INT", &server.child.id().to_string()])
-        .status()
-        .unwrap();
+    let status = Command::new("kill").args(["-INT", &server.child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let started = Instant::now();
     loop {
@@ -112,10 +89,7 @@ fn ctrl_c_exits_cleanly() {
             assert!(status.success(), "exit status {status}");
             break;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "did not exit on SIGINT"
-        );
+        assert!(started.elapsed() < Duration::from_secs(5), "did not exit on SIGINT");
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -1,6 +1,7 @@
 //! Server side: the opening handshake over a raw stream, with an optional decision callback.
 
 use bytes::BytesMut;
+use switchboard_proto::deflate::{self, DeflateParams};
 use switchboard_proto::handshake::{self, HandshakeError, UpgradeRequest};
 use switchboard_proto::Role;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -21,21 +22,14 @@ pub struct Accept {
 impl Accept {
     /// Selects the first of `supported` (the server's preference order) that the client offered.
     pub fn negotiate(request: &UpgradeRequest, supported: &[&str]) -> Self {
-        let protocol =
-            handshake::negotiate_subprotocol(&request.protocols, supported).map(str::to_owned);
-        Self {
-            protocol,
-            headers: Vec::new(),
-        }
+        let protocol = handshake::negotiate_subprotocol(&request.protocols, supported).map(str::to_owned);
+        Self { protocol, headers: Vec::new() }
     }
 }
 
 /// A refusal with an HTTP status and a reason the client will see in the body.
 pub fn reject(status: u16, reason: impl Into<String>) -> HandshakeError {
-    HandshakeError::Rejected {
-        status,
-        reason: reason.into(),
-    }
+    HandshakeError::Rejected { status, reason: reason.into() }
 }
 
 /// Accepts every valid WebSocket handshake on `io`.
@@ -56,8 +50,8 @@ where
 {
     let limit = config.handshake_timeout;
     match tokio::time::timeout(limit, handshake(&mut io, &config, decide)).await {
-        Ok(Ok((accepted, leftover))) => {
-            Ok(WebSocket::from_raw(io, Role::Server, config, &leftover)
+        Ok(Ok((accepted, deflate, leftover))) => {
+            Ok(WebSocket::from_raw_with_deflate(io, Role::Server, config, &leftover, deflate)
                 .with_protocol(accepted.protocol))
         }
         Ok(Err(e)) => Err(e),
@@ -65,7 +59,7 @@ where
     }
 }
 
-async fn handshake<S, F>(io: &mut S, config: &Config, decide: F) -> Result<(Accept, BytesMut)>
+async fn handshake<S, F>(io: &mut S, config: &Config, decide: F) -> Result<(Accept, Option<DeflateParams>, BytesMut)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnOnce(&UpgradeRequest) -> Result<Accept, HandshakeError>,
@@ -101,17 +95,19 @@ where
             .await;
         }
     }
-    let headers: Vec<(&str, &str)> = accepted
-        .headers
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str()))
-        .collect();
-    let response =
-        handshake::accept_response(&request.key, accepted.protocol.as_deref(), None, &headers);
+    let headers: Vec<(&str, &str)> = accepted.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    let deflate = negotiate_deflate(&request, config);
+    let extensions = deflate.as_ref().map(|(_, header)| header.as_str());
+    let response = handshake::accept_response(&request.key, accepted.protocol.as_deref(), extensions, &headers);
     io.write_all(&response).await?;
     io.flush().await?;
     let _ = buf.split_to(used);
-    Ok((accepted, buf))
+    Ok((accepted, deflate.map(|(params, _)| params), buf))
+}
+
+/// The permessage-deflate answer to the client's offers, when the server has compression on.
+pub(crate) fn negotiate_deflate(request: &UpgradeRequest, config: &Config) -> Option<(DeflateParams, String)> {
+    config.compression.as_ref().and_then(|settings| deflate::negotiate_server(&request.extensions, settings))
 }
 
 async fn refuse<S: AsyncWrite + Unpin, T>(io: &mut S, error: HandshakeError) -> Result<T> {

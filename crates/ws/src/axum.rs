@@ -45,19 +45,10 @@ impl<St: Send + Sync> FromRequestParts<St> for WebSocketUpgrade {
 
     async fn from_request_parts(parts: &mut Parts, _state: &St) -> Result<Self, Self::Rejection> {
         let on_upgrade = parts.extensions.remove::<OnUpgrade>().ok_or_else(|| {
-            WebSocketRejection(HandshakeError::Rejected {
-                status: 426,
-                reason: "connection cannot be upgraded".into(),
-            })
+            WebSocketRejection(HandshakeError::Rejected { status: 426, reason: "connection cannot be upgraded".into() })
         })?;
-        let inner = Upgrade::from_parts(
-            &parts.method,
-            &parts.uri,
-            parts.version,
-            &parts.headers,
-            on_upgrade,
-        )
-        .map_err(WebSocketRejection)?;
+        let inner = Upgrade::from_parts(&parts.method, &parts.uri, parts.version, &parts.headers, on_upgrade)
+            .map_err(WebSocketRejection)?;
         Ok(Self { inner })
     }
 }
@@ -69,15 +60,11 @@ impl WebSocketUpgrade {
 
     /// Selects the first of `supported` that the client offered.
     pub fn protocols(self, supported: &[&str]) -> Self {
-        Self {
-            inner: self.inner.protocols(supported),
-        }
+        Self { inner: self.inner.protocols(supported) }
     }
 
     pub fn config(self, config: Config) -> Self {
-        Self {
-            inner: self.inner.config(config),
-        }
+        Self { inner: self.inner.config(config) }
     }
 
     /// Answers 101 and runs `callback` with the socket on a new task.

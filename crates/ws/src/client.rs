@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
+use switchboard_proto::deflate;
 use switchboard_proto::handshake::{self, Accepted, ClientRequest, ResponseError};
 use switchboard_proto::Role;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -69,9 +70,7 @@ impl ClientBuilder {
     pub async fn connect(self) -> Result<(WebSocket<TcpStream>, Accepted)> {
         let url = WsUrl::parse(&self.url)?;
         if url.secure {
-            return Err(Error::Unsupported(
-                "wss:// needs TLS support, which this build does not include yet",
-            ));
+            return Err(Error::Unsupported("wss:// needs TLS support, which this build does not include yet"));
         }
         let stream = self.open_tcp(&url).await?;
         let _ = stream.set_nodelay(true);
@@ -84,6 +83,7 @@ impl ClientBuilder {
         let mut request = ClientRequest::new(url.host_header(), url.target.clone());
         request.protocols = self.protocols.clone();
         request.headers = self.headers.clone();
+        request.extensions = self.config.compression.as_ref().map(deflate::client_offer);
         request
     }
 
@@ -92,21 +92,13 @@ impl ClientBuilder {
         let connect = async {
             let addrs: Vec<_> = tokio::net::lookup_host((url.host.as_str(), url.port))
                 .await
-                .map_err(|source| Error::Dns {
-                    host: url.host.clone(),
-                    source,
-                })?
+                .map_err(|source| Error::Dns { host: url.host.clone(), source })?
                 .collect();
             let mut last = None;
             for addr in &addrs {
                 match TcpStream::connect(addr).await {
                     Ok(stream) => return Ok(stream),
-                    Err(e) => {
-                        last = Some(Error::Connect {
-                            addr: addr.to_string(),
-                            source: e,
-                        })
-                    }
+                    Err(e) => last = Some(Error::Connect { addr: addr.to_string(), source: e }),
                 }
             }
             Err(last.unwrap_or_else(|| Error::Dns {
@@ -114,27 +106,18 @@ impl ClientBuilder {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"),
             }))
         };
-        tokio::time::timeout(self.connect_timeout, connect)
-            .await
-            .map_err(|_| Error::ConnectTimeout(target))?
+        tokio::time::timeout(self.connect_timeout, connect).await.map_err(|_| Error::ConnectTimeout(target))?
     }
 }
 
 /// Performs the client handshake over a connected stream (TCP, TLS, a proxy tunnel...).
-pub async fn client_handshake<S>(
-    mut io: S,
-    request: ClientRequest,
-    config: Config,
-) -> Result<(WebSocket<S>, Accepted)>
+pub async fn client_handshake<S>(mut io: S, request: ClientRequest, config: Config) -> Result<(WebSocket<S>, Accepted)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let limit = config.handshake_timeout;
     let exchange = async {
-        let bytes = request.encode().map_err(|error| Error::Response {
-            error,
-            body: String::new(),
-        })?;
+        let bytes = request.encode().map_err(|error| Error::Response { error, body: String::new() })?;
         io.write_all(&bytes).await?;
         io.flush().await?;
         let mut buf = BytesMut::with_capacity(1024);
@@ -143,7 +126,18 @@ where
                 Ok(Some((head, used))) => {
                     let _ = buf.split_to(used);
                     return match handshake::verify_response(&request, head) {
-                        Ok(accepted) => Ok((accepted, buf)),
+                        Ok(accepted) => {
+                            let deflate = match (&accepted.extensions, &config.compression) {
+                                (Some(response), Some(settings)) => {
+                                    Some(deflate::accept_response(response, settings).map_err(|e| Error::Response {
+                                        error: ResponseError::UnofferedExtension(e.0),
+                                        body: String::new(),
+                                    })?)
+                                }
+                                _ => None,
+                            };
+                            Ok((accepted, deflate, buf))
+                        }
                         Err(error) => {
                             let body = read_body_prefix(&mut io, &mut buf, &error).await;
                             Err(Error::Response { error, body })
@@ -151,12 +145,7 @@ where
                     };
                 }
                 Ok(None) => {}
-                Err(error) => {
-                    return Err(Error::Response {
-                        error,
-                        body: String::new(),
-                    })
-                }
+                Err(error) => return Err(Error::Response { error, body: String::new() }),
             }
             if io.read_buf(&mut buf).await? == 0 {
                 return Err(Error::Io(std::io::Error::new(
@@ -166,22 +155,15 @@ where
             }
         }
     };
-    let (accepted, leftover) = tokio::time::timeout(limit, exchange)
-        .await
-        .map_err(|_| Error::HandshakeTimeout(limit))??;
+    let (accepted, deflate, leftover) =
+        tokio::time::timeout(limit, exchange).await.map_err(|_| Error::HandshakeTimeout(limit))??;
     let protocol = accepted.protocol.clone();
-    Ok((
-        WebSocket::from_raw(io, Role::Client, config, &leftover).with_protocol(protocol),
-        accepted,
-    ))
+    let socket = WebSocket::from_raw_with_deflate(io, Role::Client, config, &leftover, deflate);
+    Ok((socket.with_protocol(protocol), accepted))
 }
 
 /// The first bytes of a refusal's body, so the error says why (bounded in size and time).
-async fn read_body_prefix<S: AsyncRead + Unpin>(
-    io: &mut S,
-    buf: &mut BytesMut,
-    error: &ResponseError,
-) -> String {
+async fn read_body_prefix<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut, error: &ResponseError) -> String {
     let ResponseError::Status { head, .. } = error else {
         return String::new();
     };

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use switchboard_proto::deflate::DeflateConfig;
+
 /// Ping the peer when it has been quiet for `interval`; give up if nothing arrives within `timeout`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Keepalive {
@@ -29,6 +31,9 @@ pub struct Config {
     /// How long to wait for the peer's part of the close handshake (its close frame, or, for a client,
     /// the server closing TCP) before dropping the connection.
     pub close_timeout: Duration,
+    /// permessage-deflate (RFC 7692): offered by a client, accepted by a server, when set. Off by
+    /// default: it costs memory per connection (see `switchboard_proto::deflate`).
+    pub compression: Option<DeflateConfig>,
 }
 
 impl Default for Config {
@@ -41,6 +46,7 @@ impl Default for Config {
             read_chunk: 8 * 1024,
             keepalive: None,
             close_timeout: Duration::from_secs(5),
+            compression: None,
         }
     }
 }
@@ -68,6 +74,12 @@ impl Config {
 
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.close_timeout = timeout;
+        self
+    }
+
+    /// Turns permessage-deflate on with these settings.
+    pub fn compression(mut self, deflate: DeflateConfig) -> Self {
+        self.compression = Some(deflate);
         self
     }
 

@@ -11,6 +11,7 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use switchboard_proto::deflate::DeflateParams;
 use switchboard_proto::{CloseCode, CloseFrame, CloseState, Connection, Message, Role, SendError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
@@ -43,8 +44,11 @@ pub(crate) struct Core<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
-    pub(crate) fn new(io: S, role: Role, config: Config, leftover: &[u8]) -> Self {
+    pub(crate) fn new(io: S, role: Role, config: Config, leftover: &[u8], deflate: Option<DeflateParams>) -> Self {
         let mut conn = Connection::new(role, config.protocol.clone());
+        if let (Some(params), Some(settings)) = (deflate, &config.compression) {
+            conn.enable_deflate(params, settings);
+        }
         conn.receive_data(leftover);
         let keepalive = config.keepalive.map(|settings| KeepaliveTimer {
             settings,
@@ -66,11 +70,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
 
     /// The next message; `None` once the connection is over (after the close handshake, or after an
     /// error was reported).
-    pub(crate) fn poll_recv(
-        &mut self,
-        cx: &mut Context<'_>,
-        wcx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Message>>> {
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>, wcx: &mut Context<'_>) -> Poll<Option<Result<Message>>> {
         loop {
             if self.finished {
                 return Poll::Ready(None);
@@ -173,8 +173,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
             }
         }
         if !self.write_shut && (self.conn.should_close_transport() || self.write_failed) {
-            let shutdown_pending =
-                !self.write_failed && Pin::new(&mut self.io).poll_shutdown(wcx).is_pending();
+            let shutdown_pending = !self.write_failed && Pin::new(&mut self.io).poll_shutdown(wcx).is_pending();
             if shutdown_pending && !self.close_deadline_passed(cx) {
                 return Poll::Pending;
             }
@@ -223,10 +222,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
                 Some(sent) if keepalive.last_activity <= sent => {
                     tracing::debug!(timeout = ?settings.timeout, "keepalive: no answer, dropping connection");
                     // Best effort: the peer is probably gone, but tell it why if it is not.
-                    let _ = self.conn.close(Some(CloseFrame::new(
-                        CloseCode::GOING_AWAY,
-                        "keepalive timeout",
-                    )));
+                    let _ = self.conn.close(Some(CloseFrame::new(CloseCode::GOING_AWAY, "keepalive timeout")));
                     self.write_failed = true;
                     return Some(Error::KeepaliveTimeout(settings.timeout));
                 }
@@ -299,11 +295,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
 
     pub(crate) fn poll_flush(&mut self, wcx: &mut Context<'_>) -> Poll<Result<()>> {
         if self.write_failed {
-            return Poll::Ready(if self.conn.pending_output() == 0 {
-                Ok(())
-            } else {
-                Err(Error::ConnectionClosed)
-            });
+            return Poll::Ready(if self.conn.pending_output() == 0 { Ok(()) } else { Err(Error::ConnectionClosed) });
         }
         match ready!(self.poll_write_output(wcx)) {
             Ok(()) => Poll::Ready(Ok(())),

@@ -7,6 +7,7 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use futures_core::Stream;
 use futures_sink::Sink;
+use switchboard_proto::deflate::DeflateParams;
 use switchboard_proto::{CloseCode, CloseFrame, CloseState, Message, Role};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -37,10 +38,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// Wraps a stream on which the handshake is already done. `leftover` holds bytes read past the
     /// handshake (the first frames, if the peer pipelined them).
     pub fn from_raw(io: S, role: Role, config: Config, leftover: &[u8]) -> Self {
-        Self {
-            core: Core::new(io, role, config, leftover),
-            protocol: None,
-        }
+        Self { core: Core::new(io, role, config, leftover, None), protocol: None }
+    }
+
+    /// Like [`from_raw`](Self::from_raw), with permessage-deflate negotiated as `deflate` (the local
+    /// settings come from `config.compression`).
+    pub fn from_raw_with_deflate(
+        io: S,
+        role: Role,
+        config: Config,
+        leftover: &[u8],
+        deflate: Option<DeflateParams>,
+    ) -> Self {
+        Self { core: Core::new(io, role, config, leftover, deflate), protocol: None }
+    }
+
+    /// The permessage-deflate parameters in force, if the extension was negotiated.
+    pub fn compression(&self) -> Option<DeflateParams> {
+        self.core.conn.deflate_params()
     }
 
     pub(crate) fn with_protocol(mut self, protocol: Option<String>) -> Self {
@@ -71,10 +86,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     pub async fn recv(&mut self) -> Option<Result<Message>> {
         poll_fn(|cx| {
             let waker = cx.waker();
-            self.core.poll_recv(
-                &mut Context::from_waker(waker),
-                &mut Context::from_waker(waker),
-            )
+            self.core.poll_recv(&mut Context::from_waker(waker), &mut Context::from_waker(waker))
         })
         .await
     }
@@ -98,8 +110,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// Sends a close frame and flushes it. Keep calling [`recv`](Self::recv) until `None` to complete
     /// the handshake (it gives up after `close_timeout`).
     pub async fn close(&mut self, code: impl Into<CloseCode>, reason: &str) -> Result<()> {
-        self.send(Message::Close(Some(CloseFrame::new(code.into(), reason))))
-            .await
+        self.send(Message::Close(Some(CloseFrame::new(code.into(), reason)))).await
     }
 
     /// Bytes queued but not yet written to the socket.
@@ -121,12 +132,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
             wakers,
             protocol: self.protocol,
         });
-        (
-            WsReader {
-                shared: shared.clone(),
-            },
-            WsWriter { shared },
-        )
+        (WsReader { shared: shared.clone() }, WsWriter { shared })
     }
 }
 
@@ -134,10 +140,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for WebSocket<S> {
     type Item = Result<Message>;
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let waker = cx.waker();
-        self.get_mut().core.poll_recv(
-            &mut Context::from_waker(waker),
-            &mut Context::from_waker(waker),
-        )
+        self.get_mut().core.poll_recv(&mut Context::from_waker(waker), &mut Context::from_waker(waker))
     }
 }
 
@@ -240,11 +243,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsReader<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsWriter<S> {
-    fn with_write_context<T>(
-        &self,
-        cx: &mut Context<'_>,
-        f: impl FnOnce(&mut Core<S>, &mut Context<'_>) -> T,
-    ) -> T {
+    fn with_write_context<T>(&self, cx: &mut Context<'_>, f: impl FnOnce(&mut Core<S>, &mut Context<'_>) -> T) -> T {
         WriteWakers::register(&self.shared.wakers.writer, cx.waker());
         let mut wcx = Context::from_waker(&self.shared.proxy);
         f(&mut self.shared.lock(), &mut wcx)
@@ -266,8 +265,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsWriter<S> {
 
     /// Sends a close frame; the reader then sees the peer's answer and the end of the connection.
     pub async fn close(&mut self, code: impl Into<CloseCode>, reason: &str) -> Result<()> {
-        self.send(Message::Close(Some(CloseFrame::new(code.into(), reason))))
-            .await
+        self.send(Message::Close(Some(CloseFrame::new(code.into(), reason)))).await
     }
 }
 

@@ -45,10 +45,7 @@ pub struct Upgrade {
 
 impl std::fmt::Debug for Upgrade {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upgrade")
-            .field("request", &self.request)
-            .field("protocol", &self.protocol)
-            .finish()
+        f.debug_struct("Upgrade").field("request", &self.request).field("protocol", &self.protocol).finish()
     }
 }
 
@@ -56,13 +53,7 @@ impl Upgrade {
     /// Validates `request` as a WebSocket handshake and takes its upgrade handle.
     pub fn new<B>(request: &mut http::Request<B>) -> Result<Self, HandshakeError> {
         let on_upgrade = hyper::upgrade::on(&mut *request);
-        Self::from_parts(
-            request.method(),
-            request.uri(),
-            request.version(),
-            request.headers(),
-            on_upgrade,
-        )
+        Self::from_parts(request.method(), request.uri(), request.version(), request.headers(), on_upgrade)
     }
 
     pub(crate) fn from_parts(
@@ -74,31 +65,16 @@ impl Upgrade {
     ) -> Result<Self, HandshakeError> {
         let head = Head {
             method: method.as_str().to_owned(),
-            target: uri
-                .path_and_query()
-                .map(|p| p.as_str().to_owned())
-                .unwrap_or_else(|| "/".into()),
+            target: uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into()),
             status: 0,
-            version: if version == Version::HTTP_10 || version == Version::HTTP_09 {
-                0
-            } else {
-                1
-            },
+            version: if version == Version::HTTP_10 || version == Version::HTTP_09 { 0 } else { 1 },
             headers: headers
                 .iter()
-                .map(|(name, value)| Header {
-                    name: name.as_str().to_owned(),
-                    value: value.as_bytes().to_vec(),
-                })
+                .map(|(name, value)| Header { name: name.as_str().to_owned(), value: value.as_bytes().to_vec() })
                 .collect(),
         };
         let request = handshake::validate_request(head)?;
-        Ok(Self {
-            request,
-            on_upgrade,
-            config: Config::default(),
-            protocol: None,
-        })
+        Ok(Self { request, on_upgrade, config: Config::default(), protocol: None })
     }
 
     /// The request: path, query, origin, headers, offered subprotocols.
@@ -108,8 +84,7 @@ impl Upgrade {
 
     /// Selects the first of `supported` that the client offered.
     pub fn protocols(mut self, supported: &[&str]) -> Self {
-        self.protocol =
-            handshake::negotiate_subprotocol(&self.request.protocols, supported).map(str::to_owned);
+        self.protocol = handshake::negotiate_subprotocol(&self.request.protocols, supported).map(str::to_owned);
         self
     }
 
@@ -125,34 +100,25 @@ impl Upgrade {
 
     /// The 101 response to return to hyper, and the future that yields the WebSocket.
     pub fn into_response(self) -> (http::Response<Empty<Bytes>>, UpgradeFuture) {
+        let deflate = crate::accept::negotiate_deflate(&self.request, &self.config);
         let mut response = http::Response::builder()
             .status(StatusCode::SWITCHING_PROTOCOLS)
             .header(http::header::CONNECTION, "Upgrade")
             .header(http::header::UPGRADE, "websocket")
-            .header(
-                "Sec-WebSocket-Accept",
-                handshake::accept_key(&self.request.key),
-            );
+            .header("Sec-WebSocket-Accept", handshake::accept_key(&self.request.key));
         if let Some(protocol) = &self.protocol {
             response = response.header("Sec-WebSocket-Protocol", protocol.as_str());
         }
-        let response = response
-            .body(Empty::new())
-            .expect("static headers are valid");
-        let Self {
-            on_upgrade,
-            config,
-            protocol,
-            ..
-        } = self;
+        if let Some((_, header)) = &deflate {
+            response = response.header("Sec-WebSocket-Extensions", header.as_str());
+        }
+        let response = response.body(Empty::new()).expect("static headers are valid");
+        let Self { on_upgrade, config, protocol, .. } = self;
+        let params = deflate.map(|(params, _)| params);
         let future = Box::pin(async move {
-            let upgraded = on_upgrade
-                .await
-                .map_err(|e| Error::Io(std::io::Error::other(e)))?;
-            Ok(
-                WebSocket::from_raw(TokioIo::new(upgraded), Role::Server, config, &[])
-                    .with_protocol(protocol),
-            )
+            let upgraded = on_upgrade.await.map_err(|e| Error::Io(std::io::Error::other(e)))?;
+            let io = TokioIo::new(upgraded);
+            Ok(WebSocket::from_raw_with_deflate(io, Role::Server, config, &[], params).with_protocol(protocol))
         });
         (response, future)
     }
@@ -171,7 +137,5 @@ pub fn refusal_response(error: &HandshakeError) -> http::Response<Full<Bytes>> {
         HandshakeError::Method(_) => response = response.header(http::header::ALLOW, "GET"),
         _ => {}
     }
-    response
-        .body(Full::new(Bytes::from(format!("{error}\n"))))
-        .expect("static headers are valid")
+    response.body(Full::new(Bytes::from(format!("{error}\n")))).expect("static headers are valid")
 }

@@ -15,13 +15,8 @@ pub struct WsUrl {
 
 impl WsUrl {
     pub fn parse(url: &str) -> Result<Self, Error> {
-        let bad = |reason| Error::InvalidUrl {
-            url: url.to_owned(),
-            reason,
-        };
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or(bad("missing scheme (ws:// or wss://)"))?;
+        let bad = |reason| Error::InvalidUrl { url: url.to_owned(), reason };
+        let (scheme, rest) = url.split_once("://").ok_or(bad("missing scheme (ws:// or wss://)"))?;
         let secure = match scheme.to_ascii_lowercase().as_str() {
             "ws" | "http" => false,
             "wss" | "https" => true,
@@ -33,14 +28,11 @@ impl WsUrl {
         let split_at = rest.find(['/', '?']).unwrap_or(rest.len());
         let (authority, target) = rest.split_at(split_at);
         if authority.contains('@') {
-            return Err(bad(
-                "user information in the URL is not supported; send an Authorization header",
-            ));
+            return Err(bad("user information in the URL is not supported; send an Authorization header"));
         }
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
             let (host, after) = v6.split_once(']').ok_or(bad("unclosed IPv6 bracket"))?;
-            host.parse::<std::net::Ipv6Addr>()
-                .map_err(|_| bad("invalid IPv6 address"))?;
+            host.parse::<std::net::Ipv6Addr>().map_err(|_| bad("invalid IPv6 address"))?;
             let port = match after {
                 "" => None,
                 p => Some(p.strip_prefix(':').ok_or(bad("junk after IPv6 address"))?),
@@ -70,21 +62,12 @@ impl WsUrl {
             t if t.starts_with('?') => format!("/{t}"),
             t => t.to_owned(),
         };
-        Ok(Self {
-            secure,
-            host: host.to_owned(),
-            port,
-            target,
-        })
+        Ok(Self { secure, host: host.to_owned(), port, target })
     }
 
     /// The Host header: the port only when it is not the scheme's default.
     pub fn host_header(&self) -> String {
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
+        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
         let default = if self.secure { 443 } else { 80 };
         if self.port == default {
             host
@@ -101,28 +84,16 @@ mod tests {
     #[test]
     fn parses_the_usual_forms() {
         let u = WsUrl::parse("ws://example.com/chat?room=1").unwrap();
-        assert_eq!(
-            (u.secure, u.host.as_str(), u.port, u.target.as_str()),
-            (false, "example.com", 80, "/chat?room=1")
-        );
+        assert_eq!((u.secure, u.host.as_str(), u.port, u.target.as_str()), (false, "example.com", 80, "/chat?room=1"));
         assert_eq!(u.host_header(), "example.com");
         let u = WsUrl::parse("wss://example.com").unwrap();
         assert_eq!((u.port, u.target.as_str()), (443, "/"));
         let u = WsUrl::parse("ws://127.0.0.1:9002?x=1").unwrap();
-        assert_eq!(
-            (u.port, u.target.as_str(), u.host_header().as_str()),
-            (9002, "/?x=1", "127.0.0.1:9002")
-        );
+        assert_eq!((u.port, u.target.as_str(), u.host_header().as_str()), (9002, "/?x=1", "127.0.0.1:9002"));
         let u = WsUrl::parse("ws://[::1]:8000/ws").unwrap();
-        assert_eq!(
-            (u.host.as_str(), u.port, u.host_header().as_str()),
-            ("::1", 8000, "[::1]:8000")
-        );
+        assert_eq!((u.host.as_str(), u.port, u.host_header().as_str()), ("::1", 8000, "[::1]:8000"));
         let u = WsUrl::parse("WSS://[2001:db8::1]/").unwrap();
-        assert_eq!(
-            (u.secure, u.port, u.host_header().as_str()),
-            (true, 443, "[2001:db8::1]")
-        );
+        assert_eq!((u.secure, u.port, u.host_header().as_str()), (true, 443, "[2001:db8::1]"));
     }
 
     #[test]
@@ -137,10 +108,7 @@ mod tests {
             "ws://[::1/",
             "ws://u:p@h/",
         ] {
-            assert!(
-                matches!(WsUrl::parse(bad), Err(Error::InvalidUrl { .. })),
-                "{bad}"
-            );
+            assert!(matches!(WsUrl::parse(bad), Err(Error::InvalidUrl { .. })), "{bad}");
         }
     }
 }

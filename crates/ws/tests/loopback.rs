@@ -7,8 +7,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use switchboard_ws::proto::frame::{FrameHeader, OpCode};
 use switchboard_ws::{
-    accept, accept_with, reject, Accept, ClientBuilder, CloseCode, CloseFrame, Config, Error,
-    Message,
+    accept, accept_with, reject, Accept, ClientBuilder, CloseCode, CloseFrame, Config, Error, Message,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -49,8 +48,7 @@ async fn raw_exchange(addr: &str, request: &[u8]) -> Vec<u8> {
     answer
 }
 
-const HANDSHAKE: &str =
-    "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+const HANDSHAKE: &str = "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
 
 #[tokio::test]
@@ -61,31 +59,20 @@ async fn echo_round_trip_of_every_kind() {
     ws.send("héllo").await.unwrap();
     assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("héllo"));
     ws.send(vec![0u8, 1, 2, 255]).await.unwrap();
-    assert_eq!(
-        ws.recv().await.unwrap().unwrap(),
-        Message::binary(vec![0u8, 1, 2, 255])
-    );
+    assert_eq!(ws.recv().await.unwrap().unwrap(), Message::binary(vec![0u8, 1, 2, 255]));
     // 3 MiB: 64-bit length, vectored zero-copy write on the server side, many reads.
     let big: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
     ws.send(big.clone()).await.unwrap();
     assert_eq!(ws.recv().await.unwrap().unwrap(), Message::binary(big));
-    ws.send(Message::Ping(Bytes::from_static(b"are you there")))
-        .await
-        .unwrap();
-    assert_eq!(
-        ws.recv().await.unwrap().unwrap(),
-        Message::Pong(Bytes::from_static(b"are you there"))
-    );
+    ws.send(Message::Ping(Bytes::from_static(b"are you there"))).await.unwrap();
+    assert_eq!(ws.recv().await.unwrap().unwrap(), Message::Pong(Bytes::from_static(b"are you there")));
     // Many messages fed before one flush arrive in order.
     for i in 0..500 {
         ws.feed(format!("m{i}")).await.unwrap();
     }
     ws.flush().await.unwrap();
     for i in 0..500 {
-        assert_eq!(
-            ws.recv().await.unwrap().unwrap(),
-            Message::text(format!("m{i}"))
-        );
+        assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text(format!("m{i}")));
     }
 }
 
@@ -102,22 +89,14 @@ async fn close_handshake_both_sides_see_it_and_server_closes_tcp_first() {
     });
     let (mut ws, _) = switchboard_ws::connect(&url).await.unwrap();
     ws.close(CloseCode::NORMAL, "done here").await.unwrap();
-    assert!(matches!(
-        ws.send("late").await,
-        Err(Error::ConnectionClosed)
-    ));
+    assert!(matches!(ws.send("late").await, Err(Error::ConnectionClosed)));
     let echo = ws.recv().await.unwrap().unwrap();
     assert_eq!(echo, Message::Close(Some(CloseFrame::new(1000, ""))));
     // The client's stream ends because the server closed TCP (well before the 5 s close timeout).
-    let ended = tokio::time::timeout(2 * SECOND, ws.recv())
-        .await
-        .expect("server closed TCP");
+    let ended = tokio::time::timeout(2 * SECOND, ws.recv()).await.expect("server closed TCP");
     assert!(ended.is_none());
     let (first, server_ended) = server.await.unwrap();
-    assert_eq!(
-        first,
-        Message::Close(Some(CloseFrame::new(1000, "done here")))
-    );
+    assert_eq!(first, Message::Close(Some(CloseFrame::new(1000, "done here"))));
     assert!(server_ended);
 }
 
@@ -125,10 +104,7 @@ async fn close_handshake_both_sides_see_it_and_server_closes_tcp_first() {
 async fn refusals_are_http_answers_with_reasons() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let config = Config {
-        max_head_bytes: 1024,
-        ..Config::default()
-    };
+    let config = Config { max_head_bytes: 1024, ..Config::default() };
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
@@ -148,23 +124,15 @@ async fn refusals_are_http_answers_with_reasons() {
         let addr = addr.clone();
         async move { String::from_utf8_lossy(&raw_exchange(&addr, &r).await).into_owned() }
     };
-    let v8 = answer(format!("{}\r\n", HANDSHAKE.replace("Version: 13", "Version: 8")).into_bytes())
-        .await;
+    let v8 = answer(format!("{}\r\n", HANDSHAKE.replace("Version: 13", "Version: 8")).into_bytes()).await;
     assert!(v8.starts_with("HTTP/1.1 426 "), "{v8}");
     assert!(v8.contains("Sec-WebSocket-Version: 13\r\n"), "{v8}");
     let plain = answer(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()).await;
-    assert!(
-        plain.starts_with("HTTP/1.1 400 ") && plain.contains("Upgrade: websocket"),
-        "{plain}"
-    );
+    assert!(plain.starts_with("HTTP/1.1 400 ") && plain.contains("Upgrade: websocket"), "{plain}");
     let huge = answer(format!("{HANDSHAKE}X-Pad: {}\r\n\r\n", "a".repeat(4000)).into_bytes()).await;
     assert!(huge.starts_with("HTTP/1.1 431 "), "{huge}");
-    let evil =
-        answer(format!("{HANDSHAKE}Origin: https://evil.example\r\n\r\n").into_bytes()).await;
-    assert!(
-        evil.starts_with("HTTP/1.1 403 ") && evil.contains("origin not allowed"),
-        "{evil}"
-    );
+    let evil = answer(format!("{HANDSHAKE}Origin: https://evil.example\r\n\r\n").into_bytes()).await;
+    assert!(evil.starts_with("HTTP/1.1 403 ") && evil.contains("origin not allowed"), "{evil}");
 
     // Our client reports the status and the body's reason.
     let err = ClientBuilder::new(format!("ws://{addr}/"))
@@ -173,10 +141,7 @@ async fn refusals_are_http_answers_with_reasons() {
         .await
         .unwrap_err();
     let text = err.to_string();
-    assert!(
-        text.contains("403") && text.contains("origin not allowed"),
-        "{text}"
-    );
+    assert!(text.contains("403") && text.contains("origin not allowed"), "{text}");
 
     // Subprotocol negotiation.
     let (ws, accepted) = ClientBuilder::new(format!("ws://{addr}/"))
@@ -187,11 +152,7 @@ async fn refusals_are_http_answers_with_reasons() {
         .unwrap();
     assert_eq!(ws.protocol(), Some("switchboard.v1"));
     assert_eq!(accepted.protocol.as_deref(), Some("switchboard.v1"));
-    let (ws, _) = ClientBuilder::new(format!("ws://{addr}/"))
-        .protocol("other")
-        .connect()
-        .await
-        .unwrap();
+    let (ws, _) = ClientBuilder::new(format!("ws://{addr}/")).protocol("other").connect().await.unwrap();
     assert_eq!(ws.protocol(), None);
 }
 
@@ -205,22 +166,13 @@ async fn stalled_handshakes_time_out_without_blocking_others() {
     for _ in 0..200 {
         idle.push(TcpStream::connect(&addr).await.unwrap());
     }
-    let (mut ws, _) = tokio::time::timeout(SECOND, switchboard_ws::connect(&url))
-        .await
-        .expect("not starved")
-        .unwrap();
+    let (mut ws, _) = tokio::time::timeout(SECOND, switchboard_ws::connect(&url)).await.expect("not starved").unwrap();
     ws.send("still served").await.unwrap();
-    assert_eq!(
-        ws.recv().await.unwrap().unwrap(),
-        Message::text("still served")
-    );
+    assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("still served"));
     // Each stalled one is dropped by the server after the timeout.
     let mut buf = [0u8; 1];
     for stream in idle.iter_mut().take(20) {
-        let n = tokio::time::timeout(2 * SECOND, stream.read(&mut buf))
-            .await
-            .expect("dropped")
-            .unwrap_or(0);
+        let n = tokio::time::timeout(2 * SECOND, stream.read(&mut buf)).await.expect("dropped").unwrap_or(0);
         assert_eq!(n, 0);
     }
 }
@@ -243,11 +195,7 @@ async fn protocol_errors_reach_the_peer_as_close_codes() {
         let (header, n) = FrameHeader::decode(&answer[head_end..]).unwrap().unwrap();
         assert_eq!(header.opcode, OpCode::Close);
         let payload = &answer[head_end + n..];
-        assert_eq!(
-            u16::from_be_bytes([payload[0], payload[1]]),
-            code,
-            "frame {frame:?}"
-        );
+        assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), code, "frame {frame:?}");
     }
 }
 
@@ -264,20 +212,13 @@ async fn split_halves_work_from_two_tasks() {
         writer
     });
     for i in 0..2000 {
-        let message = tokio::time::timeout(5 * SECOND, reader.recv())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let message = tokio::time::timeout(5 * SECOND, reader.recv()).await.unwrap().unwrap().unwrap();
         assert_eq!(message, Message::text(format!("{i}")));
     }
     let mut writer = sender.await.unwrap();
     writer.close(1000, "bye").await.unwrap();
     assert!(matches!(reader.recv().await, Some(Ok(Message::Close(_)))));
-    assert!(tokio::time::timeout(2 * SECOND, reader.recv())
-        .await
-        .unwrap()
-        .is_none());
+    assert!(tokio::time::timeout(2 * SECOND, reader.recv()).await.unwrap().is_none());
 }
 
 #[tokio::test]
@@ -314,8 +255,7 @@ async fn keepalive_drops_a_peer_that_never_answers() {
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
-        let config =
-            Config::default().keepalive(Duration::from_millis(100), Duration::from_millis(150));
+        let config = Config::default().keepalive(Duration::from_millis(100), Duration::from_millis(150));
         let mut ws = accept(stream, config).await.unwrap();
         let started = tokio::time::Instant::now();
         let outcome = ws.recv().await;
@@ -323,22 +263,10 @@ async fn keepalive_drops_a_peer_that_never_answers() {
     });
     // A raw client: completes the handshake, then reads nothing and answers nothing.
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("{HANDSHAKE}\r\n").as_bytes())
-        .await
-        .unwrap();
-    let (outcome, elapsed) = tokio::time::timeout(3 * SECOND, server)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        matches!(outcome, Some(Err(Error::KeepaliveTimeout(_)))),
-        "{outcome:?}"
-    );
-    assert!(
-        elapsed >= Duration::from_millis(240) && elapsed < 2 * SECOND,
-        "{elapsed:?}"
-    );
+    stream.write_all(format!("{HANDSHAKE}\r\n").as_bytes()).await.unwrap();
+    let (outcome, elapsed) = tokio::time::timeout(3 * SECOND, server).await.unwrap().unwrap();
+    assert!(matches!(outcome, Some(Err(Error::KeepaliveTimeout(_)))), "{outcome:?}");
+    assert!(elapsed >= Duration::from_millis(240) && elapsed < 2 * SECOND, "{elapsed:?}");
 }
 
 #[tokio::test]
@@ -353,17 +281,10 @@ async fn unanswered_close_gives_up_after_close_timeout() {
         drop(stream);
     });
     let config = Config::default().close_timeout(Duration::from_millis(200));
-    let (mut ws, _) = ClientBuilder::new(format!("ws://{addr}"))
-        .config(config)
-        .connect()
-        .await
-        .unwrap();
+    let (mut ws, _) = ClientBuilder::new(format!("ws://{addr}")).config(config).connect().await.unwrap();
     ws.close(1000, "").await.unwrap();
     let started = tokio::time::Instant::now();
-    assert!(tokio::time::timeout(2 * SECOND, ws.recv())
-        .await
-        .unwrap()
-        .is_none());
+    assert!(tokio::time::timeout(2 * SECOND, ws.recv()).await.unwrap().is_none());
     assert!(started.elapsed() >= Duration::from_millis(190));
 }
 
@@ -377,17 +298,11 @@ async fn peer_vanishing_is_an_abnormal_closure() {
         ws.recv().await
     });
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("{HANDSHAKE}\r\n").as_bytes())
-        .await
-        .unwrap();
+    stream.write_all(format!("{HANDSHAKE}\r\n").as_bytes()).await.unwrap();
     let mut buf = [0u8; 256];
     let _ = stream.read(&mut buf).await.unwrap();
     drop(stream);
-    assert!(matches!(
-        server.await.unwrap(),
-        Some(Err(Error::AbnormalClosure))
-    ));
+    assert!(matches!(server.await.unwrap(), Some(Err(Error::AbnormalClosure))));
 }
 
 #[tokio::test]
@@ -397,20 +312,13 @@ async fn send_applies_backpressure_to_a_peer_that_never_reads() {
     let high_water = 64 * 1024;
     let server = tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
-        let mut ws = accept(stream, Config::default().write_high_water(high_water))
-            .await
-            .unwrap();
+        let mut ws = accept(stream, Config::default().write_high_water(high_water)).await.unwrap();
         let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
         let mut sent = 0usize;
         let mut max_pending = 0usize;
         // Send until a send stays blocked for 300 ms.
         loop {
-            match tokio::time::timeout(
-                Duration::from_millis(300),
-                ws.feed(Message::Binary(chunk.clone())),
-            )
-            .await
-            {
+            match tokio::time::timeout(Duration::from_millis(300), ws.feed(Message::Binary(chunk.clone()))).await {
                 Ok(Ok(())) => {
                     sent += chunk.len();
                     max_pending = max_pending.max(ws.pending_output());
@@ -423,19 +331,10 @@ async fn send_applies_backpressure_to_a_peer_that_never_reads() {
         (sent, max_pending)
     });
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("{HANDSHAKE}\r\n").as_bytes())
-        .await
-        .unwrap();
+    stream.write_all(format!("{HANDSHAKE}\r\n").as_bytes()).await.unwrap();
     // Never read.
-    let (sent, max_pending) = tokio::time::timeout(30 * SECOND, server)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        max_pending <= high_water + 16 * 1024 + 14,
-        "queue grew to {max_pending}"
-    );
+    let (sent, max_pending) = tokio::time::timeout(30 * SECOND, server).await.unwrap().unwrap();
+    assert!(max_pending <= high_water + 16 * 1024 + 14, "queue grew to {max_pending}");
     assert!(sent > 0);
     drop(stream);
 }
@@ -450,10 +349,7 @@ async fn dropping_a_pending_recv_loses_nothing() {
     tokio::spawn(async move {
         let (mut stream, _) = listener.accept().await.unwrap();
         raw_server_handshake(&mut stream).await;
-        let mut conn = switchboard_ws::proto::Connection::new(
-            switchboard_ws::Role::Server,
-            Default::default(),
-        );
+        let mut conn = switchboard_ws::proto::Connection::new(switchboard_ws::Role::Server, Default::default());
         conn.send(Message::binary(payload)).unwrap();
         conn.send(Message::text("after")).unwrap();
         for piece in conn.take_output().chunks(7_919) {
@@ -462,9 +358,7 @@ async fn dropping_a_pending_recv_loses_nothing() {
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
     });
-    let (mut ws, _) = switchboard_ws::connect(&format!("ws://{addr}"))
-        .await
-        .unwrap();
+    let (mut ws, _) = switchboard_ws::connect(&format!("ws://{addr}")).await.unwrap();
     let mut cancelled = 0;
     let mut got = Vec::new();
     while got.len() < 2 {
@@ -475,10 +369,7 @@ async fn dropping_a_pending_recv_loses_nothing() {
             Err(_) => cancelled += 1,
         }
     }
-    assert!(
-        cancelled > 5,
-        "the test must actually cancel recv ({cancelled})"
-    );
+    assert!(cancelled > 5, "the test must actually cancel recv ({cancelled})");
     assert_eq!(got, vec![Message::binary(expected), Message::text("after")]);
 }
 
@@ -495,10 +386,7 @@ async fn raw_server_handshake(stream: &mut TcpStream) {
         }
     };
     let request = validate_request(head).unwrap();
-    stream
-        .write_all(&accept_response(&request.key, None, None, &[]))
-        .await
-        .unwrap();
+    stream.write_all(&accept_response(&request.key, None, None, &[])).await.unwrap();
 }
 
 #[tokio::test]
@@ -511,9 +399,7 @@ async fn stream_and_sink_for_ecosystem_code() {
     let got: Vec<Message> = stream.by_ref().take(2).map(|m| m.unwrap()).collect().await;
     assert_eq!(got, vec![Message::text("one"), Message::text("two")]);
     sink.close().await.unwrap();
-    assert!(
-        matches!(stream.next().await, Some(Ok(Message::Close(Some(f)))) if f.code == CloseCode::NORMAL)
-    );
+    assert!(matches!(stream.next().await, Some(Ok(Message::Close(Some(f)))) if f.code == CloseCode::NORMAL));
 }
 
 #[tokio::test]
@@ -527,31 +413,29 @@ async fn hyper_serves_pages_and_websockets_on_one_port() {
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
-            let service = service_fn(
-                |mut req: hyper::Request<hyper::body::Incoming>| async move {
-                    if !is_upgrade_request(&req) {
-                        let body = format!("You sent: {}", req.uri().path());
-                        return Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                            Full::new(Bytes::from(body)).boxed(),
-                        ));
-                    }
-                    match Upgrade::new(&mut req) {
-                        Err(e) => Ok(refusal_response(&e).map(|b| b.boxed())),
-                        Ok(upgrade) => {
-                            let (response, socket) = upgrade.protocols(&["echo"]).into_response();
-                            tokio::spawn(async move {
-                                let mut ws = socket.await.unwrap();
-                                while let Some(Ok(m)) = ws.recv().await {
-                                    if m.is_text() && ws.send(m).await.is_err() {
-                                        break;
-                                    }
+            let service = service_fn(|mut req: hyper::Request<hyper::body::Incoming>| async move {
+                if !is_upgrade_request(&req) {
+                    let body = format!("You sent: {}", req.uri().path());
+                    return Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        Full::new(Bytes::from(body)).boxed(),
+                    ));
+                }
+                match Upgrade::new(&mut req) {
+                    Err(e) => Ok(refusal_response(&e).map(|b| b.boxed())),
+                    Ok(upgrade) => {
+                        let (response, socket) = upgrade.protocols(&["echo"]).into_response();
+                        tokio::spawn(async move {
+                            let mut ws = socket.await.unwrap();
+                            while let Some(Ok(m)) = ws.recv().await {
+                                if m.is_text() && ws.send(m).await.is_err() {
+                                    break;
                                 }
-                            });
-                            Ok(response.map(|b| b.map_err(|never| match never {}).boxed()))
-                        }
+                            }
+                        });
+                        Ok(response.map(|b| b.map_err(|never| match never {}).boxed()))
                     }
-                },
-            );
+                }
+            });
             tokio::spawn(
                 hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -560,43 +444,20 @@ async fn hyper_serves_pages_and_websockets_on_one_port() {
         }
     });
     let page = String::from_utf8(
-        raw_exchange(
-            &addr.to_string(),
-            b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        )
-        .await,
+        raw_exchange(&addr.to_string(), b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await,
     )
     .unwrap();
-    assert!(
-        page.starts_with("HTTP/1.1 200") && page.ends_with("You sent: /hello"),
-        "{page}"
-    );
-    let (mut ws, _) = ClientBuilder::new(format!("ws://{addr}/ws"))
-        .protocol("echo")
-        .connect()
-        .await
-        .unwrap();
+    assert!(page.starts_with("HTTP/1.1 200") && page.ends_with("You sent: /hello"), "{page}");
+    let (mut ws, _) = ClientBuilder::new(format!("ws://{addr}/ws")).protocol("echo").connect().await.unwrap();
     assert_eq!(ws.protocol(), Some("echo"));
     ws.send("through hyper").await.unwrap();
-    assert_eq!(
-        ws.recv().await.unwrap().unwrap(),
-        Message::text("through hyper")
-    );
+    assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("through hyper"));
     let v8 = String::from_utf8(
-        raw_exchange(
-            &addr.to_string(),
-            format!("{}\r\n", HANDSHAKE.replace("Version: 13", "Version: 8")).as_bytes(),
-        )
-        .await,
+        raw_exchange(&addr.to_string(), format!("{}\r\n", HANDSHAKE.replace("Version: 13", "Version: 8")).as_bytes())
+            .await,
     )
     .unwrap();
-    assert!(
-        v8.starts_with("HTTP/1.1 426")
-            && v8
-                .to_ascii_lowercase()
-                .contains("sec-websocket-version: 13"),
-        "{v8}"
-    );
+    assert!(v8.starts_with("HTTP/1.1 426") && v8.to_ascii_lowercase().contains("sec-websocket-version: 13"), "{v8}");
 }
 
 #[tokio::test]
@@ -604,53 +465,37 @@ async fn axum_extractor_upgrades_and_refuses() {
     use axum::routing::get;
     use switchboard_ws::axum::WebSocketUpgrade;
 
-    let app = axum::Router::new()
-        .route("/", get(|| async { "a page" }))
-        .route(
-            "/ws",
-            get(|ws: WebSocketUpgrade| async move {
-                ws.protocols(&["chat"]).on_upgrade(|mut socket| async move {
-                    let protocol = socket.protocol().unwrap_or("none").to_owned();
-                    while let Some(Ok(m)) = socket.recv().await {
-                        if let Some(text) = m.as_text() {
-                            let reply = format!("{protocol}:{text}");
-                            if socket.send(reply).await.is_err() {
-                                break;
-                            }
+    let app = axum::Router::new().route("/", get(|| async { "a page" })).route(
+        "/ws",
+        get(|ws: WebSocketUpgrade| async move {
+            ws.protocols(&["chat"]).on_upgrade(|mut socket| async move {
+                let protocol = socket.protocol().unwrap_or("none").to_owned();
+                while let Some(Ok(m)) = socket.recv().await {
+                    if let Some(text) = m.as_text() {
+                        let reply = format!("{protocol}:{text}");
+                        if socket.send(reply).await.is_err() {
+                            break;
                         }
                     }
-                })
-            }),
-        );
+                }
+            })
+        }),
+    );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let page = String::from_utf8(
-        raw_exchange(
-            &addr.to_string(),
-            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        )
-        .await,
+        raw_exchange(&addr.to_string(), b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await,
     )
     .unwrap();
     assert!(page.ends_with("a page"), "{page}");
-    let (mut ws, _) = ClientBuilder::new(format!("ws://{addr}/ws"))
-        .protocol("chat")
-        .connect()
-        .await
-        .unwrap();
+    let (mut ws, _) = ClientBuilder::new(format!("ws://{addr}/ws")).protocol("chat").connect().await.unwrap();
     ws.send("hi").await.unwrap();
     assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("chat:hi"));
     let bad = String::from_utf8(
         raw_exchange(
             &addr.to_string(),
-            format!(
-                "{}\r\n",
-                HANDSHAKE
-                    .replace("GET /", "GET /ws")
-                    .replace("Version: 13", "Version: 7")
-            )
-            .as_bytes(),
+            format!("{}\r\n", HANDSHAKE.replace("GET /", "GET /ws").replace("Version: 13", "Version: 7")).as_bytes(),
         )
         .await,
     )
