@@ -5,25 +5,30 @@
 
 use std::net::SocketAddr;
 
+use switchboard_ws::tls::TlsAcceptor;
 use switchboard_ws::{Config, Message};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 
 /// Echo server settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EchoOptions {
     pub listen: SocketAddr,
     pub config: Config,
+    /// Serve `wss://` when set.
+    pub tls: Option<TlsAcceptor>,
 }
 
 /// Binds and serves until the task is cancelled.
 pub async fn run(options: EchoOptions) -> std::io::Result<()> {
     let listener = TcpListener::bind(options.listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, "echo server listening");
-    serve(listener, options.config).await
+    let scheme = if options.tls.is_some() { "wss" } else { "ws" };
+    tracing::info!("echo server listening on {scheme}://{}", listener.local_addr()?);
+    serve(listener, options.config, options.tls).await
 }
 
 /// Serves on an already bound listener (tests bind port 0 and read the address first).
-pub async fn serve(listener: TcpListener, config: Config) -> std::io::Result<()> {
+pub async fn serve(listener: TcpListener, config: Config, tls: Option<TlsAcceptor>) -> std::io::Result<()> {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -34,17 +39,29 @@ pub async fn serve(listener: TcpListener, config: Config) -> std::io::Result<()>
                 continue;
             }
         };
+        let _ = stream.set_nodelay(true);
         let config = config.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(error) = echo_connection(stream, config).await {
+            let result = match tls {
+                None => echo_connection(stream, config).await,
+                Some(acceptor) => match tokio::time::timeout(config.handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => echo_connection(stream, config).await,
+                    Ok(Err(error)) => Err(switchboard_ws::Error::Io(error)),
+                    Err(_) => Err(switchboard_ws::Error::HandshakeTimeout(config.handshake_timeout)),
+                },
+            };
+            if let Err(error) = result {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });
     }
 }
 
-async fn echo_connection(stream: TcpStream, config: Config) -> switchboard_ws::Result<()> {
-    let _ = stream.set_nodelay(true);
+async fn echo_connection<S>(stream: S, config: Config) -> switchboard_ws::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut ws = switchboard_ws::accept(stream, config).await?;
     while let Some(message) = ws.recv().await {
         match message {

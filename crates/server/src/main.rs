@@ -1,11 +1,16 @@
 //! The `switchboard` command.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use std::time::Duration;
+
+use switchboard::connect::{self, ConnectOptions};
 use switchboard::echo::{self, EchoOptions};
 use switchboard_ws::proto::deflate::DeflateConfig;
+use switchboard_ws::tls::TlsAcceptor;
 use switchboard_ws::Config;
 
 #[derive(Parser)]
@@ -31,7 +36,60 @@ enum Command {
         /// Do not accept permessage-deflate (compression is on by default).
         #[arg(long)]
         no_compression: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
+    /// Connect to a WebSocket server: stdin lines are sent, received messages printed.
+    ///
+    /// Exits 0 after a normal close, 1 when the server closes with another code, 2 on errors.
+    Connect {
+        /// ws:// or wss:// URL.
+        url: String,
+        /// Send each line as a binary message.
+        #[arg(long)]
+        binary: bool,
+        /// Pretty-print received JSON.
+        #[arg(long)]
+        json: bool,
+        /// Extra request header, "Name: value" (repeatable).
+        #[arg(long = "header", short = 'H', value_parser = switchboard::connect::parse_header)]
+        headers: Vec<(String, String)>,
+        /// Offer a subprotocol (repeatable, in preference order).
+        #[arg(long = "subprotocol")]
+        protocols: Vec<String>,
+        /// Ping when the server has been quiet this many seconds; give up if it does not answer.
+        #[arg(long, value_name = "SECONDS")]
+        ping_interval: Option<f64>,
+        /// Do not offer permessage-deflate.
+        #[arg(long)]
+        no_compression: bool,
+        /// Also trust the CA certificates in this PEM file (for wss://).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Use this http:// proxy (default: HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment).
+        #[arg(long)]
+        proxy: Option<String>,
+    },
+}
+
+/// TLS for a listening command: both files, or neither.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// PEM certificate chain: serve wss:// (with --tls-key).
+    #[arg(long, requires = "tls_key", env = "SWITCHBOARD_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert", env = "SWITCHBOARD_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn acceptor(&self) -> anyhow::Result<Option<TlsAcceptor>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(switchboard_ws::tls::acceptor(cert, key)?)),
+            _ => Ok(None),
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,15 +101,49 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    if let Command::Connect { url, binary, json, headers, protocols, ping_interval, no_compression, ca_file, proxy } =
+        cli.command
+    {
+        let options = ConnectOptions {
+            url,
+            binary,
+            json,
+            headers,
+            protocols,
+            ping_interval: ping_interval.map(Duration::from_secs_f64),
+            compression: !no_compression,
+            ca_file,
+            proxy,
+        };
+        let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+        let code = match runtime.block_on(connect::run(options, stdin, tokio::io::stdout())) {
+            Ok(outcome) => {
+                if let connect::Outcome::Closed(frame) = &outcome {
+                    match frame {
+                        Some(frame) => eprintln!("connection closed: {} {}", frame.code, frame.reason),
+                        None => eprintln!("connection closed without a status code (1005)"),
+                    }
+                }
+                outcome.exit_code()
+            }
+            Err(error) => {
+                eprintln!("switchboard connect: {error}");
+                2
+            }
+        };
+        // Not `return`: a pending read of stdin would keep the runtime from shutting down.
+        std::process::exit(code);
+    }
     runtime.block_on(async {
         match cli.command {
-            Command::Echo { listen, max_message_size, max_frame_size, no_compression } => {
+            Command::Connect { .. } => unreachable!("handled above"),
+            Command::Echo { listen, max_message_size, max_frame_size, no_compression, tls } => {
                 let mut config = Config::default().max_message_size(max_message_size).max_frame_size(max_frame_size);
                 if !no_compression {
                     config = config.compression(DeflateConfig::default());
                 }
                 tokio::select! {
-                    result = echo::run(EchoOptions { listen, config }) => result.with_context(|| format!("echo server on {listen}")),
+                    result = echo::run(EchoOptions { listen, config, tls: tls.acceptor()? }) => result.with_context(|| format!("echo server on {listen}")),
                     _ = tokio::signal::ctrl_c() => {
                         tracing::info!("interrupted, exiting");
                         Ok(())

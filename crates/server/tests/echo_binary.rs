@@ -1,43 +1,14 @@
 //! `switchboard echo` as a user runs it: the real binary on a loopback port, driven by our client.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use switchboard_ws::{CloseCode, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-struct Server {
-    child: Child,
-    addr: String,
-}
+mod support;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn start_echo(extra: &[&str]) -> Server {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["echo", "--listen", &addr])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start switchboard echo");
-    let started = Instant::now();
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(started.elapsed() < Duration::from_secs(10), "echo server did not listen on {addr}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Server { child, addr }
-}
+use support::start_echo;
 
 #[tokio::test]
 async fn echoes_text_and_binary_and_closes_cleanly() {

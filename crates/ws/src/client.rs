@@ -1,6 +1,9 @@
-//! Client side: `connect("ws://host:port/path")`, a builder for headers, subprotocols and limits, and
-//! the handshake over any stream the caller already has.
+//! Client side: `connect("ws://host:port/path")` or `wss://`, a builder for headers, subprotocols,
+//! compression, TLS trust, proxies, timeouts and limits, and the handshake over any stream the caller
+//! already has.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -9,28 +12,59 @@ use switchboard_proto::handshake::{self, Accepted, ClientRequest, ResponseError}
 use switchboard_proto::Role;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::ClientConfig;
+use tokio_rustls::TlsConnector;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::proxy::Proxy;
 use crate::socket::WebSocket;
+use crate::tls::{self, ClientStream};
 use crate::url::WsUrl;
 
 /// How much of a refusal's body is kept for the error message.
 const BODY_PREFIX: usize = 512;
 
-/// Connects with default settings.
-pub async fn connect(url: &str) -> Result<(WebSocket<TcpStream>, Accepted)> {
+/// Connects with default settings (proxy from the environment, platform TLS roots).
+pub async fn connect(url: &str) -> Result<(WebSocket<ClientStream>, Accepted)> {
     ClientBuilder::new(url).connect().await
 }
 
-/// Options for a client connection.
 #[derive(Debug, Clone)]
+enum ProxyChoice {
+    FromEnvironment,
+    Direct,
+    Explicit(String),
+}
+
+#[derive(Clone)]
+enum TlsChoice {
+    Default { extra_ca_file: Option<PathBuf> },
+    Custom(Arc<ClientConfig>),
+}
+
+/// Options for a client connection.
+#[derive(Clone)]
 pub struct ClientBuilder {
     url: String,
     protocols: Vec<String>,
     headers: Vec<(String, String)>,
     config: Config,
     connect_timeout: Duration,
+    proxy: ProxyChoice,
+    tls: TlsChoice,
+}
+
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("url", &self.url)
+            .field("protocols", &self.protocols)
+            .field("headers", &self.headers.iter().map(|(n, _)| n).collect::<Vec<_>>())
+            .field("proxy", &self.proxy)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClientBuilder {
@@ -41,6 +75,8 @@ impl ClientBuilder {
             headers: Vec::new(),
             config: Config::default(),
             connect_timeout: Duration::from_secs(10),
+            proxy: ProxyChoice::FromEnvironment,
+            tls: TlsChoice::Default { extra_ca_file: None },
         }
     }
 
@@ -56,6 +92,7 @@ impl ClientBuilder {
         self
     }
 
+    /// Limits, keepalive, compression (`Config::compression` to offer permessage-deflate).
     pub fn config(mut self, config: Config) -> Self {
         self.config = config;
         self
@@ -66,16 +103,71 @@ impl ClientBuilder {
         self
     }
 
-    /// Resolves, connects over TCP, and performs the handshake.
-    pub async fn connect(self) -> Result<(WebSocket<TcpStream>, Accepted)> {
+    /// Tunnels through this `http://` proxy with CONNECT, whatever the environment says.
+    pub fn proxy(mut self, url: impl Into<String>) -> Self {
+        self.proxy = ProxyChoice::Explicit(url.into());
+        self
+    }
+
+    /// Connects directly, ignoring `HTTP_PROXY` and friends.
+    pub fn no_proxy(mut self) -> Self {
+        self.proxy = ProxyChoice::Direct;
+        self
+    }
+
+    /// Also trusts the CA certificates in this PEM file for `wss://`.
+    pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls = TlsChoice::Default { extra_ca_file: Some(path.into()) };
+        self
+    }
+
+    /// Uses this rustls configuration for `wss://` (client certificates, custom verification...).
+    pub fn tls_config(mut self, config: Arc<ClientConfig>) -> Self {
+        self.tls = TlsChoice::Custom(config);
+        self
+    }
+
+    /// Resolves, connects (through a proxy if one applies), negotiates TLS for `wss://`, and performs
+    /// the WebSocket handshake.
+    pub async fn connect(self) -> Result<(WebSocket<ClientStream>, Accepted)> {
         let url = WsUrl::parse(&self.url)?;
-        if url.secure {
-            return Err(Error::Unsupported("wss:// needs TLS support, which this build does not include yet"));
-        }
-        let stream = self.open_tcp(&url).await?;
-        let _ = stream.set_nodelay(true);
+        let proxy = match &self.proxy {
+            ProxyChoice::FromEnvironment => Proxy::from_env(&url)?,
+            ProxyChoice::Direct => None,
+            ProxyChoice::Explicit(proxy) => Some(Proxy::parse(proxy)?),
+        };
+        let deadline = self.connect_timeout;
+        let target = format!("{}:{}", url.host, url.port);
+        let stream = tokio::time::timeout(deadline, async {
+            let tcp = match &proxy {
+                Some(proxy) => proxy.connect(&url, open_tcp(&proxy.host, proxy.port).await?).await?,
+                None => open_tcp(&url.host, url.port).await?,
+            };
+            let _ = tcp.set_nodelay(true);
+            if url.secure {
+                self.start_tls(&url, tcp).await
+            } else {
+                Ok(ClientStream::Plain(tcp))
+            }
+        })
+        .await
+        .map_err(|_| Error::ConnectTimeout(target))??;
         let request = self.request(&url);
         client_handshake(stream, request, self.config).await
+    }
+
+    async fn start_tls(&self, url: &WsUrl, tcp: TcpStream) -> Result<ClientStream> {
+        let config = match &self.tls {
+            TlsChoice::Custom(config) => config.clone(),
+            TlsChoice::Default { extra_ca_file } => tls::client_config(extra_ca_file.as_deref())?,
+        };
+        let server_name = ServerName::try_from(url.host.clone())
+            .map_err(|_| Error::InvalidUrl { url: self.url.clone(), reason: "host is not a valid TLS server name" })?;
+        let stream = TlsConnector::from(config)
+            .connect(server_name, tcp)
+            .await
+            .map_err(|source| Error::Tls { host: url.host.clone(), source })?;
+        Ok(ClientStream::Tls(Box::new(stream)))
     }
 
     /// The handshake request this builder would send for `url`.
@@ -86,28 +178,25 @@ impl ClientBuilder {
         request.extensions = self.config.compression.as_ref().map(deflate::client_offer);
         request
     }
+}
 
-    async fn open_tcp(&self, url: &WsUrl) -> Result<TcpStream> {
-        let target = format!("{}:{}", url.host, url.port);
-        let connect = async {
-            let addrs: Vec<_> = tokio::net::lookup_host((url.host.as_str(), url.port))
-                .await
-                .map_err(|source| Error::Dns { host: url.host.clone(), source })?
-                .collect();
-            let mut last = None;
-            for addr in &addrs {
-                match TcpStream::connect(addr).await {
-                    Ok(stream) => return Ok(stream),
-                    Err(e) => last = Some(Error::Connect { addr: addr.to_string(), source: e }),
-                }
-            }
-            Err(last.unwrap_or_else(|| Error::Dns {
-                host: url.host.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"),
-            }))
-        };
-        tokio::time::timeout(self.connect_timeout, connect).await.map_err(|_| Error::ConnectTimeout(target))?
+/// Resolves `host` and connects to the first address that answers.
+async fn open_tcp(host: &str, port: u16) -> Result<TcpStream> {
+    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|source| Error::Dns { host: host.to_owned(), source })?
+        .collect();
+    let mut last = None;
+    for addr in &addrs {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => return Ok(stream),
+            Err(source) => last = Some(Error::Connect { addr: addr.to_string(), source }),
+        }
     }
+    Err(last.unwrap_or_else(|| Error::Dns {
+        host: host.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"),
+    }))
 }
 
 /// Performs the client handshake over a connected stream (TCP, TLS, a proxy tunnel...).
@@ -164,9 +253,7 @@ where
 
 /// The first bytes of a refusal's body, so the error says why (bounded in size and time).
 async fn read_body_prefix<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut, error: &ResponseError) -> String {
-    let ResponseError::Status { head, .. } = error else {
-        return String::new();
-    };
+    let ResponseError::Status { head, .. } = error else { return String::new() };
     let want = head
         .header("Content-Length")
         .and_then(|v| v.trim().parse::<usize>().ok())

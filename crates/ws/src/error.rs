@@ -38,8 +38,12 @@ pub enum Error {
     Connect { addr: String, source: io::Error },
     #[error("connecting to {0} timed out")]
     ConnectTimeout(String),
-    #[error("{0}")]
-    Unsupported(&'static str),
+    #[error("TLS with {host} failed: {source}")]
+    Tls { host: String, source: io::Error },
+    #[error("TLS setup from {path}: {reason}")]
+    TlsConfig { path: String, reason: String },
+    #[error("proxy {proxy}: {reason}")]
+    Proxy { proxy: String, reason: String },
 }
 
 fn body_hint(body: &str) -> String {

@@ -2,7 +2,8 @@
 //!
 //! - Server: [`accept`] / [`accept_with`] on any `AsyncRead + AsyncWrite` stream; [`upgrade`] for
 //!   hyper 1 and (feature `axum`) an axum extractor, so pages and WebSockets share a port.
-//! - Client: [`connect`] and [`ClientBuilder`], or [`client_handshake`] over a stream you opened.
+//! - Client: [`connect`] and [`ClientBuilder`] (`ws://` and `wss://`, HTTP proxies via CONNECT), or
+//!   [`client_handshake`] over a stream you opened.
 //! - [`WebSocket`]: `recv`/`send`/`close`, `split` into halves for two tasks, `Stream`/`Sink`.
 //! - [`Config`]: limits, keepalive, backpressure high-water mark, close and handshake timeouts.
 //!
@@ -30,7 +31,9 @@ mod client;
 mod config;
 mod core;
 mod error;
+pub mod proxy;
 mod socket;
+pub mod tls;
 #[cfg(feature = "hyper")]
 pub mod upgrade;
 mod url;
@@ -39,10 +42,12 @@ pub use accept::{accept, accept_with, reject, Accept};
 pub use client::{client_handshake, connect, ClientBuilder};
 pub use config::{Config, Keepalive};
 pub use error::{Error, Result};
+pub use proxy::Proxy;
 pub use socket::{WebSocket, WsReader, WsWriter};
+pub use tls::ClientStream;
 pub use url::WsUrl;
 
 pub use bytes::Bytes;
 pub use switchboard_proto as proto;
 pub use switchboard_proto::handshake::{Accepted, UpgradeRequest};
-pub use switchboard_proto::{CloseCode, CloseFrame, CloseState, Message, Role, Utf8Bytes};
+pub use switchboard_proto::{CloseCode, CloseFrame, CloseState, Message, ProtocolError, Role, Utf8Bytes};

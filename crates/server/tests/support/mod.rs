@@ -1,0 +1,49 @@
+//! Starting the real `switchboard` binary for tests, and stopping it when the test ends.
+
+#![allow(dead_code)] // each test file uses part of this
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `switchboard` process; killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn switchboard() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_switchboard"))
+}
+
+/// Starts `switchboard echo` on a free port with extra arguments and waits until it listens.
+pub fn start_echo(extra: &[&str]) -> Server {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let child = switchboard()
+        .args(["echo", "--listen", &addr])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start switchboard echo");
+    wait_listening(&addr);
+    Server { child, addr }
+}
+
+pub fn wait_listening(addr: &str) {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(10), "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
