@@ -36,6 +36,12 @@ enum Command {
         /// Do not accept permessage-deflate (compression is on by default).
         #[arg(long)]
         no_compression: bool,
+        /// Largest deflate window the server compresses with, 8-15 (memory: 2^(bits+2) bytes).
+        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u8).range(8..=15))]
+        deflate_window_bits: u8,
+        /// zlib memory level of the compressor, 1-9 (memory: 2^(level+9) bytes).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(1..=9))]
+        deflate_mem_level: u8,
         #[command(flatten)]
         tls: TlsArgs,
     },
@@ -137,10 +143,22 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Connect { .. } => unreachable!("handled above"),
-            Command::Echo { listen, max_message_size, max_frame_size, no_compression, tls } => {
+            Command::Echo {
+                listen,
+                max_message_size,
+                max_frame_size,
+                no_compression,
+                deflate_window_bits,
+                deflate_mem_level,
+                tls,
+            } => {
                 let mut config = Config::default().max_message_size(max_message_size).max_frame_size(max_frame_size);
                 if !no_compression {
-                    config = config.compression(DeflateConfig::default());
+                    config = config.compression(DeflateConfig {
+                        server_max_window_bits: deflate_window_bits,
+                        mem_level: deflate_mem_level,
+                        ..DeflateConfig::default()
+                    });
                 }
                 tokio::select! {
                     result = echo::run(EchoOptions { listen, config, tls: tls.acceptor()? }) => result.with_context(|| format!("echo server on {listen}")),
