@@ -59,7 +59,11 @@ async fn throughput(url: &str, seconds: u64, connections: usize, compress: bool)
             config = config.compression(DeflateConfig::default());
         }
         let (mut ws, accepted) = ClientBuilder::new(url).config(config).connect().await?;
-        anyhow::ensure!(accepted.extensions.is_some() == compress, "compression negotiation: {:?}", accepted.extensions);
+        anyhow::ensure!(
+            accepted.extensions.is_some() == compress,
+            "compression negotiation: {:?}",
+            accepted.extensions
+        );
         let message = message.clone();
         tasks.push(tokio::spawn(async move {
             let mut count = 0u64;
