@@ -154,7 +154,7 @@ mod tests {
         let vars = env(&[("HTTP_PROXY", "http://plain:1"), ("NO_PROXY", "ample.com")]);
         assert!(Proxy::from_env_with(&ws, &vars).unwrap().is_some(), "suffix must match at a dot");
         let local = WsUrl::parse("ws://127.0.0.1:9002/").unwrap();
-        assert_eq!(Proxy::from_env_with(&local, &env(&[("HTTP_PROXY", "http://p:1")])).unwrap(), None);
-        assert_eq!(Proxy::from_env_with(&ws, &env(&[])).unwrap(), None);
+        assert_eq!(Proxy::from_env_with(&local, env(&[("HTTP_PROXY", "http://p:1")])).unwrap(), None);
+        assert_eq!(Proxy::from_env_with(&ws, env(&[])).unwrap(), None);
     }
 }
