@@ -7,8 +7,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use std::time::Duration;
 
+use switchboard::config::{ServeArgs, ServeConfig};
 use switchboard::connect::{self, ConnectOptions};
 use switchboard::echo::{self, EchoOptions};
+use switchboard::serve;
 use switchboard_ws::proto::deflate::DeflateConfig;
 use switchboard_ws::tls::TlsAcceptor;
 use switchboard_ws::Config;
@@ -22,6 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the chat server: the page at /, the WebSocket at /ws (seed protocol, or switchboard.v1).
+    Serve(ServeArgs),
     /// Echo every text and binary message back to its sender (the Autobahn testee).
     Echo {
         /// Address to listen on.
@@ -143,6 +147,13 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Connect { .. } => unreachable!("handled above"),
+            Command::Serve(args) => {
+                let config = ServeConfig::load(args)?;
+                serve::run(config, async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await
+            }
             Command::Echo {
                 listen,
                 max_message_size,

@@ -47,3 +47,35 @@ pub fn wait_listening(addr: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A fresh directory under the test target dir.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Starts `switchboard serve` on `addr` with its database at `db`.
+pub fn start_serve_at(addr: &str, db: &std::path::Path, extra: &[&str]) -> Server {
+    let child = switchboard()
+        .args(["serve", "--listen", addr, "--db"])
+        .arg(db)
+        .args(extra)
+        .env("SWITCHBOARD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start switchboard serve");
+    wait_listening(addr);
+    Server { child, addr: addr.to_owned() }
+}
+
+/// Starts `switchboard serve` on a free port with a fresh database.
+pub fn start_serve(extra: &[&str]) -> (Server, std::path::PathBuf) {
+    let db = temp_dir("serve").join("chat.db");
+    let addr = format!("127.0.0.1:{}", free_port());
+    (start_serve_at(&addr, &db, extra), db)
+}

@@ -1,0 +1,253 @@
+//! Rooms, their members and fan-out.
+//!
+//! The store's writer calls [`Hub::deliver`] with each committed batch, in offset order; the hub
+//! encodes each message once per protocol and pushes the shared bytes into every member's bounded
+//! outbox. A member whose outbox is full is dropped from the hub (its session then closes it): one
+//! stalled client never holds up a room.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::json;
+use switchboard_ws::Utf8Bytes;
+use tokio::sync::mpsc;
+
+use crate::protocol;
+use crate::store::{Store, StoredMessage};
+
+pub type ConnId = u64;
+
+/// Why a join was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    #[error("already a member of {limit} rooms, the most allowed")]
+    TooManyRooms { limit: usize },
+    #[error("connection is gone")]
+    Gone,
+}
+
+/// What a joining member needs: where live delivery starts, and who is there.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    /// Messages up to this offset are in the store; later ones arrive through the outbox.
+    pub last_offset: u64,
+    pub members: Vec<(ConnId, String)>,
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct HubLimits {
+    pub outbox_messages: usize,
+    pub max_rooms_per_connection: usize,
+    pub max_presence: usize,
+}
+
+struct Room {
+    members: BTreeMap<ConnId, String>,
+    last_delivered: u64,
+}
+
+struct Conn {
+    outbox: mpsc::Sender<Utf8Bytes>,
+    seed: bool,
+    rooms: HashSet<String>,
+}
+
+#[derive(Default)]
+struct Inner {
+    rooms: HashMap<String, Room>,
+    conns: HashMap<ConnId, Conn>,
+}
+
+pub struct Hub {
+    inner: Mutex<Inner>,
+    next_id: AtomicU64,
+    pub limits: HubLimits,
+    pub default_room: String,
+    store: Mutex<Option<Arc<Store>>>,
+}
+
+impl Hub {
+    pub fn new(limits: HubLimits, default_room: String) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::new(Inner::default()),
+            next_id: AtomicU64::new(1),
+            limits,
+            default_room,
+            store: Mutex::new(None),
+        })
+    }
+
+    /// Connects the store; `last_offsets` seeds each room's delivery position.
+    pub fn attach_store(&self, store: Arc<Store>, last_offsets: HashMap<String, u64>) {
+        let mut inner = self.lock();
+        for (room, last) in last_offsets {
+            inner
+                .rooms
+                .entry(room)
+                .or_insert_with(|| Room { members: BTreeMap::new(), last_delivered: 0 })
+                .last_delivered = last;
+        }
+        *self.store.lock().unwrap_or_else(|p| p.into_inner()) = Some(store);
+    }
+
+    pub fn store(&self) -> Arc<Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner()).clone().expect("store attached before serving")
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new connection; seed-protocol connections are members of the default room from the start.
+    pub fn register(&self, seed: bool) -> (ConnId, mpsc::Receiver<Utf8Bytes>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (outbox, receiver) = mpsc::channel(self.limits.outbox_messages);
+        let mut inner = self.lock();
+        let mut rooms = HashSet::new();
+        if seed {
+            rooms.insert(self.default_room.clone());
+            room_entry(&mut inner.rooms, &self.default_room).members.insert(id, String::new());
+        }
+        inner.conns.insert(id, Conn { outbox, seed, rooms });
+        (id, receiver)
+    }
+
+    /// Removes a connection from every room (telling the others it left).
+    pub fn unregister(&self, id: ConnId) {
+        let mut inner = self.lock();
+        remove_conn(&mut inner, id);
+    }
+
+    pub fn join(&self, id: ConnId, room: &str, name: &str) -> Result<Joined, JoinError> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let conn = inner.conns.get_mut(&id).ok_or(JoinError::Gone)?;
+        let already = conn.rooms.contains(room);
+        if !already && conn.rooms.len() >= self.limits.max_rooms_per_connection {
+            return Err(JoinError::TooManyRooms { limit: self.limits.max_rooms_per_connection });
+        }
+        conn.rooms.insert(room.to_owned());
+        let entry = room_entry(&mut inner.rooms, room);
+        entry.members.insert(id, name.to_owned());
+        let last_offset = entry.last_delivered;
+        if !already {
+            let event = json!({"type": "presence", "room": room, "event": "join", "member": {"id": id, "name": name}});
+            broadcast_presence(inner, room, id, event.to_string());
+        }
+        let (members, truncated) = self.members_of(&guard, room);
+        Ok(Joined { last_offset, members, truncated })
+    }
+
+    /// Leaves a room; false if the connection was not in it.
+    pub fn leave(&self, id: ConnId, room: &str) -> bool {
+        let mut inner = self.lock();
+        leave_room(&mut inner, id, room)
+    }
+
+    pub fn is_member(&self, id: ConnId, room: &str) -> bool {
+        self.lock().conns.get(&id).is_some_and(|c| c.rooms.contains(room))
+    }
+
+    pub fn presence(&self, room: &str) -> (Vec<(ConnId, String)>, bool) {
+        let inner = self.lock();
+        self.members_of(&inner, room)
+    }
+
+    pub fn last_offset(&self, room: &str) -> u64 {
+        self.lock().rooms.get(room).map_or(0, |r| r.last_delivered)
+    }
+
+    fn members_of(&self, inner: &Inner, room: &str) -> (Vec<(ConnId, String)>, bool) {
+        let Some(room) = inner.rooms.get(room) else { return (Vec::new(), false) };
+        let visible = room.members.iter().filter(|(id, _)| inner.conns.get(id).is_some_and(|c| !c.seed));
+        let members: Vec<_> = visible.clone().take(self.limits.max_presence).map(|(id, n)| (*id, n.clone())).collect();
+        let truncated = visible.count() > members.len();
+        (members, truncated)
+    }
+
+    /// Fans a committed batch out to the members of its rooms (called by the store's writer).
+    pub fn deliver(&self, batch: &[StoredMessage]) {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let mut stalled = Vec::new();
+        for message in batch {
+            let room = room_entry(&mut inner.rooms, &message.room);
+            room.last_delivered = room.last_delivered.max(message.offset);
+            if room.members.is_empty() {
+                continue;
+            }
+            let v1 = Utf8Bytes::from(protocol::message_envelope(message));
+            let mut seed = None;
+            for id in room.members.keys() {
+                let Some(conn) = inner.conns.get(id) else { continue };
+                let bytes = if conn.seed {
+                    seed.get_or_insert_with(|| Utf8Bytes::from(protocol::seed_message(message))).clone()
+                } else {
+                    v1.clone()
+                };
+                if conn.outbox.try_send(bytes).is_err() {
+                    stalled.push(*id);
+                }
+            }
+        }
+        for id in stalled {
+            tracing::info!(conn = id, "outbox full: dropping a client that does not keep up");
+            remove_conn(inner, id);
+        }
+    }
+
+    /// Sends an envelope to one connection (replies, errors). False if its outbox is full or gone.
+    pub fn send_to(&self, id: ConnId, envelope: String) -> bool {
+        let inner = self.lock();
+        inner.conns.get(&id).is_some_and(|c| c.outbox.try_send(Utf8Bytes::from(envelope)).is_ok())
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.lock().conns.len()
+    }
+}
+
+fn room_entry<'a>(rooms: &'a mut HashMap<String, Room>, room: &str) -> &'a mut Room {
+    if !rooms.contains_key(room) {
+        rooms.insert(room.to_owned(), Room { members: BTreeMap::new(), last_delivered: 0 });
+    }
+    rooms.get_mut(room).expect("inserted")
+}
+
+fn leave_room(inner: &mut Inner, id: ConnId, room: &str) -> bool {
+    let Some(conn) = inner.conns.get_mut(&id) else { return false };
+    if !conn.rooms.remove(room) {
+        return false;
+    }
+    let seed = conn.seed;
+    let name = inner.rooms.get_mut(room).and_then(|r| r.members.remove(&id)).unwrap_or_default();
+    if !seed {
+        let event = json!({"type": "presence", "room": room, "event": "leave", "member": {"id": id, "name": name}});
+        broadcast_presence(inner, room, id, event.to_string());
+    }
+    true
+}
+
+fn remove_conn(inner: &mut Inner, id: ConnId) {
+    let rooms: Vec<String> = inner.conns.get(&id).map(|c| c.rooms.iter().cloned().collect()).unwrap_or_default();
+    for room in rooms {
+        leave_room(inner, id, &room);
+    }
+    // Dropping the sender ends the session's outbox: it closes the socket.
+    inner.conns.remove(&id);
+}
+
+/// Presence events go to the room's full-protocol members other than the subject; seed clients never
+/// receive anything but chat messages.
+fn broadcast_presence(inner: &Inner, room: &str, subject: ConnId, event: String) {
+    let Some(room) = inner.rooms.get(room) else { return };
+    let bytes = Utf8Bytes::from(event);
+    for id in room.members.keys().filter(|id| **id != subject) {
+        if let Some(conn) = inner.conns.get(id).filter(|c| !c.seed) {
+            // A full outbox here is handled at the next delivery; presence is best effort.
+            let _ = conn.outbox.try_send(bytes.clone());
+        }
+    }
+}

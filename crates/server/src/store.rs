@@ -1,0 +1,352 @@
+//! Message history in SQLite: one writer thread that batches publishes into transactions, and a reader
+//! connection for history queries (WAL lets them run side by side).
+//!
+//! A message is acknowledged, and handed to fan-out, only after its transaction committed: whatever a
+//! client was told or shown survives a crash of the process. Offsets are per room, start at 1, and keep
+//! increasing across restarts and trims (the last offset of each room is stored apart from the
+//! messages). Publishes carrying a client-chosen id are idempotent while the first copy is retained.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+/// Most publishes taken into one transaction.
+const MAX_BATCH: usize = 512;
+/// Bound on publishes waiting for the writer: beyond it publishers are told the store is busy.
+const QUEUE_DEPTH: usize = 16_384;
+/// How often retention by age runs.
+const AGE_TRIM_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("history database {path}: {source}")]
+    Open { path: String, source: rusqlite::Error },
+    #[error("could not store the message: {0}")]
+    Write(String),
+    #[error("history query failed: {0}")]
+    Read(#[from] rusqlite::Error),
+    #[error("the store is overloaded; try again")]
+    Busy,
+    #[error("the store has shut down")]
+    Closed,
+}
+
+/// A stored chat message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub room: String,
+    pub offset: u64,
+    /// The publisher's idempotency key, if it gave one.
+    pub id: Option<String>,
+    pub name: String,
+    pub message: String,
+    /// Server wall-clock time, `HH:MM:SS` (the seed protocol's field).
+    pub time: String,
+    /// Milliseconds since the Unix epoch.
+    pub ts_ms: i64,
+}
+
+/// What a publish came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Published {
+    Stored(StoredMessage),
+    /// The id was seen before: this is the message stored then; nothing new was stored or delivered.
+    Duplicate(StoredMessage),
+}
+
+/// Retention per room.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub max_messages: u64,
+    pub max_age: Option<Duration>,
+}
+
+/// A slice of a room's history.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct History {
+    pub messages: Vec<StoredMessage>,
+    /// The oldest offset still retained (last + 1 when the room holds nothing).
+    pub first_retained: u64,
+    pub last_offset: u64,
+}
+
+pub struct NewMessage {
+    pub room: String,
+    pub id: Option<String>,
+    pub name: String,
+    pub message: String,
+    pub time: String,
+}
+
+type Reply = tokio::sync::oneshot::Sender<Result<Published, StoreError>>;
+
+/// A queued publish; resolves once committed.
+pub struct PendingPublish(tokio::sync::oneshot::Receiver<Result<Published, StoreError>>);
+
+impl std::future::Future for PendingPublish {
+    type Output = Result<Published, StoreError>;
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|r| r.unwrap_or(Err(StoreError::Closed)))
+    }
+}
+
+enum Command {
+    Publish(NewMessage, Reply),
+}
+
+/// Called by the writer thread with each committed batch, in offset order.
+pub type OnCommit = Box<dyn Fn(&[StoredMessage]) + Send>;
+
+pub struct Store {
+    queue: SyncSender<Command>,
+    reader: Mutex<Connection>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database and starts the writer; `on_commit` sees every batch.
+    pub fn open(path: &Path, retention: Retention, on_commit: OnCommit) -> Result<Arc<Store>, StoreError> {
+        let open_err = |source| StoreError::Open { path: path.display().to_string(), source };
+        let writer_conn = Connection::open(path).map_err(open_err)?;
+        writer_conn
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = NORMAL;
+                 CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, last_offset INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS messages (
+                     room TEXT NOT NULL, offset INTEGER NOT NULL, msg_id TEXT, name TEXT NOT NULL,
+                     message TEXT NOT NULL, time TEXT NOT NULL, ts_ms INTEGER NOT NULL,
+                     PRIMARY KEY (room, offset));
+                 CREATE UNIQUE INDEX IF NOT EXISTS messages_msg_id ON messages (room, msg_id) WHERE msg_id IS NOT NULL;
+                 CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts_ms);",
+            )
+            .map_err(open_err)?;
+        let reader = Connection::open(path).map_err(open_err)?;
+        let mut last_offsets = HashMap::new();
+        {
+            let mut statement = writer_conn.prepare("SELECT name, last_offset FROM rooms").map_err(open_err)?;
+            let rows = statement
+                .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?)))
+                .map_err(open_err)?;
+            for row in rows {
+                let (room, last) = row.map_err(open_err)?;
+                last_offsets.insert(room, last as u64);
+            }
+        }
+        let (queue, commands) = mpsc::sync_channel(QUEUE_DEPTH);
+        let mut writer =
+            Writer { conn: writer_conn, last_offsets, retention, on_commit, last_age_trim: Instant::now() };
+        let handle = std::thread::Builder::new()
+            .name("switchboard-store".into())
+            .spawn(move || writer.run(commands))
+            .map_err(|e| StoreError::Write(e.to_string()))?;
+        Ok(Arc::new(Store { queue, reader: Mutex::new(reader), writer: Some(handle), path: path.to_owned() }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Queues a message for storage at once (so messages from one publisher keep their order) and
+    /// returns what resolves when it is committed, or found to be a duplicate.
+    pub fn submit(&self, message: NewMessage) -> Result<PendingPublish, StoreError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        match self.queue.try_send(Command::Publish(message, reply)) {
+            Ok(()) => Ok(PendingPublish(answer)),
+            Err(TrySendError::Full(_)) => Err(StoreError::Busy),
+            Err(TrySendError::Disconnected(_)) => Err(StoreError::Closed),
+        }
+    }
+
+    /// [`Store::submit`] and wait.
+    pub async fn publish(&self, message: NewMessage) -> Result<Published, StoreError> {
+        self.submit(message)?.await
+    }
+
+    /// Messages of `room` with offsets in `(after, up_to]`, oldest first, at most `limit` of the newest.
+    pub fn history(&self, room: &str, after: u64, up_to: u64, limit: usize) -> Result<History, StoreError> {
+        let reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let first_retained: Option<i64> = reader
+            .query_row("SELECT MIN(offset) FROM messages WHERE room = ?1", params![room], |r| r.get(0))
+            .optional()?
+            .flatten();
+        let mut statement = reader.prepare_cached(
+            "SELECT offset, msg_id, name, message, time, ts_ms FROM messages
+             WHERE room = ?1 AND offset > ?2 AND offset <= ?3 ORDER BY offset DESC LIMIT ?4",
+        )?;
+        let rows = statement.query_map(params![room, after as i64, up_to as i64, limit as i64], |row| {
+            Ok(StoredMessage {
+                room: room.to_owned(),
+                offset: row.get::<_, i64>(0)? as u64,
+                id: row.get(1)?,
+                name: row.get(2)?,
+                message: row.get(3)?,
+                time: row.get(4)?,
+                ts_ms: row.get(5)?,
+            })
+        })?;
+        let mut messages = rows.collect::<Result<Vec<_>, _>>()?;
+        messages.reverse();
+        Ok(History { messages, first_retained: first_retained.map_or(up_to + 1, |f| f as u64), last_offset: up_to })
+    }
+
+    /// The last offset of every room, as stored.
+    pub fn last_offsets(&self) -> Result<HashMap<String, u64>, StoreError> {
+        let reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let mut statement = reader.prepare("SELECT name, last_offset FROM rooms")?;
+        let rows = statement.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Replacing the sender closes the queue; the writer finishes what it holds and exits.
+        let (closed, _) = mpsc::sync_channel(1);
+        drop(std::mem::replace(&mut self.queue, closed));
+        if let Some(handle) = self.writer.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+struct Writer {
+    conn: Connection,
+    last_offsets: HashMap<String, u64>,
+    retention: Retention,
+    on_commit: OnCommit,
+    last_age_trim: Instant,
+}
+
+impl Writer {
+    fn run(&mut self, commands: Receiver<Command>) {
+        loop {
+            let first = match commands.recv_timeout(AGE_TRIM_EVERY) {
+                Ok(command) => command,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.trim_by_age();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match commands.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
+            }
+            self.write_batch(batch);
+            if self.last_age_trim.elapsed() >= AGE_TRIM_EVERY {
+                self.trim_by_age();
+            }
+        }
+    }
+
+    fn write_batch(&mut self, batch: Vec<Command>) {
+        let saved_offsets = self.last_offsets.clone();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = self.conn.transaction()?;
+            let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+            let mut touched: Vec<String> = Vec::new();
+            for Command::Publish(new, _) in &batch {
+                if let Some(id) = &new.id {
+                    let existing = tx
+                        .query_row(
+                            "SELECT offset, name, message, time, ts_ms FROM messages WHERE room = ?1 AND msg_id = ?2",
+                            params![new.room, id],
+                            |row| {
+                                Ok(StoredMessage {
+                                    room: new.room.clone(),
+                                    offset: row.get::<_, i64>(0)? as u64,
+                                    id: Some(id.clone()),
+                                    name: row.get(1)?,
+                                    message: row.get(2)?,
+                                    time: row.get(3)?,
+                                    ts_ms: row.get(4)?,
+                                })
+                            },
+                        )
+                        .optional()?;
+                    if let Some(original) = existing {
+                        outcomes.push(Published::Duplicate(original));
+                        continue;
+                    }
+                }
+                let offset = self.last_offsets.get(&new.room).copied().unwrap_or(0) + 1;
+                tx.execute(
+                    "INSERT INTO messages (room, offset, msg_id, name, message, time, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![new.room, offset as i64, new.id, new.name, new.message, new.time, now_ms],
+                )?;
+                self.last_offsets.insert(new.room.clone(), offset);
+                if !touched.contains(&new.room) {
+                    touched.push(new.room.clone());
+                }
+                outcomes.push(Published::Stored(StoredMessage {
+                    room: new.room.clone(),
+                    offset,
+                    id: new.id.clone(),
+                    name: new.name.clone(),
+                    message: new.message.clone(),
+                    time: new.time.clone(),
+                    ts_ms: now_ms,
+                }));
+            }
+            for room in &touched {
+                let last = self.last_offsets[room];
+                tx.execute(
+                    "INSERT INTO rooms (name, last_offset) VALUES (?1, ?2)
+                     ON CONFLICT(name) DO UPDATE SET last_offset = excluded.last_offset",
+                    params![room, last as i64],
+                )?;
+                let keep_after = last.saturating_sub(self.retention.max_messages);
+                tx.execute("DELETE FROM messages WHERE room = ?1 AND offset <= ?2", params![room, keep_after as i64])?;
+            }
+            tx.commit()
+        })();
+        match result {
+            Ok(()) => {
+                let stored: Vec<StoredMessage> = outcomes
+                    .iter()
+                    .filter_map(|o| match o {
+                        Published::Stored(m) => Some(m.clone()),
+                        Published::Duplicate(_) => None,
+                    })
+                    .collect();
+                if !stored.is_empty() {
+                    (self.on_commit)(&stored);
+                }
+                for (Command::Publish(_, reply), outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "storing messages failed; publishers are told");
+                self.last_offsets = saved_offsets;
+                let message = error.to_string();
+                for Command::Publish(_, reply) in batch {
+                    let _ = reply.send(Err(StoreError::Write(message.clone())));
+                }
+            }
+        }
+    }
+
+    fn trim_by_age(&mut self) {
+        self.last_age_trim = Instant::now();
+        let Some(max_age) = self.retention.max_age else { return };
+        let cutoff = SystemTime::now().checked_sub(max_age).and_then(|t| t.duration_since(UNIX_EPOCH).ok());
+        if let Some(cutoff) = cutoff {
+            if let Err(error) =
+                self.conn.execute("DELETE FROM messages WHERE ts_ms < ?1", params![cutoff.as_millis() as i64])
+            {
+                tracing::warn!(%error, "trimming old history failed");
+            }
+        }
+    }
+}

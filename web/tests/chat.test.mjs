@@ -1,0 +1,247 @@
+// The chat page in a real browser: Debian's Chromium driven by playwright-core, against the real
+// `switchboard serve` binary (SWITCHBOARD_BIN, default target/debug/switchboard).
+//
+// Run: (cd web && npm install && npm test). Screenshots land in target/browser-artifacts/.
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { mkdtempSync, mkdirSync } from "node:fs";
+import { createServer, connect } from "node:net";
+import { tmpdir } from "node:os";
+import { join, resolve, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
+const BIN = process.env.SWITCHBOARD_BIN ?? join(ROOT, "target/debug/switchboard");
+const ARTIFACTS = join(ROOT, "target/browser-artifacts");
+mkdirSync(ARTIFACTS, { recursive: true });
+
+let browser;
+before(async () => {
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+});
+after(async () => { await browser?.close(); });
+
+function freePort() {
+  return new Promise((done) => {
+    const server = createServer();
+    server.listen(0, "127.0.0.1", () => { const { port } = server.address(); server.close(() => done(port)); });
+  });
+}
+
+function listening(port) {
+  return new Promise((done) => {
+    const socket = connect(port, "127.0.0.1");
+    socket.on("connect", () => { socket.destroy(); done(true); });
+    socket.on("error", () => done(false));
+  });
+}
+
+async function startServer(port, db) {
+  const child = spawn(BIN, ["serve", "--listen", `127.0.0.1:${port}`, "--db", db], { stdio: ["ignore", "ignore", "inherit"] });
+  for (let i = 0; i < 200; i++) {
+    if (await listening(port)) return child;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  child.kill("SIGKILL");
+  throw new Error(`switchboard serve did not listen on ${port}`);
+}
+
+function stop(child, signal = "SIGKILL") {
+  return new Promise((done) => { child.once("exit", done); child.kill(signal); });
+}
+
+async function openChat(url, name) {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  page.on("pageerror", (error) => { throw error; });
+  await page.goto(url);
+  await page.fill("#name", name);
+  await page.dispatchEvent("#name", "change");
+  await page.waitForSelector("#state.open");
+  return page;
+}
+
+async function say(page, text) {
+  await page.fill("#message", text);
+  await page.click("#send");
+}
+
+const texts = (page) => page.$$eval("#messages li .text", (items) => items.map((li) => li.textContent));
+
+async function waitForTexts(page, expected, timeout = 15000) {
+  const deadline = Date.now() + timeout;
+  for (;;) {
+    const got = await texts(page);
+    if (expected.every((t) => got.includes(t))) return got;
+    if (Date.now() > deadline) assert.fail(`timed out waiting for ${JSON.stringify(expected)}; page shows ${JSON.stringify(got)}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+test("two pages chat with each other, with names, times and presence", async () => {
+  const port = await freePort();
+  const server = await startServer(port, join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db"));
+  try {
+    const url = `http://127.0.0.1:${port}/`;
+    const ann = await openChat(url, "Ann");
+    const bob = await openChat(url, "Bob");
+    await say(ann, "hello from Ann");
+    await waitForTexts(bob, ["hello from Ann"]);
+    await say(bob, "hi Ann, Bob here");
+    await waitForTexts(ann, ["hello from Ann", "hi Ann, Bob here"]);
+    const line = await ann.$eval("#messages li:last-child", (li) => ({
+      time: li.querySelector(".time").textContent, name: li.querySelector(".name").textContent,
+    }));
+    assert.equal(line.name, "Bob");
+    assert.match(line.time, /^\d\d:\d\d:\d\d$/);
+    await ann.waitForFunction(() => document.querySelectorAll("#online li").length === 2);
+    await ann.setViewportSize({ width: 1000, height: 640 });
+    await ann.screenshot({ path: join(ARTIFACTS, "chat-desktop.png") });
+    await bob.setViewportSize({ width: 390, height: 780 });
+    await bob.screenshot({ path: join(ARTIFACTS, "chat-phone.png") });
+    const overflow = await bob.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    assert.ok(overflow <= 0, `no horizontal scrolling at phone width (overflow ${overflow}px)`);
+  } finally {
+    await stop(server);
+  }
+});
+
+test("a message containing HTML is shown as text and never runs", async () => {
+  const port = await freePort();
+  const server = await startServer(port, join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db"));
+  try {
+    const url = `http://127.0.0.1:${port}/`;
+    const ann = await openChat(url, "<i>Ann</i>");
+    const bob = await openChat(url, "Bob");
+    const attack = `<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>`;
+    await say(ann, attack);
+    await waitForTexts(bob, [attack]);
+    assert.equal(await bob.evaluate(() => window.pwned), undefined);
+    assert.equal(await bob.$$eval("#messages img, #messages script, #messages i", (n) => n.length), 0);
+    assert.equal(await bob.$eval("#messages li:last-child .name", (n) => n.textContent), "<i>Ann</i>");
+  } finally {
+    await stop(server);
+  }
+});
+
+test("killing and restarting the server while a third client publishes loses and duplicates nothing", async () => {
+  const port = await freePort();
+  const db = join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db");
+  let server = await startServer(port, db);
+  const url = `http://127.0.0.1:${port}/`;
+  const ann = await openChat(url, "Ann");
+  const bob = await openChat(url, "Bob");
+  const publisher = await openChat(url, "Pub");
+  const total = 60;
+  // The publisher page sends one message every 25 ms through the module; publish() keeps each
+  // message until the server acknowledges it, across reconnects.
+  const done = publisher.evaluate(async (n) => {
+    const acks = [];
+    for (let i = 1; i <= n; i++) {
+      acks.push(window.switchboard.publish("lobby", `msg ${i}`));
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    return (await Promise.all(acks)).map((a) => a.offset);
+  }, total);
+  await new Promise((r) => setTimeout(r, 500));
+  await stop(server, "SIGKILL");
+  await new Promise((r) => setTimeout(r, 700));
+  server = await startServer(port, db);
+  try {
+    const offsets = await done;
+    assert.equal(new Set(offsets).size, total, "every publish was acknowledged with its own offset");
+    const expected = Array.from({ length: total }, (_, i) => `msg ${i + 1}`);
+    for (const page of [ann, bob]) {
+      await waitForTexts(page, expected, 30000);
+      const got = (await texts(page)).filter((t) => t.startsWith("msg "));
+      assert.deepEqual(got, expected, "complete, in order, no duplicates");
+    }
+    // A reload restores the same list from the page's storage and the server's offsets, once.
+    await bob.reload();
+    await bob.waitForSelector("#state.open");
+    await new Promise((r) => setTimeout(r, 500));
+    assert.deepEqual((await texts(bob)).filter((t) => t.startsWith("msg ")), expected);
+    await bob.screenshot({ path: join(ARTIFACTS, "chat-after-restart.png") });
+  } finally {
+    await stop(server);
+  }
+});
+
+test("the seed page from seed 000, unmodified, chats through the server", async () => {
+  // The seed hard-codes ws://localhost:8000/ws: serve there when the port is free, so the page runs
+  // byte for byte as printed; otherwise point it at our port (the only change) and say so.
+  const seedPort = 8000;
+  const port = (await listening(seedPort)) ? await freePort() : seedPort;
+  if (port !== seedPort) console.log(`# port ${seedPort} is busy: the seed page is pointed at ${port} instead`);
+  const server = await startServer(port, join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db"));
+  try {
+    const seedPage = SEED_000_PAGE.replace("ws://localhost:8000/ws", `ws://localhost:${port}/ws`);
+    // Served from another origin (about:blank), as "served from anywhere" asks.
+    const context = await browser.newContext();
+    const one = await context.newPage();
+    const two = await context.newPage();
+    for (const page of [one, two]) {
+      await page.setContent(seedPage);
+      await page.waitForFunction(() => document.readyState === "complete");
+    }
+    await new Promise((r) => setTimeout(r, 300));
+    await one.fill("#name", "Seed One");
+    await one.fill("#message", "hello from the seed page");
+    await one.click("#button");
+    for (const page of [one, two]) {
+      await page.waitForFunction(() => document.querySelectorAll("#messages li").length >= 1, null, { timeout: 10000 });
+      const line = await page.$eval("#messages li", (li) => li.innerText);
+      assert.match(line, /^\[\d\d:\d\d:\d\d\] Seed One: hello from the seed page$/);
+    }
+  } finally {
+    await stop(server);
+  }
+});
+
+// The page of seed 000 ("Chatting with WebSockets"), as the seed prints it.
+const SEED_000_PAGE = `<!DOCTYPE html>
+<html lang="en">
+<title>Chatting with WebSockets</title>
+<style>
+    input, textarea, button {
+        width: 100%;
+        max-width: 300px;
+        box-sizing: border-box;
+    }
+</style>
+<h1>Chat</h1>
+<input type="text" placeholder="Your name" value="Anonymous" id="name" /><br>
+<textarea id="message" autocomplete="off" autofocus rows="4"></textarea><br>
+<button id="button">Send</button>
+<ul id='messages'></ul>
+<script>
+    document.addEventListener("DOMContentLoaded", initialize);
+    function initialize() {
+        const ws = new WebSocket(\`ws://localhost:8000/ws\`);
+        ws.onmessage = function(event) {
+            const messages = document.getElementById('messages');
+            const message = document.createElement('li');
+            const msg = JSON.parse(event.data);
+            message.innerText = \`[\${msg.time}] \${msg.name}: \${msg.message}\`;
+            messages.appendChild(message)
+        };
+        document.querySelector("#button").onclick = event => {
+            const nameInput = document.querySelector("#name");
+            const messageInput = document.querySelector("#message");
+            ws.send(JSON.stringify({
+                name: nameInput.value,
+                message: messageInput.value
+            }));
+            messageInput.value = ""
+            messageInput.focus();
+        };
+    }
+</script>
+`;
