@@ -83,9 +83,12 @@ export class SwitchboardClient extends EventTarget {
     if (this.state === "open") this.send({ type: "leave", room });
   }
 
-  /** Changes the name used for joins and publishes. */
+  /** Changes the name used for publishes, and in the presence of every joined room. */
   setName(name) {
+    if (this.name === name) return;
     this.name = name;
+    // Joining again renames; `since` keeps the rejoin from replaying anything.
+    if (this.state === "open") for (const room of this.rooms) this.sendJoin(room);
   }
 
   /** Publishes a message; resolves with the ack ({room, offset, duplicate}) once the server stored it. */
@@ -199,7 +202,7 @@ export class SwitchboardClient extends EventTarget {
       case "presence": {
         const members = this.members[envelope.room] ?? new Map();
         this.members[envelope.room] = members;
-        if (envelope.event === "join") members.set(envelope.member.id, envelope.member.name);
+        if (envelope.event === "join" || envelope.event === "update") members.set(envelope.member.id, envelope.member.name);
         if (envelope.event === "leave") members.delete(envelope.member.id);
         if (envelope.members) {
           members.clear();

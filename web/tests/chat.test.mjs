@@ -101,7 +101,8 @@ test("two pages chat with each other, with names, times and presence", async () 
     }));
     assert.equal(line.name, "Bob");
     assert.match(line.time, /^\d\d:\d\d:\d\d$/);
-    await ann.waitForFunction(() => document.querySelectorAll("#online li").length === 2);
+    // Presence shows the names people chose, not the name they had when the page opened.
+    await ann.waitForFunction(() => [...document.querySelectorAll("#online li")].map((li) => li.textContent).sort().join() === "Ann,Bob");
     await ann.setViewportSize({ width: 1000, height: 640 });
     await ann.screenshot({ path: join(ARTIFACTS, "chat-desktop.png") });
     await bob.setViewportSize({ width: 390, height: 780 });

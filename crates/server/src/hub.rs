@@ -130,10 +130,16 @@ impl Hub {
         }
         conn.rooms.insert(room.to_owned());
         let entry = room_entry(&mut inner.rooms, room);
-        entry.members.insert(id, name.to_owned());
+        let previous = entry.members.insert(id, name.to_owned());
         let last_offset = entry.last_delivered;
-        if !already {
-            let event = json!({"type": "presence", "room": room, "event": "join", "member": {"id": id, "name": name}});
+        // Joining again is how a member changes its name: the room hears about the change.
+        let event = match previous {
+            None => Some("join"),
+            Some(old) if old != name => Some("update"),
+            Some(_) => None,
+        };
+        if let Some(event) = event {
+            let event = json!({"type": "presence", "room": room, "event": event, "member": {"id": id, "name": name}});
             broadcast_presence(inner, room, id, event.to_string());
         }
         let (members, truncated) = self.members_of(&guard, room);

@@ -130,6 +130,11 @@ async fn rooms_presence_acks_and_idempotent_publish() {
     assert_eq!(names, ["Ann", "Bob"]);
     let event = next_of(&mut ann, "presence").await;
     assert_eq!((event["event"].as_str(), event["member"]["name"].as_str()), (Some("join"), Some("Bob")));
+    // Joining again renames.
+    send(&mut bob, json!({"type": "join", "room": "dev", "name": "Robert", "since": 0})).await;
+    assert_eq!(next_of(&mut bob, "joined").await["members"][1]["name"], "Robert");
+    let event = next_of(&mut ann, "presence").await;
+    assert_eq!((event["event"].as_str(), event["member"]["name"].as_str()), (Some("update"), Some("Robert")));
 
     send(&mut ann, json!({"type": "publish", "room": "dev", "message": "hi", "id": "m-1", "req": 5})).await;
     let ack = next_of(&mut ann, "ack").await;
