@@ -213,6 +213,11 @@ impl Hub {
     pub fn connection_count(&self) -> usize {
         self.lock().conns.len()
     }
+
+    /// Rooms the hub keeps state for (members, or a delivery position).
+    pub fn room_count(&self) -> usize {
+        self.lock().rooms.len()
+    }
 }
 
 fn room_entry<'a>(rooms: &'a mut HashMap<String, Room>, room: &str) -> &'a mut Room {
@@ -229,6 +234,11 @@ fn leave_room(inner: &mut Inner, id: ConnId, room: &str) -> bool {
     }
     let seed = conn.seed;
     let name = inner.rooms.get_mut(room).and_then(|r| r.members.remove(&id)).unwrap_or_default();
+    // A room that is empty and never held a message leaves nothing to remember: forget it, so a flood
+    // of joins to made-up rooms costs no memory once its connections are gone.
+    if inner.rooms.get(room).is_some_and(|r| r.members.is_empty() && r.last_delivered == 0) {
+        inner.rooms.remove(room);
+    }
     if !seed {
         let event = json!({"type": "presence", "room": room, "event": "leave", "member": {"id": id, "name": name}});
         broadcast_presence(inner, room, id, event.to_string());
@@ -255,5 +265,67 @@ fn broadcast_presence(inner: &Inner, room: &str, subject: ConnId, event: String)
             // A full outbox here is handled at the next delivery; presence is best effort.
             let _ = conn.outbox.try_send(bytes.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> Arc<Hub> {
+        Hub::new(HubLimits { outbox_messages: 4, max_rooms_per_connection: 3, max_presence: 2 }, "lobby".into())
+    }
+
+    fn message(room: &str, offset: u64) -> StoredMessage {
+        StoredMessage {
+            room: room.into(),
+            offset,
+            id: None,
+            name: "n".into(),
+            message: "m".into(),
+            time: "00:00:00".into(),
+            ts_ms: 0,
+        }
+    }
+
+    #[test]
+    fn rooms_without_members_or_messages_are_forgotten() {
+        let hub = hub();
+        let (id, _rx) = hub.register(false);
+        for room in ["a", "b", "c"] {
+            hub.join(id, room, "x").unwrap();
+        }
+        assert_eq!(hub.join(id, "d", "x").unwrap_err(), JoinError::TooManyRooms { limit: 3 });
+        hub.deliver(&[message("a", 1)]);
+        hub.unregister(id);
+        assert_eq!(hub.room_count(), 1, "only the room with history is remembered");
+        assert_eq!(hub.last_offset("a"), 1);
+    }
+
+    #[test]
+    fn a_full_outbox_drops_that_member_only() {
+        let hub = hub();
+        let (slow, _slow_rx) = hub.register(false);
+        let (fast, mut fast_rx) = hub.register(false);
+        hub.join(slow, "r", "slow").unwrap();
+        hub.join(fast, "r", "fast").unwrap();
+        for offset in 1..=10 {
+            hub.deliver(&[message("r", offset)]);
+            while fast_rx.try_recv().is_ok() {}
+        }
+        assert!(!hub.is_member(slow, "r"), "the member that never read was dropped");
+        assert!(hub.is_member(fast, "r"));
+        assert_eq!(hub.connection_count(), 1);
+    }
+
+    #[test]
+    fn presence_is_capped_and_says_so() {
+        let hub = hub();
+        let ids: Vec<_> = (0..3).map(|_| hub.register(false)).collect();
+        for (id, _) in &ids {
+            hub.join(*id, "big", "member").unwrap();
+        }
+        let (members, truncated) = hub.presence("big");
+        assert_eq!((members.len(), truncated), (2, true));
     }
 }

@@ -282,3 +282,105 @@ async fn page_and_module_are_served() {
     assert!(module.contains("text/javascript") && module.contains("export class SwitchboardClient"));
     assert!(get("/healthz").ends_with("ok\n"));
 }
+
+#[tokio::test]
+async fn keepalive_drops_silent_clients_and_keeps_answering_ones() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (server, _) = start_serve(&["--keepalive-secs", "1"]);
+    // A client that completes the handshake and then never reads or answers anything.
+    let mut mute = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    mute.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut alive = v1_client(&server.addr).await;
+    send(&mut alive, json!({"type": "join", "room": "k"})).await;
+    next_of(&mut alive, "joined").await;
+    // Our client answers pings while it reads; after three intervals it is still served.
+    let started = tokio::time::Instant::now();
+    let mut pings = 0;
+    while started.elapsed() < Duration::from_millis(3500) {
+        if let Ok(Some(Ok(Message::Ping(_)))) = tokio::time::timeout(Duration::from_millis(200), alive.recv()).await {
+            pings += 1;
+        }
+    }
+    assert!(pings >= 2, "the server pinged the idle client ({pings})");
+    send(&mut alive, json!({"type": "publish", "room": "k", "message": "still here"})).await;
+    assert_eq!(next_of(&mut alive, "message").await["message"], "still here");
+    // The mute one was dropped: its socket reaches end of stream.
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), mute.read_to_end(&mut sink)).await;
+    assert!(read.is_ok(), "the server closed the silent connection");
+}
+
+#[tokio::test]
+async fn an_abusive_client_costs_the_others_nothing() {
+    let (server, _) = start_serve(&["--max-rooms-per-connection", "8"]);
+    let mut ann = v1_client(&server.addr).await;
+    let mut bob = v1_client(&server.addr).await;
+    for ws in [&mut ann, &mut bob] {
+        send(ws, json!({"type": "join", "room": "calm"})).await;
+        next_of(ws, "joined").await;
+    }
+    // The abuser floods junk, over-long messages and joins to made-up rooms, and never reads.
+    let addr = server.addr.clone();
+    let abuser = tokio::spawn(async move {
+        let mut ws = v1_client(&addr).await;
+        for i in 0..3000 {
+            let frame = match i % 4 {
+                0 => "{not json".to_owned(),
+                1 => json!({"type": "join", "room": format!("junk-{i}"), "unknown": true}).to_string(),
+                2 => json!({"type": "join", "room": format!("junk-{i}")}).to_string(),
+                _ => json!({"type": "publish", "room": "calm", "message": "x".repeat(10_000)}).to_string(),
+            };
+            if ws.feed(frame).await.is_err() {
+                break;
+            }
+        }
+        let _ = ws.flush().await;
+        ws
+    });
+    let mut worst = Duration::ZERO;
+    for i in 0..200 {
+        let sent = tokio::time::Instant::now();
+        send(&mut ann, json!({"type": "publish", "room": "calm", "message": format!("m{i}")})).await;
+        let got = next_of(&mut bob, "message").await;
+        worst = worst.max(sent.elapsed());
+        assert_eq!(got["message"], format!("m{i}"), "complete and in order");
+    }
+    assert!(worst < Duration::from_secs(1), "worst delivery took {worst:?}");
+    let _abuser = abuser.await.unwrap();
+    // The over-long publishes were refused, so the room holds exactly the 200 real messages.
+    send(&mut bob, json!({"type": "history", "room": "calm", "limit": 1000})).await;
+    let history = next_of(&mut bob, "history").await;
+    assert_eq!(history["messages"].as_array().unwrap().len(), 200);
+}
+
+#[tokio::test]
+async fn ctrl_c_tells_clients_1001_and_exits_cleanly() {
+    let (mut server, _) = start_serve(&[]);
+    let mut ws = v1_client(&server.addr).await;
+    send(&mut ws, json!({"type": "join", "room": "lobby"})).await;
+    next_of(&mut ws, "joined").await;
+    let status = std::process::Command::new("kill").args(["-INT", &server.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.recv()).await.expect("closed in time") {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(close.map(|f| f.code.0), Some(1001));
+    let started = std::time::Instant::now();
+    let exit = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "serve did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "{exit}");
+}

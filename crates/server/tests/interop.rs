@@ -113,3 +113,38 @@ async fn our_client_against_a_python_server_with_compression() {
     ws.send(vec![0u8, 255, 1, 254]).await.unwrap();
     assert_eq!(ws.recv().await.unwrap().unwrap(), Message::binary(vec![0u8, 255, 1, 254]));
 }
+
+const PY_CHAT: &str = r#"
+import json, sys
+from websockets.sync.client import connect
+base = sys.argv[1]
+with connect(base, subprotocols=["switchboard.v1"]) as full, connect(base) as seed:
+    assert full.subprotocol == "switchboard.v1" and seed.subprotocol is None
+    full.send(json.dumps({"type": "join", "room": "lobby", "name": "Py"}))
+    joined = json.loads(full.recv())
+    full.send(json.dumps({"type": "publish", "room": "lobby", "message": "from python", "id": "py-1", "req": 7}))
+    seen = {}
+    while "ack" not in seen or "message" not in seen:
+        envelope = json.loads(full.recv())
+        seen[envelope["type"]] = envelope
+    print(json.dumps({"joined": joined, "ack": seen["ack"], "message": seen["message"], "seed": json.loads(seed.recv())}))
+"#;
+
+#[test]
+fn python_clients_speak_both_chat_protocols_to_serve() {
+    let pythonpath = python_websockets();
+    let (server, _db) = support::start_serve(&[]);
+    let out = Command::new("python3")
+        .args(["-c", PY_CHAT, &format!("ws://{}/ws", server.addr)])
+        .env("PYTHONPATH", &pythonpath)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["joined"]["type"], "joined");
+    assert_eq!((result["ack"]["req"].as_u64(), result["ack"]["offset"].as_u64()), (Some(7), Some(1)));
+    assert_eq!(result["message"]["message"], "from python");
+    let seed = result["seed"].as_object().unwrap();
+    assert_eq!(seed.keys().collect::<Vec<_>>(), ["name", "message", "time"]);
+    assert_eq!((seed["name"].as_str(), seed["message"].as_str()), (Some("Py"), Some("from python")));
+}
