@@ -103,6 +103,7 @@ pub type OnCommit = Box<dyn Fn(&[StoredMessage]) + Send>;
 
 pub struct Store {
     queue: SyncSender<Command>,
+    retention: Retention,
     reader: Mutex<Connection>,
     writer: Option<std::thread::JoinHandle<()>>,
     path: PathBuf,
@@ -145,7 +146,13 @@ impl Store {
             .name("switchboard-store".into())
             .spawn(move || writer.run(commands))
             .map_err(|e| StoreError::Write(e.to_string()))?;
-        Ok(Arc::new(Store { queue, reader: Mutex::new(reader), writer: Some(handle), path: path.to_owned() }))
+        Ok(Arc::new(Store {
+            queue,
+            retention,
+            reader: Mutex::new(reader),
+            writer: Some(handle),
+            path: path.to_owned(),
+        }))
     }
 
     pub fn path(&self) -> &Path {
@@ -169,17 +176,21 @@ impl Store {
     }
 
     /// Messages of `room` with offsets in `(after, up_to]`, oldest first, at most `limit` of the newest.
+    /// Messages older than the retention age are never returned, even before the writer trims them.
     pub fn history(&self, room: &str, after: u64, up_to: u64, limit: usize) -> Result<History, StoreError> {
+        let cutoff = age_cutoff_ms(self.retention.max_age);
         let reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
         let first_retained: Option<i64> = reader
-            .query_row("SELECT MIN(offset) FROM messages WHERE room = ?1", params![room], |r| r.get(0))
+            .query_row("SELECT MIN(offset) FROM messages WHERE room = ?1 AND ts_ms >= ?2", params![room, cutoff], |r| {
+                r.get(0)
+            })
             .optional()?
             .flatten();
         let mut statement = reader.prepare_cached(
             "SELECT offset, msg_id, name, message, time, ts_ms FROM messages
-             WHERE room = ?1 AND offset > ?2 AND offset <= ?3 ORDER BY offset DESC LIMIT ?4",
+             WHERE room = ?1 AND offset > ?2 AND offset <= ?3 AND ts_ms >= ?5 ORDER BY offset DESC LIMIT ?4",
         )?;
-        let rows = statement.query_map(params![room, after as i64, up_to as i64, limit as i64], |row| {
+        let rows = statement.query_map(params![room, after as i64, up_to as i64, limit as i64, cutoff], |row| {
             Ok(StoredMessage {
                 room: room.to_owned(),
                 offset: row.get::<_, i64>(0)? as u64,
@@ -339,14 +350,66 @@ impl Writer {
 
     fn trim_by_age(&mut self) {
         self.last_age_trim = Instant::now();
-        let Some(max_age) = self.retention.max_age else { return };
-        let cutoff = SystemTime::now().checked_sub(max_age).and_then(|t| t.duration_since(UNIX_EPOCH).ok());
-        if let Some(cutoff) = cutoff {
-            if let Err(error) =
-                self.conn.execute("DELETE FROM messages WHERE ts_ms < ?1", params![cutoff.as_millis() as i64])
-            {
-                tracing::warn!(%error, "trimming old history failed");
-            }
+        if self.retention.max_age.is_none() {
+            return;
         }
+        let cutoff = age_cutoff_ms(self.retention.max_age);
+        if let Err(error) = self.conn.execute("DELETE FROM messages WHERE ts_ms < ?1", params![cutoff]) {
+            tracing::warn!(%error, "trimming old history failed");
+        }
+    }
+}
+
+/// Messages stamped before this (ms since the epoch) are past retention; 0 when age is unlimited.
+fn age_cutoff_ms(max_age: Option<Duration>) -> i64 {
+    max_age
+        .and_then(|age| SystemTime::now().checked_sub(age))
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(name: &str, retention: Retention) -> Arc<Store> {
+        let dir = std::env::temp_dir().join(format!("sb-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Store::open(&dir.join("h.db"), retention, Box::new(|_| {})).unwrap()
+    }
+
+    fn new(room: &str, id: Option<&str>, text: &str) -> NewMessage {
+        NewMessage {
+            room: room.into(),
+            id: id.map(Into::into),
+            name: "n".into(),
+            message: text.into(),
+            time: "00:00:00".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn old_messages_are_not_served_and_offsets_still_grow() {
+        let store = open("age", Retention { max_messages: 100, max_age: Some(Duration::from_millis(300)) });
+        assert!(matches!(store.publish(new("r", None, "old")).await.unwrap(), Published::Stored(m) if m.offset == 1));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let history = store.history("r", 0, 1, 100).unwrap();
+        assert!(history.messages.is_empty(), "{history:?}");
+        assert_eq!(history.first_retained, 2, "history now starts after the expired message");
+        assert!(matches!(store.publish(new("r", None, "fresh")).await.unwrap(), Published::Stored(m) if m.offset == 2));
+        assert_eq!(store.history("r", 0, 2, 100).unwrap().messages.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn ids_are_stored_once_per_room() {
+        let store = open("ids", Retention { max_messages: 100, max_age: None });
+        let first = store.publish(new("r", Some("x"), "one")).await.unwrap();
+        let again = store.publish(new("r", Some("x"), "one")).await.unwrap();
+        let elsewhere = store.publish(new("s", Some("x"), "one")).await.unwrap();
+        assert!(matches!(first, Published::Stored(ref m) if m.offset == 1));
+        assert!(matches!(again, Published::Duplicate(ref m) if m.offset == 1));
+        assert!(matches!(elsewhere, Published::Stored(ref m) if m.offset == 1 && m.room == "s"));
+        assert_eq!(store.history("r", 0, 1, 10).unwrap().messages.len(), 1);
     }
 }

@@ -384,3 +384,27 @@ async fn ctrl_c_tells_clients_1001_and_exits_cleanly() {
     };
     assert!(exit.success(), "{exit}");
 }
+
+#[tokio::test]
+async fn environment_variables_configure_serve() {
+    let db = support::temp_dir("env").join("chat.db");
+    let addr = format!("127.0.0.1:{}", support::free_port());
+    let child = support::switchboard()
+        .args(["serve"])
+        .env("SWITCHBOARD_LISTEN", &addr)
+        .env("SWITCHBOARD_DB", &db)
+        .env("SWITCHBOARD_DEFAULT_ROOM", "hall")
+        .env("SWITCHBOARD_LOG", "warn")
+        .spawn()
+        .unwrap();
+    support::wait_listening(&addr);
+    let _server = support::Server { child, addr: addr.clone() };
+    let mut seed = seed_client(&addr).await;
+    send(&mut seed, json!({"name": "S", "message": "into the default room"})).await;
+    next(&mut seed).await;
+    let mut full = v1_client(&addr).await;
+    send(&mut full, json!({"type": "history", "room": "hall"})).await;
+    let history = next_of(&mut full, "history").await;
+    assert_eq!(history["messages"][0]["message"], "into the default room");
+    assert!(db.exists(), "the database is where SWITCHBOARD_DB said");
+}
