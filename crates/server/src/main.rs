@@ -26,6 +26,11 @@ struct Cli {
 enum Command {
     /// Run the chat server: the page at /, the WebSocket at /ws (seed protocol, or switchboard.v1).
     Serve(ServeArgs),
+    /// Load generator for any WebSocket server: echo, fanout, connect and idle modes.
+    Bench {
+        #[command(subcommand)]
+        mode: switchboard::bench::BenchMode,
+    },
     /// Echo every text and binary message back to its sender (the Autobahn testee).
     Echo {
         /// Address to listen on.
@@ -147,6 +152,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::Connect { .. } => unreachable!("handled above"),
+            Command::Bench { mode } => switchboard::bench::run(mode).await,
             Command::Serve(args) => {
                 let config = ServeConfig::load(args)?;
                 serve::run(config, async {

@@ -1,0 +1,514 @@
+//! `switchboard bench`: a load generator for any WebSocket server.
+//!
+//! - `echo`: C connections in a closed loop, each sending its next S-byte message when the echo of
+//!   the last arrives. The frame is built and masked once; each round trip is a write of those bytes
+//!   and a header parse of the reply, so the client costs little next to the server it measures.
+//! - `fanout`: N subscribers in a room, publishers at a fixed rate; delivery latency (publish to
+//!   receive, one clock since everything runs here) and losses.
+//! - `connect`: handshakes per second.
+//! - `idle`: opens N connections (spread over several 127.0.0.x source addresses, past the
+//!   ephemeral-port limit of one) and holds them; reports the server's RSS per connection when given
+//!   its pid.
+//!
+//! A progress line goes to stderr every second; a table (or `--json`) to stdout at the end.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use bytes::{Buf, BytesMut};
+use serde_json::json;
+use switchboard_ws::proto::frame::{FrameHeader, OpCode, MAX_HEADER_LEN};
+use switchboard_ws::proto::handshake::{self, ClientRequest};
+use switchboard_ws::proto::mask::apply_mask;
+use switchboard_ws::{ClientBuilder, Message, WsUrl};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchMode {
+    /// Closed-loop echo: messages/s and round-trip latency.
+    Echo(EchoArgs),
+    /// One room, many subscribers, publishers at a fixed rate: deliveries/s, latency, losses.
+    Fanout(FanoutArgs),
+    /// Handshakes per second.
+    Connect(ConnectArgs),
+    /// Open connections and hold them.
+    Idle(IdleArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EchoArgs {
+    pub url: String,
+    #[arg(long, short = 'c', default_value_t = 100)]
+    pub connections: usize,
+    /// Payload bytes per message.
+    #[arg(long, short = 's', default_value_t = 20)]
+    pub size: usize,
+    /// Send binary frames instead of text.
+    #[arg(long)]
+    pub binary: bool,
+    /// Seconds measured, after the warm-up.
+    #[arg(long, short = 'd', default_value_t = 10.0)]
+    pub duration: f64,
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct FanoutArgs {
+    pub url: String,
+    #[arg(long, default_value_t = 1000)]
+    pub subscribers: usize,
+    #[arg(long, default_value_t = 1)]
+    pub publishers: usize,
+    /// Messages per second, per publisher.
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    #[arg(long, short = 'd', default_value_t = 10.0)]
+    pub duration: f64,
+    /// `seed` ({name, message} JSON, no subprotocol) or `v1` (switchboard.v1 join and publish).
+    #[arg(long, default_value = "seed")]
+    pub protocol: String,
+    /// Room for `v1` (seed clients are in the server's default room).
+    #[arg(long, default_value = "lobby")]
+    pub room: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ConnectArgs {
+    pub url: String,
+    /// Handshakes in flight at once.
+    #[arg(long, short = 'c', default_value_t = 50)]
+    pub connections: usize,
+    #[arg(long, short = 'd', default_value_t = 10.0)]
+    pub duration: f64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct IdleArgs {
+    pub url: String,
+    #[arg(long, short = 'c', default_value_t = 10_000)]
+    pub connections: usize,
+    /// Seconds to hold them once open.
+    #[arg(long, default_value_t = 10.0)]
+    pub hold: f64,
+    /// Local addresses to connect from, round robin (e.g. 127.0.0.1,127.0.0.2).
+    #[arg(long, value_delimiter = ',')]
+    pub source_ips: Vec<IpAddr>,
+    /// The server's pid, to report its RSS per connection.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(mode: BenchMode) -> anyhow::Result<()> {
+    let (report, as_json) = match mode {
+        BenchMode::Echo(args) => {
+            let json = args.json;
+            (echo(args).await?, json)
+        }
+        BenchMode::Fanout(args) => {
+            let json = args.json;
+            (fanout(args).await?, json)
+        }
+        BenchMode::Connect(args) => {
+            let json = args.json;
+            (connect(args).await?, json)
+        }
+        BenchMode::Idle(args) => {
+            let json = args.json;
+            (idle(args).await?, json)
+        }
+    };
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn print_table(report: &serde_json::Value) {
+    let width = report.as_object().map_or(0, |o| o.keys().map(String::len).max().unwrap_or(0));
+    for (key, value) in report.as_object().into_iter().flatten() {
+        let shown = match value {
+            serde_json::Value::Number(n) if n.is_f64() => format!("{:.1}", n.as_f64().unwrap_or(0.0)),
+            other => other.to_string().trim_matches('"').to_owned(),
+        };
+        println!("{key:<width$}  {shown}");
+    }
+}
+
+/// Latency percentiles in microseconds from unsorted samples.
+fn percentiles(samples: &mut [u32]) -> (u32, u32, u32) {
+    if samples.is_empty() {
+        return (0, 0, 0);
+    }
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    (at(0.50), at(0.99), at(0.999))
+}
+
+/// Prints how many events happened in each second until `stop` is set.
+fn progress(label: &'static str, counter: Arc<AtomicU64>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last = 0;
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        ticker.tick().await;
+        while !stop.load(Ordering::Relaxed) {
+            ticker.tick().await;
+            let now = counter.load(Ordering::Relaxed);
+            eprint!("\r{label}: {:>10}/s   ", now - last);
+            last = now;
+        }
+        eprintln!();
+    })
+}
+
+// ------------------------------------------------------------------------------------------------
+// echo
+
+struct EchoStats {
+    messages: u64,
+    errors: u64,
+    latencies_us: Vec<u32>,
+}
+
+async fn echo(args: EchoArgs) -> anyhow::Result<serde_json::Value> {
+    let url = WsUrl::parse(&args.url)?;
+    anyhow::ensure!(!url.secure, "bench echo speaks ws:// only");
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs_f64(args.warmup);
+    let end = measure_from + Duration::from_secs_f64(args.duration);
+    let counter = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let printer = progress("echo", counter.clone(), stop.clone());
+    let mut workers = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        let (url, counter) = (url.clone(), counter.clone());
+        let (size, binary) = (args.size, args.binary);
+        workers.push(tokio::spawn(async move { echo_worker(url, size, binary, measure_from, end, counter).await }));
+    }
+    let (mut messages, mut errors, mut latencies) = (0u64, 0u64, Vec::new());
+    for worker in workers {
+        match worker.await? {
+            Ok(stats) => {
+                messages += stats.messages;
+                errors += stats.errors;
+                latencies.extend(stats.latencies_us);
+            }
+            Err(error) => {
+                errors += 1;
+                tracing::warn!(%error, "echo connection failed");
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = printer.await;
+    let (p50, p99, p999) = percentiles(&mut latencies);
+    let rate = messages as f64 / args.duration;
+    Ok(json!({
+        "mode": "echo", "url": args.url, "connections": args.connections, "size": args.size,
+        "frame": if args.binary { "binary" } else { "text" }, "duration_s": args.duration,
+        "messages": messages, "msgs_per_s": rate, "bytes_per_s": rate * args.size as f64 * 2.0,
+        "p50_us": p50, "p99_us": p99, "p999_us": p999, "errors": errors,
+    }))
+}
+
+/// Opens a raw connection and completes the client handshake by hand.
+async fn raw_connect(url: &WsUrl, source: Option<IpAddr>) -> anyhow::Result<(TcpStream, BytesMut)> {
+    let addr: SocketAddr =
+        tokio::net::lookup_host((url.host.as_str(), url.port)).await?.next().context("no address for host")?;
+    let stream = match source {
+        Some(ip) => {
+            let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(addr).await?
+        }
+        None => TcpStream::connect(addr).await?,
+    };
+    stream.set_nodelay(true)?;
+    let mut stream = stream;
+    let request = ClientRequest::new(url.host_header(), url.target.clone());
+    stream.write_all(&request.encode()?).await?;
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        if let Some((head, used)) = handshake::parse_response(&buf, 8192)? {
+            handshake::verify_response(&request, head)?;
+            buf.advance(used);
+            return Ok((stream, buf));
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            bail!("server closed during the handshake");
+        }
+    }
+}
+
+async fn echo_worker(
+    url: WsUrl,
+    size: usize,
+    binary: bool,
+    measure_from: Instant,
+    end: Instant,
+    counter: Arc<AtomicU64>,
+) -> anyhow::Result<EchoStats> {
+    let (mut stream, mut buf) = raw_connect(&url, None).await?;
+    // One frame, masked once with a fixed key, written as is for every message.
+    let opcode = if binary { OpCode::Binary } else { OpCode::Text };
+    let key = [0x5a, 0x17, 0xc3, 0x9e];
+    let header = FrameHeader { fin: true, rsv: 0, opcode, mask: Some(key), payload_len: size as u64 };
+    let mut head = [0u8; MAX_HEADER_LEN];
+    let n = header.encode(&mut head);
+    let mut frame = head[..n].to_vec();
+    frame.extend(std::iter::repeat_n(b'x', size));
+    apply_mask(&mut frame[n..], key, 0);
+    let mut stats = EchoStats { messages: 0, errors: 0, latencies_us: Vec::with_capacity(1 << 16) };
+    while Instant::now() < end {
+        let sent = Instant::now();
+        stream.write_all(&frame).await?;
+        // Read until one data frame of our size has come back; control frames are skipped.
+        loop {
+            if let Some((header, header_len)) = FrameHeader::decode(&buf)? {
+                let total = header_len + header.payload_len as usize;
+                if buf.len() >= total {
+                    buf.advance(total);
+                    if header.opcode == OpCode::Close {
+                        bail!("server closed the connection");
+                    }
+                    if !header.opcode.is_control() {
+                        if header.payload_len as usize != size {
+                            stats.errors += 1;
+                        }
+                        break;
+                    }
+                    continue;
+                }
+            }
+            if stream.read_buf(&mut buf).await? == 0 {
+                bail!("server closed the connection");
+            }
+        }
+        if sent >= measure_from {
+            stats.messages += 1;
+            stats.latencies_us.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(stats)
+}
+
+// ------------------------------------------------------------------------------------------------
+// fanout
+
+async fn fanout(args: FanoutArgs) -> anyhow::Result<serde_json::Value> {
+    let v1 = match args.protocol.as_str() {
+        "seed" => false,
+        "v1" => true,
+        other => bail!("--protocol must be seed or v1, not {other:?}"),
+    };
+    let origin = Instant::now();
+    let counter = Arc::new(AtomicU64::new(0));
+    let mut subscribers = Vec::with_capacity(args.subscribers);
+    for _ in 0..args.subscribers {
+        let mut builder = ClientBuilder::new(&args.url).no_proxy();
+        if v1 {
+            builder = builder.protocol("switchboard.v1");
+        }
+        let (mut ws, _) = builder.connect().await?;
+        if v1 {
+            ws.send(json!({"type": "join", "room": args.room, "name": "sub"}).to_string()).await?;
+        }
+        subscribers.push(ws);
+    }
+    // Let joins settle so no subscriber misses the first publishes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let printer = progress("deliveries", counter.clone(), stop.clone());
+    let mut receivers = Vec::new();
+    for mut ws in subscribers {
+        let (counter, stop) = (counter.clone(), stop.clone());
+        receivers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(Some(Ok(Message::Text(text)))) =
+                    tokio::time::timeout(Duration::from_millis(200), ws.recv()).await
+                else {
+                    continue;
+                };
+                let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
+                if let Some(sent_us) =
+                    value["message"].as_str().and_then(|m| m.strip_prefix("bench:")).and_then(|t| t.parse::<u64>().ok())
+                {
+                    let now_us = origin.elapsed().as_micros() as u64;
+                    latencies.push(now_us.saturating_sub(sent_us).min(u32::MAX as u64) as u32);
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            latencies
+        }));
+    }
+    let published = Arc::new(AtomicU64::new(0));
+    let mut publishers = Vec::new();
+    for p in 0..args.publishers {
+        let mut builder = ClientBuilder::new(&args.url).no_proxy();
+        if v1 {
+            builder = builder.protocol("switchboard.v1");
+        }
+        let (mut ws, _) = builder.connect().await?;
+        let (published, room, rate, duration) = (published.clone(), args.room.clone(), args.rate, args.duration);
+        publishers.push(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            let end = Instant::now() + Duration::from_secs_f64(duration);
+            while Instant::now() < end {
+                ticker.tick().await;
+                let text = format!("bench:{}", origin.elapsed().as_micros());
+                let envelope = if v1 {
+                    json!({"type": "publish", "room": room, "message": text, "name": format!("pub{p}")})
+                } else {
+                    json!({"name": format!("pub{p}"), "message": text})
+                };
+                ws.feed(envelope.to_string()).await?;
+                ws.flush().await?;
+                published.fetch_add(1, Ordering::Relaxed);
+                // Drain whatever the server sends the publisher (its own copies, acks).
+                while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, ws.recv()).await {}
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for publisher in publishers {
+        publisher.await??;
+    }
+    // Give the last messages time to arrive.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    for receiver in receivers {
+        latencies.extend(receiver.await?);
+    }
+    let _ = printer.await;
+    let published = published.load(Ordering::Relaxed);
+    let expected = published * args.subscribers as u64;
+    let delivered = latencies.len() as u64;
+    let (p50, p99, p999) = percentiles(&mut latencies);
+    Ok(json!({
+        "mode": "fanout", "url": args.url, "protocol": args.protocol, "subscribers": args.subscribers,
+        "publishers": args.publishers, "rate_per_publisher": args.rate, "duration_s": args.duration,
+        "published": published, "delivered": delivered, "deliveries_per_s": delivered as f64 / args.duration,
+        "lost": expected.saturating_sub(delivered), "p50_us": p50, "p99_us": p99, "p999_us": p999,
+    }))
+}
+
+// ------------------------------------------------------------------------------------------------
+// connect
+
+async fn connect(args: ConnectArgs) -> anyhow::Result<serde_json::Value> {
+    let url = WsUrl::parse(&args.url)?;
+    let end = Instant::now() + Duration::from_secs_f64(args.duration);
+    let counter = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let printer = progress("handshakes", counter.clone(), stop.clone());
+    let mut workers = Vec::new();
+    for _ in 0..args.connections {
+        let (url, counter) = (url.clone(), counter.clone());
+        workers.push(tokio::spawn(async move {
+            let (mut latencies, mut errors) = (Vec::new(), 0u64);
+            while Instant::now() < end {
+                let started = Instant::now();
+                match raw_connect(&url, None).await {
+                    Ok((mut stream, _)) => {
+                        latencies.push(started.elapsed().as_micros() as u32);
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        // A masked close frame with code 1000, then hang up.
+                        let _ = stream.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8]).await;
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let (mut latencies, mut errors) = (Vec::new(), 0);
+    for worker in workers {
+        let (l, e) = worker.await?;
+        latencies.extend(l);
+        errors += e;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = printer.await;
+    let done = latencies.len();
+    let (p50, p99, p999) = percentiles(&mut latencies);
+    Ok(json!({
+        "mode": "connect", "url": args.url, "concurrency": args.connections, "duration_s": args.duration,
+        "handshakes": done, "handshakes_per_s": done as f64 / args.duration,
+        "p50_us": p50, "p99_us": p99, "p999_us": p999, "errors": errors,
+    }))
+}
+
+// ------------------------------------------------------------------------------------------------
+// idle
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+async fn idle(args: IdleArgs) -> anyhow::Result<serde_json::Value> {
+    let url = WsUrl::parse(&args.url)?;
+    let before = args.server_pid.and_then(rss_kib);
+    let sources: Vec<Option<IpAddr>> =
+        if args.source_ips.is_empty() { vec![None] } else { args.source_ips.iter().copied().map(Some).collect() };
+    let counter = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let printer = progress("opened", counter.clone(), stop.clone());
+    let started = Instant::now();
+    let mut held = Vec::with_capacity(args.connections);
+    let mut errors = 0u64;
+    // Open in batches so the listen backlog is not overrun.
+    for batch in (0..args.connections).collect::<Vec<_>>().chunks(256) {
+        let mut opening = Vec::with_capacity(batch.len());
+        for &i in batch {
+            let (url, source) = (url.clone(), sources[i % sources.len()]);
+            opening.push(tokio::spawn(async move { raw_connect(&url, source).await }));
+        }
+        for task in opening {
+            match task.await? {
+                Ok((stream, _)) => {
+                    held.push(stream);
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    errors += 1;
+                    if errors == 1 {
+                        tracing::warn!(%error, "opening a connection failed");
+                    }
+                }
+            }
+        }
+    }
+    let open_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
+    let after = args.server_pid.and_then(rss_kib);
+    stop.store(true, Ordering::Relaxed);
+    let _ = printer.await;
+    let opened = held.len();
+    let per_connection = match (before, after) {
+        (Some(b), Some(a)) if opened > 0 => json!((a.saturating_sub(b)) as f64 / opened as f64),
+        _ => serde_json::Value::Null,
+    };
+    Ok(json!({
+        "mode": "idle", "url": args.url, "requested": args.connections, "opened": opened, "errors": errors,
+        "open_s": open_secs, "held_s": args.hold, "server_rss_before_kib": before, "server_rss_after_kib": after,
+        "server_kib_per_connection": per_connection,
+    }))
+}

@@ -1,0 +1,65 @@
+//! `switchboard bench` against our own servers: each mode reports numbers that add up.
+
+mod support;
+
+use serde_json::Value;
+use support::{start_echo, start_serve, switchboard};
+
+fn bench(args: &[&str]) -> Value {
+    let out: std::process::Output =
+        switchboard().arg("bench").args(args).arg("--json").env("SWITCHBOARD_LOG", "warn").output().unwrap();
+    assert!(out.status.success(), "bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn echo_mode_counts_round_trips_and_latencies() {
+    let server = start_echo(&[]);
+    let url = format!("ws://{}/", server.addr);
+    let r = bench(&["echo", &url, "-c", "4", "-s", "64", "-d", "1", "--warmup", "0.2"]);
+    let messages = r["messages"].as_u64().unwrap();
+    assert!(messages > 100, "{r}");
+    assert_eq!(r["errors"], 0);
+    assert!((r["msgs_per_s"].as_f64().unwrap() - messages as f64).abs() < 1.0, "1 s run: rate equals count");
+    let (p50, p99) = (r["p50_us"].as_u64().unwrap(), r["p99_us"].as_u64().unwrap());
+    assert!(p50 > 0 && p50 <= p99, "{r}");
+    let binary = bench(&["echo", &url, "-c", "2", "-s", "2000", "--binary", "-d", "0.5", "--warmup", "0"]);
+    assert_eq!((binary["frame"].as_str(), binary["errors"].as_u64()), (Some("binary"), Some(0)));
+}
+
+#[test]
+fn fanout_mode_delivers_every_message_to_every_subscriber() {
+    for protocol in ["seed", "v1"] {
+        let (server, _) = start_serve(&[]);
+        let url = format!("ws://{}/ws", server.addr);
+        let r = bench(&["fanout", &url, "--subscribers", "20", "--rate", "50", "-d", "1", "--protocol", protocol]);
+        let published = r["published"].as_u64().unwrap();
+        assert!(published >= 40, "{r}");
+        assert_eq!(r["delivered"].as_u64().unwrap(), published * 20, "{protocol}: {r}");
+        assert_eq!(r["lost"], 0);
+    }
+}
+
+#[test]
+fn connect_and_idle_modes() {
+    let server = start_echo(&[]);
+    let url = format!("ws://{}/", server.addr);
+    let r = bench(&["connect", &url, "-c", "4", "-d", "0.5"]);
+    assert!(r["handshakes"].as_u64().unwrap() > 10, "{r}");
+    assert_eq!(r["errors"], 0);
+    let pid = server.child.id().to_string();
+    let r = bench(&[
+        "idle",
+        &url,
+        "-c",
+        "300",
+        "--hold",
+        "0.2",
+        "--server-pid",
+        &pid,
+        "--source-ips",
+        "127.0.0.1,127.0.0.2",
+    ]);
+    assert_eq!((r["opened"].as_u64(), r["errors"].as_u64()), (Some(300), Some(0)), "{r}");
+    assert!(r["server_kib_per_connection"].as_f64().unwrap() > 0.0, "{r}");
+}
