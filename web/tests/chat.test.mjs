@@ -3,52 +3,25 @@
 //
 // Run: (cd web && npm install && npm test). Screenshots land in target/browser-artifacts/.
 
-import { test, before, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { mkdtempSync, mkdirSync } from "node:fs";
-import { createServer, connect } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import { useBrowser, listening, freePort, waitListening } from "./helpers.mjs";
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
 const BIN = process.env.SWITCHBOARD_BIN ?? join(ROOT, "target/debug/switchboard");
 const ARTIFACTS = join(ROOT, "target/browser-artifacts");
 mkdirSync(ARTIFACTS, { recursive: true });
 
-let browser;
-before(async () => {
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  });
-});
-after(async () => { await browser?.close(); });
-
-function freePort() {
-  return new Promise((done) => {
-    const server = createServer();
-    server.listen(0, "127.0.0.1", () => { const { port } = server.address(); server.close(() => done(port)); });
-  });
-}
-
-function listening(port) {
-  return new Promise((done) => {
-    const socket = connect(port, "127.0.0.1");
-    socket.on("connect", () => { socket.destroy(); done(true); });
-    socket.on("error", () => done(false));
-  });
-}
+const getBrowser = useBrowser();
 
 async function startServer(port, db) {
   const child = spawn(BIN, ["serve", "--listen", `127.0.0.1:${port}`, "--db", db], { stdio: ["ignore", "ignore", "inherit"] });
-  for (let i = 0; i < 200; i++) {
-    if (await listening(port)) return child;
-    await new Promise((r) => setTimeout(r, 50));
-  }
+  if (await waitListening(port)) return child;
   child.kill("SIGKILL");
   throw new Error(`switchboard serve did not listen on ${port}`);
 }
@@ -58,7 +31,7 @@ function stop(child, signal = "SIGKILL") {
 }
 
 async function openChat(url, name) {
-  const context = await browser.newContext();
+  const context = await getBrowser().newContext();
   const page = await context.newPage();
   page.on("pageerror", (error) => { throw error; });
   await page.goto(url);
@@ -185,7 +158,7 @@ test("the seed page from seed 000, unmodified, chats through the server", async 
   try {
     const seedPage = SEED_000_PAGE.replace("ws://localhost:8000/ws", `ws://localhost:${port}/ws`);
     // Served from another origin (about:blank), as "served from anywhere" asks.
-    const context = await browser.newContext();
+    const context = await getBrowser().newContext();
     const one = await context.newPage();
     const two = await context.newPage();
     for (const page of [one, two]) {

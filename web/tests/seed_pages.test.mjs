@@ -3,49 +3,30 @@
 // The pages hard-code their port (8080, 8000); each test uses that port when it is free, so the page
 // runs byte for byte, and otherwise rewrites only the port and says so.
 
-import { test, before, after } from "node:test";
+import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { createServer, connect } from "node:net";
 import { join, resolve, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import { useBrowser, listening, freePort, waitListening } from "./helpers.mjs";
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
 const EXAMPLES = process.env.SWITCHBOARD_EXAMPLES ?? join(ROOT, "target/debug/examples");
 
-let browser;
-before(async () => {
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  });
-});
-after(async () => { await browser?.close(); });
-
-const listening = (port) => new Promise((done) => {
-  const socket = connect(port, "127.0.0.1");
-  socket.on("connect", () => { socket.destroy(); done(true); });
-  socket.on("error", () => done(false));
-});
-const freePort = () => new Promise((done) => {
-  const s = createServer();
-  s.listen(0, "127.0.0.1", () => { const { port } = s.address(); s.close(() => done(port)); });
-});
+const getBrowser = useBrowser();
 
 async function runExample(name, seedPort) {
   const port = (await listening(seedPort)) ? await freePort() : seedPort;
   if (port !== seedPort) console.log(`# port ${seedPort} is busy: the page is pointed at ${port} instead`);
   const child = spawn(join(EXAMPLES, name), [`127.0.0.1:${port}`], { stdio: "ignore" });
-  for (let i = 0; i < 200 && !(await listening(port)); i++) await new Promise((r) => setTimeout(r, 50));
+  await waitListening(port);
   return { port, stop: () => new Promise((done) => { child.once("exit", done); child.kill(); }) };
 }
 
 test("seed 001's client.html against examples/echo_http", async () => {
   const server = await runExample("echo_http", 8080);
   try {
-    const page = await (await browser.newContext()).newPage();
+    const page = await (await getBrowser().newContext()).newPage();
     await page.setContent(SEED_001_CLIENT.replace("ws://localhost:8080/", `ws://localhost:${server.port}/`));
     await new Promise((r) => setTimeout(r, 300));
     await page.fill("#message", "Hello from seed 001");
@@ -60,7 +41,7 @@ test("seed 001's client.html against examples/echo_http", async () => {
 test("seed 002's page against examples/connection_manager", async () => {
   const server = await runExample("connection_manager", 8000);
   try {
-    const context = await browser.newContext();
+    const context = await getBrowser().newContext();
     const pages = [];
     for (let i = 0; i < 2; i++) {
       const page = await context.newPage();

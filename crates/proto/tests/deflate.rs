@@ -1,8 +1,11 @@
 //! permessage-deflate through the engine: a client and a server engine with the extension on, and
 //! hand-built frames for what a misbehaving peer might send.
 
+mod support;
+
+use support::{feed, frame};
 use switchboard_proto::deflate::{accept_response, client_offer, negotiate_server, DeflateConfig, DeflateParams};
-use switchboard_proto::frame::{FrameHeader, OpCode, MAX_HEADER_LEN};
+use switchboard_proto::frame::{FrameHeader, OpCode};
 use switchboard_proto::mask::apply_mask;
 use switchboard_proto::{Config, Connection, Message, ProtocolError, Role};
 
@@ -23,21 +26,6 @@ fn pair(client: &DeflateConfig, server: &DeflateConfig, config: Config) -> (Conn
     (c, s)
 }
 
-fn drain(conn: &mut Connection, bytes: &[u8]) -> Vec<Result<Message, ProtocolError>> {
-    conn.receive_data(bytes);
-    let mut out = Vec::new();
-    loop {
-        match conn.next_message() {
-            Ok(Some(m)) => out.push(Ok(m)),
-            Ok(None) => return out,
-            Err(e) => {
-                out.push(Err(e));
-                return out;
-            }
-        }
-    }
-}
-
 fn first_header(bytes: &[u8]) -> FrameHeader {
     FrameHeader::decode(bytes).unwrap().unwrap().0
 }
@@ -52,11 +40,11 @@ fn compressed_round_trip_both_directions_with_context_takeover() {
         let wire = client.take_output();
         assert_eq!(first_header(&wire).rsv, 0b100, "RSV1 set on a compressed message");
         assert!(wire.len() < json.len() / 10, "round {round}: {} bytes on the wire for {}", wire.len(), json.len());
-        assert_eq!(drain(&mut server, &wire), vec![Ok(Message::text(json.clone()))]);
+        assert_eq!(feed(&mut server, &wire), vec![Ok(Message::text(json.clone()))]);
         server.send_binary(json.as_bytes()).unwrap();
         let wire = server.take_output();
         assert_eq!(first_header(&wire).rsv, 0b100);
-        assert_eq!(drain(&mut client, &wire), vec![Ok(Message::binary(json.clone().into_bytes()))]);
+        assert_eq!(feed(&mut client, &wire), vec![Ok(Message::binary(json.clone().into_bytes()))]);
     }
 }
 
@@ -80,9 +68,9 @@ fn every_window_and_context_combination_round_trips() {
             let (mut c, mut s) = pair(&client, &server, Config::default());
             for m in &messages {
                 c.send_text(m).unwrap();
-                assert_eq!(drain(&mut s, &c.take_output()), vec![Ok(Message::text(m.as_str()))], "bits {bits}");
+                assert_eq!(feed(&mut s, &c.take_output()), vec![Ok(Message::text(m.as_str()))], "bits {bits}");
                 s.send_text(m).unwrap();
-                assert_eq!(drain(&mut c, &s.take_output()), vec![Ok(Message::text(m.as_str()))], "bits {bits}");
+                assert_eq!(feed(&mut c, &s.take_output()), vec![Ok(Message::text(m.as_str()))], "bits {bits}");
             }
         }
     }
@@ -95,7 +83,7 @@ fn small_messages_and_control_frames_are_not_compressed() {
     client.send_text("short").unwrap();
     let wire = client.take_output();
     assert_eq!(first_header(&wire).rsv, 0);
-    assert_eq!(drain(&mut server, &wire), vec![Ok(Message::text("short"))]);
+    assert_eq!(feed(&mut server, &wire), vec![Ok(Message::text("short"))]);
     client.send(Message::Ping(vec![b'p'; 120].into())).unwrap();
     assert_eq!(first_header(&client.take_output()).rsv, 0);
 }
@@ -120,15 +108,7 @@ fn fragment(wire: &[u8], parts: usize) -> Vec<u8> {
 }
 
 fn encode(opcode: OpCode, fin: bool, rsv: u8, payload: &[u8]) -> Vec<u8> {
-    let key = [9, 8, 7, 6];
-    let header = FrameHeader { fin, rsv, opcode, mask: Some(key), payload_len: payload.len() as u64 };
-    let mut head = [0u8; MAX_HEADER_LEN];
-    let n = header.encode(&mut head);
-    let mut out = head[..n].to_vec();
-    let start = out.len();
-    out.extend_from_slice(payload);
-    apply_mask(&mut out[start..], key, 0);
-    out
+    frame(opcode, fin, rsv, payload, Some([9, 8, 7, 6]))
 }
 
 #[test]
@@ -138,7 +118,7 @@ fn fragmented_compressed_message_with_control_frame_between() {
     let text = "fragmented and compressed ".repeat(500);
     client.send_text(&text).unwrap();
     let wire = fragment(&client.take_output(), 4);
-    let got = drain(&mut server, &wire);
+    let got = feed(&mut server, &wire);
     assert_eq!(got.len(), 2);
     assert!(matches!(&got[0], Ok(Message::Ping(p)) if &p[..] == b"between"));
     assert_eq!(got[1], Ok(Message::text(text)));
@@ -148,18 +128,18 @@ fn fragmented_compressed_message_with_control_frame_between() {
 fn rsv1_rules() {
     // Without the extension: 1002.
     let mut plain = Connection::new(Role::Server, Config::default());
-    assert_eq!(drain(&mut plain, &encode(OpCode::Text, true, 0b100, b"x")), vec![Err(ProtocolError::ReservedBits)]);
+    assert_eq!(feed(&mut plain, &encode(OpCode::Text, true, 0b100, b"x")), vec![Err(ProtocolError::ReservedBits)]);
     let config = DeflateConfig::default();
     // On a continuation frame, or on a control frame: 1002 even with the extension.
     let (_, mut server) = pair(&config, &config, Config::default());
     let mut wire = encode(OpCode::Text, false, 0, b"a");
     wire.extend(encode(OpCode::Continuation, true, 0b100, b"b"));
-    assert_eq!(drain(&mut server, &wire), vec![Err(ProtocolError::ReservedBits)]);
+    assert_eq!(feed(&mut server, &wire), vec![Err(ProtocolError::ReservedBits)]);
     let (_, mut server) = pair(&config, &config, Config::default());
-    assert_eq!(drain(&mut server, &encode(OpCode::Ping, true, 0b100, b"")), vec![Err(ProtocolError::ReservedBits)]);
+    assert_eq!(feed(&mut server, &encode(OpCode::Ping, true, 0b100, b"")), vec![Err(ProtocolError::ReservedBits)]);
     // RSV2 is never allowed.
     let (_, mut server) = pair(&config, &config, Config::default());
-    assert_eq!(drain(&mut server, &encode(OpCode::Text, true, 0b010, b"x")), vec![Err(ProtocolError::ReservedBits)]);
+    assert_eq!(feed(&mut server, &encode(OpCode::Text, true, 0b010, b"x")), vec![Err(ProtocolError::ReservedBits)]);
 }
 
 #[test]
@@ -172,7 +152,7 @@ fn zip_bomb_closes_1009_without_inflating_it_all() {
     client.send_binary(&vec![0u8; 64 << 20]).unwrap();
     let wire = client.take_output();
     assert!(wire.len() < 200_000, "64 MiB of zeros is {} bytes compressed", wire.len());
-    let got = drain(&mut server_limited, &wire);
+    let got = feed(&mut server_limited, &wire);
     assert!(matches!(got[..], [Err(ProtocolError::MessageTooLarge { .. })]), "{got:?}");
     let out = server_limited.take_output();
     assert_eq!(&out[2..4], &1009u16.to_be_bytes());
@@ -184,7 +164,7 @@ fn corrupt_or_non_utf8_compressed_text_closes_1007() {
     let config = DeflateConfig::default();
     let (_, mut server) = pair(&config, &config, Config::default());
     assert_eq!(
-        drain(&mut server, &encode(OpCode::Text, true, 0b100, &[0xff, 0xfe, 0xfd, 0xfc])),
+        feed(&mut server, &encode(OpCode::Text, true, 0b100, &[0xff, 0xfe, 0xfd, 0xfc])),
         vec![Err(ProtocolError::InvalidCompressedData)]
     );
     assert_eq!(&server.take_output()[2..4], &1007u16.to_be_bytes());
@@ -194,7 +174,7 @@ fn corrupt_or_non_utf8_compressed_text_closes_1007() {
     client.send_binary(&[b'a', 0xff, b'b'].repeat(100)).unwrap();
     let mut wire = client.take_output();
     wire[0] = (wire[0] & 0xf0) | OpCode::Text.as_u8();
-    assert_eq!(drain(&mut server, &wire), vec![Err(ProtocolError::InvalidUtf8)]);
+    assert_eq!(feed(&mut server, &wire), vec![Err(ProtocolError::InvalidUtf8)]);
 }
 
 #[test]
@@ -208,7 +188,7 @@ fn release_idle_buffers_frees_zlib_state_only_without_context_takeover() {
     let (mut client, mut server) = pair(&config, &config, Config::default());
     for i in 0..3 {
         client.send_text(&format!("hello {i} hello hello hello")).unwrap();
-        let got = drain(&mut server, &client.take_output());
+        let got = feed(&mut server, &client.take_output());
         assert_eq!(got, vec![Ok(Message::text(format!("hello {i} hello hello hello")))]);
         // Freed between messages, recreated on demand.
         server.release_idle_buffers();

@@ -1,27 +1,16 @@
 //! The connection state machine end to end: frames built byte by byte (or by a client engine) go into a
 //! server engine, and the messages, close codes and output bytes are checked.
 
+mod support;
+
 use bytes::Bytes;
 use proptest::prelude::*;
-use switchboard_proto::frame::{FrameHeader, OpCode, MAX_HEADER_LEN};
+use support::{feed, frame};
+use switchboard_proto::frame::{FrameHeader, OpCode};
 use switchboard_proto::mask::apply_mask;
 use switchboard_proto::{
     CloseCode, CloseFrame, CloseState, Config, Connection, Message, ProtocolError, Role, SendError,
 };
-
-/// Encodes one frame as a client would (masked) or a server would (unmasked).
-fn frame(opcode: OpCode, fin: bool, rsv: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-    let header = FrameHeader { fin, rsv, opcode, mask, payload_len: payload.len() as u64 };
-    let mut head = [0u8; MAX_HEADER_LEN];
-    let n = header.encode(&mut head);
-    let mut out = head[..n].to_vec();
-    let start = out.len();
-    out.extend_from_slice(payload);
-    if let Some(key) = mask {
-        apply_mask(&mut out[start..], key, 0);
-    }
-    out
-}
 
 const KEY: Option<[u8; 4]> = Some([0x11, 0x22, 0x33, 0x44]);
 
@@ -31,22 +20,6 @@ fn client_frame(opcode: OpCode, fin: bool, payload: &[u8]) -> Vec<u8> {
 
 fn server() -> Connection {
     Connection::new(Role::Server, Config::default())
-}
-
-/// Feeds bytes and drains messages until the engine wants more input or fails.
-fn feed(conn: &mut Connection, bytes: &[u8]) -> Vec<Result<Message, ProtocolError>> {
-    conn.receive_data(bytes);
-    let mut out = Vec::new();
-    loop {
-        match conn.next_message() {
-            Ok(Some(m)) => out.push(Ok(m)),
-            Ok(None) => return out,
-            Err(e) => {
-                out.push(Err(e));
-                return out;
-            }
-        }
-    }
 }
 
 /// Decodes the frames an engine queued (server output is unmasked) into (opcode, payload).
