@@ -112,23 +112,11 @@ pub struct IdleArgs {
 }
 
 pub async fn run(mode: BenchMode) -> anyhow::Result<()> {
-    let (report, as_json) = match mode {
-        BenchMode::Echo(args) => {
-            let json = args.json;
-            (echo(args).await?, json)
-        }
-        BenchMode::Fanout(args) => {
-            let json = args.json;
-            (fanout(args).await?, json)
-        }
-        BenchMode::Connect(args) => {
-            let json = args.json;
-            (connect(args).await?, json)
-        }
-        BenchMode::Idle(args) => {
-            let json = args.json;
-            (idle(args).await?, json)
-        }
+    let (as_json, report) = match mode {
+        BenchMode::Echo(args) => (args.json, echo(args).await?),
+        BenchMode::Fanout(args) => (args.json, fanout(args).await?),
+        BenchMode::Connect(args) => (args.json, connect(args).await?),
+        BenchMode::Idle(args) => (args.json, idle(args).await?),
     };
     if as_json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -14,7 +14,7 @@ use switchboard_ws::Utf8Bytes;
 use tokio::sync::mpsc;
 
 use crate::protocol;
-use crate::store::{Store, StoredMessage};
+use crate::store::StoredMessage;
 
 pub type ConnId = u64;
 
@@ -65,22 +65,15 @@ pub struct Hub {
     next_id: AtomicU64,
     pub limits: HubLimits,
     pub default_room: String,
-    store: Mutex<Option<Arc<Store>>>,
 }
 
 impl Hub {
     pub fn new(limits: HubLimits, default_room: String) -> Arc<Self> {
-        Arc::new(Self {
-            inner: Mutex::new(Inner::default()),
-            next_id: AtomicU64::new(1),
-            limits,
-            default_room,
-            store: Mutex::new(None),
-        })
+        Arc::new(Self { inner: Mutex::new(Inner::default()), next_id: AtomicU64::new(1), limits, default_room })
     }
 
-    /// Connects the store; `last_offsets` seeds each room's delivery position.
-    pub fn attach_store(&self, store: Arc<Store>, last_offsets: HashMap<String, u64>) {
+    /// Seeds each room's delivery position from the store (at startup, before serving).
+    pub fn set_last_offsets(&self, last_offsets: HashMap<String, u64>) {
         let mut inner = self.lock();
         for (room, last) in last_offsets {
             inner
@@ -89,11 +82,6 @@ impl Hub {
                 .or_insert_with(|| Room { members: BTreeMap::new(), last_delivered: 0 })
                 .last_delivered = last;
         }
-        *self.store.lock().unwrap_or_else(|p| p.into_inner()) = Some(store);
-    }
-
-    pub fn store(&self) -> Arc<Store> {
-        self.store.lock().unwrap_or_else(|p| p.into_inner()).clone().expect("store attached before serving")
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

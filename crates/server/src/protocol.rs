@@ -90,8 +90,13 @@ pub enum ErrorCode {
     Unavailable,
 }
 
-/// Server envelopes, built as JSON values so each is encoded once.
+/// A chat message as a `switchboard.v1` envelope.
 pub fn message_envelope(m: &StoredMessage) -> String {
+    message_value(m).to_string()
+}
+
+/// The same envelope as a JSON value, for embedding (a `history` reply holds a list of them).
+pub fn message_value(m: &StoredMessage) -> Value {
     serde_json::json!({
         "type": "message",
         "room": m.room,
@@ -102,7 +107,6 @@ pub fn message_envelope(m: &StoredMessage) -> String {
         "time": m.time,
         "ts": m.ts_ms,
     })
-    .to_string()
 }
 
 pub fn seed_message(m: &StoredMessage) -> String {

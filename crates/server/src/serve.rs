@@ -35,6 +35,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 struct AppState {
     hub: Arc<Hub>,
+    store: Arc<Store>,
     ws_config: switchboard_ws::Config,
     limits: SessionLimits,
     shutdown: watch::Receiver<bool>,
@@ -60,7 +61,7 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
     let fan_out = hub.clone();
     let retention = Retention { max_messages: config.history_max_messages, max_age: config.history_max_age };
     let store = Store::open(&config.db, retention, Box::new(move |batch| fan_out.deliver(batch)))?;
-    hub.attach_store(store.clone(), store.last_offsets()?);
+    hub.set_last_offsets(store.last_offsets()?);
     let tls = match &config.tls {
         Some((cert, key)) => Some(switchboard_ws::tls::acceptor(cert, key)?),
         None => None,
@@ -78,6 +79,7 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
     let (shutdown_tx, shutdown) = watch::channel(false);
     let state = AppState {
         hub: hub.clone(),
+        store: store.clone(),
         ws_config,
         limits: SessionLimits {
             max_message_chars: config.max_message_chars,
@@ -132,8 +134,9 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
     while hub.connection_count() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    drop(hub);
-    // The writer thread drains its queue and exits when the last handle goes.
+    // The router's state holds the store too; with it and the finished sessions gone, dropping the
+    // last handle lets the writer commit what it holds and exit (joined off the async threads).
+    drop(app);
     tokio::task::spawn_blocking(move || drop(store)).await.ok();
     Ok(())
 }
@@ -151,10 +154,10 @@ where
 }
 
 async fn websocket(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
-    let AppState { hub, ws_config, limits, shutdown } = state;
+    let AppState { hub, store, ws_config, limits, shutdown } = state;
     upgrade
         .protocols(&[protocol::V1])
         .config(ws_config)
-        .on_upgrade(move |socket| session::run(hub, socket, limits, shutdown))
+        .on_upgrade(move |socket| session::run(hub, store, socket, limits, shutdown))
         .into_response()
 }

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::hub::{ConnId, Hub, JoinError};
 use crate::protocol::{self, error_envelope, ErrorCode, Request, SeedIn};
-use crate::store::{History, NewMessage, Published, StoreError};
+use crate::store::{History, NewMessage, Published, Store, StoreError};
 
 /// What one connection may do.
 #[derive(Debug, Clone)]
@@ -36,6 +36,7 @@ type Reply = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
 
 struct Session {
     hub: Arc<Hub>,
+    store: Arc<Store>,
     id: ConnId,
     seed: bool,
     name: Option<String>,
@@ -44,10 +45,16 @@ struct Session {
 }
 
 /// Runs a connection until it ends; `shutdown` flips to true when the server is stopping.
-pub async fn run(hub: Arc<Hub>, mut ws: UpgradedWebSocket, limits: SessionLimits, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    hub: Arc<Hub>,
+    store: Arc<Store>,
+    mut ws: UpgradedWebSocket,
+    limits: SessionLimits,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let seed = ws.protocol() != Some(protocol::V1);
     let (id, mut outbox) = hub.register(seed);
-    let mut session = Session { hub: hub.clone(), id, seed, name: None, limits, replies: FuturesOrdered::new() };
+    let mut session = Session { hub: hub.clone(), store, id, seed, name: None, limits, replies: FuturesOrdered::new() };
     let end: Option<(CloseCode, &str)> = loop {
         tokio::select! {
             biased;
@@ -114,7 +121,7 @@ impl Session {
             return Err((CloseCode::MESSAGE_TOO_BIG, "name or message too long"));
         }
         let new = NewMessage { room: self.hub.default_room.clone(), id: None, name, message, time: now_hms() };
-        match self.hub.store().submit(new) {
+        match self.store.submit(new) {
             Ok(pending) => {
                 self.replies.push_back(Box::pin(async move {
                     if let Err(error) = pending.await {
@@ -168,13 +175,9 @@ impl Session {
                 }
                 let last = self.hub.last_offset(&room);
                 let limit = limit.unwrap_or(self.limits.max_replay).min(self.limits.max_replay);
-                match self.hub.store().history(&room, since.unwrap_or(0), last, limit) {
+                match self.store.history(&room, since.unwrap_or(0), last, limit) {
                     Ok(history) => {
-                        let messages: Vec<Value> = history
-                            .messages
-                            .iter()
-                            .map(|m| serde_json::from_str(&protocol::message_envelope(m)).expect("valid JSON"))
-                            .collect();
+                        let messages: Vec<Value> = history.messages.iter().map(protocol::message_value).collect();
                         vec![json!({"type": "history", "room": room, "messages": messages, "first": history.first_retained,
                                     "last": history.last_offset, "req": req})
                         .to_string()]
@@ -230,7 +233,7 @@ impl Session {
             Err(JoinError::Gone) => return Vec::new(),
         };
         let last = joined.last_offset;
-        let store = self.hub.store();
+        let store = &self.store;
         let (history, recovered) = match since {
             None => (
                 store.history(
@@ -305,7 +308,7 @@ impl Session {
                 time: time.clone(),
             };
             let req = req.clone();
-            match self.hub.store().submit(new) {
+            match self.store.submit(new) {
                 Ok(pending) => self.replies.push_back(Box::pin(async move {
                     Some(match pending.await {
                         Ok(Published::Stored(m)) => ack(&m.room, m.offset, &m.id, false, &req),
