@@ -55,6 +55,53 @@ pub struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "SWITCHBOARD_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Shared secret of HS256 tokens (JWT); turns authentication on.
+    #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM public key (RSA for RS256, P-256 for ES256) of tokens; turns authentication on.
+    #[arg(long, env = "SWITCHBOARD_JWT_PUBLIC_KEY", conflicts_with = "jwt_secret")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// Accept connections without a token [default: true without a token key, false with one].
+    #[arg(long, env = "SWITCHBOARD_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: Option<bool>,
+    /// Origins allowed to open a WebSocket, comma-separated: exact (https://chat.example.com) or
+    /// wildcard (https://*.example.com); others get 403 [default: any].
+    #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Key for POST /api/publish (header "Authorization: Bearer KEY"); the endpoint is off without it.
+    #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Open connections (HTTP and WebSocket) at once; more get 503 [default: 100000].
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Open connections from one IP address; more get 429 [default: 10000].
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Seconds a client has to send its request head (and finish TLS) [default: 10].
+    #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_SECS")]
+    pub handshake_timeout_secs: Option<u64>,
+    /// Messages per second one connection may send on average; faster ones are closed with 1008.
+    /// 0 turns the limit off [default: 200].
+    #[arg(long, env = "SWITCHBOARD_RATE_LIMIT")]
+    pub rate_limit: Option<f64>,
+    /// Messages a connection may send in a burst above --rate-limit [default: 400].
+    #[arg(long, env = "SWITCHBOARD_RATE_BURST")]
+    pub rate_burst: Option<u32>,
+    /// Most members listed in one presence answer (the answer says when it was cut) [default: 1000].
+    #[arg(long, env = "SWITCHBOARD_MAX_PRESENCE")]
+    pub max_presence: Option<usize>,
+    /// Bytes queued for one client before it counts as too slow and is disconnected (1008)
+    /// [default: 1048576].
+    #[arg(long, env = "SWITCHBOARD_OUTBOX_BYTES")]
+    pub outbox_bytes: Option<usize>,
+    /// Seconds to wait, after SIGTERM or Ctrl-C, for clients to close and history to be written
+    /// [default: 5].
+    #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<u64>,
+    /// Largest size of the history database in bytes; publishes past it are refused with
+    /// `unavailable`, as on a full disk [default: no limit but the disk's].
+    #[arg(long, env = "SWITCHBOARD_DB_MAX_BYTES")]
+    pub db_max_bytes: Option<u64>,
 }
 
 /// The TOML file: the same settings, all optional.
@@ -74,6 +121,43 @@ struct FileConfig {
     compression: Option<bool>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    jwt_secret: Option<String>,
+    jwt_public_key: Option<PathBuf>,
+    allow_anonymous: Option<bool>,
+    allowed_origins: Option<Vec<String>>,
+    api_key: Option<String>,
+    max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    handshake_timeout_secs: Option<u64>,
+    rate_limit: Option<f64>,
+    rate_burst: Option<u32>,
+    max_presence: Option<usize>,
+    outbox_bytes: Option<usize>,
+    shutdown_grace_secs: Option<u64>,
+    db_max_bytes: Option<u64>,
+}
+
+/// Where tokens are checked against.
+#[derive(Clone)]
+pub enum TokenKey {
+    Secret(String),
+    PublicKeyFile(PathBuf),
+}
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Secret(_) => f.write_str("Secret(..)"),
+            Self::PublicKeyFile(path) => f.debug_tuple("PublicKeyFile").field(path).finish(),
+        }
+    }
+}
+
+/// A per-connection message rate: `per_sec` on average, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_sec: f64,
+    pub burst: u32,
 }
 
 /// Settings in force.
@@ -91,6 +175,18 @@ pub struct ServeConfig {
     pub max_rooms_per_connection: usize,
     pub compression: bool,
     pub tls: Option<(PathBuf, PathBuf)>,
+    pub token_key: Option<TokenKey>,
+    pub allow_anonymous: bool,
+    pub allowed_origins: Option<Vec<String>>,
+    pub api_key: Option<String>,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub handshake_timeout: Duration,
+    pub rate_limit: Option<RateLimit>,
+    pub max_presence: usize,
+    pub outbox_bytes: usize,
+    pub shutdown_grace: Duration,
+    pub db_max_bytes: Option<u64>,
 }
 
 impl ServeConfig {
@@ -106,6 +202,14 @@ impl ServeConfig {
             (None, None) => None,
             _ => anyhow::bail!("tls_cert and tls_key go together"),
         };
+        let token_key = match (args.jwt_secret.or(file.jwt_secret), args.jwt_public_key.or(file.jwt_public_key)) {
+            (Some(_), Some(_)) => anyhow::bail!("jwt_secret and jwt_public_key exclude each other"),
+            (Some(secret), None) => Some(TokenKey::Secret(secret)),
+            (None, Some(path)) => Some(TokenKey::PublicKeyFile(path)),
+            (None, None) => None,
+        };
+        let rate = args.rate_limit.or(file.rate_limit).unwrap_or(200.0);
+        let burst = args.rate_burst.or(file.rate_burst).unwrap_or(400);
         let config = Self {
             listen: args.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:8000".parse().expect("valid address")),
             db: args.db.or(file.db).unwrap_or_else(|| "switchboard.db".into()),
@@ -119,9 +223,34 @@ impl ServeConfig {
             max_rooms_per_connection: args.max_rooms_per_connection.or(file.max_rooms_per_connection).unwrap_or(64),
             compression: args.compression.or(file.compression).unwrap_or(true),
             tls,
+            allow_anonymous: args.allow_anonymous.or(file.allow_anonymous).unwrap_or(token_key.is_none()),
+            token_key,
+            allowed_origins: args.allowed_origins.or(file.allowed_origins),
+            api_key: args.api_key.or(file.api_key),
+            max_connections: args.max_connections.or(file.max_connections).unwrap_or(100_000),
+            max_connections_per_ip: args.max_connections_per_ip.or(file.max_connections_per_ip).unwrap_or(10_000),
+            handshake_timeout: Duration::from_secs(
+                args.handshake_timeout_secs.or(file.handshake_timeout_secs).unwrap_or(10),
+            ),
+            rate_limit: (rate > 0.0).then_some(RateLimit { per_sec: rate, burst: burst.max(1) }),
+            max_presence: args.max_presence.or(file.max_presence).unwrap_or(1000),
+            outbox_bytes: args.outbox_bytes.or(file.outbox_bytes).unwrap_or(1 << 20),
+            shutdown_grace: Duration::from_secs(args.shutdown_grace_secs.or(file.shutdown_grace_secs).unwrap_or(5)),
+            db_max_bytes: args.db_max_bytes.or(file.db_max_bytes),
         };
         anyhow::ensure!(config.history_max_messages > 0, "history_max_messages must be at least 1");
         anyhow::ensure!(config.outbox_messages > 0, "outbox_messages must be at least 1");
+        anyhow::ensure!(config.outbox_bytes > 0, "outbox_bytes must be at least 1");
+        anyhow::ensure!(
+            config.max_connections > 0 && config.max_connections_per_ip > 0,
+            "connection limits must be at least 1"
+        );
+        anyhow::ensure!(config.handshake_timeout > Duration::ZERO, "handshake_timeout_secs must be at least 1");
+        anyhow::ensure!(rate.is_finite() && rate >= 0.0, "rate_limit must be a number of messages per second");
+        anyhow::ensure!(
+            config.allow_anonymous || config.token_key.is_some(),
+            "allow_anonymous = false needs jwt_secret or jwt_public_key, or nobody could connect"
+        );
         Ok(config)
     }
 }

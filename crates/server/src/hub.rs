@@ -1,12 +1,12 @@
 //! Rooms, their members and fan-out.
 //!
 //! The store's writer calls [`Hub::deliver`] with each committed batch, in offset order; the hub
-//! encodes each message once per protocol and pushes the shared bytes into every member's bounded
-//! outbox. A member whose outbox is full is dropped from the hub (its session then closes it): one
-//! stalled client never holds up a room.
+//! encodes each message once per protocol and pushes the shared bytes into every member's outbox,
+//! bounded in messages and in bytes. A member whose outbox is full is dropped from the hub (its
+//! session then closes it): one stalled client never holds up a room.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::json;
@@ -39,6 +39,7 @@ pub struct Joined {
 #[derive(Debug, Clone)]
 pub struct HubLimits {
     pub outbox_messages: usize,
+    pub outbox_bytes: usize,
     pub max_rooms_per_connection: usize,
     pub max_presence: usize,
 }
@@ -50,8 +51,53 @@ struct Room {
 
 struct Conn {
     outbox: mpsc::Sender<Utf8Bytes>,
+    /// Bytes in the outbox, shared with the receiving [`Outbox`].
+    queued: Arc<AtomicUsize>,
     seed: bool,
     rooms: HashSet<String>,
+}
+
+impl Conn {
+    /// Queues bytes unless that would pass a bound; false means this client is not keeping up. One
+    /// message larger than the byte bound still goes into an empty outbox.
+    fn offer(&self, bytes: Utf8Bytes, max_bytes: usize) -> bool {
+        let len = bytes.len();
+        let before = self.queued.fetch_add(len, Ordering::Relaxed);
+        if before > 0 && before + len > max_bytes {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        if self.outbox.try_send(bytes).is_err() {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+}
+
+/// The receiving end of a connection's outbox. It ends (`None`) when the hub drops the connection.
+pub struct Outbox {
+    receiver: mpsc::Receiver<Utf8Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Outbox {
+    pub async fn recv(&mut self) -> Option<Utf8Bytes> {
+        let bytes = self.receiver.recv().await?;
+        self.queued.fetch_sub(bytes.len(), Ordering::Relaxed);
+        Some(bytes)
+    }
+
+    pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
+        let bytes = self.receiver.try_recv().ok()?;
+        self.queued.fetch_sub(bytes.len(), Ordering::Relaxed);
+        Some(bytes)
+    }
+
+    /// Bytes waiting in the outbox.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
 }
 
 #[derive(Default)]
@@ -89,23 +135,24 @@ impl Hub {
     }
 
     /// A new connection; seed-protocol connections are members of the default room from the start.
-    pub fn register(&self, seed: bool) -> (ConnId, mpsc::Receiver<Utf8Bytes>) {
+    pub fn register(&self, seed: bool) -> (ConnId, Outbox) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (outbox, receiver) = mpsc::channel(self.limits.outbox_messages);
+        let queued = Arc::new(AtomicUsize::new(0));
         let mut inner = self.lock();
         let mut rooms = HashSet::new();
         if seed {
             rooms.insert(self.default_room.clone());
             room_entry(&mut inner.rooms, &self.default_room).members.insert(id, String::new());
         }
-        inner.conns.insert(id, Conn { outbox, seed, rooms });
-        (id, receiver)
+        inner.conns.insert(id, Conn { outbox, queued: queued.clone(), seed, rooms });
+        (id, Outbox { receiver, queued })
     }
 
     /// Removes a connection from every room (telling the others it left).
     pub fn unregister(&self, id: ConnId) {
         let mut inner = self.lock();
-        remove_conn(&mut inner, id);
+        remove_conn(&mut inner, id, self.limits.outbox_bytes);
     }
 
     pub fn join(&self, id: ConnId, room: &str, name: &str) -> Result<Joined, JoinError> {
@@ -128,7 +175,7 @@ impl Hub {
         };
         if let Some(event) = event {
             let event = json!({"type": "presence", "room": room, "event": event, "member": {"id": id, "name": name}});
-            broadcast_presence(inner, room, id, event.to_string());
+            broadcast_presence(inner, room, id, event.to_string(), self.limits.outbox_bytes);
         }
         let (members, truncated) = self.members_of(&guard, room);
         Ok(Joined { last_offset, members, truncated })
@@ -137,7 +184,12 @@ impl Hub {
     /// Leaves a room; false if the connection was not in it.
     pub fn leave(&self, id: ConnId, room: &str) -> bool {
         let mut inner = self.lock();
-        leave_room(&mut inner, id, room)
+        leave_room(&mut inner, id, room, self.limits.outbox_bytes)
+    }
+
+    /// The rooms a connection is in.
+    pub fn rooms_of(&self, id: ConnId) -> Vec<String> {
+        self.lock().conns.get(&id).map(|c| c.rooms.iter().cloned().collect()).unwrap_or_default()
     }
 
     pub fn is_member(&self, id: ConnId, room: &str) -> bool {
@@ -181,21 +233,15 @@ impl Hub {
                 } else {
                     v1.clone()
                 };
-                if conn.outbox.try_send(bytes).is_err() {
+                if !conn.offer(bytes, self.limits.outbox_bytes) {
                     stalled.push(*id);
                 }
             }
         }
         for id in stalled {
             tracing::info!(conn = id, "outbox full: dropping a client that does not keep up");
-            remove_conn(inner, id);
+            remove_conn(inner, id, self.limits.outbox_bytes);
         }
-    }
-
-    /// Sends an envelope to one connection (replies, errors). False if its outbox is full or gone.
-    pub fn send_to(&self, id: ConnId, envelope: String) -> bool {
-        let inner = self.lock();
-        inner.conns.get(&id).is_some_and(|c| c.outbox.try_send(Utf8Bytes::from(envelope)).is_ok())
     }
 
     pub fn connection_count(&self) -> usize {
@@ -215,7 +261,7 @@ fn room_entry<'a>(rooms: &'a mut HashMap<String, Room>, room: &str) -> &'a mut R
     rooms.get_mut(room).expect("inserted")
 }
 
-fn leave_room(inner: &mut Inner, id: ConnId, room: &str) -> bool {
+fn leave_room(inner: &mut Inner, id: ConnId, room: &str, outbox_bytes: usize) -> bool {
     let Some(conn) = inner.conns.get_mut(&id) else { return false };
     if !conn.rooms.remove(room) {
         return false;
@@ -229,15 +275,15 @@ fn leave_room(inner: &mut Inner, id: ConnId, room: &str) -> bool {
     }
     if !seed {
         let event = json!({"type": "presence", "room": room, "event": "leave", "member": {"id": id, "name": name}});
-        broadcast_presence(inner, room, id, event.to_string());
+        broadcast_presence(inner, room, id, event.to_string(), outbox_bytes);
     }
     true
 }
 
-fn remove_conn(inner: &mut Inner, id: ConnId) {
+fn remove_conn(inner: &mut Inner, id: ConnId, outbox_bytes: usize) {
     let rooms: Vec<String> = inner.conns.get(&id).map(|c| c.rooms.iter().cloned().collect()).unwrap_or_default();
     for room in rooms {
-        leave_room(inner, id, &room);
+        leave_room(inner, id, &room, outbox_bytes);
     }
     // Dropping the sender ends the session's outbox: it closes the socket.
     inner.conns.remove(&id);
@@ -245,13 +291,13 @@ fn remove_conn(inner: &mut Inner, id: ConnId) {
 
 /// Presence events go to the room's full-protocol members other than the subject; seed clients never
 /// receive anything but chat messages.
-fn broadcast_presence(inner: &Inner, room: &str, subject: ConnId, event: String) {
+fn broadcast_presence(inner: &Inner, room: &str, subject: ConnId, event: String, outbox_bytes: usize) {
     let Some(room) = inner.rooms.get(room) else { return };
     let bytes = Utf8Bytes::from(event);
     for id in room.members.keys().filter(|id| **id != subject) {
         if let Some(conn) = inner.conns.get(id).filter(|c| !c.seed) {
             // A full outbox here is handled at the next delivery; presence is best effort.
-            let _ = conn.outbox.try_send(bytes.clone());
+            conn.offer(bytes.clone(), outbox_bytes);
         }
     }
 }
@@ -261,7 +307,8 @@ mod tests {
     use super::*;
 
     fn hub() -> Arc<Hub> {
-        Hub::new(HubLimits { outbox_messages: 4, max_rooms_per_connection: 3, max_presence: 2 }, "lobby".into())
+        let limits = HubLimits { outbox_messages: 4, outbox_bytes: 1000, max_rooms_per_connection: 3, max_presence: 2 };
+        Hub::new(limits, "lobby".into())
     }
 
     fn message(room: &str, offset: u64) -> StoredMessage {
@@ -299,11 +346,33 @@ mod tests {
         hub.join(fast, "r", "fast").unwrap();
         for offset in 1..=10 {
             hub.deliver(&[message("r", offset)]);
-            while fast_rx.try_recv().is_ok() {}
+            while fast_rx.try_recv().is_some() {}
         }
         assert!(!hub.is_member(slow, "r"), "the member that never read was dropped");
         assert!(hub.is_member(fast, "r"));
         assert_eq!(hub.connection_count(), 1);
+    }
+
+    #[test]
+    fn the_outbox_is_bounded_in_bytes_too() {
+        let hub = hub();
+        let (slow, slow_rx) = hub.register(false);
+        let (fast, mut fast_rx) = hub.register(false);
+        hub.join(slow, "r", "slow").unwrap();
+        hub.join(fast, "r", "fast").unwrap();
+        let mut big = message("r", 1);
+        big.message = "x".repeat(600);
+        hub.deliver(&[big.clone()]);
+        assert!(slow_rx.queued_bytes() > 600, "one large message fits an empty outbox");
+        big.offset = 2;
+        while fast_rx.try_recv().is_some() {}
+        hub.deliver(&[big]);
+        assert!(!hub.is_member(slow, "r"), "two messages of 600+ bytes pass the 1000-byte bound");
+        assert!(hub.is_member(fast, "r"));
+        assert_eq!(fast_rx.try_recv().map(|b| b.len() > 600), Some(true));
+        let leave = fast_rx.try_recv().expect("the slow member's departure");
+        assert!(leave.contains("\"leave\""), "{leave}");
+        assert_eq!(fast_rx.queued_bytes(), 0, "reading gives the bytes back");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use std::time::Duration;
 
+use switchboard::auth::Claims;
 use switchboard::config::{ServeArgs, ServeConfig};
 use switchboard::connect::{self, ConnectOptions};
 use switchboard::echo::{self, EchoOptions};
@@ -25,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the chat server: the page at /, the WebSocket at /ws (seed protocol, or switchboard.v1).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Load generator for any WebSocket server: echo, fanout, connect and idle modes.
     Bench {
         #[command(subcommand)]
@@ -54,6 +55,8 @@ enum Command {
         #[command(flatten)]
         tls: TlsArgs,
     },
+    /// Mint a JWT for trying out a server started with --jwt-secret (or --jwt-public-key).
+    Token(TokenArgs),
     /// Connect to a WebSocket server: stdin lines are sent, received messages printed.
     ///
     /// Exits 0 after a normal close, 1 when the server closes with another code, 2 on errors.
@@ -87,6 +90,57 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// Who the token is for (the `sub` claim; also the display name unless --name is given).
+    #[arg(long)]
+    sub: String,
+    /// Display name.
+    #[arg(long)]
+    name: Option<String>,
+    /// A room the holder may join and publish to; a trailing * matches a prefix (repeatable).
+    /// Without --room, --join or --publish the token grants every room.
+    #[arg(long = "room")]
+    rooms: Vec<String>,
+    /// A room the holder may join (read) but not publish to (repeatable).
+    #[arg(long = "join")]
+    join: Vec<String>,
+    /// A room the holder may publish to without joining (repeatable).
+    #[arg(long = "publish")]
+    publish: Vec<String>,
+    /// Seconds until the token expires.
+    #[arg(long, default_value_t = 3600)]
+    ttl_secs: u64,
+    /// HS256 shared secret (the server's --jwt-secret).
+    #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true, required_unless_present = "private_key")]
+    secret: Option<String>,
+    /// PEM private key (RSA gives RS256, P-256 gives ES256) instead of a secret.
+    #[arg(long, conflicts_with = "secret")]
+    private_key: Option<PathBuf>,
+}
+
+impl TokenArgs {
+    fn mint(self) -> anyhow::Result<String> {
+        let list = |l: Vec<String>| (!l.is_empty()).then_some(l);
+        let claims = Claims {
+            sub: self.sub,
+            exp: switchboard::auth::unix_now() + self.ttl_secs,
+            name: self.name,
+            rooms: list(self.rooms),
+            join: list(self.join),
+            publish: list(self.publish),
+        };
+        Ok(match (&self.secret, &self.private_key) {
+            (_, Some(path)) => {
+                let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                switchboard::auth::mint_with_key(&pem, &claims)?
+            }
+            (Some(secret), None) => switchboard::auth::mint(secret.as_bytes(), &claims)?,
+            (None, None) => anyhow::bail!("give --secret or --private-key"),
+        })
+    }
+}
+
 /// TLS for a listening command: both files, or neither.
 #[derive(clap::Args)]
 struct TlsArgs {
@@ -115,6 +169,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::Token(args) = cli.command {
+        println!("{}", args.mint()?);
+        return Ok(());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     if let Command::Connect { url, binary, json, headers, protocols, ping_interval, no_compression, ca_file, proxy } =
         cli.command
@@ -149,16 +207,13 @@ fn main() -> anyhow::Result<()> {
         // Not `return`: a pending read of stdin would keep the runtime from shutting down.
         std::process::exit(code);
     }
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         match cli.command {
-            Command::Connect { .. } => unreachable!("handled above"),
+            Command::Connect { .. } | Command::Token(_) => unreachable!("handled above"),
             Command::Bench { mode } => switchboard::bench::run(mode).await,
             Command::Serve(args) => {
-                let config = ServeConfig::load(args)?;
-                serve::run(config, async {
-                    let _ = tokio::signal::ctrl_c().await;
-                })
-                .await
+                let config = ServeConfig::load(*args)?;
+                serve::run(config, stop_signal()).await
             }
             Command::Echo {
                 listen,
@@ -186,5 +241,28 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-    })
+    });
+    // Tasks still running (a client that never finished closing) must not hold the exit: the grace
+    // period is over by now.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    result
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM, the signal service managers stop a server with.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => tracing::info!("interrupted (SIGINT)"),
+                    _ = terminate.recv() => tracing::info!("terminated (SIGTERM)"),
+                }
+                return;
+            }
+            Err(error) => tracing::warn!(%error, "cannot listen for SIGTERM; Ctrl-C only"),
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

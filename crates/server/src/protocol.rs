@@ -13,13 +13,6 @@ use crate::store::StoredMessage;
 /// The subprotocol name of the full protocol.
 pub const V1: &str = "switchboard.v1";
 
-/// A message from a seed-protocol client. Unknown fields are ignored, as the seed server did.
-#[derive(Debug, Deserialize)]
-pub struct SeedIn {
-    pub name: Value,
-    pub message: Value,
-}
-
 /// A chat message as the seed page expects it.
 #[derive(Debug, Serialize)]
 pub struct SeedOut<'a> {
@@ -75,6 +68,12 @@ pub enum Request {
         #[serde(default)]
         req: Option<Value>,
     },
+    /// Authenticate (when the connection had no token) or replace the token before it expires.
+    Auth {
+        token: String,
+        #[serde(default)]
+        req: Option<Value>,
+    },
 }
 
 /// Error codes of `{"type": "error"}` envelopes.
@@ -86,6 +85,7 @@ pub enum ErrorCode {
     UnknownRoom,
     TooLong,
     NotAllowed,
+    BadToken,
     TooMany,
     Unavailable,
 }

@@ -5,16 +5,20 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use serde_json::{json, Value};
 use switchboard_ws::upgrade::UpgradedWebSocket;
 use switchboard_ws::{CloseCode, Message, Utf8Bytes};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
-use crate::hub::{ConnId, Hub, JoinError};
-use crate::protocol::{self, error_envelope, ErrorCode, Request, SeedIn};
+use crate::auth::{Access, AuthError, Identity};
+use crate::config::RateLimit;
+use crate::hub::{ConnId, Hub, JoinError, Outbox};
+use crate::limits::RateLimiter;
+use crate::protocol::{self, error_envelope, ErrorCode, Request};
 use crate::store::{History, NewMessage, Published, Store, StoreError};
 
 /// What one connection may do.
@@ -26,102 +30,228 @@ pub struct SessionLimits {
     pub join_backlog: usize,
     /// Most messages replayed by one join or history request.
     pub max_replay: usize,
+    pub rate_limit: Option<RateLimit>,
+    /// How long a connection without a token has to send one.
+    pub auth_timeout: Duration,
 }
+
+/// What every session of a server shares.
+pub struct Shared {
+    pub hub: Arc<Hub>,
+    pub store: Arc<Store>,
+    pub access: Arc<Access>,
+    pub limits: SessionLimits,
+}
+
+/// Close code for a missing, invalid or expired token (the 4000s are the application's, RFC 6455 §7.4.2).
+pub const UNAUTHORIZED: CloseCode = CloseCode(4001);
+/// Close code for a seed client whose token does not grant the default room.
+pub const FORBIDDEN: CloseCode = CloseCode(4003);
 
 const MAX_ROOM_CHARS: usize = 64;
 /// How long a closing session waits for the client's side of the close handshake.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// A client whose socket takes no data for this long while we have some for it is dropped: it has
+/// stopped reading, and its place in every room is already gone.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Reply = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
 
 struct Session {
-    hub: Arc<Hub>,
-    store: Arc<Store>,
-    id: ConnId,
+    shared: Arc<Shared>,
+    /// Set once the connection is registered with the hub (after authentication).
+    id: Option<ConnId>,
+    outbox: Option<Outbox>,
     seed: bool,
     name: Option<String>,
-    limits: SessionLimits,
+    /// `None` until a token arrives, on a server that refuses anonymous connections.
+    identity: Option<Identity>,
+    auth_deadline: Instant,
     replies: FuturesOrdered<Reply>,
 }
 
-/// Runs a connection until it ends; `shutdown` flips to true when the server is stopping.
+/// Runs a connection until it ends. `identity` comes from a token in the handshake (or anonymous
+/// access); `None` means the client must send a token first. `shutdown` flips when the server stops.
 pub async fn run(
-    hub: Arc<Hub>,
-    store: Arc<Store>,
+    shared: Arc<Shared>,
     mut ws: UpgradedWebSocket,
-    limits: SessionLimits,
+    identity: Option<Identity>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let seed = ws.protocol() != Some(protocol::V1);
-    let (id, mut outbox) = hub.register(seed);
-    let mut session = Session { hub: hub.clone(), store, id, seed, name: None, limits, replies: FuturesOrdered::new() };
-    let end: Option<(CloseCode, &str)> = loop {
-        tokio::select! {
+    let mut rate = shared.limits.rate_limit.map(|limit| RateLimiter::new(limit, std::time::Instant::now()));
+    let auth_deadline = Instant::now() + shared.limits.auth_timeout;
+    let mut session = Session {
+        shared,
+        id: None,
+        outbox: None,
+        seed,
+        name: None,
+        identity: None,
+        auth_deadline,
+        replies: FuturesOrdered::new(),
+    };
+    let mut end: Option<End> = match identity {
+        Some(identity) => session.authenticated(identity).err().map(|(code, reason)| End::Close(code, reason)),
+        None => None,
+    };
+    let mut deadline = session.deadline();
+    let timer = tokio::time::sleep_until(deadline.map_or(far_future(), |(at, _)| at));
+    tokio::pin!(timer);
+    while end.is_none() {
+        end = tokio::select! {
             biased;
-            _ = shutdown.changed() => break Some((CloseCode::GOING_AWAY, "server shutting down")),
-            Some(reply) = session.replies.next(), if !session.replies.is_empty() => {
-                if let Some(envelope) = reply {
-                    if ws.feed(Message::Text(envelope.into())).await.is_err() { break None; }
-                }
+            _ = shutdown.changed() => Some(End::Close(CloseCode::GOING_AWAY, "server shutting down".into())),
+            () = &mut timer, if deadline.is_some() => {
+                Some(End::Close(UNAUTHORIZED, deadline.map_or("", |(_, why)| why).into()))
             }
-            item = outbox.recv() => match item {
-                Some(bytes) => if ws.feed(Message::Text(bytes)).await.is_err() { break None },
-                None => break Some((CloseCode::POLICY_VIOLATION, "too slow: messages were not read in time")),
+            Some(reply) = session.replies.next(), if !session.replies.is_empty() => match reply {
+                Some(envelope) => send(&mut ws, envelope.into()).await.err(),
+                None => None,
+            },
+            item = next_delivery(&mut session.outbox) => match item {
+                Some(bytes) => send(&mut ws, bytes).await.err(),
+                None => Some(End::Close(CloseCode::POLICY_VIOLATION, "too slow: messages were not read in time".into())),
             },
             incoming = ws.recv() => match incoming {
-                None => break None,
-                Some(Err(error)) => tracing::debug!(conn = id, %error, "protocol error"),
-                Some(Ok(Message::Text(text))) => match session.on_text(&text) {
-                    Ok(envelopes) => {
-                        for envelope in envelopes {
-                            if ws.feed(Message::Text(envelope.into())).await.is_err() { break; }
-                        }
-                    }
-                    Err((code, reason)) => break Some((code, reason)),
-                },
-                Some(Ok(Message::Binary(_))) => {
-                    if seed {
-                        break Some((CloseCode::UNSUPPORTED_DATA, "binary messages are not supported"));
-                    }
-                    let error = error_envelope(ErrorCode::BadRequest, "binary messages are not supported; send JSON text", None);
-                    if ws.feed(Message::Text(error.into())).await.is_err() { break None; }
+                None => Some(End::Dropped),
+                Some(Err(error)) => {
+                    tracing::debug!(conn = session.id, %error, "protocol error");
+                    None
                 }
-                Some(Ok(_)) => {}
+                Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
+                    if rate.as_mut().is_some_and(|rate| !rate.allow(std::time::Instant::now())) {
+                        Some(End::Close(CloseCode::POLICY_VIOLATION, "message rate limit exceeded".into()))
+                    } else {
+                        session.on_message(message, &mut ws).await.err()
+                    }
+                }
+                Some(Ok(_)) => None,
             },
+        };
+        let next = session.deadline();
+        if next != deadline {
+            deadline = next;
+            timer.as_mut().reset(deadline.map_or(far_future(), |(at, _)| at));
         }
-    };
-    hub.unregister(id);
-    if let Some((code, reason)) = end {
-        if ws.close(code, reason).await.is_ok() {
+    }
+    if let Some(id) = session.id {
+        session.shared.hub.unregister(id);
+    }
+    if let Some(End::Close(code, reason)) = end {
+        tracing::debug!(conn = session.id, code = code.0, %reason, "closing");
+        if ws.close(code, &reason).await.is_ok() {
             let _ = tokio::time::timeout(CLOSE_WAIT, async { while ws.recv().await.is_some() {} }).await;
         }
     }
 }
 
-type Closing = (CloseCode, &'static str);
+/// Why a session should end: a close code and a reason (cut to 123 bytes before it is sent).
+type Closing = (CloseCode, String);
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86400 * 365)
+}
+
+/// The next message the hub has for this connection; never resolves before registration.
+async fn next_delivery(outbox: &mut Option<Outbox>) -> Option<Utf8Bytes> {
+    match outbox {
+        Some(outbox) => outbox.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Queues one message, waiting (bounded) while the socket's buffer is full.
+async fn send(ws: &mut UpgradedWebSocket, text: Utf8Bytes) -> Result<(), End> {
+    match tokio::time::timeout(SEND_TIMEOUT, ws.feed(Message::Text(text))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Dropped),
+        Err(_) => Err(End::Close(CloseCode::POLICY_VIOLATION, "too slow: the connection stopped reading".into())),
+    }
+}
+
+/// A close reason cut to what fits in a close frame (123 bytes), at a character boundary.
+fn close_reason(text: String) -> String {
+    if text.len() <= 123 {
+        return text;
+    }
+    let mut end = 120;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
 
 impl Session {
-    /// Handles one text message; returns envelopes to send now, or a reason to close.
-    fn on_text(&mut self, text: &Utf8Bytes) -> Result<Vec<String>, Closing> {
-        if self.seed {
-            self.on_seed(text).map(|()| Vec::new())
-        } else {
-            Ok(self.on_request(text))
+    /// The connection has an identity now (from its handshake or its first message): join the hub.
+    fn authenticated(&mut self, identity: Identity) -> Result<(), Closing> {
+        let default_room = &self.shared.hub.default_room;
+        if self.seed && !identity.may_join(default_room) {
+            return Err((FORBIDDEN, format!("this token does not grant the room {default_room:?}")));
+        }
+        self.identity = Some(identity);
+        let (id, outbox) = self.shared.hub.register(self.seed);
+        self.id = Some(id);
+        self.outbox = Some(outbox);
+        Ok(())
+    }
+
+    /// When the session must end unless something changes: the end of the time allowed to
+    /// authenticate, or the token's expiry.
+    fn deadline(&self) -> Option<(Instant, &'static str)> {
+        match &self.identity {
+            None => Some((self.auth_deadline, "authentication required: no token arrived in time")),
+            Some(identity) => identity.expires_at.map(|at| {
+                let left = at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+                (Instant::now() + left, "token expired")
+            }),
         }
     }
 
-    /// The seed protocol has no error messages: a client that breaks it is closed with the reason.
-    fn on_seed(&mut self, text: &str) -> Result<(), Closing> {
-        let parsed: SeedIn = serde_json::from_str(text)
-            .map_err(|_| (CloseCode::INVALID_PAYLOAD, "expected JSON {\"name\": ..., \"message\": ...}"))?;
-        let name = plain_string(parsed.name);
-        let message = plain_string(parsed.message);
-        if name.chars().count() > self.limits.max_name_chars || message.chars().count() > self.limits.max_message_chars
-        {
-            return Err((CloseCode::MESSAGE_TOO_BIG, "name or message too long"));
+    async fn on_message(&mut self, message: Message, ws: &mut UpgradedWebSocket) -> Result<(), End> {
+        let text = match message {
+            Message::Text(text) => text,
+            _ if self.seed => {
+                return Err(End::Close(CloseCode::UNSUPPORTED_DATA, "binary messages are not supported".into()));
+            }
+            _ => {
+                let text = "binary messages are not supported; send JSON text";
+                return send(ws, error_envelope(ErrorCode::BadRequest, text, None).into()).await;
+            }
+        };
+        let envelopes = if self.seed { self.on_seed(&text).map(|()| Vec::new()) } else { self.on_request(&text) };
+        for envelope in envelopes.map_err(|(code, reason)| End::Close(code, close_reason(reason)))? {
+            send(ws, envelope.into()).await?;
         }
-        let new = NewMessage { room: self.hub.default_room.clone(), id: None, name, message, time: now_hms() };
-        match self.store.submit(new) {
+        Ok(())
+    }
+
+    /// The seed protocol has no error messages: a client that breaks it is closed with the reason.
+    /// A message with a `token` field authenticates (or refreshes the token) instead of chatting.
+    fn on_seed(&mut self, text: &str) -> Result<(), Closing> {
+        let bad = || (CloseCode::INVALID_PAYLOAD, "expected JSON {\"name\": ..., \"message\": ...}".to_owned());
+        let mut parsed: serde_json::Map<String, Value> = serde_json::from_str(text).map_err(|_| bad())?;
+        if let Some(token) = parsed.remove("token") {
+            let token = token.as_str().ok_or((UNAUTHORIZED, "the token must be a string".to_owned()))?;
+            return self.authenticate(token).map(|_| ()).map_err(|error| (UNAUTHORIZED, error.to_string()));
+        }
+        let Some(identity) = &self.identity else {
+            return Err((UNAUTHORIZED, "authentication required: send {\"token\": \"...\"} first".into()));
+        };
+        let room = self.shared.hub.default_room.clone();
+        if !identity.may_publish(&room) {
+            return Err((FORBIDDEN, format!("this token does not allow publishing to {room:?}")));
+        }
+        // Missing fields are empty strings, as the seed server had it.
+        let name = parsed.remove("name").unwrap_or(Value::Null);
+        let message = plain_string(parsed.remove("message").unwrap_or(Value::Null));
+        let name = identity.name.clone().unwrap_or_else(|| plain_string(name));
+        let limits = &self.shared.limits;
+        if name.chars().count() > limits.max_name_chars || message.chars().count() > limits.max_message_chars {
+            return Err((CloseCode::MESSAGE_TOO_BIG, "name or message too long".into()));
+        }
+        let new = NewMessage { room, id: None, name, message, time: now_hms() };
+        match self.shared.store.submit(new) {
             Ok(pending) => {
                 self.replies.push_back(Box::pin(async move {
                     if let Err(error) = pending.await {
@@ -131,51 +261,120 @@ impl Session {
                 }));
                 Ok(())
             }
-            Err(_) => Err((CloseCode::TRY_AGAIN_LATER, "message could not be stored; try again later")),
+            Err(_) => Err((CloseCode::TRY_AGAIN_LATER, "message could not be stored; try again later".into())),
         }
     }
 
-    fn on_request(&mut self, text: &str) -> Vec<String> {
+    /// Takes a token: the first one registers the connection, later ones replace it (same subject).
+    /// Rooms the new token no longer grants are left.
+    fn authenticate(&mut self, token: &str) -> Result<Vec<String>, AuthError> {
+        let access = &self.shared.access;
+        let Some(current) = &self.identity else {
+            let identity = access.verify(token)?;
+            return match self.authenticated(identity) {
+                Ok(()) => Ok(Vec::new()),
+                Err((_, reason)) => Err(AuthError::Invalid(reason)),
+            };
+        };
+        let fresh = access.refresh(current, token)?;
+        let mut left = Vec::new();
+        if let Some(id) = self.id {
+            for room in self.shared.hub.rooms_of(id) {
+                if !fresh.may_join(&room) && self.shared.hub.leave(id, &room) {
+                    left.push(room);
+                }
+            }
+        }
+        self.identity = Some(fresh);
+        Ok(left)
+    }
+
+    fn on_request(&mut self, text: &str) -> Result<Vec<String>, Closing> {
         let raw: Value = match serde_json::from_str(text) {
             Ok(raw) => raw,
-            Err(error) => return vec![error_envelope(ErrorCode::BadJson, &format!("not JSON: {error}"), None)],
+            Err(error) => return Ok(vec![error_envelope(ErrorCode::BadJson, &format!("not JSON: {error}"), None)]),
         };
         let req = protocol::request_ref(&raw).cloned();
         let request: Request = match serde_json::from_value(raw) {
             Ok(request) => request,
-            Err(error) => return vec![error_envelope(ErrorCode::BadRequest, &error.to_string(), req.as_ref())],
+            Err(error) => return Ok(vec![error_envelope(ErrorCode::BadRequest, &error.to_string(), req.as_ref())]),
         };
-        match request {
-            Request::Join { room, name, since, req } => self.join(room, name, since, req),
+        if let Request::Auth { token, req } = request {
+            let first = self.identity.is_none();
+            return match self.authenticate(&token) {
+                Ok(left) => {
+                    let identity = self.identity.as_ref().expect("authenticated");
+                    let exp = identity.expires_at.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
+                    let mut out = vec![
+                        json!({"type": "authed", "sub": identity.subject, "exp": exp.map(|d| d.as_secs()), "req": req})
+                            .to_string(),
+                    ];
+                    out.extend(left.into_iter().map(|room| {
+                        json!({"type": "left", "room": room, "reason": "not_allowed", "req": null}).to_string()
+                    }));
+                    Ok(out)
+                }
+                Err(error) if first => Err((UNAUTHORIZED, error.to_string())),
+                Err(error) => Ok(vec![error_envelope(ErrorCode::BadToken, &error.to_string(), req.as_ref())]),
+            };
+        }
+        let (Some(identity), Some(id)) = (self.identity.clone(), self.id) else {
+            return Err((
+                UNAUTHORIZED,
+                "authentication required: send {\"type\": \"auth\", \"token\": ...} first".into(),
+            ));
+        };
+        let hub = &self.shared.hub;
+        Ok(match request {
+            Request::Auth { .. } => unreachable!("handled above"),
+            Request::Join { room, name, since, req } => {
+                if let Err(e) = check_room(&room).and_then(|()| may(identity.may_join(&room), "join", &room)) {
+                    return Ok(vec![error_envelope(e.0, &e.1, req.as_ref())]);
+                }
+                self.join(id, &identity, room, name, since, req)
+            }
             Request::Leave { room, req } => {
-                if self.hub.leave(self.id, &room) {
+                if hub.leave(id, &room) {
                     vec![json!({"type": "left", "room": room, "req": req}).to_string()]
                 } else {
                     vec![error_envelope(ErrorCode::UnknownRoom, &format!("not a member of {room:?}"), req.as_ref())]
                 }
             }
-            Request::Publish { room, rooms, message, name, id, req } => {
-                self.publish(room.into_iter().chain(rooms.unwrap_or_default()).collect(), message, name, id, req)
+            Request::Publish { room, rooms, message, name, id: message_id, req } => {
+                let rooms: Vec<String> = room.into_iter().chain(rooms.unwrap_or_default()).collect();
+                let name = identity.name.clone().or(name).or_else(|| self.name.clone());
+                match validate_publish(&self.shared.limits, rooms, message, name, message_id) {
+                    Ok(publish) => match publish.rooms.iter().find(|room| !identity.may_publish(room)) {
+                        Some(room) => vec![error_envelope(
+                            ErrorCode::NotAllowed,
+                            &format!("this token does not allow publishing to {room:?}"),
+                            req.as_ref(),
+                        )],
+                        None => self.publish(publish, req),
+                    },
+                    Err((code, text)) => vec![error_envelope(code, &text, req.as_ref())],
+                }
             }
             Request::Presence { room, req } => {
-                if !self.hub.is_member(self.id, &room) {
-                    return vec![error_envelope(
+                if !hub.is_member(id, &room) {
+                    return Ok(vec![error_envelope(
                         ErrorCode::UnknownRoom,
                         &format!("not a member of {room:?}"),
                         req.as_ref(),
-                    )];
+                    )]);
                 }
-                let (members, truncated) = self.hub.presence(&room);
+                let (members, truncated) = hub.presence(&room);
                 vec![json!({"type": "presence", "room": room, "members": members_json(&members), "truncated": truncated, "req": req})
                     .to_string()]
             }
             Request::History { room, since, limit, req } => {
-                if let Err(e) = self.check_room(&room, req.as_ref()) {
-                    return vec![e];
+                if let Err(e) = check_room(&room).and_then(|()| may(identity.may_join(&room), "read", &room)) {
+                    return Ok(vec![error_envelope(e.0, &e.1, req.as_ref())]);
                 }
-                let last = self.hub.last_offset(&room);
-                let limit = limit.unwrap_or(self.limits.max_replay).min(self.limits.max_replay);
-                match self.store.history(&room, since.unwrap_or(0), last, limit) {
+                let last = hub.last_offset(&room);
+                let max_replay = self.shared.limits.max_replay;
+                let limit = limit.unwrap_or(max_replay).min(max_replay);
+                match self.shared.store.history(&room, since.unwrap_or(0), last, limit) {
                     Ok(history) => {
                         let messages: Vec<Value> = history.messages.iter().map(protocol::message_value).collect();
                         vec![json!({"type": "history", "room": room, "messages": messages, "first": history.first_retained,
@@ -185,47 +384,29 @@ impl Session {
                     Err(error) => vec![unavailable(&error, req.as_ref())],
                 }
             }
-        }
+        })
     }
 
-    fn check_room(&self, room: &str, req: Option<&Value>) -> Result<(), String> {
-        let valid = !room.is_empty()
-            && room.chars().count() <= MAX_ROOM_CHARS
-            && room.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'));
-        if valid {
-            Ok(())
-        } else {
-            Err(error_envelope(
-                ErrorCode::BadRequest,
-                &format!("invalid room name {room:?}: 1-{MAX_ROOM_CHARS} of A-Z a-z 0-9 _ - . :"),
-                req,
-            ))
-        }
-    }
-
-    fn check_name(&self, name: &str, req: Option<&Value>) -> Result<(), String> {
-        if name.chars().count() > self.limits.max_name_chars {
-            return Err(error_envelope(
-                ErrorCode::TooLong,
-                &format!("name longer than {} characters", self.limits.max_name_chars),
-                req,
-            ));
-        }
-        Ok(())
-    }
-
-    fn join(&mut self, room: String, name: Option<String>, since: Option<u64>, req: Option<Value>) -> Vec<String> {
-        if let Err(e) = self.check_room(&room, req.as_ref()).and_then(|()| match &name {
-            Some(n) => self.check_name(n, req.as_ref()),
-            None => Ok(()),
-        }) {
-            return vec![e];
+    fn join(
+        &mut self,
+        id: ConnId,
+        identity: &Identity,
+        room: String,
+        name: Option<String>,
+        since: Option<u64>,
+        req: Option<Value>,
+    ) -> Vec<String> {
+        if let Some(name) = &name {
+            if let Err((code, text)) = check_name(name, self.shared.limits.max_name_chars) {
+                return vec![error_envelope(code, &text, req.as_ref())];
+            }
         }
         if name.is_some() {
             self.name = name;
         }
-        let display = self.name.clone().unwrap_or_else(|| "Anonymous".into());
-        let joined = match self.hub.join(self.id, &room, &display) {
+        // An authenticated member is shown under its token's name, whatever it asks for.
+        let display = identity.name.clone().or_else(|| self.name.clone()).unwrap_or_else(|| "Anonymous".into());
+        let joined = match self.shared.hub.join(id, &room, &display) {
             Ok(joined) => joined,
             Err(error @ JoinError::TooManyRooms { .. }) => {
                 return vec![error_envelope(ErrorCode::TooMany, &error.to_string(), req.as_ref())]
@@ -233,25 +414,20 @@ impl Session {
             Err(JoinError::Gone) => return Vec::new(),
         };
         let last = joined.last_offset;
-        let store = &self.store;
+        let store = &self.shared.store;
+        let limits = &self.shared.limits;
         let (history, recovered) = match since {
-            None => (
-                store.history(
-                    &room,
-                    last.saturating_sub(self.limits.join_backlog as u64),
-                    last,
-                    self.limits.join_backlog,
-                ),
-                None,
-            ),
+            None => {
+                (store.history(&room, last.saturating_sub(limits.join_backlog as u64), last, limits.join_backlog), None)
+            }
             Some(since) if since >= last => {
                 (Ok(History { first_retained: last + 1, last_offset: last, ..History::default() }), Some(since == last))
             }
             Some(since) => {
-                let history = store.history(&room, since, last, self.limits.max_replay);
+                let history = store.history(&room, since, last, limits.max_replay);
                 let complete = history
                     .as_ref()
-                    .is_ok_and(|h| h.first_retained <= since + 1 && (last - since) as usize <= self.limits.max_replay);
+                    .is_ok_and(|h| h.first_retained <= since + 1 && (last - since) as usize <= limits.max_replay);
                 (history, Some(complete))
             }
         };
@@ -269,46 +445,11 @@ impl Session {
         out
     }
 
-    fn publish(
-        &mut self,
-        mut rooms: Vec<String>,
-        message: String,
-        name: Option<String>,
-        id: Option<String>,
-        req: Option<Value>,
-    ) -> Vec<String> {
-        rooms.dedup();
-        if rooms.is_empty() {
-            return vec![error_envelope(ErrorCode::BadRequest, "publish needs \"room\" or \"rooms\"", req.as_ref())];
-        }
-        for room in &rooms {
-            if let Err(e) = self.check_room(room, req.as_ref()) {
-                return vec![e];
-            }
-        }
-        if message.chars().count() > self.limits.max_message_chars {
-            let text = format!("message longer than {} characters", self.limits.max_message_chars);
-            return vec![error_envelope(ErrorCode::TooLong, &text, req.as_ref())];
-        }
-        if let Some(Err(e)) = name.as_deref().map(|n| self.check_name(n, req.as_ref())) {
-            return vec![e];
-        }
-        if id.as_ref().is_some_and(|id| id.is_empty() || id.len() > 128) {
-            return vec![error_envelope(ErrorCode::BadRequest, "id must be 1-128 bytes", req.as_ref())];
-        }
-        let name = name.or_else(|| self.name.clone()).unwrap_or_else(|| "Anonymous".into());
-        let time = now_hms();
+    fn publish(&mut self, publish: PublishRequest, req: Option<Value>) -> Vec<String> {
         let mut immediate = Vec::new();
-        for room in rooms {
-            let new = NewMessage {
-                room: room.clone(),
-                id: id.clone(),
-                name: name.clone(),
-                message: message.clone(),
-                time: time.clone(),
-            };
+        for pending in submit(&self.shared.store, publish) {
             let req = req.clone();
-            match self.store.submit(new) {
+            match pending {
                 Ok(pending) => self.replies.push_back(Box::pin(async move {
                     Some(match pending.await {
                         Ok(Published::Stored(m)) => ack(&m.room, m.offset, &m.id, false, &req),
@@ -320,6 +461,94 @@ impl Session {
             }
         }
         immediate
+    }
+}
+
+/// How a session ends.
+enum End {
+    /// With a close frame.
+    Close(CloseCode, String),
+    /// The connection failed; nothing more can be sent.
+    Dropped,
+}
+
+/// A publish that passed validation (from a WebSocket client or the HTTP API).
+#[derive(Debug, Clone)]
+pub struct PublishRequest {
+    pub rooms: Vec<String>,
+    pub message: String,
+    pub name: String,
+    pub id: Option<String>,
+}
+
+/// Checks a publish against the limits; the error names what is wrong.
+pub fn validate_publish(
+    limits: &SessionLimits,
+    mut rooms: Vec<String>,
+    message: String,
+    name: Option<String>,
+    id: Option<String>,
+) -> Result<PublishRequest, (ErrorCode, String)> {
+    rooms.dedup();
+    if rooms.is_empty() {
+        return Err((ErrorCode::BadRequest, "publish needs \"room\" or \"rooms\"".into()));
+    }
+    for room in &rooms {
+        check_room(room)?;
+    }
+    if message.chars().count() > limits.max_message_chars {
+        return Err((ErrorCode::TooLong, format!("message longer than {} characters", limits.max_message_chars)));
+    }
+    if let Some(name) = &name {
+        check_name(name, limits.max_name_chars)?;
+    }
+    if id.as_ref().is_some_and(|id| id.is_empty() || id.len() > 128) {
+        return Err((ErrorCode::BadRequest, "id must be 1-128 bytes".into()));
+    }
+    Ok(PublishRequest { rooms, message, name: name.unwrap_or_else(|| "Anonymous".into()), id })
+}
+
+/// Queues one message per room, in order; each resolves once committed.
+pub fn submit(store: &Store, publish: PublishRequest) -> Vec<Result<crate::store::PendingPublish, StoreError>> {
+    let time = now_hms();
+    publish
+        .rooms
+        .into_iter()
+        .map(|room| {
+            store.submit(NewMessage {
+                room,
+                id: publish.id.clone(),
+                name: publish.name.clone(),
+                message: publish.message.clone(),
+                time: time.clone(),
+            })
+        })
+        .collect()
+}
+
+fn check_room(room: &str) -> Result<(), (ErrorCode, String)> {
+    let valid = !room.is_empty()
+        && room.chars().count() <= MAX_ROOM_CHARS
+        && room.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'));
+    if valid {
+        Ok(())
+    } else {
+        Err((ErrorCode::BadRequest, format!("invalid room name {room:?}: 1-{MAX_ROOM_CHARS} of A-Z a-z 0-9 _ - . :")))
+    }
+}
+
+fn check_name(name: &str, max_chars: usize) -> Result<(), (ErrorCode, String)> {
+    if name.chars().count() > max_chars {
+        return Err((ErrorCode::TooLong, format!("name longer than {max_chars} characters")));
+    }
+    Ok(())
+}
+
+fn may(allowed: bool, what: &str, room: &str) -> Result<(), (ErrorCode, String)> {
+    if allowed {
+        Ok(())
+    } else {
+        Err((ErrorCode::NotAllowed, format!("this token does not allow you to {what} {room:?}")))
     }
 }
 

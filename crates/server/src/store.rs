@@ -58,11 +58,13 @@ pub enum Published {
     Duplicate(StoredMessage),
 }
 
-/// Retention per room.
+/// What the store keeps: per room, and in all.
 #[derive(Debug, Clone, Copy)]
 pub struct Retention {
     pub max_messages: u64,
     pub max_age: Option<Duration>,
+    /// Largest size of the database file; past it writes fail as on a full disk.
+    pub max_db_bytes: Option<u64>,
 }
 
 /// A slice of a room's history.
@@ -127,6 +129,14 @@ impl Store {
                  CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts_ms);",
             )
             .map_err(open_err)?;
+        if let Some(bytes) = retention.max_db_bytes {
+            let page_size: i64 = writer_conn.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(open_err)?;
+            let pages = (bytes as i64 / page_size).max(1);
+            // SQLite answers with the number it settled on (never below the current size).
+            let _: i64 = writer_conn
+                .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| r.get(0))
+                .map_err(open_err)?;
+        }
         let reader = Connection::open(path).map_err(open_err)?;
         let mut last_offsets = HashMap::new();
         {
@@ -391,7 +401,8 @@ mod tests {
 
     #[tokio::test]
     async fn old_messages_are_not_served_and_offsets_still_grow() {
-        let store = open("age", Retention { max_messages: 100, max_age: Some(Duration::from_millis(300)) });
+        let store =
+            open("age", Retention { max_messages: 100, max_age: Some(Duration::from_millis(300)), max_db_bytes: None });
         assert!(matches!(store.publish(new("r", None, "old")).await.unwrap(), Published::Stored(m) if m.offset == 1));
         tokio::time::sleep(Duration::from_millis(500)).await;
         let history = store.history("r", 0, 1, 100).unwrap();
@@ -402,8 +413,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_full_database_is_an_error_the_publisher_sees_and_nothing_is_lost() {
+        let store = open("full", Retention { max_messages: 1_000_000, max_age: None, max_db_bytes: Some(64 * 1024) });
+        let text = "x".repeat(1000);
+        let mut stored = 0u64;
+        let error = loop {
+            match store.publish(new("r", None, &text)).await {
+                Ok(Published::Stored(m)) => {
+                    stored += 1;
+                    assert_eq!(m.offset, stored, "offsets stay gap-free up to the failure");
+                }
+                Ok(other) => panic!("{other:?}"),
+                Err(error) => break error,
+            }
+            assert!(stored < 1000, "64 KiB cannot hold 1000 messages of 1000 bytes");
+        };
+        assert!(matches!(error, StoreError::Write(ref m) if m.contains("full")), "{error}");
+        assert!(stored > 0);
+        // Every acknowledged message is still there; a message that fits later takes the next offset.
+        assert_eq!(store.history("r", 0, stored, 10_000).unwrap().messages.len() as u64, stored);
+        let small = store.publish(new("r", None, "")).await;
+        if let Ok(Published::Stored(m)) = small {
+            assert_eq!(m.offset, stored + 1, "a failed write used no offset");
+        }
+    }
+
+    #[tokio::test]
     async fn ids_are_stored_once_per_room() {
-        let store = open("ids", Retention { max_messages: 100, max_age: None });
+        let store = open("ids", Retention { max_messages: 100, max_age: None, max_db_bytes: None });
         let first = store.publish(new("r", Some("x"), "one")).await.unwrap();
         let again = store.publish(new("r", Some("x"), "one")).await.unwrap();
         let elsewhere = store.publish(new("s", Some("x"), "one")).await.unwrap();

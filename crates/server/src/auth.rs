@@ -1,0 +1,354 @@
+//! Who may connect and what they may do: JWT verification (HS256 with a shared secret, RS256 or
+//! ES256 with a public key), the permissions a token's claims grant, the origin allow-list, and the
+//! API key of the HTTP publish endpoint.
+//!
+//! A token's claims:
+//!
+//! ```json
+//! {"sub": "alice", "exp": 1764000000, "name": "Alice", "rooms": ["lobby", "team-*"],
+//!  "join": ["announcements"], "publish": ["inbox-*"]}
+//! ```
+//!
+//! `sub` and `exp` are required. `rooms` grants joining (reading) and publishing, `join` only
+//! joining, `publish` only publishing. A pattern is a room name, or a prefix followed by `*`; `*`
+//! alone is every room. A token with none of the three lists may use every room.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("reading the public key {path}: {source}")]
+    ReadKey { path: String, source: std::io::Error },
+    #[error("{path} holds neither an RSA nor an EC (P-256) public key in PEM")]
+    BadKey { path: String },
+    #[error("token expired")]
+    Expired,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    #[error("a refreshed token must be for the same subject ({expected:?}, not {got:?})")]
+    OtherSubject { expected: String, got: String },
+}
+
+/// The claims Switchboard reads (and `switchboard token` writes).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rooms: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<Vec<String>>,
+}
+
+/// A connection's identity and permissions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// `None` for an anonymous connection.
+    pub subject: Option<String>,
+    /// Display name: the token's `name`, else its `sub`.
+    pub name: Option<String>,
+    pub expires_at: Option<SystemTime>,
+    join: Option<Vec<String>>,
+    publish: Option<Vec<String>>,
+}
+
+impl Identity {
+    /// No token: every room, any display name the client chooses.
+    pub fn anonymous() -> Self {
+        Self { subject: None, name: None, expires_at: None, join: None, publish: None }
+    }
+
+    fn from_claims(claims: Claims) -> Self {
+        let restricted = claims.rooms.is_some() || claims.join.is_some() || claims.publish.is_some();
+        let both = claims.rooms.unwrap_or_default();
+        let (join, publish) = if restricted {
+            let join = both.iter().cloned().chain(claims.join.unwrap_or_default()).collect();
+            let publish = both.into_iter().chain(claims.publish.unwrap_or_default()).collect();
+            (Some(join), Some(publish))
+        } else {
+            (None, None)
+        };
+        Self {
+            name: Some(claims.name.unwrap_or_else(|| claims.sub.clone())),
+            subject: Some(claims.sub),
+            expires_at: Some(UNIX_EPOCH + Duration::from_secs(claims.exp)),
+            join,
+            publish,
+        }
+    }
+
+    pub fn may_join(&self, room: &str) -> bool {
+        allowed(self.join.as_deref(), room)
+    }
+
+    pub fn may_publish(&self, room: &str) -> bool {
+        allowed(self.publish.as_deref(), room)
+    }
+}
+
+fn allowed(patterns: Option<&[String]>, room: &str) -> bool {
+    patterns.is_none_or(|patterns| patterns.iter().any(|p| pattern_matches(p, room)))
+}
+
+fn pattern_matches(pattern: &str, value: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => value.starts_with(prefix),
+        None => pattern == value,
+    }
+}
+
+/// Checks tokens against one key.
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier").field("algorithms", &self.validation.algorithms).finish_non_exhaustive()
+    }
+}
+
+impl Verifier {
+    pub fn hs256(secret: &[u8]) -> Self {
+        Self::new(DecodingKey::from_secret(secret), Algorithm::HS256)
+    }
+
+    /// RS256 for an RSA public key, ES256 for a P-256 one (PEM, as `openssl pkey -pubout` writes).
+    pub fn from_public_key_file(path: &Path) -> Result<Self, AuthError> {
+        let display = path.display().to_string();
+        let pem = std::fs::read(path).map_err(|source| AuthError::ReadKey { path: display.clone(), source })?;
+        if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
+            return Ok(Self::new(key, Algorithm::RS256));
+        }
+        match DecodingKey::from_ec_pem(&pem) {
+            Ok(key) => Ok(Self::new(key, Algorithm::ES256)),
+            Err(_) => Err(AuthError::BadKey { path: display }),
+        }
+    }
+
+    fn new(key: DecodingKey, algorithm: Algorithm) -> Self {
+        let mut validation = Validation::new(algorithm);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A token is valid up to its `exp`, to the second: the session ends then, too.
+        validation.leeway = 0;
+        Self { key, validation }
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        match jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation) {
+            Ok(data) => Ok(Identity::from_claims(data.claims)),
+            Err(error) if matches!(error.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => {
+                Err(AuthError::Expired)
+            }
+            Err(error) => Err(AuthError::Invalid(error.to_string())),
+        }
+    }
+}
+
+/// Access control of `switchboard serve`.
+#[derive(Debug)]
+pub struct Access {
+    pub verifier: Option<Verifier>,
+    /// Connections without a token are accepted (as [`Identity::anonymous`]).
+    pub allow_anonymous: bool,
+    pub origins: OriginPolicy,
+    /// Key of `POST /api/publish`; the endpoint is off without one.
+    pub api_key: Option<String>,
+}
+
+impl Access {
+    /// What a token presented at connect time (or in a first message) is worth.
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        match &self.verifier {
+            Some(verifier) => verifier.verify(token),
+            None => Err(AuthError::Invalid("this server has no token key configured".into())),
+        }
+    }
+
+    /// A refreshed token: valid, and for the same subject as the one it replaces.
+    pub fn refresh(&self, current: &Identity, token: &str) -> Result<Identity, AuthError> {
+        let fresh = self.verify(token)?;
+        match (&current.subject, &fresh.subject) {
+            (Some(expected), Some(got)) if expected != got => {
+                Err(AuthError::OtherSubject { expected: expected.clone(), got: got.clone() })
+            }
+            _ => Ok(fresh),
+        }
+    }
+
+    pub fn api_key_matches(&self, presented: &str) -> bool {
+        self.api_key.as_deref().is_some_and(|key| constant_time_eq(key.as_bytes(), presented.as_bytes()))
+    }
+}
+
+/// Compares secrets without an early exit, so response times do not leak how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+/// Which `Origin`s may open a WebSocket. Requests without an `Origin` header do not come from a
+/// browser page and are let through (a non-browser client can claim any origin anyway).
+#[derive(Debug, Clone, Default)]
+pub struct OriginPolicy {
+    /// `None`: any origin. Otherwise exact origins (`https://chat.example.com`) or wildcards
+    /// (`https://*.example.com`, `*`).
+    allowed: Option<Vec<String>>,
+}
+
+impl OriginPolicy {
+    pub fn any() -> Self {
+        Self { allowed: None }
+    }
+
+    pub fn only(patterns: Vec<String>) -> Self {
+        let patterns = patterns.into_iter().map(|p| p.trim().trim_end_matches('/').to_ascii_lowercase()).collect();
+        Self { allowed: Some(patterns) }
+    }
+
+    pub fn allows(&self, origin: Option<&str>) -> bool {
+        let (Some(allowed), Some(origin)) = (&self.allowed, origin) else { return true };
+        let origin = origin.trim().to_ascii_lowercase();
+        allowed.iter().any(|pattern| origin_matches(pattern, &origin))
+    }
+}
+
+fn origin_matches(pattern: &str, origin: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    match pattern.split_once("*.") {
+        // `https://*.example.com` matches subdomains at any depth, not the bare domain.
+        Some((scheme, domain)) => origin
+            .strip_prefix(scheme)
+            .and_then(|host| host.strip_suffix(domain))
+            .is_some_and(|sub| sub.ends_with('.') && sub.len() > 1 && !sub.contains('/')),
+        None => pattern == origin,
+    }
+}
+
+/// Mints an HS256 token (`switchboard token`).
+pub fn mint(secret: &[u8], claims: &Claims) -> Result<String, AuthError> {
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(secret))
+        .map_err(|e| AuthError::Invalid(e.to_string()))
+}
+
+/// Mints an RS256 or ES256 token with a PEM private key.
+pub fn mint_with_key(pem: &[u8], claims: &Claims) -> Result<String, AuthError> {
+    let (key, algorithm) = match EncodingKey::from_rsa_pem(pem) {
+        Ok(key) => (key, Algorithm::RS256),
+        Err(_) => (
+            EncodingKey::from_ec_pem(pem)
+                .map_err(|_| AuthError::Invalid("the private key is neither RSA nor EC (P-256) PEM".into()))?,
+            Algorithm::ES256,
+        ),
+    };
+    jsonwebtoken::encode(&Header::new(algorithm), claims, &key).map_err(|e| AuthError::Invalid(e.to_string()))
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(rooms: Option<Vec<&str>>, join: Option<Vec<&str>>, publish: Option<Vec<&str>>) -> Claims {
+        let list = |l: Option<Vec<&str>>| l.map(|l| l.into_iter().map(String::from).collect());
+        Claims {
+            sub: "alice".into(),
+            exp: unix_now() + 60,
+            name: None,
+            rooms: list(rooms),
+            join: list(join),
+            publish: list(publish),
+        }
+    }
+
+    #[test]
+    fn claims_grant_rooms_by_name_and_prefix() {
+        let verifier = Verifier::hs256(b"secret");
+        let token = mint(b"secret", &claims(Some(vec!["lobby", "team-*"]), Some(vec!["news"]), None)).unwrap();
+        let id = verifier.verify(&token).unwrap();
+        assert_eq!((id.subject.as_deref(), id.name.as_deref()), (Some("alice"), Some("alice")));
+        assert!(id.may_join("lobby") && id.may_publish("lobby"));
+        assert!(id.may_join("team-red") && id.may_publish("team-red"));
+        assert!(id.may_join("news") && !id.may_publish("news"), "join grants reading only");
+        assert!(!id.may_join("teamx") && !id.may_join("other"));
+        let open = verifier.verify(&mint(b"secret", &claims(None, None, None)).unwrap()).unwrap();
+        assert!(open.may_join("anything") && open.may_publish("anything"));
+    }
+
+    #[test]
+    fn bad_tokens_are_refused_with_the_reason() {
+        let verifier = Verifier::hs256(b"secret");
+        let forged = mint(b"other secret", &claims(None, None, None)).unwrap();
+        assert!(matches!(verifier.verify(&forged), Err(AuthError::Invalid(_))));
+        let mut old = claims(None, None, None);
+        old.exp = unix_now() - 1;
+        assert!(matches!(verifier.verify(&mint(b"secret", &old).unwrap()), Err(AuthError::Expired)));
+        assert!(matches!(verifier.verify("not.a.token"), Err(AuthError::Invalid(_))));
+        // A token signed for another algorithm is not accepted by an HS256 verifier.
+        let unsigned = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(r#"{"sub":"x","exp":9999999999}"#));
+        assert!(matches!(verifier.verify(&unsigned), Err(AuthError::Invalid(_))));
+    }
+
+    fn b64(s: &str) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    }
+
+    #[test]
+    fn refresh_must_keep_the_subject() {
+        let access = Access {
+            verifier: Some(Verifier::hs256(b"k")),
+            allow_anonymous: false,
+            origins: OriginPolicy::any(),
+            api_key: None,
+        };
+        let alice = access.verify(&mint(b"k", &claims(None, None, None)).unwrap()).unwrap();
+        let mut bob = claims(None, None, None);
+        bob.sub = "bob".into();
+        let err = access.refresh(&alice, &mint(b"k", &bob).unwrap()).unwrap_err();
+        assert!(matches!(err, AuthError::OtherSubject { .. }), "{err}");
+        assert!(access.refresh(&alice, &mint(b"k", &claims(None, None, None)).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn origins_match_exactly_or_by_subdomain_wildcard() {
+        let policy = OriginPolicy::only(vec!["https://chat.example.com".into(), "https://*.example.org/".into()]);
+        assert!(policy.allows(Some("https://chat.example.com")));
+        assert!(policy.allows(Some("HTTPS://Chat.Example.com")));
+        assert!(policy.allows(Some("https://a.example.org")) && policy.allows(Some("https://a.b.example.org")));
+        assert!(!policy.allows(Some("https://example.org")), "the wildcard needs a subdomain");
+        assert!(!policy.allows(Some("https://evil-example.org")));
+        assert!(!policy.allows(Some("http://chat.example.com")), "scheme matters");
+        assert!(!policy.allows(Some("https://chat.example.com.evil.net")));
+        assert!(!policy.allows(Some("null")));
+        assert!(policy.allows(None), "no Origin: not a browser page");
+        assert!(OriginPolicy::any().allows(Some("https://anything")));
+    }
+
+    #[test]
+    fn api_key_comparison() {
+        let access = Access {
+            verifier: None,
+            allow_anonymous: true,
+            origins: OriginPolicy::any(),
+            api_key: Some("s3cret".into()),
+        };
+        assert!(access.api_key_matches("s3cret"));
+        assert!(!access.api_key_matches("s3cre") && !access.api_key_matches("s3cret!") && !access.api_key_matches(""));
+        let off = Access { api_key: None, ..access };
+        assert!(!off.api_key_matches(""));
+    }
+}
