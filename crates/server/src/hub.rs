@@ -227,6 +227,10 @@ impl Hub {
             let v1 = Utf8Bytes::from(protocol::message_envelope(message));
             let mut seed = None;
             for id in room.members.keys() {
+                // A member that missed a message gets nothing after it: it is cut off, never gapped.
+                if stalled.contains(id) {
+                    continue;
+                }
                 let Some(conn) = inner.conns.get(id) else { continue };
                 let bytes = if conn.seed {
                     seed.get_or_insert_with(|| Utf8Bytes::from(protocol::seed_message(message))).clone()
@@ -373,6 +377,19 @@ mod tests {
         let leave = fast_rx.try_recv().expect("the slow member's departure");
         assert!(leave.contains("\"leave\""), "{leave}");
         assert_eq!(fast_rx.queued_bytes(), 0, "reading gives the bytes back");
+    }
+
+    #[test]
+    fn a_member_that_misses_a_message_gets_none_after_it() {
+        let hub = hub();
+        let (slow, mut slow_rx) = hub.register(false);
+        hub.join(slow, "r", "slow").unwrap();
+        let mut batch: Vec<_> = (1..=5).map(|offset| message("r", offset)).collect();
+        batch[1].message = "x".repeat(2000); // offset 2 passes the byte bound after offset 1
+        hub.deliver(&batch);
+        assert_eq!(slow_rx.try_recv().map(|b| b.contains("\"offset\":1")), Some(true));
+        assert_eq!(slow_rx.try_recv(), None, "offsets 3-5 would have fitted, but after a gap");
+        assert!(!hub.is_member(slow, "r"));
     }
 
     #[test]

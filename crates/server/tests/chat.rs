@@ -4,56 +4,10 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
+use support::chat::{next, next_close, next_of, quiet, seed_client, send, v1_client};
 use support::{start_serve, start_serve_at};
-use switchboard_ws::{ClientBuilder, ClientStream, Message, WebSocket};
-
-type Ws = WebSocket<ClientStream>;
-
-async fn seed_client(addr: &str) -> Ws {
-    let (ws, accepted) = switchboard_ws::connect(&format!("ws://{addr}/ws")).await.unwrap();
-    assert_eq!(accepted.protocol, None);
-    ws
-}
-
-async fn v1_client(addr: &str) -> Ws {
-    let (ws, accepted) =
-        ClientBuilder::new(format!("ws://{addr}/ws")).protocol("switchboard.v1").connect().await.unwrap();
-    assert_eq!(accepted.protocol.as_deref(), Some("switchboard.v1"));
-    ws
-}
-
-async fn send(ws: &mut Ws, value: Value) {
-    ws.send(value.to_string()).await.unwrap();
-}
-
-/// The next JSON text message (within 5 s).
-async fn next(ws: &mut Ws) -> Value {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), ws.recv()).await.expect("a message within 5 s") {
-            Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).unwrap(),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            other => panic!("expected a text message, got {other:?}"),
-        }
-    }
-}
-
-/// The next envelope of the given type, skipping others (presence events and the like).
-async fn next_of(ws: &mut Ws, kind: &str) -> Value {
-    loop {
-        let v = next(ws).await;
-        if v["type"] == kind {
-            return v;
-        }
-    }
-}
-
-/// Asserts nothing arrives for a while.
-async fn quiet(ws: &mut Ws, ms: u64) {
-    if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(ms), ws.recv()).await {
-        panic!("expected silence, got {m:?}");
-    }
-}
+use switchboard_ws::Message;
 
 fn is_hms(s: &str) -> bool {
     let b = s.as_bytes();
@@ -104,16 +58,6 @@ async fn seed_clients_that_break_the_protocol_are_closed_with_a_reason() {
     // Others are unaffected.
     send(&mut other, json!({"name": "O", "message": "fine"})).await;
     assert_eq!(next(&mut other).await["message"], "fine");
-}
-
-async fn next_close(ws: &mut Ws) -> Option<(u16, String)> {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), ws.recv()).await.unwrap() {
-            Some(Ok(Message::Close(frame))) => return frame.map(|f| (f.code.0, f.reason)),
-            Some(Ok(_)) => continue,
-            _ => return None,
-        }
-    }
 }
 
 #[tokio::test]

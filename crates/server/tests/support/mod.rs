@@ -2,6 +2,8 @@
 
 #![allow(dead_code)] // each test file uses part of this
 
+pub mod chat;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 

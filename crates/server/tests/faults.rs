@@ -1,0 +1,226 @@
+//! Faults with a real `switchboard serve` process: SIGTERM with a grace period, kill -9 in the middle
+//! of a publish load, a database that fills up, and one that cannot be opened.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::chat::{next, next_of, send, v1_client, Ws};
+use support::{start_serve, start_serve_at, Server};
+use switchboard_ws::Message;
+
+fn signal(server: &Server, name: &str) {
+    let status = std::process::Command::new("kill").args([name, &server.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
+fn wait_exit(server: &mut Server, within: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(started.elapsed() < within, "serve did not exit within {within:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[tokio::test]
+async fn sigterm_says_1001_and_exits_within_the_grace_period_even_with_a_stuck_client() {
+    let (mut server, db) = start_serve(&["--shutdown-grace-secs", "1"]);
+    let mut ws = v1_client(&server.addr).await;
+    send(&mut ws, json!({"type": "join", "room": "lobby"})).await;
+    next_of(&mut ws, "joined").await;
+    for i in 0..20 {
+        send(&mut ws, json!({"type": "publish", "room": "lobby", "message": format!("m{i}"), "id": format!("id{i}")}))
+            .await;
+    }
+    let mut acked = 0;
+    while acked < 20 {
+        if next(&mut ws).await["type"] == "ack" {
+            acked += 1;
+        }
+    }
+    // A client that completed the handshake and then never reads nor answers a close.
+    let mut stuck = std::net::TcpStream::connect(&server.addr).unwrap();
+    stuck
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+    let mut head = [0u8; 12];
+    stuck.read_exact(&mut head).unwrap();
+    assert_eq!(&head[9..12], b"101");
+
+    let signalled = Instant::now();
+    signal(&server, "-TERM");
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.recv()).await.expect("closed in time") {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(close.map(|f| f.code.0), Some(1001));
+    let status = wait_exit(&mut server, Duration::from_secs(4));
+    assert!(status.success(), "{status}");
+    assert!(signalled.elapsed() < Duration::from_millis(2500), "took {:?} with a 1 s grace", signalled.elapsed());
+
+    // On the next start everything acknowledged is there, and resume picks up where it stopped.
+    let _server = start_serve_at(&server.addr, &db, &[]);
+    let mut again = v1_client(&server.addr).await;
+    send(&mut again, json!({"type": "join", "room": "lobby", "since": 15})).await;
+    let joined = next_of(&mut again, "joined").await;
+    assert_eq!((joined["offset"].as_u64(), joined["recovered"].as_bool()), (Some(20), Some(true)));
+    for offset in 16..=20 {
+        assert_eq!(next_of(&mut again, "message").await["offset"], offset);
+    }
+}
+
+/// Publishes `count` messages with ids `{tag}-{i}` as fast as acks allow (a window of 32), recording
+/// each acknowledged offset, until the connection breaks.
+async fn publish_until_broken(mut ws: Ws, tag: String, acked: std::sync::Arc<std::sync::Mutex<HashMap<String, u64>>>) {
+    let mut sent = 0usize;
+    let mut in_flight = 0usize;
+    loop {
+        while in_flight < 32 {
+            let frame = json!({"type": "publish", "room": "load", "message": format!("{tag} {sent}"), "id": format!("{tag}-{sent}")});
+            if ws.feed(frame.to_string()).await.is_err() {
+                return;
+            }
+            sent += 1;
+            in_flight += 1;
+        }
+        if ws.flush().await.is_err() {
+            return;
+        }
+        match ws.recv().await {
+            Some(Ok(Message::Text(text))) => {
+                let v: Value = serde_json::from_str(&text).unwrap();
+                if v["type"] == "ack" {
+                    acked.lock().unwrap().insert(v["id"].as_str().unwrap().to_owned(), v["offset"].as_u64().unwrap());
+                    in_flight -= 1;
+                }
+            }
+            Some(Ok(_)) => {}
+            _ => return,
+        }
+    }
+}
+
+#[tokio::test]
+async fn kill_9_under_publish_load_loses_nothing_acknowledged() {
+    let history = "--history-max-messages=1000000";
+    let (mut server, db) = start_serve(&[history, "--rate-limit", "0"]);
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(HashMap::new()));
+    // A subscriber records every offset it is shown.
+    let mut subscriber = v1_client(&server.addr).await;
+    send(&mut subscriber, json!({"type": "join", "room": "load"})).await;
+    next_of(&mut subscriber, "joined").await;
+    let watching = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some(Ok(message)) = subscriber.recv().await {
+            if let Message::Text(text) = message {
+                let v: Value = serde_json::from_str(&text).unwrap();
+                if v["type"] == "message" {
+                    seen.push(v["offset"].as_u64().unwrap());
+                }
+            }
+        }
+        seen
+    });
+    let mut publishers = Vec::new();
+    for p in 0..4 {
+        let ws = v1_client(&server.addr).await;
+        publishers.push(tokio::spawn(publish_until_broken(ws, format!("p{p}"), acked.clone())));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.child.kill().unwrap(); // SIGKILL
+    server.child.wait().unwrap();
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    let seen = watching.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 100, "the load ran ({} acks)", acked.len());
+    assert!(seen.windows(2).all(|w| w[1] == w[0] + 1) && seen.first() == Some(&1), "live delivery was gap-free");
+
+    let _server = start_serve_at(&server.addr, &db, &[history]);
+    let mut reader = v1_client(&server.addr).await;
+    send(&mut reader, json!({"type": "history", "room": "load", "limit": 1000000})).await;
+    let stored = next_of(&mut reader, "history").await;
+    let stored: Vec<&Value> = stored["messages"].as_array().unwrap().iter().collect();
+    let offsets: Vec<u64> = stored.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    assert_eq!(offsets, (1..=offsets.len() as u64).collect::<Vec<_>>(), "offsets 1, 2, 3, ... with no gap");
+    let by_id: BTreeMap<&str, u64> =
+        stored.iter().map(|m| (m["id"].as_str().unwrap(), m["offset"].as_u64().unwrap())).collect();
+    assert_eq!(by_id.len(), stored.len(), "no id stored twice");
+    for (id, offset) in &acked {
+        assert_eq!(by_id.get(id.as_str()), Some(offset), "acknowledged {id} at {offset} is in history");
+    }
+    assert!(seen.iter().all(|o| *o <= offsets.len() as u64), "nothing was shown that was not stored");
+
+    // Resume from the last offset the subscriber saw: exactly the rest, once each.
+    let last_seen = seen.last().copied().unwrap_or(0);
+    let mut resumed = v1_client(&server.addr).await;
+    send(&mut resumed, json!({"type": "join", "room": "load", "since": last_seen})).await;
+    let joined = next_of(&mut resumed, "joined").await;
+    assert_eq!(joined["recovered"], true);
+    let last = joined["offset"].as_u64().unwrap();
+    assert_eq!(last, offsets.len() as u64);
+    for expected in last_seen + 1..=last {
+        assert_eq!(next_of(&mut resumed, "message").await["offset"], expected);
+    }
+    // Publishers retry what was never acknowledged, with the same ids: nothing is stored twice.
+    let mut retry = v1_client(&server.addr).await;
+    let unacked: Vec<&str> = by_id.keys().filter(|id| !acked.contains_key(**id)).copied().collect();
+    for id in unacked.iter().take(20) {
+        send(&mut retry, json!({"type": "publish", "room": "load", "message": "retry", "id": id})).await;
+        let ack = next_of(&mut retry, "ack").await;
+        assert_eq!((ack["duplicate"].as_bool(), ack["offset"].as_u64()), (Some(true), by_id.get(id).copied()));
+    }
+}
+
+#[tokio::test]
+async fn a_full_database_is_an_error_the_publisher_sees() {
+    let (server, _) =
+        start_serve(&["--db-max-bytes", "131072", "--rate-limit", "0", "--history-max-messages", "100000"]);
+    let mut ws = v1_client(&server.addr).await;
+    let text = "z".repeat(2000);
+    let mut acked = Vec::new();
+    let error = loop {
+        send(&mut ws, json!({"type": "publish", "room": "full", "message": text, "id": format!("m{}", acked.len())}))
+            .await;
+        let reply = next(&mut ws).await;
+        match reply["type"].as_str() {
+            Some("ack") => acked.push(reply["offset"].as_u64().unwrap()),
+            Some("error") => break reply,
+            other => panic!("unexpected {other:?}: {reply}"),
+        }
+        assert!(acked.len() < 1000, "128 KiB cannot hold 1000 messages of 2000 bytes");
+    };
+    assert_eq!(error["code"], "unavailable");
+    assert!(error["message"].as_str().unwrap().contains("full"), "{error}");
+    assert_eq!(acked, (1..=acked.len() as u64).collect::<Vec<_>>());
+    send(&mut ws, json!({"type": "history", "room": "full", "limit": 10000})).await;
+    let history = next_of(&mut ws, "history").await;
+    assert_eq!(history["messages"].as_array().unwrap().len(), acked.len(), "every acknowledged message is kept");
+}
+
+#[test]
+fn an_unusable_database_path_stops_serve_with_the_reason() {
+    let dir = support::temp_dir("baddb");
+    let addr = format!("127.0.0.1:{}", support::free_port());
+    let output = support::switchboard()
+        .args(["serve", "--listen", &addr, "--db"])
+        .arg(dir.join("no/such/dir/chat.db"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no/such/dir/chat.db"), "{stderr}");
+}

@@ -1,0 +1,65 @@
+//! A chat client for tests: connect with either protocol, send JSON, wait for envelopes.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use switchboard_ws::{ClientBuilder, ClientStream, Message, WebSocket};
+
+pub type Ws = WebSocket<ClientStream>;
+
+pub async fn seed_client(addr: &str) -> Ws {
+    let (ws, accepted) = switchboard_ws::connect(&format!("ws://{addr}/ws")).await.unwrap();
+    assert_eq!(accepted.protocol, None);
+    ws
+}
+
+pub async fn v1_client(addr: &str) -> Ws {
+    let (ws, accepted) =
+        ClientBuilder::new(format!("ws://{addr}/ws")).protocol("switchboard.v1").connect().await.unwrap();
+    assert_eq!(accepted.protocol.as_deref(), Some("switchboard.v1"));
+    ws
+}
+
+pub async fn send(ws: &mut Ws, value: Value) {
+    ws.send(value.to_string()).await.unwrap();
+}
+
+/// The next JSON text message (within 5 s).
+pub async fn next(ws: &mut Ws) -> Value {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.recv()).await.expect("a message within 5 s") {
+            Some(Ok(Message::Text(text))) => return serde_json::from_str(&text).unwrap(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+}
+
+/// The next envelope of the given type, skipping others (presence events and the like).
+pub async fn next_of(ws: &mut Ws, kind: &str) -> Value {
+    loop {
+        let v = next(ws).await;
+        if v["type"] == kind {
+            return v;
+        }
+    }
+}
+
+/// Asserts nothing arrives for a while.
+pub async fn quiet(ws: &mut Ws, ms: u64) {
+    if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(ms), ws.recv()).await {
+        panic!("expected silence, got {m:?}");
+    }
+}
+
+/// The close frame's code and reason (skipping other messages), or `None` if the connection ended
+/// without one.
+pub async fn next_close(ws: &mut Ws) -> Option<(u16, String)> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.recv()).await.unwrap() {
+            Some(Ok(Message::Close(frame))) => return frame.map(|f| (f.code.0, f.reason)),
+            Some(Ok(_)) => continue,
+            _ => return None,
+        }
+    }
+}
