@@ -9,6 +9,8 @@
 //! - `idle`: opens N connections (spread over several 127.0.0.x source addresses, past the
 //!   ephemeral-port limit of one) and holds them; reports the server's RSS per connection when given
 //!   its pid.
+//! - `churn`: `switchboard.v1` clients that connect, join, publish, read their acks and leave, over
+//!   and over (the soak test's load).
 //!
 //! A progress line goes to stderr every second; a table (or `--json`) to stdout at the end.
 
@@ -37,6 +39,8 @@ pub enum BenchMode {
     Connect(ConnectArgs),
     /// Open connections and hold them.
     Idle(IdleArgs),
+    /// Clients that connect, chat and disconnect in a loop (switchboard.v1).
+    Churn(ChurnArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -77,6 +81,34 @@ pub struct FanoutArgs {
     /// Room for `v1` (seed clients are in the server's default room).
     #[arg(long, default_value = "lobby")]
     pub room: String,
+    /// Bytes of padding added to each message.
+    #[arg(long, default_value_t = 0)]
+    pub size: usize,
+    /// Percent of the subscribers that join and then never read (slow consumers); latency and losses
+    /// are counted over the others.
+    #[arg(long, default_value_t = 0.0)]
+    pub stalled_percent: f64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ChurnArgs {
+    pub url: String,
+    /// Clients connected at once.
+    #[arg(long, short = 'c', default_value_t = 500)]
+    pub connections: usize,
+    /// Messages each client publishes (and waits acks for) before it leaves.
+    #[arg(long, default_value_t = 5)]
+    pub messages: usize,
+    /// Rooms the clients spread over.
+    #[arg(long, default_value_t = 50)]
+    pub rooms: usize,
+    /// Milliseconds a client waits between its messages.
+    #[arg(long, default_value_t = 200)]
+    pub pause_ms: u64,
+    #[arg(long, short = 'd', default_value_t = 60.0)]
+    pub duration: f64,
     #[arg(long)]
     pub json: bool,
 }
@@ -117,6 +149,7 @@ pub async fn run(mode: BenchMode) -> anyhow::Result<()> {
         BenchMode::Fanout(args) => (args.json, fanout(args).await?),
         BenchMode::Connect(args) => (args.json, connect(args).await?),
         BenchMode::Idle(args) => (args.json, idle(args).await?),
+        BenchMode::Churn(args) => (args.json, churn(args).await?),
     };
     if as_json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -304,8 +337,10 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<serde_json::Value> {
         "v1" => true,
         other => bail!("--protocol must be seed or v1, not {other:?}"),
     };
+    anyhow::ensure!((0.0..100.0).contains(&args.stalled_percent), "--stalled-percent must be in [0, 100)");
     let origin = Instant::now();
     let counter = Arc::new(AtomicU64::new(0));
+    let stalled_count = (args.subscribers as f64 * args.stalled_percent / 100.0).round() as usize;
     let mut subscribers = Vec::with_capacity(args.subscribers);
     for _ in 0..args.subscribers {
         let mut builder = ClientBuilder::new(&args.url).no_proxy();
@@ -323,6 +358,9 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<serde_json::Value> {
     let stop = Arc::new(AtomicBool::new(false));
     let printer = progress("deliveries", counter.clone(), stop.clone());
     let mut receivers = Vec::new();
+    // The stalled ones are held open, unread, until the end.
+    let stalled: Vec<_> = subscribers.drain(..stalled_count).collect();
+    let readers = subscribers.len();
     for mut ws in subscribers {
         let (counter, stop) = (counter.clone(), stop.clone());
         receivers.push(tokio::spawn(async move {
@@ -334,8 +372,10 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<serde_json::Value> {
                     continue;
                 };
                 let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
-                if let Some(sent_us) =
-                    value["message"].as_str().and_then(|m| m.strip_prefix("bench:")).and_then(|t| t.parse::<u64>().ok())
+                if let Some(sent_us) = value["message"]
+                    .as_str()
+                    .and_then(|m| m.strip_prefix("bench:"))
+                    .and_then(|t| t.trim_end().parse::<u64>().ok())
                 {
                     let now_us = origin.elapsed().as_micros() as u64;
                     latencies.push(now_us.saturating_sub(sent_us).min(u32::MAX as u64) as u32);
@@ -354,12 +394,13 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<serde_json::Value> {
         }
         let (mut ws, _) = builder.connect().await?;
         let (published, room, rate, duration) = (published.clone(), args.room.clone(), args.rate, args.duration);
+        let padding = " ".repeat(args.size);
         publishers.push(tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
             let end = Instant::now() + Duration::from_secs_f64(duration);
             while Instant::now() < end {
                 ticker.tick().await;
-                let text = format!("bench:{}", origin.elapsed().as_micros());
+                let text = format!("bench:{}{padding}", origin.elapsed().as_micros());
                 let envelope = if v1 {
                     json!({"type": "publish", "room": room, "message": text, "name": format!("pub{p}")})
                 } else {
@@ -385,13 +426,15 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<serde_json::Value> {
         latencies.extend(receiver.await?);
     }
     let _ = printer.await;
+    drop(stalled);
     let published = published.load(Ordering::Relaxed);
-    let expected = published * args.subscribers as u64;
+    let expected = published * readers as u64;
     let delivered = latencies.len() as u64;
     let (p50, p99, p999) = percentiles(&mut latencies);
     Ok(json!({
         "mode": "fanout", "url": args.url, "protocol": args.protocol, "subscribers": args.subscribers,
-        "publishers": args.publishers, "rate_per_publisher": args.rate, "duration_s": args.duration,
+        "stalled": stalled_count, "publishers": args.publishers, "rate_per_publisher": args.rate,
+        "size": args.size, "duration_s": args.duration,
         "published": published, "delivered": delivered, "deliveries_per_s": delivered as f64 / args.duration,
         "lost": expected.saturating_sub(delivered), "p50_us": p50, "p99_us": p99, "p999_us": p999,
     }))
@@ -471,8 +514,8 @@ async fn idle(args: IdleArgs) -> anyhow::Result<serde_json::Value> {
         }
         for task in opening {
             match task.await? {
-                Ok((stream, _)) => {
-                    held.push(stream);
+                Ok(connection) => {
+                    held.push(connection);
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(error) => {
@@ -485,18 +528,158 @@ async fn idle(args: IdleArgs) -> anyhow::Result<serde_json::Value> {
         }
     }
     let open_secs = started.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
+    let opened = held.len();
+    // Idle, not dead: each connection answers the server's keepalive pings, as a browser would.
+    let hold_until = Instant::now() + Duration::from_secs_f64(args.hold);
+    let dropped = Arc::new(AtomicU64::new(0));
+    let holders: Vec<_> = held
+        .into_iter()
+        .map(|(stream, buf)| {
+            let dropped = dropped.clone();
+            tokio::spawn(async move {
+                if tokio::time::timeout_at(hold_until.into(), answer_pings(stream, buf)).await.is_ok() {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for holder in holders {
+        holder.await?;
+    }
     let after = args.server_pid.and_then(rss_kib);
     stop.store(true, Ordering::Relaxed);
     let _ = printer.await;
-    let opened = held.len();
     let per_connection = match (before, after) {
         (Some(b), Some(a)) if opened > 0 => json!((a.saturating_sub(b)) as f64 / opened as f64),
         _ => serde_json::Value::Null,
     };
     Ok(json!({
         "mode": "idle", "url": args.url, "requested": args.connections, "opened": opened, "errors": errors,
+        "dropped_by_server": dropped.load(Ordering::Relaxed),
         "open_s": open_secs, "held_s": args.hold, "server_rss_before_kib": before, "server_rss_after_kib": after,
         "server_kib_per_connection": per_connection,
     }))
+}
+
+/// Reads until the server closes, answering each ping with its pong; returns when the connection ends.
+async fn answer_pings(mut stream: TcpStream, mut buf: BytesMut) {
+    let key = [0x3c, 0x96, 0x1e, 0x87];
+    loop {
+        while let Ok(Some((header, header_len))) = FrameHeader::decode(&buf) {
+            let total = header_len + header.payload_len as usize;
+            if buf.len() < total {
+                break;
+            }
+            let payload = buf[header_len..total].to_vec();
+            buf.advance(total);
+            match header.opcode {
+                OpCode::Ping => {
+                    let pong = FrameHeader {
+                        fin: true,
+                        rsv: 0,
+                        opcode: OpCode::Pong,
+                        mask: Some(key),
+                        payload_len: payload.len() as u64,
+                    };
+                    let mut head = [0u8; MAX_HEADER_LEN];
+                    let n = pong.encode(&mut head);
+                    let mut frame = head[..n].to_vec();
+                    frame.extend_from_slice(&payload);
+                    apply_mask(&mut frame[n..], key, 0);
+                    if stream.write_all(&frame).await.is_err() {
+                        return;
+                    }
+                }
+                OpCode::Close => return,
+                _ => {}
+            }
+        }
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// churn
+
+async fn churn(args: ChurnArgs) -> anyhow::Result<serde_json::Value> {
+    let end = Instant::now() + Duration::from_secs_f64(args.duration);
+    let counter = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let printer = progress("sessions", counter.clone(), stop.clone());
+    let mut workers = Vec::with_capacity(args.connections);
+    for w in 0..args.connections {
+        let (url, counter) = (args.url.clone(), counter.clone());
+        let (messages, rooms, pause) = (args.messages, args.rooms.max(1), Duration::from_millis(args.pause_ms));
+        workers.push(tokio::spawn(async move {
+            let (mut sessions, mut acked, mut errors) = (0u64, 0u64, 0u64);
+            let mut round = 0usize;
+            while Instant::now() < end {
+                round += 1;
+                let room = format!("churn-{}", (w + round) % rooms);
+                match churn_session(&url, &room, messages, pause).await {
+                    Ok(acks) => {
+                        sessions += 1;
+                        acked += acks;
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(error) => {
+                        errors += 1;
+                        if errors == 1 {
+                            tracing::warn!(%error, "a churn session failed");
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+            (sessions, acked, errors)
+        }));
+    }
+    let (mut sessions, mut acked, mut errors) = (0, 0, 0);
+    for worker in workers {
+        let (s, a, e) = worker.await?;
+        sessions += s;
+        acked += a;
+        errors += e;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = printer.await;
+    Ok(json!({
+        "mode": "churn", "url": args.url, "concurrency": args.connections, "duration_s": args.duration,
+        "sessions": sessions, "sessions_per_s": sessions as f64 / args.duration, "acked": acked, "errors": errors,
+    }))
+}
+
+/// One client's life: connect, join, publish and wait for each ack, close.
+async fn churn_session(url: &str, room: &str, messages: usize, pause: Duration) -> anyhow::Result<u64> {
+    let (mut ws, _) = ClientBuilder::new(url).no_proxy().protocol("switchboard.v1").connect().await?;
+    ws.send(json!({"type": "join", "room": room, "name": "churn"}).to_string()).await?;
+    let mut acked = 0;
+    for i in 0..messages {
+        ws.send(json!({"type": "publish", "room": room, "message": format!("churn {i}"), "req": i}).to_string())
+            .await?;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), ws.recv()).await {
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    if text.contains("\"type\":\"ack\"") {
+                        acked += 1;
+                        break;
+                    }
+                    if text.contains("\"type\":\"error\"") {
+                        bail!("server error: {text}");
+                    }
+                }
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(error))) => return Err(error.into()),
+                Ok(None) => bail!("server closed the connection"),
+                Err(_) => bail!("no ack within 10 s"),
+            }
+        }
+        tokio::time::sleep(pause).await;
+    }
+    ws.close(switchboard_ws::CloseCode::NORMAL, "").await?;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(2), ws.recv()).await {}
+    Ok(acked)
 }

@@ -41,6 +41,43 @@ fn fanout_mode_delivers_every_message_to_every_subscriber() {
 }
 
 #[test]
+fn fanout_counts_only_the_subscribers_that_read() {
+    let (server, _) = start_serve(&[]);
+    let url = format!("ws://{}/ws", server.addr);
+    let r = bench(&["fanout", &url, "--subscribers", "10", "--stalled-percent", "20", "--rate", "50", "-d", "1"]);
+    let published = r["published"].as_u64().unwrap();
+    assert_eq!(r["stalled"], 2, "{r}");
+    assert_eq!(r["delivered"].as_u64().unwrap(), published * 8, "{r}");
+}
+
+#[test]
+fn idle_connections_answer_keepalive_pings_and_stay() {
+    let (server, _) = start_serve(&["--keepalive-secs", "1"]);
+    let url = format!("ws://{}/ws", server.addr);
+    // Unanswered, the server's pings would drop every connection after 2 s.
+    let r = bench(&["idle", &url, "-c", "20", "--hold", "3.5"]);
+    assert_eq!((r["opened"].as_u64(), r["dropped_by_server"].as_u64()), (Some(20), Some(0)), "{r}");
+    let (gone, _) = start_serve(&[]);
+    let url = format!("ws://{}/ws", gone.addr);
+    let holder = std::thread::spawn(move || bench(&["idle", &url, "-c", "5", "--hold", "5"]));
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    drop(gone);
+    let r = holder.join().unwrap();
+    assert_eq!(r["dropped_by_server"], 5, "{r}");
+}
+
+#[test]
+fn churn_mode_connects_chats_and_leaves_in_a_loop() {
+    let (server, _) = start_serve(&[]);
+    let url = format!("ws://{}/ws", server.addr);
+    let r = bench(&["churn", &url, "-c", "4", "--messages", "3", "--pause-ms", "10", "-d", "1.5"]);
+    let sessions = r["sessions"].as_u64().unwrap();
+    assert!(sessions >= 8, "{r}");
+    assert_eq!(r["acked"].as_u64().unwrap(), sessions * 3, "{r}");
+    assert_eq!(r["errors"], 0, "{r}");
+}
+
+#[test]
 fn connect_and_idle_modes() {
     let server = start_echo(&[]);
     let url = format!("ws://{}/", server.addr);
