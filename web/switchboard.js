@@ -16,6 +16,9 @@
 // - Publishes carry a random id; unacknowledged ones are sent again after a reconnect and the server
 //   stores each id once. With `storage` (sessionStorage by default), offsets and unsent publishes also
 //   survive a page reload.
+// - Authentication: `token` (a JWT string, or a function returning one or a promise of one) is sent as
+//   the first message of every connection, so it never shows in URLs or logs. With a function, the
+//   token is renewed `refreshMarginMs` before it expires, on the open connection.
 
 export const PROTOCOL = "switchboard.v1";
 
@@ -25,6 +28,8 @@ const DEFAULTS = {
   minBackoffMs: 250,
   maxBackoffMs: 10000,
   storageKey: "switchboard",
+  token: null,
+  refreshMarginMs: 30000,
 };
 
 function defaultStorage() {
@@ -110,6 +115,7 @@ export class SwitchboardClient extends EventTarget {
   close() {
     this.stopped = true;
     clearTimeout(this.retryTimer);
+    clearTimeout(this.refreshTimer);
     if (this.socket) this.socket.close(1000, "bye");
     this.setState("closed");
   }
@@ -127,11 +133,24 @@ export class SwitchboardClient extends EventTarget {
       return;
     }
     this.socket = socket;
-    socket.onopen = () => {
+    socket.onopen = async () => {
       if (socket.protocol !== PROTOCOL) {
         this.emit("error", { code: "protocol", message: `server did not accept ${PROTOCOL}` });
         socket.close(1002, "subprotocol refused");
         return;
+      }
+      if (this.options.token) {
+        // The token goes first: the server takes nothing else from a connection without one.
+        let token;
+        try {
+          token = await this.currentToken();
+        } catch (error) {
+          this.emit("error", { code: "token", message: String(error) });
+          socket.close(1000, "no token");
+          return;
+        }
+        if (this.socket !== socket || socket.readyState !== WebSocket.OPEN) return;
+        socket.send(JSON.stringify({ type: "auth", token }));
       }
       this.attempt = 0;
       this.members = {};
@@ -140,9 +159,13 @@ export class SwitchboardClient extends EventTarget {
       for (const entry of this.pending) this.sendPublish(entry);
     };
     socket.onmessage = (event) => this.onEnvelope(event.data);
-    socket.onclose = () => {
+    socket.onclose = (event) => {
       if (this.socket !== socket) return;
       this.socket = null;
+      clearTimeout(this.refreshTimer);
+      if (event.code === 4001 || event.code === 4003) {
+        this.emit("error", { code: event.code === 4001 ? "unauthorized" : "forbidden", message: event.reason });
+      }
       if (this.stopped) return;
       this.scheduleReconnect();
     };
@@ -158,6 +181,25 @@ export class SwitchboardClient extends EventTarget {
     this.retryTimer = setTimeout(() => this.connect(), delay);
   }
 
+  async currentToken() {
+    const { token } = this.options;
+    return typeof token === "function" ? await token() : token;
+  }
+
+  // Renews the token before it expires; the server ends sessions whose token ran out.
+  scheduleRefresh(exp) {
+    clearTimeout(this.refreshTimer);
+    if (typeof this.options.token !== "function" || !exp) return;
+    const delay = Math.max(0, exp * 1000 - Date.now() - this.options.refreshMarginMs);
+    this.refreshTimer = setTimeout(async () => {
+      try {
+        this.send({ type: "auth", token: await this.currentToken() });
+      } catch (error) {
+        this.emit("error", { code: "token", message: String(error) });
+      }
+    }, delay);
+  }
+
   setState(state) {
     if (this.state === state) return;
     this.state = state;
@@ -165,7 +207,9 @@ export class SwitchboardClient extends EventTarget {
   }
 
   send(envelope) {
-    if (this.socket?.readyState === WebSocket.OPEN) this.socket.send(JSON.stringify(envelope));
+    // Not before "open": until then the token may still be on its way, and anything sent ahead of it
+    // would end the connection. Joins and unacknowledged publishes are sent on open anyway.
+    if (this.state === "open" && this.socket?.readyState === WebSocket.OPEN) this.socket.send(JSON.stringify(envelope));
   }
 
   sendJoin(room) {
@@ -212,6 +256,15 @@ export class SwitchboardClient extends EventTarget {
       }
       case "ack":
         return this.onAck(envelope);
+      case "authed":
+        this.emit("authed", { sub: envelope.sub, exp: envelope.exp });
+        return this.scheduleRefresh(envelope.exp);
+      case "left":
+        if (envelope.reason === "not_allowed") {
+          this.rooms.delete(envelope.room);
+          this.emit("error", { code: "not_allowed", message: `left ${envelope.room}: the token no longer grants it` });
+        }
+        return undefined;
       case "error":
         if (envelope.req && this.waiters.has(envelope.req) && envelope.code !== "unavailable") {
           // A request the server refused outright will not succeed on retry.

@@ -5,7 +5,7 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { mkdtempSync, mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve, dirname } from "node:path";
@@ -19,8 +19,8 @@ mkdirSync(ARTIFACTS, { recursive: true });
 
 const getBrowser = useBrowser();
 
-async function startServer(port, db) {
-  const child = spawn(BIN, ["serve", "--listen", `127.0.0.1:${port}`, "--db", db], { stdio: ["ignore", "ignore", "inherit"] });
+async function startServer(port, db, extra = []) {
+  const child = spawn(BIN, ["serve", "--listen", `127.0.0.1:${port}`, "--db", db, ...extra], { stdio: ["ignore", "ignore", "inherit"] });
   if (await waitListening(port)) return child;
   child.kill("SIGKILL");
   throw new Error(`switchboard serve did not listen on ${port}`);
@@ -219,3 +219,44 @@ const SEED_000_PAGE = `<!DOCTYPE html>
     }
 </script>
 `;
+
+test("the module authenticates with a token function and renews the token before it expires", async () => {
+  const port = await freePort();
+  const server = await startServer(port, join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db"), ["--jwt-secret", "s3cret"]);
+  try {
+    const page = await (await getBrowser().newContext()).newPage();
+    page.on("pageerror", (error) => { throw error; });
+    let minted = 0;
+    // Tokens live 4 s; the page asks for a new one each time it needs one.
+    await page.exposeFunction("mintToken", () => {
+      minted += 1;
+      const out = spawnSync(BIN, ["token", "--sub", "ann", "--room", "lobby", "--secret", "s3cret", "--ttl-secs", "4"]);
+      return out.stdout.toString().trim();
+    });
+    await page.goto(`http://127.0.0.1:${port}/healthz`);
+    const result = await page.evaluate(async (port) => {
+      const { SwitchboardClient } = await import(`http://127.0.0.1:${port}/switchboard.js`);
+      const states = [];
+      let authed = 0;
+      const client = new SwitchboardClient({
+        url: `ws://127.0.0.1:${port}/ws`, rooms: ["lobby"], name: "typed", storage: null,
+        token: () => window.mintToken(), refreshMarginMs: 2500,
+      });
+      client.addEventListener("state", (e) => states.push(e.detail));
+      client.addEventListener("authed", () => { authed += 1; });
+      const received = new Promise((done) => client.addEventListener("message", (e) => done(e.detail)));
+      await new Promise((r) => setTimeout(r, 7000));
+      const ack = await client.publish("lobby", "still signed in");
+      const message = await received;
+      client.close();
+      return { states, authed, ack, message };
+    }, port);
+    assert.deepEqual(result.states, ["open", "closed"], "never dropped, although each token lived 4 s");
+    assert.ok(result.authed >= 3, `renewed on the open connection (${result.authed} authed)`);
+    assert.ok(minted >= 3);
+    assert.equal(result.ack.offset, 1);
+    assert.equal(result.message.name, "ann", "the token's name, not the typed one");
+  } finally {
+    await stop(server);
+  }
+});
