@@ -366,12 +366,13 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<serde_json::Value> {
         receivers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                let Ok(Some(Ok(Message::Text(text)))) =
-                    tokio::time::timeout(Duration::from_millis(200), ws.recv()).await
-                else {
-                    continue;
+                // Text, or binary for servers that relay the bytes they got (seed 004's Node server).
+                let value = match tokio::time::timeout(Duration::from_millis(200), ws.recv()).await {
+                    Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str::<serde_json::Value>(&text),
+                    Ok(Some(Ok(Message::Binary(bytes)))) => serde_json::from_slice(&bytes),
+                    _ => continue,
                 };
-                let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
+                let Ok(value) = value else { continue };
                 if let Some(sent_us) = value["message"]
                     .as_str()
                     .and_then(|m| m.strip_prefix("bench:"))

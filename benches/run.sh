@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# The performance matrix: switchboard beside its peers, measured in one run on this machine.
+#
+#   benches/run.sh [echo] [idle] [fanout]      (default: all three; BENCH_SECONDS=5 BENCH_RUNS=3)
+#
+# Every server runs pinned to core 0 and the load generator (`switchboard bench`) to core 1. Each
+# cell runs BENCH_RUNS times, the servers interleaved within each round, and the tables report
+# medians and switchboard's ratio to each peer. Results: target/bench-matrix/*.json and
+# target/bench-matrix/report.md, which BENCHMARKS.md quotes.
+#
+# Peers: echo servers on tokio-tungstenite and fastwebsockets (benches/peers, from crates.io), Node's
+# `ws` (npm); for fan-out, the seeds' own chat servers, run as the seeds wrote them: seed 000's FastAPI
+# app under uvicorn (PyPI) and seed 004's Node `ws` broadcast server (port 8080, as printed). Their
+# code is read from ../shared/seeds at run time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(echo idle fanout)
+seconds=${BENCH_SECONDS:-5}
+runs=${BENCH_RUNS:-3}
+out=$root/target/bench-matrix
+mkdir -p "$out"
+rm -f "$out"/*.json
+ulimit -n "$(ulimit -Hn)"
+
+echo "building" >&2
+cargo build --release --locked -p switchboard >&2
+cargo build --release --locked --manifest-path benches/peers/Cargo.toml >&2
+(cd benches/peers && npm ci --no-audit --no-fund --loglevel=error >&2)
+sb=$root/target/release/switchboard
+peers=$root/benches/peers/target/release
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+
+# start_server NAME PORT: starts NAME pinned to core 0 and sets $server_pid.
+start_server() {
+    local name=$1 port=$2
+    case $name in
+        switchboard) taskset -c 0 "$sb" echo --listen "127.0.0.1:$port" --no-compression 2>/dev/null & ;;
+        tokio-tungstenite) taskset -c 0 "$peers/tungstenite_echo" "127.0.0.1:$port" & ;;
+        fastwebsockets) taskset -c 0 "$peers/fastwebsockets_echo" "127.0.0.1:$port" & ;;
+        node-ws) taskset -c 0 node benches/peers/ws_echo.js "127.0.0.1:$port" & ;;
+        switchboard-serve)
+            SWITCHBOARD_LOG=warn taskset -c 0 "$sb" serve --listen "127.0.0.1:$port" --db "$out/serve-$port.db" \
+                --rate-limit 0 --keepalive-secs 0 --compression false & ;;
+        seed-fastapi)
+            (cd "$out/seed000" && PYTHONPATH="$out/python" exec taskset -c 0 python3 -m uvicorn main:app \
+                --host 127.0.0.1 --port "$port" --log-level warning) & ;;
+        seed-node) (cd "$out/seed004" && NODE_PATH="$root/benches/peers/node_modules" exec taskset -c 0 node server.js) & ;;
+        *) echo "unknown server $name" >&2; exit 2 ;;
+    esac
+    server_pid=$!
+    wait_port "$port" || { echo "$name did not start on $port" >&2; exit 1; }
+}
+stop_server() { kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; }
+load() { taskset -c 1 "$sb" bench "$@" --json 2>/dev/null; }
+
+machine() {
+    echo "- Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(uname -sr)"
+    echo "- $(rustc --version); node $(node --version); $(python3 --version)"
+    echo "- Peers: $(awk '/^name = "(fastwebsockets|tokio-tungstenite|tungstenite)"$/ { n = $3; getline; printf "%s %s, ", n, $3 }' benches/peers/Cargo.lock | tr -d '"')ws $(node -p 'require("./benches/peers/node_modules/ws/package.json").version')"
+    echo "- Rust servers: tokio multi-threaded runtime, pinned by taskset to one core (so one worker); load on the other core"
+}
+
+if [[ " ${parts[*]} " == *" echo "* ]]; then
+    servers=(switchboard fastwebsockets tokio-tungstenite node-ws)
+    cells=("100 20" "10 16384" "200 16384" "1000 20")
+    for run in $(seq "$runs"); do
+        for cell in "${cells[@]}"; do
+            read -r c s <<<"$cell"
+            for name in "${servers[@]}"; do
+                port=$(free_port)
+                start_server "$name" "$port"
+                echo "echo run $run: $name ${c}x${s}B" >&2
+                load echo "ws://127.0.0.1:$port/" -c "$c" -s "$s" -d "$seconds" --warmup 1 >"$out/echo-$name-${c}x$s-$run.json" || echo '{}' >"$out/echo-$name-${c}x$s-$run.json"
+                stop_server
+            done
+        done
+    done
+fi
+
+if [[ " ${parts[*]} " == *" idle "* ]]; then
+    sources=$(seq -s, -f '127.0.0.%g' 2 9)
+    for name in switchboard switchboard-serve fastwebsockets tokio-tungstenite node-ws; do
+        port=$(free_port)
+        start_server "$name" "$port"
+        sleep 0.5
+        echo "idle: $name 10000 connections" >&2
+        load idle "ws://127.0.0.1:$port/ws" -c 10000 --hold 5 --source-ips "$sources" --server-pid "$server_pid" >"$out/idle-$name.json" || true
+        stop_server
+    done
+fi
+
+if [[ " ${parts[*]} " == *" fanout "* ]]; then
+    # The seeds' programs, extracted from the seed documents as printed.
+    python3 - "$out" <<'EOF'
+import glob, os, re, sys
+out = sys.argv[1]
+seed000 = open(glob.glob("../shared/seeds/000_*")[0]).read()
+py = seed000[seed000.index("from fastapi import"):]
+py = py[: py.index("app.clients.remove(websocket)")] + "app.clients.remove(websocket) # when disconnected, remove the client from the list\n"
+seed004 = open(glob.glob("../shared/seeds/004_*")[0]).read()
+js = seed004[seed004.index("const WebSocket = require('ws');"):]
+js = js[: js.index("\n});\n", js.index("ws.on('close'")) + 5]
+for folder, name, text in [("seed000", "main.py", py), ("seed004", "server.js", js)]:
+    os.makedirs(f"{out}/{folder}", exist_ok=True)
+    open(f"{out}/{folder}/{name}", "w").write(text)
+EOF
+    python3 -m pip install --quiet --disable-pip-version-check --target "$out/python" fastapi uvicorn websockets >&2
+    subscribers=${FANOUT_SUBSCRIBERS:-1000}
+    rates=${FANOUT_RATES:-"20 100"}
+    for run in $(seq "$runs"); do
+        for rate in $rates; do
+            for name in switchboard-serve seed-node seed-fastapi; do
+                if [ "$name" = seed-node ]; then port=8080; else port=$(free_port); fi
+                start_server "$name" "$port"
+                echo "fanout run $run: $name 1 -> $subscribers at $rate/s" >&2
+                load fanout "ws://127.0.0.1:$port/ws" --subscribers "$subscribers" --rate "$rate" -d "$seconds" \
+                    >"$out/fanout-$name-$rate-$run.json" || echo '{}' >"$out/fanout-$name-$rate-$run.json"
+                stop_server
+            done
+        done
+    done
+fi
+
+{
+    echo "Command: \`benches/run.sh ${parts[*]}\` (BENCH_SECONDS=$seconds, BENCH_RUNS=$runs), $(date -u +%Y-%m-%d)"
+    echo
+    machine
+    python3 - "$out" <<'EOF'
+import glob, json, os, statistics, sys
+out = sys.argv[1]
+def load(pattern):
+    rows = []
+    for path in sorted(glob.glob(os.path.join(out, pattern))):
+        try:
+            rows.append(json.load(open(path)))
+        except ValueError:
+            pass
+    return rows
+def median(rows, key):
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+echo_files = glob.glob(os.path.join(out, "echo-*.json"))
+if echo_files:
+    servers = ["switchboard", "fastwebsockets", "tokio-tungstenite", "node-ws"]
+    cells = ["100x20", "10x16384", "200x16384", "1000x20"]
+    print("\n### Echo (closed loop, msgs/s, median of runs; p99 round trip)\n")
+    print("| connections x size | " + " | ".join(servers) + " | switchboard / fastwebsockets | switchboard / tokio-tungstenite | switchboard / node-ws |")
+    print("|---" * (len(servers) + 4) + "|")
+    for cell in cells:
+        rates, cols = {}, []
+        for s in servers:
+            rows = load(f"echo-{s}-{cell}-*.json")
+            rate, p99 = median(rows, "msgs_per_s"), median(rows, "p99_us")
+            rates[s] = rate
+            cols.append("n/a" if rate is None else f"{rate:,.0f} (p99 {p99 / 1000:.2f} ms)")
+        ratio = lambda peer: "n/a" if not rates.get(peer) or not rates.get("switchboard") else f"{rates['switchboard'] / rates[peer]:.2f}"
+        c, s = cell.split("x")
+        print(f"| {c} x {int(s):,} B | " + " | ".join(cols) + f" | {ratio('fastwebsockets')} | {ratio('tokio-tungstenite')} | {ratio('node-ws')} |")
+
+idle_files = glob.glob(os.path.join(out, "idle-*.json"))
+if idle_files:
+    print("\n### Idle connections (10,000 held; server RSS growth per connection)\n")
+    print("| server | opened | KiB per connection |")
+    print("|---|---|---|")
+    for s in ["switchboard", "switchboard-serve", "fastwebsockets", "tokio-tungstenite", "node-ws"]:
+        rows = load(f"idle-{s}.json")
+        if rows:
+            r = rows[0]
+            kib = r.get("server_kib_per_connection")
+            print(f"| {s} | {r.get('opened')} | {'n/a' if kib is None else f'{kib:.1f}'} |")
+
+fan_files = glob.glob(os.path.join(out, "fanout-*.json"))
+if fan_files:
+    print("\n### Chat fan-out (1 publisher -> N subscribers, seed protocol; medians)\n")
+    print("| server | rate/s | deliveries/s | p50 | p99 | lost |")
+    print("|---|---|---|---|---|---|")
+    rates = sorted({int(os.path.basename(p).split("-")[-2]) for p in fan_files})
+    for rate in rates:
+        for s in ["switchboard-serve", "seed-node", "seed-fastapi"]:
+            rows = load(f"fanout-{s}-{rate}-*.json")
+            d = median(rows, "deliveries_per_s")
+            if d is None:
+                print(f"| {s} | {rate} | n/a | | | |")
+                continue
+            print(f"| {s} | {rate} | {d:,.0f} | {median(rows, 'p50_us') / 1000:.1f} ms | {median(rows, 'p99_us') / 1000:.1f} ms | {median(rows, 'lost'):,.0f} |")
+EOF
+} | tee "$out/report.md"
