@@ -31,6 +31,9 @@ pub enum AuthError {
     Invalid(String),
     #[error("a refreshed token must be for the same subject ({expected:?}, not {got:?})")]
     OtherSubject { expected: String, got: String },
+    /// A valid token that does not grant what the connection needs (a seed client's default room).
+    #[error("{0}")]
+    NotGranted(String),
 }
 
 /// The claims Switchboard reads (and `switchboard token` writes).
@@ -66,7 +69,10 @@ impl Identity {
         Self { subject: None, name: None, expires_at: None, join: None, publish: None }
     }
 
-    fn from_claims(claims: Claims) -> Self {
+    fn from_claims(claims: Claims) -> Result<Self, AuthError> {
+        let expires_at = UNIX_EPOCH
+            .checked_add(Duration::from_secs(claims.exp))
+            .ok_or_else(|| AuthError::Invalid("exp is out of range".into()))?;
         let restricted = claims.rooms.is_some() || claims.join.is_some() || claims.publish.is_some();
         let both = claims.rooms.unwrap_or_default();
         let (join, publish) = if restricted {
@@ -76,13 +82,13 @@ impl Identity {
         } else {
             (None, None)
         };
-        Self {
+        Ok(Self {
             name: Some(claims.name.unwrap_or_else(|| claims.sub.clone())),
             subject: Some(claims.sub),
-            expires_at: Some(UNIX_EPOCH + Duration::from_secs(claims.exp)),
+            expires_at: Some(expires_at),
             join,
             publish,
-        }
+        })
     }
 
     pub fn may_join(&self, room: &str) -> bool {
@@ -122,6 +128,23 @@ impl Verifier {
         Self::new(DecodingKey::from_secret(secret), Algorithm::HS256)
     }
 
+    /// Also requires the `aud` claim to hold `audience` and `iss` to be `issuer`, when given. Without
+    /// an audience, `aud` is not checked (a token that has one is accepted).
+    pub fn expecting(mut self, audience: Option<&str>, issuer: Option<&str>) -> Self {
+        match audience {
+            Some(audience) => {
+                self.validation.set_audience(&[audience]);
+                self.validation.required_spec_claims.insert("aud".into());
+            }
+            None => self.validation.validate_aud = false,
+        }
+        if let Some(issuer) = issuer {
+            self.validation.set_issuer(&[issuer]);
+            self.validation.required_spec_claims.insert("iss".into());
+        }
+        self
+    }
+
     /// RS256 for an RSA public key, ES256 for a P-256 one (PEM, as `openssl pkey -pubout` writes).
     pub fn from_public_key_file(path: &Path) -> Result<Self, AuthError> {
         let display = path.display().to_string();
@@ -140,12 +163,13 @@ impl Verifier {
         validation.set_required_spec_claims(&["exp", "sub"]);
         // A token is valid up to its `exp`, to the second: the session ends then, too.
         validation.leeway = 0;
+        validation.validate_aud = false;
         Self { key, validation }
     }
 
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         match jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation) {
-            Ok(data) => Ok(Identity::from_claims(data.claims)),
+            Ok(data) => Identity::from_claims(data.claims),
             Err(error) if matches!(error.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => {
                 Err(AuthError::Expired)
             }
@@ -186,13 +210,18 @@ impl Access {
     }
 
     pub fn api_key_matches(&self, presented: &str) -> bool {
-        self.api_key.as_deref().is_some_and(|key| constant_time_eq(key.as_bytes(), presented.as_bytes()))
+        self.api_key.as_deref().is_some_and(|key| constant_time_eq(&digest(key), &digest(presented)))
     }
 }
 
-/// Compares secrets without an early exit, so response times do not leak how much of a guess was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+/// Keys are compared as fixed-length digests, so neither the length of the key nor how much of a
+/// guess was right shows in the time an answer takes.
+fn digest(key: &str) -> [u8; 20] {
+    sha1_smol::Sha1::from(key.as_bytes()).digest().bytes()
+}
+
+fn constant_time_eq(a: &[u8; 20], b: &[u8; 20]) -> bool {
+    a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 /// Which `Origin`s may open a WebSocket. Requests without an `Origin` header do not come from a

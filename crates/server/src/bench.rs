@@ -59,6 +59,10 @@ pub struct EchoArgs {
     pub duration: f64,
     #[arg(long, default_value_t = 2.0)]
     pub warmup: f64,
+    /// Send exactly this many messages in all (spread over the connections), with no warm-up and no
+    /// time limit: for instruction counts under callgrind, which must not depend on time.
+    #[arg(long)]
+    pub count: Option<u64>,
     #[arg(long)]
     pub json: bool,
 }
@@ -209,16 +213,24 @@ async fn echo(args: EchoArgs) -> anyhow::Result<serde_json::Value> {
     let url = WsUrl::parse(&args.url)?;
     anyhow::ensure!(!url.secure, "bench echo speaks ws:// only");
     let start = Instant::now();
-    let measure_from = start + Duration::from_secs_f64(args.warmup);
-    let end = measure_from + Duration::from_secs_f64(args.duration);
+    let (measure_from, end) = match args.count {
+        Some(_) => (start, start + Duration::from_secs(86400)),
+        None => {
+            let measure_from = start + Duration::from_secs_f64(args.warmup);
+            (measure_from, measure_from + Duration::from_secs_f64(args.duration))
+        }
+    };
     let counter = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let printer = progress("echo", counter.clone(), stop.clone());
     let mut workers = Vec::with_capacity(args.connections);
-    for _ in 0..args.connections {
+    for i in 0..args.connections {
         let (url, counter) = (url.clone(), counter.clone());
         let (size, binary) = (args.size, args.binary);
-        workers.push(tokio::spawn(async move { echo_worker(url, size, binary, measure_from, end, counter).await }));
+        let connections = args.connections as u64;
+        let quota = args.count.map(|n| n / connections + u64::from((i as u64) < n % connections));
+        workers
+            .push(tokio::spawn(async move { echo_worker(url, size, binary, measure_from, end, quota, counter).await }));
     }
     let (mut messages, mut errors, mut latencies) = (0u64, 0u64, Vec::new());
     for worker in workers {
@@ -237,7 +249,8 @@ async fn echo(args: EchoArgs) -> anyhow::Result<serde_json::Value> {
     stop.store(true, Ordering::Relaxed);
     let _ = printer.await;
     let (p50, p99, p999) = percentiles(&mut latencies);
-    let rate = messages as f64 / args.duration;
+    let elapsed = start.elapsed().as_secs_f64();
+    let rate = messages as f64 / if args.count.is_some() { elapsed } else { args.duration };
     Ok(json!({
         "mode": "echo", "url": args.url, "connections": args.connections, "size": args.size,
         "frame": if args.binary { "binary" } else { "text" }, "duration_s": args.duration,
@@ -281,6 +294,7 @@ async fn echo_worker(
     binary: bool,
     measure_from: Instant,
     end: Instant,
+    quota: Option<u64>,
     counter: Arc<AtomicU64>,
 ) -> anyhow::Result<EchoStats> {
     let (mut stream, mut buf) = raw_connect(&url, None).await?;
@@ -294,7 +308,9 @@ async fn echo_worker(
     frame.extend(std::iter::repeat_n(b'x', size));
     apply_mask(&mut frame[n..], key, 0);
     let mut stats = EchoStats { messages: 0, errors: 0, latencies_us: Vec::with_capacity(1 << 16) };
-    while Instant::now() < end {
+    let mut sent_count = 0u64;
+    while Instant::now() < end && quota.is_none_or(|quota| sent_count < quota) {
+        sent_count += 1;
         let sent = Instant::now();
         stream.write_all(&frame).await?;
         // Read until one data frame of our size has come back; control frames are skipped.

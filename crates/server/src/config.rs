@@ -61,6 +61,12 @@ pub struct ServeArgs {
     /// PEM public key (RSA for RS256, P-256 for ES256) of tokens; turns authentication on.
     #[arg(long, env = "SWITCHBOARD_JWT_PUBLIC_KEY", conflicts_with = "jwt_secret")]
     pub jwt_public_key: Option<PathBuf>,
+    /// Required `aud` claim of tokens (not checked when unset).
+    #[arg(long, env = "SWITCHBOARD_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Required `iss` claim of tokens (not checked when unset).
+    #[arg(long, env = "SWITCHBOARD_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
     /// Accept connections without a token [default: true without a token key, false with one].
     #[arg(long, env = "SWITCHBOARD_ALLOW_ANONYMOUS")]
     pub allow_anonymous: Option<bool>,
@@ -123,6 +129,8 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     jwt_secret: Option<String>,
     jwt_public_key: Option<PathBuf>,
+    jwt_audience: Option<String>,
+    jwt_issuer: Option<String>,
     allow_anonymous: Option<bool>,
     allowed_origins: Option<Vec<String>>,
     api_key: Option<String>,
@@ -176,6 +184,8 @@ pub struct ServeConfig {
     pub compression: bool,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub token_key: Option<TokenKey>,
+    pub jwt_audience: Option<String>,
+    pub jwt_issuer: Option<String>,
     pub allow_anonymous: bool,
     pub allowed_origins: Option<Vec<String>>,
     pub api_key: Option<String>,
@@ -225,6 +235,8 @@ impl ServeConfig {
             tls,
             allow_anonymous: args.allow_anonymous.or(file.allow_anonymous).unwrap_or(token_key.is_none()),
             token_key,
+            jwt_audience: args.jwt_audience.or(file.jwt_audience),
+            jwt_issuer: args.jwt_issuer.or(file.jwt_issuer),
             allowed_origins: args.allowed_origins.or(file.allowed_origins),
             api_key: args.api_key.or(file.api_key),
             max_connections: args.max_connections.or(file.max_connections).unwrap_or(100_000),

@@ -300,7 +300,9 @@ fn broadcast_presence(inner: &Inner, room: &str, subject: ConnId, event: String,
     let bytes = Utf8Bytes::from(event);
     for id in room.members.keys().filter(|id| **id != subject) {
         if let Some(conn) = inner.conns.get(id).filter(|c| !c.seed) {
-            // A full outbox here is handled at the next delivery; presence is best effort.
+            // Presence is best effort: an event that does not fit is lost for that member, whose
+            // list can be refreshed with a presence request; a member that far behind is about to be
+            // dropped by the next chat message anyway.
             conn.offer(bytes.clone(), outbox_bytes);
         }
     }

@@ -25,7 +25,7 @@ use hyper_util::service::TowerToHyperService;
 use serde_json::{json, Value};
 use switchboard_ws::axum::WebSocketUpgrade;
 use switchboard_ws::proto::deflate::DeflateConfig;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -63,7 +63,8 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
             Some(TokenKey::Secret(secret)) => Some(Verifier::hs256(secret.as_bytes())),
             Some(TokenKey::PublicKeyFile(path)) => Some(Verifier::from_public_key_file(path)?),
             None => None,
-        },
+        }
+        .map(|verifier| verifier.expecting(config.jwt_audience.as_deref(), config.jwt_issuer.as_deref())),
         allow_anonymous: config.allow_anonymous,
         origins: config.allowed_origins.clone().map_or_else(OriginPolicy::any, OriginPolicy::only),
         api_key: config.api_key.clone(),
@@ -103,6 +104,7 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
     }
     let (shutdown_tx, shutdown) = watch::channel(false);
     let connections = ConnectionLimiter::new(config.max_connections, config.max_connections_per_ip);
+    let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let state = AppState {
         shared: Arc::new(Shared {
             hub: hub.clone(),
@@ -115,7 +117,9 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
                 max_replay: 10_000,
                 rate_limit: config.rate_limit,
                 auth_timeout: config.handshake_timeout,
+                max_publish_rooms: config.max_rooms_per_connection,
             },
+            live: live.clone(),
         }),
         ws_config,
         connections: connections.clone(),
@@ -151,11 +155,24 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
         };
         let permit = match connections.try_acquire(peer.ip()) {
             Ok(permit) => permit,
+            Err(refused) if tls.is_some() => {
+                // An HTTP answer would be plaintext on a TLS port: just close.
+                tracing::debug!(%peer, %refused, "connection refused");
+                continue;
+            }
             Err(refused) => {
                 tracing::debug!(%peer, %refused, "connection refused");
-                // Answer without reading the request: the refusal costs one small write.
+                // Answer without parsing the request: one small write, then a short drain of what the
+                // client sent, so closing does not reset the connection before it reads the answer.
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(refused.response())).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        stream.write_all(refused.response()).await?;
+                        stream.shutdown().await?;
+                        let mut sink = [0u8; 4096];
+                        while stream.read(&mut sink).await? > 0 {}
+                        std::io::Result::Ok(())
+                    })
+                    .await;
                 });
                 continue;
             }
@@ -180,14 +197,14 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
     drop(listener);
     let _ = shutdown_tx.send(true);
     let deadline = tokio::time::Instant::now() + config.shutdown_grace;
-    while hub.connection_count() > 0 && tokio::time::Instant::now() < deadline {
+    // Sessions count as live until their close handshake is over (or timed out).
+    while live.load(std::sync::atomic::Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // The router's state holds the store too; with it and the finished sessions gone, dropping the
-    // last handle lets the writer commit what it holds and exit (joined off the async threads).
-    // Whatever it still holds was never acknowledged, so a publisher retries it after the restart.
+    // The writer commits what it holds and stops; later publishes (from sessions still closing) are
+    // refused. Whatever it held was never acknowledged, so a publisher retries it after the restart.
     drop(app);
-    let flushed = tokio::task::spawn_blocking(move || drop(store));
+    let flushed = tokio::task::spawn_blocking(move || store.shutdown());
     let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_millis(500));
     if tokio::time::timeout(left, flushed).await.is_err() {
         tracing::warn!("history writer still busy at the end of the grace period; exiting anyway");
@@ -256,7 +273,7 @@ fn handshake_token(upgrade: &WebSocketUpgrade) -> Option<String> {
 }
 
 fn bearer(value: &str) -> Option<&str> {
-    let (scheme, token) = value.trim().split_once(' ')?;
+    let (scheme, token) = value.trim().split_once(|c: char| c.is_ascii_whitespace())?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
@@ -301,7 +318,9 @@ async fn websocket(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> 
     }
     // A token in the handshake is checked now, so a bad one gets a plain 401; without one, an
     // anonymous server lets the client in and a closed one waits for the token in the first message.
-    let identity = match handshake_token(&upgrade) {
+    // On a server without a token key everyone is anonymous; a token sent anyway is not an error.
+    let token = access.verifier.as_ref().and_then(|_| handshake_token(&upgrade));
+    let identity = match token {
         Some(token) => match access.verify(&token) {
             Ok(identity) => Some(identity),
             Err(error @ (AuthError::Expired | AuthError::Invalid(_))) => {

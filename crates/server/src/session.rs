@@ -2,8 +2,10 @@
 //! delivers into its outbox. Publishes are queued to the store in the order they arrive and their
 //! acknowledgements go back in that order, without waiting for one commit before reading the next.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -33,6 +35,8 @@ pub struct SessionLimits {
     pub rate_limit: Option<RateLimit>,
     /// How long a connection without a token has to send one.
     pub auth_timeout: Duration,
+    /// Most rooms one publish may name.
+    pub max_publish_rooms: usize,
 }
 
 /// What every session of a server shares.
@@ -41,6 +45,24 @@ pub struct Shared {
     pub store: Arc<Store>,
     pub access: Arc<Access>,
     pub limits: SessionLimits,
+    /// Sessions still running, their close handshake included (shutdown waits for zero).
+    pub live: Arc<AtomicUsize>,
+}
+
+/// Counts a session as live until it is dropped, however the session ends.
+struct LiveGuard(Arc<AtomicUsize>);
+
+impl LiveGuard {
+    fn new(live: &Arc<AtomicUsize>) -> Self {
+        live.fetch_add(1, Ordering::Relaxed);
+        Self(live.clone())
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Close code for a missing, invalid or expired token (the 4000s are the application's, RFC 6455 §7.4.2).
@@ -66,7 +88,10 @@ struct Session {
     name: Option<String>,
     /// `None` until a token arrives, on a server that refuses anonymous connections.
     identity: Option<Identity>,
+    /// When the identity's token expires (set with the identity, so the timer is not reset for nothing).
+    expiry: Option<Instant>,
     auth_deadline: Instant,
+    rate: Option<RateLimiter>,
     replies: FuturesOrdered<Reply>,
 }
 
@@ -78,8 +103,9 @@ pub async fn run(
     identity: Option<Identity>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let _live = LiveGuard::new(&shared.live);
     let seed = ws.protocol() != Some(protocol::V1);
-    let mut rate = shared.limits.rate_limit.map(|limit| RateLimiter::new(limit, std::time::Instant::now()));
+    let rate = shared.limits.rate_limit.map(|limit| RateLimiter::new(limit, std::time::Instant::now()));
     let auth_deadline = Instant::now() + shared.limits.auth_timeout;
     let mut session = Session {
         shared,
@@ -88,7 +114,9 @@ pub async fn run(
         seed,
         name: None,
         identity: None,
+        expiry: None,
         auth_deadline,
+        rate,
         replies: FuturesOrdered::new(),
     };
     let mut end: Option<End> = match identity {
@@ -109,10 +137,8 @@ pub async fn run(
                 Some(envelope) => send(&mut ws, envelope.into()).await.err(),
                 None => None,
             },
-            item = next_delivery(&mut session.outbox) => match item {
-                Some(bytes) => send(&mut ws, bytes).await.err(),
-                None => Some(End::Close(CloseCode::POLICY_VIOLATION, "too slow: messages were not read in time".into())),
-            },
+            // Reading comes before deliveries, so a busy room cannot starve a member's own requests
+            // (and the rate limit bounds how much reading there is).
             incoming = ws.recv() => match incoming {
                 None => Some(End::Dropped),
                 Some(Err(error)) => {
@@ -120,13 +146,17 @@ pub async fn run(
                     None
                 }
                 Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
-                    if rate.as_mut().is_some_and(|rate| !rate.allow(std::time::Instant::now())) {
-                        Some(End::Close(CloseCode::POLICY_VIOLATION, "message rate limit exceeded".into()))
+                    if !session.charge(1) {
+                        Some(rate_exceeded())
                     } else {
                         session.on_message(message, &mut ws).await.err()
                     }
                 }
                 Some(Ok(_)) => None,
+            },
+            item = next_delivery(&mut session.outbox) => match item {
+                Some(bytes) => send(&mut ws, bytes).await.err(),
+                None => Some(End::Close(CloseCode::POLICY_VIOLATION, "too slow: messages were not read in time".into())),
             },
         };
         let next = session.deadline();
@@ -140,10 +170,18 @@ pub async fn run(
     }
     if let Some(End::Close(code, reason)) = end {
         tracing::debug!(conn = session.id, code = code.0, %reason, "closing");
-        if ws.close(code, &reason).await.is_ok() {
-            let _ = tokio::time::timeout(CLOSE_WAIT, async { while ws.recv().await.is_some() {} }).await;
-        }
+        // Bounded as a whole: a peer that stopped reading never takes the close frame either.
+        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            if ws.close(code, &reason).await.is_ok() {
+                while ws.recv().await.is_some() {}
+            }
+        })
+        .await;
     }
+}
+
+fn rate_exceeded() -> End {
+    End::Close(CloseCode::POLICY_VIOLATION, "message rate limit exceeded".into())
 }
 
 /// Why a session should end: a close code and a reason (cut to 123 bytes before it is sent).
@@ -189,11 +227,18 @@ impl Session {
         if self.seed && !identity.may_join(default_room) {
             return Err((FORBIDDEN, format!("this token does not grant the room {default_room:?}")));
         }
-        self.identity = Some(identity);
+        self.set_identity(identity);
         let (id, outbox) = self.shared.hub.register(self.seed);
         self.id = Some(id);
         self.outbox = Some(outbox);
         Ok(())
+    }
+
+    fn set_identity(&mut self, identity: Identity) {
+        self.expiry = identity
+            .expires_at
+            .map(|at| Instant::now() + at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO));
+        self.identity = Some(identity);
     }
 
     /// When the session must end unless something changes: the end of the time allowed to
@@ -201,10 +246,16 @@ impl Session {
     fn deadline(&self) -> Option<(Instant, &'static str)> {
         match &self.identity {
             None => Some((self.auth_deadline, "authentication required: no token arrived in time")),
-            Some(identity) => identity.expires_at.map(|at| {
-                let left = at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
-                (Instant::now() + left, "token expired")
-            }),
+            Some(_) => self.expiry.map(|at| (at, "token expired")),
+        }
+    }
+
+    /// Takes `messages` from the rate limit; false when the connection is over it.
+    fn charge(&mut self, messages: usize) -> bool {
+        let now = std::time::Instant::now();
+        match &mut self.rate {
+            Some(rate) => (0..messages).all(|_| rate.allow(now)),
+            None => true,
         }
     }
 
@@ -233,7 +284,10 @@ impl Session {
         let mut parsed: serde_json::Map<String, Value> = serde_json::from_str(text).map_err(|_| bad())?;
         if let Some(token) = parsed.remove("token") {
             let token = token.as_str().ok_or((UNAUTHORIZED, "the token must be a string".to_owned()))?;
-            return self.authenticate(token).map(|_| ()).map_err(|error| (UNAUTHORIZED, error.to_string()));
+            return self.authenticate(token).map(|_| ()).map_err(|error| match error {
+                AuthError::NotGranted(reason) => (FORBIDDEN, reason),
+                other => (UNAUTHORIZED, other.to_string()),
+            });
         }
         let Some(identity) = &self.identity else {
             return Err((UNAUTHORIZED, "authentication required: send {\"token\": \"...\"} first".into()));
@@ -273,7 +327,7 @@ impl Session {
             let identity = access.verify(token)?;
             return match self.authenticated(identity) {
                 Ok(()) => Ok(Vec::new()),
-                Err((_, reason)) => Err(AuthError::Invalid(reason)),
+                Err((_, reason)) => Err(AuthError::NotGranted(reason)),
             };
         };
         let fresh = access.refresh(current, token)?;
@@ -285,7 +339,7 @@ impl Session {
                 }
             }
         }
-        self.identity = Some(fresh);
+        self.set_identity(fresh);
         Ok(left)
     }
 
@@ -314,6 +368,7 @@ impl Session {
                     }));
                     Ok(out)
                 }
+                Err(AuthError::NotGranted(reason)) => Err((FORBIDDEN, reason)),
                 Err(error) if first => Err((UNAUTHORIZED, error.to_string())),
                 Err(error) => Ok(vec![error_envelope(ErrorCode::BadToken, &error.to_string(), req.as_ref())]),
             };
@@ -344,6 +399,10 @@ impl Session {
                 let rooms: Vec<String> = room.into_iter().chain(rooms.unwrap_or_default()).collect();
                 let name = identity.name.clone().or(name).or_else(|| self.name.clone());
                 match validate_publish(&self.shared.limits, rooms, message, name, message_id) {
+                    // Each room beyond the first is one more message against the rate limit.
+                    Ok(publish) if !self.charge(publish.rooms.len() - 1) => {
+                        return Err((CloseCode::POLICY_VIOLATION, "message rate limit exceeded".into()));
+                    }
                     Ok(publish) => match publish.rooms.iter().find(|room| !identity.may_publish(room)) {
                         Some(room) => vec![error_envelope(
                             ErrorCode::NotAllowed,
@@ -484,14 +543,18 @@ pub struct PublishRequest {
 /// Checks a publish against the limits; the error names what is wrong.
 pub fn validate_publish(
     limits: &SessionLimits,
-    mut rooms: Vec<String>,
+    rooms: Vec<String>,
     message: String,
     name: Option<String>,
     id: Option<String>,
 ) -> Result<PublishRequest, (ErrorCode, String)> {
-    rooms.dedup();
+    let mut seen = HashSet::new();
+    let rooms: Vec<String> = rooms.into_iter().filter(|room| seen.insert(room.clone())).collect();
     if rooms.is_empty() {
         return Err((ErrorCode::BadRequest, "publish needs \"room\" or \"rooms\"".into()));
+    }
+    if rooms.len() > limits.max_publish_rooms {
+        return Err((ErrorCode::TooMany, format!("a publish may name at most {} rooms", limits.max_publish_rooms)));
     }
     for room in &rooms {
         check_room(room)?;

@@ -98,6 +98,24 @@ impl std::future::Future for PendingPublish {
 
 enum Command {
     Publish(NewMessage, Reply),
+    /// Commit what is queued and stop.
+    Shutdown,
+}
+
+impl Command {
+    fn message(&self) -> Option<&NewMessage> {
+        match self {
+            Command::Publish(message, _) => Some(message),
+            Command::Shutdown => None,
+        }
+    }
+
+    fn into_reply(self) -> Option<Reply> {
+        match self {
+            Command::Publish(_, reply) => Some(reply),
+            Command::Shutdown => None,
+        }
+    }
 }
 
 /// Called by the writer thread with each committed batch, in offset order.
@@ -107,7 +125,7 @@ pub struct Store {
     queue: SyncSender<Command>,
     retention: Retention,
     reader: Mutex<Connection>,
-    writer: Option<std::thread::JoinHandle<()>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     path: PathBuf,
 }
 
@@ -160,7 +178,7 @@ impl Store {
             queue,
             retention,
             reader: Mutex::new(reader),
-            writer: Some(handle),
+            writer: Mutex::new(Some(handle)),
             path: path.to_owned(),
         }))
     }
@@ -225,14 +243,21 @@ impl Store {
     }
 }
 
-impl Drop for Store {
-    fn drop(&mut self) {
-        // Replacing the sender closes the queue; the writer finishes what it holds and exits.
-        let (closed, _) = mpsc::sync_channel(1);
-        drop(std::mem::replace(&mut self.queue, closed));
-        if let Some(handle) = self.writer.take() {
+impl Store {
+    /// Commits everything queued so far, stops the writer and waits for it; publishes after this
+    /// are refused with [`StoreError::Closed`]. Blocks: call it off the async threads.
+    pub fn shutdown(&self) {
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = handle {
+            let _ = self.queue.send(Command::Shutdown);
             let _ = handle.join();
         }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 
@@ -255,14 +280,22 @@ impl Writer {
                 }
                 Err(RecvTimeoutError::Disconnected) => return,
             };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
+            let mut stopping = matches!(first, Command::Shutdown);
+            let mut batch: Vec<_> = std::iter::once(first).filter(|c| matches!(c, Command::Publish(..))).collect();
+            while batch.len() < MAX_BATCH && !stopping {
                 match commands.try_recv() {
+                    Ok(Command::Shutdown) => stopping = true,
                     Ok(command) => batch.push(command),
                     Err(_) => break,
                 }
             }
-            self.write_batch(batch);
+            if !batch.is_empty() {
+                self.write_batch(batch);
+            }
+            if stopping {
+                // Whatever was queued behind the shutdown was never acknowledged: refuse it.
+                return;
+            }
             if self.last_age_trim.elapsed() >= AGE_TRIM_EVERY {
                 self.trim_by_age();
             }
@@ -276,7 +309,7 @@ impl Writer {
             let tx = self.conn.transaction()?;
             let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
             let mut touched: Vec<String> = Vec::new();
-            for Command::Publish(new, _) in &batch {
+            for new in batch.iter().filter_map(Command::message) {
                 if let Some(id) = &new.id {
                     let existing = tx
                         .query_row(
@@ -343,7 +376,7 @@ impl Writer {
                 if !stored.is_empty() {
                     (self.on_commit)(&stored);
                 }
-                for (Command::Publish(_, reply), outcome) in batch.into_iter().zip(outcomes) {
+                for (reply, outcome) in batch.into_iter().filter_map(Command::into_reply).zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
                 }
             }
@@ -351,7 +384,7 @@ impl Writer {
                 tracing::error!(%error, "storing messages failed; publishers are told");
                 self.last_offsets = saved_offsets;
                 let message = error.to_string();
-                for Command::Publish(_, reply) in batch {
+                for reply in batch.into_iter().filter_map(Command::into_reply) {
                     let _ = reply.send(Err(StoreError::Write(message.clone())));
                 }
             }

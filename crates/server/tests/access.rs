@@ -110,6 +110,10 @@ async fn tokens_from_header_query_or_first_message_and_their_room_grants() {
     let (mut outsider, _) =
         switchboard_ws::connect(&format!("ws://{addr}/ws?token={}", token("olga", &["elsewhere"], &[]))).await.unwrap();
     assert_eq!(next_close(&mut outsider).await.map(|c| c.0), Some(4003), "no grant for the default room");
+    // The same refusal when the token comes as the first message.
+    let (mut late, _) = switchboard_ws::connect(&format!("ws://{addr}/ws")).await.unwrap();
+    send(&mut late, json!({"token": token("olga", &["elsewhere"], &[])})).await;
+    assert_eq!(next_close(&mut late).await.map(|c| c.0), Some(4003));
 }
 
 #[tokio::test]
@@ -255,6 +259,10 @@ fn post(addr: &str, key: Option<&str>, body: &str) -> (u16, Value) {
 async fn the_publish_api_needs_its_key_and_delivers_like_a_client() {
     let (off, _) = start_serve(&[]);
     assert_eq!(post(&off.addr, Some("x"), r#"{"room":"lobby","message":"m"}"#).0, 404, "off without --api-key");
+    // A server without a token key ignores tokens: everyone is anonymous there.
+    let mut anyone = v1_with(&off.addr, Some("not-even-a-jwt"), "").await.unwrap();
+    send(&mut anyone, json!({"type": "join", "room": "lobby"})).await;
+    next_of(&mut anyone, "joined").await;
 
     let (server, _) = start_serve(&["--api-key", "k3y", "--max-message-chars", "10"]);
     let mut listener = v1_client(&server.addr).await;

@@ -34,11 +34,15 @@ async fn server_upgrade(mut req: Request<Incoming>) -> Result<Response<Empty<Byt
 async fn main() {
     let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:9004".into());
     let listener = TcpListener::bind(&addr).await.expect("bind");
-    while let Ok((stream, _)) = listener.accept().await {
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(async move {
-            let io = TokioIo::new(stream);
-            let _ = http1::Builder::new().serve_connection(io, service_fn(server_upgrade)).with_upgrades().await;
-        });
-    }
+    // Ctrl-C ends the process normally (benches/callgrind.sh needs an orderly exit for its counts).
+    let serve = async {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let io = TokioIo::new(stream);
+                let _ = http1::Builder::new().serve_connection(io, service_fn(server_upgrade)).with_upgrades().await;
+            });
+        }
+    };
+    tokio::select! { _ = serve => {}, _ = tokio::signal::ctrl_c() => {} }
 }

@@ -6,9 +6,13 @@ use tokio::net::{TcpListener, TcpStream};
 async fn main() {
     let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:9003".into());
     let listener = TcpListener::bind(&addr).await.expect("bind");
-    while let Ok((stream, _)) = listener.accept().await {
-        tokio::spawn(accept_connection(stream));
-    }
+    // Ctrl-C ends the process normally (benches/callgrind.sh needs an orderly exit for its counts).
+    let serve = async {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(accept_connection(stream));
+        }
+    };
+    tokio::select! { _ = serve => {}, _ = tokio::signal::ctrl_c() => {} }
 }
 
 async fn accept_connection(stream: TcpStream) {
