@@ -47,7 +47,9 @@ import json, ssl, sys
 from websockets.sync.client import connect
 url, ca = sys.argv[1], sys.argv[2]
 ctx = ssl.create_default_context(cafile=ca)
-with connect(url, ssl=ctx) as ws:
+# 127.0.0.1 (where the server listens) rather than a name that may resolve to ::1 first; the
+# certificate is for "localhost". A generous timeout: a debug build on a loaded 2-core machine.
+with connect(url, ssl=ctx, server_hostname="localhost", open_timeout=60) as ws:
     ws.send("hello from python")
     text = ws.recv()
     blob = bytes(range(256)) * 400
@@ -67,7 +69,7 @@ fn python_client_over_wss_with_compression() {
         start_echo(&["--tls-cert", ca.cert_file.to_str().unwrap(), "--tls-key", ca.key_file.to_str().unwrap()]);
     let port = server.addr.rsplit(':').next().unwrap();
     let out = Command::new("python3")
-        .args(["-c", PY_CLIENT, &format!("wss://localhost:{port}/"), ca.ca_file.to_str().unwrap()])
+        .args(["-c", PY_CLIENT, &format!("wss://127.0.0.1:{port}/"), ca.ca_file.to_str().unwrap()])
         .env("PYTHONPATH", &pythonpath)
         .output()
         .unwrap();
