@@ -8,6 +8,7 @@
 # Usage: benches/callgrind.sh [SIZE=20] [CONNECTIONS=10] [LOW=2000] [HIGH=12000]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 size=${1:-20}
 connections=${2:-10}
 low=${3:-2000}
@@ -19,8 +20,6 @@ cargo build --release --locked --manifest-path benches/peers/Cargo.toml >&2
 sb=target/release/switchboard
 peers=benches/peers/target/release
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
 count() { # count NAME MESSAGES: total instructions of the server over a run
     local name=$1 messages=$2 port file pid
@@ -33,7 +32,7 @@ count() { # count NAME MESSAGES: total instructions of the server over a run
     esac
     SWITCHBOARD_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$file" "${cmd[@]}" 2>/dev/null &
     pid=$!
-    wait_port "$port"
+    wait_port "$port" 60
     "$sb" bench echo "ws://127.0.0.1:$port/" -c "$connections" -s "$size" --count "$messages" --json >/dev/null 2>&1
     sleep 0.5
     kill -INT "$pid"

@@ -14,6 +14,7 @@
 # code is read from ../shared/seeds at run time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 root=$PWD
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(echo idle fanout)
@@ -31,8 +32,6 @@ cargo build --release --locked --manifest-path benches/peers/Cargo.toml >&2
 sb=$root/target/release/switchboard
 peers=$root/benches/peers/target/release
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
 
 # start_server NAME PORT: starts NAME pinned to core 0 and sets $server_pid.
 start_server() {

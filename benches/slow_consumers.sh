@@ -7,6 +7,7 @@
 # Usage: benches/slow_consumers.sh [SUBSCRIBERS=200] [RATE=200] [SIZE=4096] [SECONDS=20] [RUNS=3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 subscribers=${1:-200}
 rate=${2:-200}
 size=${3:-4096}
@@ -20,11 +21,11 @@ ulimit -n 65536 2>/dev/null || true
 
 run_case() { # run_case STALLED_PERCENT RUN
     local port pid
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    port=$(free_port)
     SWITCHBOARD_LOG=warn taskset -c 0 "$bin" serve --listen "127.0.0.1:$port" --db "$out/run-$1-$2.db" \
         --rate-limit 0 --max-message-chars 8192 &
     pid=$!
-    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+    wait_port "$port"
     taskset -c 1 "$bin" bench fanout "ws://127.0.0.1:$port/ws" --subscribers "$subscribers" --rate "$rate" \
         --size "$size" -d "$seconds" --stalled-percent "$1" --json >"$out/stalled-$1-run-$2.json" 2>/dev/null
     kill "$pid" && wait "$pid" 2>/dev/null || true

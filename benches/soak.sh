@@ -9,6 +9,7 @@
 # Results: target/soak/samples.csv, target/soak/summary.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 minutes=${1:-30}
 idle=${2:-9000}
 churn=${3:-1000}
@@ -21,7 +22,7 @@ cargo build --release --locked -p switchboard >&2
 cp target/release/switchboard "$out/switchboard"
 bin=$out/switchboard
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 url="ws://127.0.0.1:$port/ws"
 
 # Idle clients speak the seed protocol, so they sit in the default room "idle", where nobody chats.
@@ -29,7 +30,7 @@ SWITCHBOARD_LOG=warn "$bin" serve --listen "127.0.0.1:$port" --db "$out/soak.db"
     --rate-limit 0 --max-connections-per-ip 100000 --history-max-messages 100 2>"$out/serve.log" &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; kill $(jobs -p) 2>/dev/null || true' EXIT
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+wait_port "$port"
 
 metric() { # metric NAME: one gauge from /metrics
     exec 3<>"/dev/tcp/127.0.0.1/$port"

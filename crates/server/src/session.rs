@@ -73,6 +73,8 @@ pub const FORBIDDEN: CloseCode = CloseCode(4003);
 const MAX_ROOM_CHARS: usize = 64;
 /// How long a closing session waits for the client's side of the close handshake.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// Most deliveries queued into the socket between two flushes.
+const DELIVERY_BATCH: usize = 64;
 /// A client whose socket takes no data for this long while we have some for it is dropped: it has
 /// stopped reading, and its place in every room is already gone.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -155,7 +157,18 @@ pub async fn run(
                 Some(Ok(_)) => None,
             },
             item = next_delivery(&mut session.outbox) => match item {
-                Some(bytes) => send(&mut ws, bytes).await.err(),
+                Some(bytes) => {
+                    // Take what else is queued, up to a batch: `recv` flushes before it reads, so one
+                    // write then carries the batch instead of one write per message.
+                    let mut ended = send(&mut ws, bytes).await.err();
+                    let mut taken = 1;
+                    while ended.is_none() && taken < DELIVERY_BATCH {
+                        let Some(bytes) = session.outbox.as_mut().and_then(Outbox::try_recv) else { break };
+                        ended = send(&mut ws, bytes).await.err();
+                        taken += 1;
+                    }
+                    ended
+                }
                 None => Some(End::Close(CloseCode::POLICY_VIOLATION, "too slow: messages were not read in time".into())),
             },
         };

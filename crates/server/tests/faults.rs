@@ -81,13 +81,13 @@ async fn sigterm_says_1001_and_exits_within_the_grace_period_even_with_a_stuck_c
     }
 }
 
-/// Publishes `count` messages with ids `{tag}-{i}` as fast as acks allow (a window of 32), recording
-/// each acknowledged offset, until the connection breaks.
+/// Publishes up to `MAX_PER_PUBLISHER` messages with ids `{tag}-{i}` as fast as acks allow (a window
+/// of 32), recording each acknowledged offset, until the connection breaks.
 async fn publish_until_broken(mut ws: Ws, tag: String, acked: std::sync::Arc<std::sync::Mutex<HashMap<String, u64>>>) {
     let mut sent = 0usize;
     let mut in_flight = 0usize;
-    loop {
-        while in_flight < 32 {
+    while sent < MAX_PER_PUBLISHER || in_flight > 0 {
+        while in_flight < 32 && sent < MAX_PER_PUBLISHER {
             let frame = json!({"type": "publish", "room": "load", "message": format!("{tag} {sent}"), "id": format!("{tag}-{sent}")});
             if ws.feed(frame.to_string()).await.is_err() {
                 return;
@@ -111,6 +111,9 @@ async fn publish_until_broken(mut ws: Ws, tag: String, acked: std::sync::Arc<std
         }
     }
 }
+
+/// Four publishers stay under the 10,000 messages one history request returns.
+const MAX_PER_PUBLISHER: usize = 2400;
 
 #[tokio::test]
 async fn kill_9_under_publish_load_loses_nothing_acknowledged() {
@@ -138,7 +141,7 @@ async fn kill_9_under_publish_load_loses_nothing_acknowledged() {
         let ws = v1_client(&server.addr).await;
         publishers.push(tokio::spawn(publish_until_broken(ws, format!("p{p}"), acked.clone())));
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     server.child.kill().unwrap(); // SIGKILL
     server.child.wait().unwrap();
     for publisher in publishers {
@@ -147,6 +150,7 @@ async fn kill_9_under_publish_load_loses_nothing_acknowledged() {
     let seen = watching.await.unwrap();
     let acked = acked.lock().unwrap().clone();
     assert!(acked.len() > 100, "the load ran ({} acks)", acked.len());
+    assert!(acked.len() < 4 * MAX_PER_PUBLISHER, "the kill came while the publishers were still at it");
     assert!(seen.windows(2).all(|w| w[1] == w[0] + 1) && seen.first() == Some(&1), "live delivery was gap-free");
 
     let _server = start_serve_at(&server.addr, &db, &[history]);
