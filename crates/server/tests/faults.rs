@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::chat::{next, next_of, send, v1_client, Ws};
+use support::chat::{next, next_close, next_of, send, v1_client, Ws};
 use support::{start_serve, start_serve_at, Server};
 use switchboard_ws::Message;
 
@@ -58,14 +58,7 @@ async fn sigterm_says_1001_and_exits_within_the_grace_period_even_with_a_stuck_c
 
     let signalled = Instant::now();
     signal(&server, "-TERM");
-    let close = loop {
-        match tokio::time::timeout(Duration::from_secs(5), ws.recv()).await.expect("closed in time") {
-            Some(Ok(Message::Close(frame))) => break frame,
-            Some(Ok(_)) => continue,
-            other => panic!("expected a close frame, got {other:?}"),
-        }
-    };
-    assert_eq!(close.map(|f| f.code.0), Some(1001));
+    assert_eq!(next_close(&mut ws).await.map(|(code, _)| code), Some(1001));
     let status = wait_exit(&mut server, Duration::from_secs(4));
     assert!(status.success(), "{status}");
     assert!(signalled.elapsed() < Duration::from_millis(2500), "took {:?} with a 1 s grace", signalled.elapsed());
