@@ -181,10 +181,6 @@ impl Output {
                 }
             }
         }
-        if self.tail.is_empty() {
-            // Rewind so the allocation is reused from its start.
-            self.tail.clear();
-        }
     }
 }
 
@@ -195,7 +191,8 @@ pub struct Connection {
     config: Config,
     recv: BytesMut,
     frame: Option<InFrame>,
-    assembly: Option<Assembly>,
+    /// Boxed: only a fragmented message in progress needs it.
+    assembly: Option<Box<Assembly>>,
     utf8: Utf8Validator,
     out: Output,
     mask_keys: MaskKeys,
@@ -204,13 +201,20 @@ pub struct Connection {
     failed: bool,
     /// An outgoing fragmented message is in progress (frames sent with `fin == false`).
     sending_fragments: bool,
-    /// permessage-deflate, when negotiated.
-    compressor: Option<Compressor>,
-    decompressor: Option<Decompressor>,
-    compress_threshold: usize,
+    /// permessage-deflate, when negotiated. Boxed: most connections never use it, and every byte of
+    /// `Connection` is held by every idle connection.
+    deflate: Option<Box<DeflateState>>,
+}
+
+#[derive(Debug)]
+struct DeflateState {
+    compressor: Compressor,
+    decompressor: Decompressor,
+    /// Messages shorter than this are sent uncompressed.
+    threshold: usize,
     /// Reused buffer for compressed output.
     compressed: Vec<u8>,
-    deflate_params: Option<DeflateParams>,
+    params: DeflateParams,
 }
 
 impl Connection {
@@ -232,11 +236,7 @@ impl Connection {
             close_received: false,
             failed: false,
             sending_fragments: false,
-            compressor: None,
-            decompressor: None,
-            compress_threshold: usize::MAX,
-            compressed: Vec::new(),
-            deflate_params: None,
+            deflate: None,
         }
     }
 
@@ -257,15 +257,18 @@ impl Connection {
                 params.server_no_context_takeover,
             ),
         };
-        self.compressor = Some(Compressor::new(send_bits, config.level, config.mem_level, send_reset));
-        self.decompressor = Some(Decompressor::new(recv_bits, recv_reset));
-        self.compress_threshold = config.threshold;
-        self.deflate_params = Some(params);
+        self.deflate = Some(Box::new(DeflateState {
+            compressor: Compressor::new(send_bits, config.level, config.mem_level, send_reset),
+            decompressor: Decompressor::new(recv_bits, recv_reset),
+            threshold: config.threshold,
+            compressed: Vec::new(),
+            params,
+        }));
     }
 
     /// The negotiated permessage-deflate parameters, if the extension is on.
     pub fn deflate_params(&self) -> Option<DeflateParams> {
-        self.deflate_params
+        self.deflate.as_ref().map(|deflate| deflate.params)
     }
 
     pub fn role(&self) -> Role {
@@ -300,10 +303,18 @@ impl Connection {
     ///
     /// An `Err` fails the connection: a close frame with the error's code is queued, further input is
     /// ignored, and every later call returns `Ok(None)`.
+    #[inline]
     pub fn next_message(&mut self) -> Result<Option<Message>, ProtocolError> {
-        if self.failed {
+        // Nothing buffered means nothing to parse: a frame in progress always waits for payload bytes
+        // (an empty payload completes in the call that read its header). Checked inline because every
+        // read ends with this call, and the parser is too large to be cheap to enter.
+        if self.failed || self.recv.is_empty() {
             return Ok(None);
         }
+        self.parse_next()
+    }
+
+    fn parse_next(&mut self) -> Result<Option<Message>, ProtocolError> {
         match self.advance() {
             Ok(message) => Ok(message),
             Err(error) => {
@@ -358,7 +369,7 @@ impl Connection {
     fn check_header(&mut self, header: FrameHeader) -> Result<InFrame, ProtocolError> {
         // RSV1 marks a compressed message: only with permessage-deflate, only on its first frame.
         let rsv1 = header.rsv & 0b100 != 0;
-        let rsv1_allowed = self.decompressor.is_some() && matches!(header.opcode, OpCode::Text | OpCode::Binary);
+        let rsv1_allowed = self.deflate.is_some() && matches!(header.opcode, OpCode::Text | OpCode::Binary);
         if header.rsv & 0b011 != 0 || (rsv1 && !rsv1_allowed) {
             return Err(ProtocolError::ReservedBits);
         }
@@ -417,7 +428,7 @@ impl Connection {
             }
             OpCode::Text | OpCode::Binary => {
                 let is_text = frame.header.opcode == OpCode::Text;
-                let mut assembly = Assembly { is_text, compressed: frame.compressed, data: BytesMut::new() };
+                let mut assembly = Box::new(Assembly { is_text, compressed: frame.compressed, data: BytesMut::new() });
                 if frame.compressed {
                     self.inflate(&payload, &mut assembly)?;
                 } else {
@@ -471,7 +482,7 @@ impl Connection {
     fn inflate(&mut self, input: &[u8], assembly: &mut Assembly) -> Result<(), ProtocolError> {
         let limit = self.config.max_message_size;
         let room = limit.saturating_sub(assembly.data.len());
-        let decompressor = self.decompressor.as_mut().expect("RSV1 accepted only with deflate");
+        let decompressor = &mut self.deflate.as_mut().expect("RSV1 accepted only with deflate").decompressor;
         let utf8 = &mut self.utf8;
         let data = &mut assembly.data;
         let is_text = assembly.is_text;
@@ -493,7 +504,7 @@ impl Connection {
         let mut assembly = self.assembly.take().expect("a message in progress");
         if assembly.compressed {
             self.inflate(deflate::sync_tail(), &mut assembly)?;
-            self.decompressor.as_mut().expect("deflate on").end_message();
+            self.deflate.as_mut().expect("deflate on").decompressor.end_message();
         }
         self.finish_message(assembly.is_text, assembly.data.freeze())
     }
@@ -550,13 +561,15 @@ impl Connection {
 
     /// Queues a whole message as one frame, compressed when deflate is on and it is long enough.
     fn queue_message(&mut self, opcode: OpCode, payload: &[u8]) {
-        match &mut self.compressor {
-            Some(compressor) if payload.len() >= self.compress_threshold => {
-                let mut compressed = std::mem::take(&mut self.compressed);
+        match &mut self.deflate {
+            Some(deflate) if payload.len() >= deflate.threshold => {
+                let mut compressed = std::mem::take(&mut deflate.compressed);
                 compressed.clear();
-                compressor.compress(payload, &mut compressed);
+                deflate.compressor.compress(payload, &mut compressed);
                 self.queue_frame_with_rsv(opcode, true, 0b100, &compressed);
-                self.compressed = compressed;
+                if let Some(deflate) = &mut self.deflate {
+                    deflate.compressed = compressed;
+                }
             }
             _ => self.queue_frame(opcode, true, payload),
         }
@@ -591,7 +604,7 @@ impl Connection {
 
     fn send_data(&mut self, opcode: OpCode, payload: Bytes) -> Result<(), SendError> {
         self.check_can_send_data()?;
-        let compress = self.compressor.is_some() && payload.len() >= self.compress_threshold;
+        let compress = self.deflate.as_ref().is_some_and(|deflate| payload.len() >= deflate.threshold);
         if compress {
             self.queue_message(opcode, &payload);
         } else if self.role == Role::Server && payload.len() >= self.config.zero_copy_threshold {
@@ -708,24 +721,57 @@ impl Connection {
         all
     }
 
-    /// Frees the receive and send buffers when they hold nothing, so an idle connection keeps no
-    /// buffer memory. Call when the connection goes quiet; the next use allocates again.
+    /// Frees the receive and send buffers when they hold nothing, and the zlib state between messages
+    /// when context takeover is off, so an idle connection keeps no buffer memory. The next use
+    /// allocates again.
     pub fn release_idle_buffers(&mut self) {
-        if self.recv.is_empty() && self.frame.is_none() {
-            self.recv = BytesMut::new();
-        }
-        if self.out.len == 0 {
-            self.out.tail = BytesMut::new();
-            if let Some(compressor) = &mut self.compressor {
-                compressor.release();
+        drop(self.take_idle_receive_buffer());
+        drop(self.take_idle_output_buffer());
+        let between_messages = self.assembly.is_none() && self.frame.is_none();
+        if let Some(deflate) = &mut self.deflate {
+            if self.out.len == 0 {
+                deflate.compressor.release();
+                deflate.compressed = Vec::new();
             }
-            self.compressed = Vec::new();
-        }
-        if self.assembly.is_none() && self.frame.is_none() {
-            if let Some(decompressor) = &mut self.decompressor {
-                decompressor.release();
+            if between_messages {
+                deflate.decompressor.release();
             }
         }
+    }
+
+    /// Hands over the receive buffer's allocation when it holds no unparsed bytes, for the caller to
+    /// pool or free; the engine continues with an empty buffer. `None` when there is nothing to give.
+    pub fn take_idle_receive_buffer(&mut self) -> Option<BytesMut> {
+        // Bytes of a frame's payload already unmasked sit in `recv`, so an empty `recv` means no
+        // partial-frame state refers to it.
+        (self.recv.is_empty() && self.recv.capacity() > 0).then(|| std::mem::take(&mut self.recv))
+    }
+
+    /// Hands over the output buffer's allocation once everything queued has been written.
+    pub fn take_idle_output_buffer(&mut self) -> Option<BytesMut> {
+        (self.out.len == 0 && self.out.tail.capacity() > 0).then(|| std::mem::take(&mut self.out.tail))
+    }
+
+    /// Lends the engine an empty buffer to encode outgoing frames into, if it has none (see
+    /// [`Connection::take_idle_output_buffer`]). A buffer that is not needed is handed back.
+    pub fn provide_output_buffer(&mut self, mut buffer: BytesMut) -> Option<BytesMut> {
+        if self.out.tail.capacity() > 0 {
+            return Some(buffer);
+        }
+        buffer.clear();
+        self.out.tail = buffer;
+        None
+    }
+
+    /// Bytes of buffer memory the connection holds now (receive, output, and a fragmented message being
+    /// joined): what an idle connection costs beyond its fixed state.
+    pub fn buffer_capacity(&self) -> usize {
+        self.recv.capacity() + self.out.tail.capacity() + self.assembly.as_ref().map_or(0, |a| a.data.capacity())
+    }
+
+    /// Room left in the output buffer before it must grow.
+    pub fn output_capacity(&self) -> usize {
+        self.out.tail.capacity() - self.out.tail.len()
     }
 
     // --------------------------------------------------------------------------------------------

@@ -16,23 +16,23 @@ pub(crate) fn fill(buf: &mut [u8]) {
 /// Where a client's masking keys come from.
 #[derive(Debug, Clone)]
 pub(crate) enum MaskKeys {
-    Random {
-        pool: Box<[u8; POOL_BYTES]>,
-        used: usize,
-    },
+    /// The pool is allocated at the first key: a server never masks, and an idle server connection
+    /// should not carry 256 bytes it will never use.
+    Random { pool: Option<Box<[u8; POOL_BYTES]>>, used: usize },
     /// A fixed key, for reproducible tests and benchmarks only.
     Fixed([u8; 4]),
 }
 
 impl MaskKeys {
     pub(crate) fn random() -> Self {
-        Self::Random { pool: Box::new([0; POOL_BYTES]), used: POOL_BYTES }
+        Self::Random { pool: None, used: POOL_BYTES }
     }
 
     pub(crate) fn next_key(&mut self) -> [u8; 4] {
         match self {
             Self::Fixed(key) => *key,
             Self::Random { pool, used } => {
+                let pool = pool.get_or_insert_with(|| Box::new([0; POOL_BYTES]));
                 if *used + 4 > POOL_BYTES {
                     fill(&mut pool[..]);
                     *used = 0;

@@ -49,6 +49,9 @@ impl Utf8Validator {
             }
             input = &input[take..];
         }
+        if input.len() < SHORT_INPUT && is_ascii(input) {
+            return Ok(());
+        }
         match simdutf8::compat::from_utf8(input) {
             Ok(_) => Ok(()),
             Err(e) if e.error_len().is_none() => {
@@ -60,6 +63,21 @@ impl Utf8Validator {
             Err(_) => Err(InvalidUtf8),
         }
     }
+}
+
+/// Below this length simdutf8 hands the input to the standard library's scalar validator; chat-sized
+/// messages are mostly ASCII, which a word-at-a-time check settles in a few instructions.
+const SHORT_INPUT: usize = 64;
+
+fn is_ascii(input: &[u8]) -> bool {
+    const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+    let mut words = input.chunks_exact(8);
+    let mut seen = 0u64;
+    for word in &mut words {
+        seen |= u64::from_ne_bytes(word.try_into().expect("chunks of 8"));
+    }
+    let tail = words.remainder().iter().fold(0u8, |acc, &byte| acc | byte);
+    seen & HIGH_BITS == 0 && tail < 0x80
 }
 
 /// Length of the sequence a lead byte starts, or None when it cannot start one.
@@ -93,6 +111,21 @@ mod tests {
         }
         v.feed(&bytes[start..])?;
         Ok(v.is_complete())
+    }
+
+    #[test]
+    fn ascii_fast_path_agrees_with_std_at_every_length() {
+        for len in 0..SHORT_INPUT + 9 {
+            let ascii = vec![b'a'; len];
+            assert!(is_ascii(&ascii));
+            for at in 0..len {
+                let mut high = ascii.clone();
+                high[at] = 0x80;
+                assert!(!is_ascii(&high), "a high byte at {at} of {len} is not ASCII");
+                let mut v = Utf8Validator::new();
+                assert_eq!(v.feed(&high), Err(InvalidUtf8), "a lone continuation byte is invalid");
+            }
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ use switchboard_proto::{CloseCode, CloseFrame, CloseState, Connection, Message, 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
+use crate::buffers;
 use crate::config::{Config, Keepalive};
 use crate::error::{Error, Result};
 
@@ -33,8 +34,13 @@ struct KeepaliveTimer {
 pub(crate) struct Core<S> {
     pub(crate) io: S,
     pub(crate) conn: Connection,
-    config: Config,
-    keepalive: Option<KeepaliveTimer>,
+    // Only the settings used after the handshake are kept, not the whole `Config`: every byte here
+    // is held by every idle connection.
+    write_high_water: usize,
+    read_chunk: usize,
+    close_timeout: std::time::Duration,
+    /// Boxed: most connections have none, and idle connections hold every inline byte.
+    keepalive: Option<Box<KeepaliveTimer>>,
     close_deadline: Option<Pin<Box<Sleep>>>,
     write_shut: bool,
     /// `recv` has reported the end; nothing more will come.
@@ -50,16 +56,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
             conn.enable_deflate(params, settings);
         }
         conn.receive_data(leftover);
-        let keepalive = config.keepalive.map(|settings| KeepaliveTimer {
-            settings,
-            timer: Box::pin(tokio::time::sleep(settings.interval)),
-            last_activity: Instant::now(),
-            ping_sent: None,
+        let keepalive = config.keepalive.map(|settings| {
+            Box::new(KeepaliveTimer {
+                settings,
+                timer: Box::pin(tokio::time::sleep(settings.interval)),
+                last_activity: Instant::now(),
+                ping_sent: None,
+            })
         });
         Self {
             io,
             conn,
-            config,
+            write_high_water: config.write_high_water,
+            read_chunk: config.read_chunk,
+            close_timeout: config.close_timeout,
             keepalive,
             close_deadline: None,
             write_shut: false,
@@ -126,7 +136,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
                     }
                 }
             }
-            if self.conn.pending_output() > self.config.write_high_water && !self.write_failed {
+            if self.conn.pending_output() > self.write_high_water && !self.write_failed {
                 // Our replies are piling up unread by the peer: stop reading until they drain.
                 return Poll::Pending;
             }
@@ -154,12 +164,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let chunk = self.config.read_chunk;
+        let chunk = self.read_chunk;
         let buf = self.conn.receive_buffer();
+        if buf.capacity() == 0 {
+            *buf = buffers::take();
+        }
         if buf.capacity() - buf.len() < chunk / 2 {
             buf.reserve(chunk);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, buf)
+        let result = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, buf);
+        if result.is_pending() {
+            // Quiet until the next readiness: keep no buffer meanwhile unless a frame is half read.
+            if let Some(buffer) = self.conn.take_idle_receive_buffer() {
+                buffers::give(buffer);
+            }
+        }
+        result
     }
 
     /// After both close frames: flush, let the side that should close TCP first do so, wait (bounded)
@@ -199,7 +219,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
 
     fn arm_close_deadline(&mut self) {
         if self.close_deadline.is_none() {
-            self.close_deadline = Some(Box::pin(tokio::time::sleep(self.config.close_timeout)));
+            self.close_deadline = Some(Box::pin(tokio::time::sleep(self.close_timeout)));
         }
     }
 
@@ -249,17 +269,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
     /// Writes queued output until none is left, batching frames into vectored writes.
     pub(crate) fn poll_write_output(&mut self, wcx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.conn.pending_output() > 0 {
-            let written = if self.io.is_write_vectored() {
+            let front = self.conn.output_front();
+            let written = if front.len() == self.conn.pending_output() || !self.io.is_write_vectored() {
+                // One contiguous run (the usual case for small frames): a plain write, without building
+                // a slice array.
+                ready!(Pin::new(&mut self.io).poll_write(wcx, front))?
+            } else {
                 let mut slices = [IoSlice::new(&[]); MAX_IO_SLICES];
                 let count = self.conn.output_slices(&mut slices);
                 ready!(Pin::new(&mut self.io).poll_write_vectored(wcx, &slices[..count]))?
-            } else {
-                ready!(Pin::new(&mut self.io).poll_write(wcx, self.conn.output_front()))?
             };
             if written == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.conn.consume_output(written);
+        }
+        if let Some(buffer) = self.conn.take_idle_output_buffer() {
+            buffers::give(buffer);
         }
         Pin::new(&mut self.io).poll_flush(wcx)
     }
@@ -269,7 +295,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
         if self.write_failed {
             return Poll::Ready(Err(Error::ConnectionClosed));
         }
-        while self.conn.pending_output() > self.config.write_high_water {
+        while self.conn.pending_output() > self.write_high_water {
             if let Err(e) = ready!(self.poll_write_output(wcx)) {
                 self.write_failed = true;
                 return Poll::Ready(Err(Error::Io(e)));
@@ -283,6 +309,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
             return Err(Error::ConnectionClosed);
         }
         let closing = message.is_close();
+        if self.conn.output_capacity() == 0 {
+            if let Some(unneeded) = self.conn.provide_output_buffer(buffers::take()) {
+                buffers::give(unneeded);
+            }
+        }
         self.conn.send(message).map_err(|e| match e {
             SendError::Closed => Error::ConnectionClosed,
             other => Error::Send(other),

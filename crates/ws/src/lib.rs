@@ -27,6 +27,7 @@
 mod accept;
 #[cfg(feature = "axum")]
 pub mod axum;
+mod buffers;
 mod client;
 mod config;
 mod core;

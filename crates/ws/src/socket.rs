@@ -118,6 +118,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         self.core.conn.pending_output()
     }
 
+    /// Bytes of buffer memory held right now. Buffers go back to a per-thread pool whenever the socket
+    /// has nothing more to read and nothing left to write, so this is 0 for an idle connection.
+    pub fn buffer_capacity(&self) -> usize {
+        self.core.conn.buffer_capacity()
+    }
+
     /// Frees the connection's buffers if they are empty (idle connections then hold none).
     pub fn release_idle_buffers(&mut self) {
         self.core.conn.release_idle_buffers();

@@ -18,6 +18,9 @@ use tokio::net::TcpStream;
 
 pub use tokio_rustls::{rustls, TlsAcceptor, TlsConnector};
 
+/// What a [`TlsAcceptor`] yields for an accepted TCP connection.
+pub type ServerTlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
 use crate::error::Error;
 
 /// HTTP/1.1 is what the WebSocket handshake speaks; say so, so an h2-capable server does not pick h2.

@@ -77,6 +77,25 @@ async fn echo_round_trip_of_every_kind() {
 }
 
 #[tokio::test]
+async fn an_idle_connection_holds_no_buffers() {
+    let url = echo_server(Config::default()).await;
+    let (mut ws, _) = switchboard_ws::connect(&url).await.unwrap();
+    let big = vec![7u8; 100_000];
+    ws.send(big.clone()).await.unwrap();
+    ws.feed("a").await.unwrap();
+    assert!(ws.buffer_capacity() > 0, "a queued message is in a buffer");
+    ws.flush().await.unwrap();
+    assert_eq!(ws.recv().await.unwrap().unwrap(), Message::binary(big));
+    assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("a"));
+    // Nothing more arrives: the read goes pending (the dropped `recv` loses nothing).
+    assert!(tokio::time::timeout(SECOND / 10, ws.recv()).await.is_err());
+    assert_eq!(ws.buffer_capacity(), 0, "buffers went back to the pool");
+    // And the connection still works.
+    ws.send("again").await.unwrap();
+    assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("again"));
+}
+
+#[tokio::test]
 async fn close_handshake_both_sides_see_it_and_server_closes_tcp_first() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("ws://{}", listener.local_addr().unwrap());
