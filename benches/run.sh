@@ -53,7 +53,7 @@ start_server() {
     server_pid=$!
     wait_port "$port" || { echo "$name did not start on $port" >&2; exit 1; }
 }
-stop_server() { kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; }
+stop_server() { kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; rm -f "$out"/serve-*.db*; }
 load() { taskset -c 1 "$sb" bench "$@" --json 2>/dev/null; }
 
 machine() {

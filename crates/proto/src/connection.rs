@@ -299,6 +299,13 @@ impl Connection {
         self.recv.len()
     }
 
+    /// How many more bytes the frame being received needs (0 between frames): a hint for sizing the
+    /// next read, so a large frame arrives in one read instead of many. Trusting it blindly would let
+    /// a header make the reader allocate up to `max_frame_size` before any payload arrives: cap it.
+    pub fn frame_bytes_missing(&self) -> usize {
+        self.frame.map_or(0, |frame| frame.len.saturating_sub(self.recv.len()))
+    }
+
     /// The next complete message, `Ok(None)` when more input is needed (or nothing more will come).
     ///
     /// An `Err` fails the connection: a close frame with the error's code is queued, further input is

@@ -7,6 +7,12 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use std::time::Duration;
 
+/// mimalloc rather than the system allocator: an idle connection is a handful of small allocations, two
+/// of them cache-line aligned by tokio, and glibc pays up to a cache line of padding on each of those
+/// (measured in BENCHMARKS.md, "Idle connections").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use switchboard::auth::Claims;
 use switchboard::config::{ServeArgs, ServeConfig};
 use switchboard::connect::{self, ConnectOptions};
@@ -52,6 +58,10 @@ enum Command {
         /// zlib memory level of the compressor, 1-9 (memory: 2^(level+9) bytes).
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(1..=9))]
         deflate_mem_level: u8,
+        /// Share the port with other processes (SO_REUSEPORT): run several to hold more connections
+        /// than one process may open files for.
+        #[arg(long)]
+        reuse_port: bool,
         #[command(flatten)]
         tls: TlsArgs,
     },
@@ -222,6 +232,7 @@ fn main() -> anyhow::Result<()> {
                 no_compression,
                 deflate_window_bits,
                 deflate_mem_level,
+                reuse_port,
                 tls,
             } => {
                 let mut config = Config::default().max_message_size(max_message_size).max_frame_size(max_frame_size);
@@ -233,7 +244,7 @@ fn main() -> anyhow::Result<()> {
                     });
                 }
                 tokio::select! {
-                    result = echo::run(EchoOptions { listen, config, tls: tls.acceptor()? }) => result.with_context(|| format!("echo server on {listen}")),
+                    result = echo::run(EchoOptions { listen, config, tls: tls.acceptor()?, reuse_port }) => result.with_context(|| format!("echo server on {listen}")),
                     _ = tokio::signal::ctrl_c() => {
                         tracing::info!("interrupted, exiting");
                         Ok(())

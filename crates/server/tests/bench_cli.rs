@@ -98,5 +98,9 @@ fn connect_and_idle_modes() {
         "127.0.0.1,127.0.0.2",
     ]);
     assert_eq!((r["opened"].as_u64(), r["errors"].as_u64()), (Some(300), Some(0)), "{r}");
-    assert!(r["server_kib_per_connection"].as_f64().unwrap() > 0.0, "{r}");
+    // The server's RSS was read before and after (300 connections may fit in memory the allocator
+    // already had, so the growth itself can be 0).
+    assert!(r["server_rss_before_kib"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["server_rss_after_kib"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["server_kib_per_connection"].as_f64().is_some(), "{r}");
 }

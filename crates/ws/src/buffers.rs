@@ -15,7 +15,7 @@ use bytes::BytesMut;
 /// task, so a worker rarely has more than a few out at once.
 const MAX_POOLED: usize = 64;
 /// What a new buffer is allocated with: the default read size.
-const NEW_CAPACITY: usize = 8 * 1024;
+const NEW_CAPACITY: usize = 32 * 1024;
 /// Smaller remainders are freed rather than pooled: a buffer that would need to grow (or be rewound by
 /// `reserve`) at its next use saves nothing.
 const MIN_POOLED_CAPACITY: usize = 1024;

@@ -43,7 +43,7 @@ impl Default for Config {
             max_head_bytes: switchboard_proto::handshake::DEFAULT_MAX_HEAD_BYTES,
             handshake_timeout: Duration::from_secs(10),
             write_high_water: 1 << 20,
-            read_chunk: 8 * 1024,
+            read_chunk: 32 * 1024,
             keepalive: None,
             close_timeout: Duration::from_secs(5),
             compression: None,

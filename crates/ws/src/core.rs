@@ -23,6 +23,10 @@ use crate::error::{Error, Result};
 /// How many output chunks one vectored write may carry.
 const MAX_IO_SLICES: usize = 64;
 
+/// The most a read reserves ahead for a frame's announced payload: enough that common large messages
+/// arrive in one read, small enough that a header announcing 16 MiB, then silence, costs no more.
+const MAX_READ_AHEAD: usize = 256 * 1024;
+
 struct KeepaliveTimer {
     settings: Keepalive,
     timer: Pin<Box<Sleep>>,
@@ -169,8 +173,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
         if buf.capacity() == 0 {
             *buf = buffers::take();
         }
-        if buf.capacity() - buf.len() < chunk / 2 {
-            buf.reserve(chunk);
+        // Room for the rest of a frame whose header has arrived (up to a cap, see `MAX_READ_AHEAD`),
+        // else for one more chunk.
+        let wanted = self.conn.frame_bytes_missing().min(MAX_READ_AHEAD).max(chunk / 2);
+        let buf = self.conn.receive_buffer();
+        if buf.capacity() - buf.len() < wanted {
+            buf.reserve(wanted.max(chunk));
         }
         let result = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, buf);
         if result.is_pending() {
