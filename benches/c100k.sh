@@ -40,7 +40,7 @@ server_rss_kib() {
     for pid in "${servers[@]}"; do sum=$((sum + $(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status"))); done
     echo "$sum"
 }
-established() { ss -Htn state established "( sport = :$port )" | wc -l; }
+established() { ss -Htn state established "( sport = :$port )" src 127.0.0.1 | wc -l; }
 
 before=$(server_rss_kib)
 each=$((total / procs))
