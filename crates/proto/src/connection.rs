@@ -165,6 +165,12 @@ impl Output {
     fn consume(&mut self, mut n: usize) {
         assert!(n <= self.len, "consumed {n} bytes but only {} are pending", self.len);
         self.len -= n;
+        if self.len == 0 && self.chunks.is_empty() {
+            // All written: the buffer starts over from its beginning instead of moving along its
+            // allocation, so it never needs rewinding by `reserve`.
+            self.tail.clear();
+            return;
+        }
         while n > 0 {
             match self.chunks.front_mut() {
                 Some(chunk) if chunk.len() <= n => {
@@ -322,13 +328,68 @@ impl Connection {
     }
 
     fn parse_next(&mut self) -> Result<Option<Message>, ProtocolError> {
-        match self.advance() {
+        let result = match self.whole_data_frame() {
+            Some(result) => result.map(Some),
+            None => self.advance(),
+        };
+        match result {
             Ok(message) => Ok(message),
             Err(error) => {
                 self.fail(&error);
                 Err(error)
             }
         }
+    }
+
+    /// The usual frame in one pass: a whole unfragmented, uncompressed text or binary frame of up to
+    /// 64 KiB at the front of the buffer, with nothing else in progress. `None` sends everything else
+    /// (other frames, partial frames, and any frame the general parser would reject except for its
+    /// UTF-8) to [`Connection::advance`], which gives the same result for these frames: the
+    /// `any_split_gives_the_same_events` tests compare the two, since a split frame never takes this way.
+    #[inline]
+    fn whole_data_frame(&mut self) -> Option<Result<Message, ProtocolError>> {
+        if self.frame.is_some() || self.assembly.is_some() || self.close_received {
+            return None;
+        }
+        let buf = &self.recv[..];
+        let (&b0, &b1) = (buf.first()?, buf.get(1)?);
+        // FIN, no reserved bits (so not compressed), opcode 1 or 2.
+        let is_text = match b0 {
+            0x81 => true,
+            0x82 => false,
+            _ => return None,
+        };
+        let masked = b1 & 0x80 != 0;
+        if masked != (self.role == Role::Server) {
+            return None;
+        }
+        let (len, mut header_len) = match b1 & 0x7f {
+            127 => return None,
+            126 => (u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?]) as usize, 4),
+            short => (short as usize, 2),
+        };
+        let key = if masked {
+            let key: [u8; 4] = buf.get(header_len..header_len + 4)?.try_into().expect("4 bytes");
+            header_len += 4;
+            Some(key)
+        } else {
+            None
+        };
+        if buf.len() < header_len + len || len > self.config.max_frame_size || len > self.config.max_message_size {
+            return None;
+        }
+        let payload = &mut self.recv[header_len..header_len + len];
+        if let Some(key) = key {
+            apply_mask(payload, key, 0);
+        }
+        if is_text && crate::utf8::validate(payload).is_err() {
+            return Some(Err(ProtocolError::InvalidUtf8));
+        }
+        // One split for header and payload, then the header is skipped in the frozen `Bytes`, where
+        // advancing is a pointer bump.
+        let mut payload = self.recv.split_to(header_len + len).freeze();
+        payload.advance(header_len);
+        Some(Ok(if is_text { Message::Text(Utf8Bytes::from_validated(payload)) } else { Message::Binary(payload) }))
     }
 
     fn advance(&mut self) -> Result<Option<Message>, ProtocolError> {
@@ -671,6 +732,14 @@ impl Connection {
             Role::Server => None,
         };
         self.out.tail.reserve(MAX_HEADER_LEN + payload.len());
+        if mask.is_none() && payload.len() < 126 {
+            // The usual server frame: a two-byte header, written without building a `FrameHeader`.
+            let first = (fin as u8) << 7 | (rsv & 0x7) << 4 | opcode.as_u8();
+            self.out.tail.put_slice(&[first, payload.len() as u8]);
+            self.out.tail.put_slice(payload);
+            self.out.len += 2 + payload.len();
+            return;
+        }
         self.queue_header(opcode, fin, rsv, payload.len(), mask);
         let start = self.out.tail.len();
         self.out.tail.put_slice(payload);

@@ -7,7 +7,7 @@
 #[inline]
 pub fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: usize) {
     let key = rotate_key(key, offset);
-    let word = u64::from_ne_bytes([key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3]]);
+    let word = u64::from(u32::from_ne_bytes(key)) * 0x1_0000_0001;
     // Chunks of 32 bytes give the auto-vectoriser four independent words per iteration.
     let mut wide = buf.chunks_exact_mut(32);
     for chunk in &mut wide {
@@ -23,17 +23,23 @@ pub fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: usize) {
         lane.copy_from_slice(&value.to_ne_bytes());
     }
     // Each 8-byte step is a multiple of 4, so the tail still starts at key phase 0.
-    for (i, byte) in words.into_remainder().iter_mut().enumerate() {
-        *byte ^= key[i & 3];
+    let mut tail = words.into_remainder();
+    if tail.len() >= 4 {
+        let (half, rest) = tail.split_at_mut(4);
+        let value = u32::from_ne_bytes(half.try_into().expect("4 bytes")) ^ u32::from_ne_bytes(key);
+        half.copy_from_slice(&value.to_ne_bytes());
+        tail = rest;
+    }
+    for (byte, k) in tail.iter_mut().zip(key) {
+        *byte ^= k;
     }
 }
 
 /// The key as seen from payload position `offset`.
 #[inline]
 fn rotate_key(key: [u8; 4], offset: usize) -> [u8; 4] {
-    let mut rotated = key;
-    rotated.rotate_left(offset & 3);
-    rotated
+    // As a little-endian word, moving every byte one place towards the front is a right rotation.
+    u32::from_le_bytes(key).rotate_right(8 * (offset as u32 & 3)).to_le_bytes()
 }
 
 /// Byte-at-a-time reference used by tests and benchmarks to check the fast routine.

@@ -71,13 +71,23 @@ const SHORT_INPUT: usize = 64;
 
 fn is_ascii(input: &[u8]) -> bool {
     const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
-    let mut words = input.chunks_exact(8);
-    let mut seen = 0u64;
-    for word in &mut words {
-        seen |= u64::from_ne_bytes(word.try_into().expect("chunks of 8"));
+    let len = input.len();
+    if len >= 8 {
+        let mut words = input.chunks_exact(8);
+        let mut seen = 0u64;
+        for word in &mut words {
+            seen |= u64::from_ne_bytes(word.try_into().expect("chunks of 8"));
+        }
+        // The remainder, read as the last 8 bytes (overlapping bytes already seen): no byte loop.
+        seen |= u64::from_ne_bytes(input[len - 8..].try_into().expect("8 bytes"));
+        seen & HIGH_BITS == 0
+    } else if len >= 4 {
+        let head = u32::from_ne_bytes(input[..4].try_into().expect("4 bytes"));
+        let last = u32::from_ne_bytes(input[len - 4..].try_into().expect("4 bytes"));
+        (head | last) & HIGH_BITS as u32 == 0
+    } else {
+        input.iter().fold(0u8, |acc, &byte| acc | byte) < 0x80
     }
-    let tail = words.remainder().iter().fold(0u8, |acc, &byte| acc | byte);
-    seen & HIGH_BITS == 0 && tail < 0x80
 }
 
 /// Length of the sequence a lead byte starts, or None when it cannot start one.
@@ -93,6 +103,9 @@ fn sequence_length(lead: u8) -> Option<usize> {
 
 /// Validates a complete buffer in one call.
 pub fn validate(bytes: &[u8]) -> Result<(), InvalidUtf8> {
+    if bytes.len() < SHORT_INPUT && is_ascii(bytes) {
+        return Ok(());
+    }
     simdutf8::basic::from_utf8(bytes).map(|_| ()).map_err(|_| InvalidUtf8)
 }
 
@@ -124,6 +137,7 @@ mod tests {
                 assert!(!is_ascii(&high), "a high byte at {at} of {len} is not ASCII");
                 let mut v = Utf8Validator::new();
                 assert_eq!(v.feed(&high), Err(InvalidUtf8), "a lone continuation byte is invalid");
+                assert_eq!(validate(&high), Err(InvalidUtf8));
             }
         }
     }

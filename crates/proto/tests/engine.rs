@@ -285,14 +285,15 @@ fn conversation() -> impl Strategy<Value = Vec<u8>> {
 }
 
 /// Runs `bytes` through a fresh engine in the given chunks; returns every message and the output.
-fn run_split(role: Role, bytes: &[u8], cuts: &[usize]) -> (Vec<Result<Message, ProtocolError>>, Vec<u8>, CloseState) {
+fn run_split(role: Role, bytes: &[u8], cuts: &[usize]) -> Run {
+    run_split_limited(role, bytes, cuts, 100_000, 100_000)
+}
+
+type Run = (Vec<Result<Message, ProtocolError>>, Vec<u8>, CloseState);
+
+fn run_split_limited(role: Role, bytes: &[u8], cuts: &[usize], max_frame_size: usize, max_message_size: usize) -> Run {
     // A fixed mask key so that a client engine's output is comparable between runs.
-    let config = Config {
-        max_frame_size: 100_000,
-        max_message_size: 100_000,
-        fixed_mask_key: Some([1, 2, 3, 4]),
-        ..Config::default()
-    };
+    let config = Config { max_frame_size, max_message_size, fixed_mask_key: Some([1, 2, 3, 4]), ..Config::default() };
     let mut conn = Connection::new(role, config);
     let mut events = Vec::new();
     let mut start = 0;
@@ -349,7 +350,47 @@ proptest! {
             prop_assert!(e.close_code().is_sendable());
             prop_assert_eq!(whole.2, CloseState::Closed);
         }
-        prop_assert_eq!(whole, run_split(Role::Server, &bytes, &cuts));
+        prop_assert_eq!(&whole, &run_split(Role::Server, &bytes, &cuts));
+        // Byte by byte, no frame is ever whole in the buffer, so none takes the engine's one-pass way.
+        let byte_by_byte: Vec<usize> = (0..bytes.len().min(3000)).collect();
+        if bytes.len() <= 3000 {
+            prop_assert_eq!(whole, run_split(Role::Server, &bytes, &byte_by_byte));
+        }
+    }
+}
+
+/// Frames at the edges of the one-pass parser for whole frames give the same events and output as
+/// the same bytes fed one at a time, which always takes the general parser.
+#[test]
+fn whole_and_byte_by_byte_frames_agree_at_the_edges() {
+    let mut non_minimal_length = vec![0x81, 0x80 | 126, 0, 3, 0, 0, 0, 0];
+    non_minimal_length.extend_from_slice(b"abc");
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("short text", client_frame(OpCode::Text, true, b"hello")),
+        ("empty binary", client_frame(OpCode::Binary, true, b"")),
+        ("16-bit length", client_frame(OpCode::Binary, true, &[7; 65_535])),
+        ("64-bit length", client_frame(OpCode::Binary, true, &[7; 65_536])),
+        ("non-minimal length", non_minimal_length),
+        ("invalid UTF-8", client_frame(OpCode::Text, true, b"ok \xff")),
+        ("truncated UTF-8", client_frame(OpCode::Text, true, "é".as_bytes().split_at(1).0)),
+        ("over the frame limit", client_frame(OpCode::Binary, true, &[1; 1001])),
+        ("over the message limit", client_frame(OpCode::Text, true, &[b'a'; 501])),
+        ("at both limits", client_frame(OpCode::Text, true, &[b'a'; 500])),
+        ("unmasked", vec![0x81, 2, b'h', b'i']),
+        ("reserved bit", {
+            let mut f = client_frame(OpCode::Text, true, b"hi");
+            f[0] |= 0x40;
+            f
+        }),
+        ("not final", client_frame(OpCode::Text, false, b"hi")),
+        ("after a close", [client_frame(OpCode::Close, true, b""), client_frame(OpCode::Text, true, b"late")].concat()),
+    ];
+    for (name, bytes) in cases {
+        for (max_frame_size, max_message_size) in [(1000, 500), (500, 1000), (100_000, 100_000)] {
+            let run = |cuts: &[usize]| run_split_limited(Role::Server, &bytes, cuts, max_frame_size, max_message_size);
+            let byte_by_byte: Vec<usize> = (0..bytes.len()).collect();
+            assert_eq!(run(&[]), run(&byte_by_byte), "{name} with limits {max_frame_size}/{max_message_size}");
+        }
     }
 }
 
