@@ -66,6 +66,8 @@ machine() {
 if [[ " ${parts[*]} " == *" echo "* ]]; then
     servers=(switchboard fastwebsockets tokio-tungstenite node-ws)
     cells=("100 20" "10 16384" "200 16384" "1000 20")
+    # What the kernel alone charges core 0 per message: the floor under every server's numbers.
+    taskset -c 0 "$peers/loopback_floor" 26 16392 >"$out/loopback.jsonl"
     for run in $(seq "$runs"); do
         for cell in "${cells[@]}"; do
             read -r c s <<<"$cell"
@@ -73,7 +75,7 @@ if [[ " ${parts[*]} " == *" echo "* ]]; then
                 port=$(free_port)
                 start_server "$name" "$port"
                 echo "echo run $run: $name ${c}x${s}B" >&2
-                load echo "ws://127.0.0.1:$port/" -c "$c" -s "$s" -d "$seconds" --warmup 1 >"$out/echo-$name-${c}x$s-$run.json" || echo '{}' >"$out/echo-$name-${c}x$s-$run.json"
+                load echo "ws://127.0.0.1:$port/" -c "$c" -s "$s" -d "$seconds" --warmup 1 --server-pid "$server_pid" >"$out/echo-$name-${c}x$s-$run.json" || echo '{}' >"$out/echo-$name-${c}x$s-$run.json"
                 stop_server
             done
         done
@@ -160,6 +162,30 @@ if echo_files:
         ratio = lambda peer: "n/a" if not rates.get(peer) or not rates.get("switchboard") else f"{rates['switchboard'] / rates[peer]:.2f}"
         c, s = cell.split("x")
         print(f"| {c} x {int(s):,} B | " + " | ".join(cols) + f" | {ratio('fastwebsockets')} | {ratio('tokio-tungstenite')} | {ratio('node-ws')} |")
+    floor_path = os.path.join(out, "loopback.jsonl")
+    if os.path.exists(floor_path):
+        floors = [json.loads(line) for line in open(floor_path) if line.strip()]
+        costs = "; ".join(f"{f['ns_per_message'] / 1000:.1f} µs for {f['bytes']:,} bytes (1 / that = {f['ceiling_msgs_per_s']:,.0f}/s)" for f in floors)
+        print(f"\nThe kernel alone (`loopback_floor` on core 0: one write and one read over loopback TCP, no WebSocket code): {costs}. "
+              "An echoed message costs the server's core one read and one write, so this is most of its time per message (1 / msgs/s).")
+    print("\n### Where the time goes in the echo cells (share of one core over the measured seconds, medians)\n")
+    print("Each cell: server busy (of which user time: its own code and libraries) / load generator busy (user time).")
+    print("The rest is kernel time, and a server whose own code cost nothing would still pay it: at best, it would beat a")
+    print("peer by 1 / (1 - that peer's user share).\n")
+    print("| connections x size | " + " | ".join(servers) + " |")
+    print("|---" * (len(servers) + 1) + "|")
+    def share(rows, side, key):
+        values = [r[side][key] for r in rows if isinstance(r.get(side), dict)]
+        return statistics.median(values) if values else None
+    for cell in cells:
+        cols = []
+        for s in servers:
+            rows = load(f"echo-{s}-{cell}-*.json")
+            busy, user = share(rows, "server_cpu", "busy"), share(rows, "server_cpu", "user")
+            client, client_user = share(rows, "client_cpu", "busy"), share(rows, "client_cpu", "user")
+            cols.append("n/a" if busy is None or client is None else f"{busy:.0%} ({user:.0%} user) / {client:.0%} ({client_user:.0%} user)")
+        c, size = cell.split("x")
+        print(f"| {c} x {int(size):,} B | " + " | ".join(cols) + " |")
 
 idle_files = glob.glob(os.path.join(out, "idle-*.json"))
 if idle_files:

@@ -63,6 +63,9 @@ pub struct EchoArgs {
     /// time limit: for instruction counts under callgrind, which must not depend on time.
     #[arg(long)]
     pub count: Option<u64>,
+    /// The server's pid, to report how busy its core was, and with what (user or kernel time).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
     #[arg(long)]
     pub json: bool,
 }
@@ -223,6 +226,18 @@ async fn echo(args: EchoArgs) -> anyhow::Result<serde_json::Value> {
     let counter = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let printer = progress("echo", counter.clone(), stop.clone());
+    // CPU use over the measured window: who was saturated (the server, or this load generator) and
+    // how much of the server's time was its own code rather than the kernel's.
+    let cpu_sampler = args.count.is_none().then(|| {
+        let server = args.server_pid.map(|pid| pid.to_string());
+        tokio::spawn(async move {
+            let sample = || (server.as_deref().and_then(cpu_seconds), cpu_seconds("self"));
+            tokio::time::sleep_until(measure_from.into()).await;
+            let before = sample();
+            tokio::time::sleep_until(end.into()).await;
+            (before, sample())
+        })
+    });
     let mut workers = Vec::with_capacity(args.connections);
     for i in 0..args.connections {
         let (url, counter) = (url.clone(), counter.clone());
@@ -251,12 +266,43 @@ async fn echo(args: EchoArgs) -> anyhow::Result<serde_json::Value> {
     let (p50, p99, p999) = percentiles(&mut latencies);
     let elapsed = start.elapsed().as_secs_f64();
     let rate = messages as f64 / if args.count.is_some() { elapsed } else { args.duration };
+    let (mut server_cpu, mut client_cpu) = (serde_json::Value::Null, serde_json::Value::Null);
+    if let Some(sampler) = cpu_sampler {
+        let ((server_before, client_before), (server_after, client_after)) = sampler.await?;
+        server_cpu = cpu_use(server_before, server_after, args.duration);
+        client_cpu = cpu_use(client_before, client_after, args.duration);
+    }
     Ok(json!({
         "mode": "echo", "url": args.url, "connections": args.connections, "size": args.size,
         "frame": if args.binary { "binary" } else { "text" }, "duration_s": args.duration,
         "messages": messages, "msgs_per_s": rate, "bytes_per_s": rate * args.size as f64 * 2.0,
         "p50_us": p50, "p99_us": p99, "p999_us": p999, "errors": errors,
+        "server_cpu": server_cpu, "client_cpu": client_cpu,
     }))
+}
+
+/// CPU seconds a process has used so far, (user, kernel), from `/proc/PID/stat`.
+/// The unit of /proc's times is USER_HZ, which Linux fixes at 100 for user space.
+fn cpu_seconds(pid: &str) -> Option<(f64, f64)> {
+    cpu_seconds_in(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn cpu_seconds_in(stat: &str) -> Option<(f64, f64)> {
+    const TICKS_PER_SECOND: f64 = 100.0;
+    // The fields after the command name, which is in parentheses and may itself contain spaces.
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split_whitespace().collect();
+    let seconds = |index: usize| Some(fields.get(index)?.parse::<f64>().ok()? / TICKS_PER_SECOND);
+    // utime and stime are the 14th and 15th fields; `fields` starts at the 3rd.
+    Some((seconds(11)?, seconds(12)?))
+}
+
+/// Share of one core used between two samples, in all and as user and kernel time.
+fn cpu_use(before: Option<(f64, f64)>, after: Option<(f64, f64)>, seconds: f64) -> serde_json::Value {
+    let (Some((user0, kernel0)), Some((user1, kernel1))) = (before, after) else {
+        return serde_json::Value::Null;
+    };
+    let (user, kernel) = ((user1 - user0) / seconds, (kernel1 - kernel0) / seconds);
+    json!({ "busy": user + kernel, "user": user, "kernel": kernel })
 }
 
 /// Opens a raw connection and completes the client handshake by hand.
@@ -717,6 +763,15 @@ async fn churn_session(url: &str, room: &str, messages: usize, pause: Duration) 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cpu_times_are_read_past_a_command_name_with_spaces_and_parentheses() {
+        let stat = "4242 (echo (a) b) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 100 0 0";
+        assert_eq!(super::cpu_seconds_in(stat), Some((2.5, 0.75)));
+        assert_eq!(super::cpu_seconds_in("4242 (cut short) S 1"), None);
+        let own = super::cpu_seconds("self").expect("this process's own times");
+        assert!(own.0 >= 0.0 && own.1 >= 0.0);
+    }
+
     use super::*;
 
     #[test]

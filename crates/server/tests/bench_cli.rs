@@ -16,13 +16,23 @@ fn bench(args: &[&str]) -> Value {
 fn echo_mode_counts_round_trips_and_latencies() {
     let server = start_echo(&[]);
     let url = format!("ws://{}/", server.addr);
-    let r = bench(&["echo", &url, "-c", "4", "-s", "64", "-d", "1", "--warmup", "0.2"]);
+    let pid = server.child.id().to_string();
+    let r = bench(&["echo", &url, "-c", "4", "-s", "64", "-d", "1", "--warmup", "0.2", "--server-pid", &pid]);
     let messages = r["messages"].as_u64().unwrap();
     assert!(messages > 100, "{r}");
     assert_eq!(r["errors"], 0);
     assert!((r["msgs_per_s"].as_f64().unwrap() - messages as f64).abs() < 1.0, "1 s run: rate equals count");
     let (p50, p99) = (r["p50_us"].as_u64().unwrap(), r["p99_us"].as_u64().unwrap());
     assert!(p50 > 0 && p50 <= p99, "{r}");
+    // Both ends echoed for a second at full speed: each used CPU, user plus kernel time, within the
+    // machine's cores.
+    for side in ["server_cpu", "client_cpu"] {
+        let (busy, user, kernel) = (r[side]["busy"].as_f64(), r[side]["user"].as_f64(), r[side]["kernel"].as_f64());
+        let (busy, user, kernel) = (busy.unwrap(), user.unwrap(), kernel.unwrap());
+        assert!(busy > 0.0 && (user + kernel - busy).abs() < 1e-9, "{side}: {r}");
+        let cores = std::thread::available_parallelism().unwrap().get() as f64;
+        assert!(busy <= cores + 0.1, "{side}: {r}");
+    }
     let binary = bench(&["echo", &url, "-c", "2", "-s", "2000", "--binary", "-d", "0.5", "--warmup", "0"]);
     assert_eq!((binary["frame"].as_str(), binary["errors"].as_u64()), (Some("binary"), Some(0)));
 }
