@@ -1,17 +1,35 @@
-// The seeds' own browser pages, as printed, in Chromium against their counterparts in examples/:
-// seed 001's client.html against `echo_http`, seed 002's page against `connection_manager`.
+// The seeds' own browser pages, as printed (read from the seed documents), in Chromium against their
+// counterparts in examples/: seed 001's client.html against `echo_http`, seed 002's page against
+// `connection_manager`.
 // The pages hard-code their port (8080, 8000); each test uses that port when it is free, so the page
 // runs byte for byte, and otherwise rewrites only the port and says so.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join, resolve, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { useBrowser, listening, freePort, waitListening } from "./helpers.mjs";
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
 const EXAMPLES = process.env.SWITCHBOARD_EXAMPLES ?? join(ROOT, "target/debug/examples");
+// The seed documents live beside the project (../shared/seeds), not in it: the pages are read from
+// there at test time, exactly as printed.
+const SEEDS = process.env.SWITCHBOARD_SEEDS ?? join(ROOT, "../shared/seeds");
+
+/** Seed NUMBER's page as printed: from its `<!DOCTYPE html>` to the closing `</html>`. */
+function seedPage(number, url) {
+  const file = existsSync(SEEDS) && readdirSync(SEEDS).find((name) => name.startsWith(`${number}_`));
+  assert.ok(file, `seed ${number} is not in ${SEEDS} (set SWITCHBOARD_SEEDS to the seeds' folder)`);
+  const text = readFileSync(join(SEEDS, file), "utf8");
+  const start = text.indexOf("<!DOCTYPE html>");
+  const end = text.indexOf("</html>", start);
+  assert.ok(start >= 0 && end > start, `seed ${number} prints no HTML page`);
+  const page = text.slice(start, end + "</html>".length);
+  assert.ok(page.includes(url), `seed ${number}'s page connects to ${url}`);
+  return page;
+}
 
 const getBrowser = useBrowser();
 
@@ -27,7 +45,8 @@ test("seed 001's client.html against examples/echo_http", async () => {
   const server = await runExample("echo_http", 8080);
   try {
     const page = await (await getBrowser().newContext()).newPage();
-    await page.setContent(SEED_001_CLIENT.replace("ws://localhost:8080/", `ws://localhost:${server.port}/`));
+    const seed = seedPage("001", "ws://localhost:8080/");
+    await page.setContent(seed.replace("ws://localhost:8080/", `ws://localhost:${server.port}/`));
     await new Promise((r) => setTimeout(r, 300));
     await page.fill("#message", "Hello from seed 001");
     await page.click("#sendButton");
@@ -42,10 +61,11 @@ test("seed 002's page against examples/connection_manager", async () => {
   const server = await runExample("connection_manager", 8000);
   try {
     const context = await getBrowser().newContext();
+    const seed = seedPage("002", "ws://localhost:8000/");
     const pages = [];
     for (let i = 0; i < 2; i++) {
       const page = await context.newPage();
-      await page.setContent(SEED_002_PAGE.replace("ws://localhost:8000/", `ws://localhost:${server.port}/`));
+      await page.setContent(seed.replace("ws://localhost:8000/", `ws://localhost:${server.port}/`));
       pages.push(page);
       await new Promise((r) => setTimeout(r, 30)); // distinct Date.now() client ids
     }
@@ -65,82 +85,3 @@ test("seed 002's page against examples/connection_manager", async () => {
     await server.stop();
   }
 });
-
-// Seed 001's client.html, as printed.
-const SEED_001_CLIENT = `<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="UTF-8">
-<meta name="viewport" content="width=device-width, initial-scale=1.0">
-<title>WebSocket Chat</title>
-</head>
-<body>
-<div id="chat">
-<input type="text" id="message" placeholder="Type your message">
-<button id="sendButton">Send</button>
-<div id="messages"></div>
-</div>
-<script>
-const socket = new WebSocket("ws://localhost:8080/chat"); // Replace with your WebSocket URL
-const messagesDiv = document.getElementById("messages");
-const messageInput = document.getElementById("message");
-const sendButton = document.getElementById("sendButton");
-socket.addEventListener("open", event => {
-console.log("WebSocket connection is open.");
-});
-socket.addEventListener("message", event => {
-const message = document.createElement("div");
-message.textContent = event.data;
-messagesDiv.appendChild(message);
-});
-socket.addEventListener("error", event => {
-console.error("WebSocket error:", event);
-});
-socket.addEventListener("close", event => {
-console.log("WebSocket connection is closed:", event);
-});
-sendButton.addEventListener("click", () => {
-const messageText = messageInput.value;
-socket.send(messageText);
-messageInput.value = "";
-});
-</script>
-</body>
-</html>`;
-
-// Seed 002's page, as printed.
-const SEED_002_PAGE = `<!DOCTYPE html>
-<html>
-    <head>
-        <title>Chat</title>
-    </head>
-    <body>
-        <h1>WebSocket Chat</h1>
-        <h2>Your ID: <span id="ws-id"></span></h2>
-        <form action="" onsubmit="sendMessage(event)">
-            <input type="text" id="messageText" autocomplete="off"/>
-            <button>Send</button>
-        </form>
-        <ul id='messages'>
-        </ul>
-        <script>
-            var client_id = Date.now()
-            document.querySelector("#ws-id").textContent = client_id;
-            var ws = new WebSocket(\`ws://localhost:8000/ws/\${client_id}\`);
-            ws.onmessage = function(event) {
-                var messages = document.getElementById('messages')
-                var message = document.createElement('li')
-                var content = document.createTextNode(event.data)
-                message.appendChild(content)
-                messages.appendChild(message)
-            };
-            function sendMessage(event) {
-                var input = document.getElementById("messageText")
-                ws.send(input.value)
-                input.value = ''
-                event.preventDefault()
-            }
-        </script>
-    </body>
-</html>
-`;

@@ -80,7 +80,7 @@ pub struct ServeArgs {
     /// Open connections (HTTP and WebSocket) at once; more get 503 [default: 100000].
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
-    /// Open connections from one IP address; more get 429 [default: 10000].
+    /// Open connections from one IP address (IPv6: one /64); more get 429 [default: 10000].
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP")]
     pub max_connections_per_ip: Option<usize>,
     /// Seconds a client has to send its request head (and finish TLS) [default: 10].

@@ -1,8 +1,8 @@
-//! Admission and rate limits: how many connections the server holds (in total and per client IP),
-//! and how fast one connection may send.
+//! Admission and rate limits: how many connections the server holds (in total and per client
+//! address: an IPv4 address or an IPv6 /64), and how fast one connection may send.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -57,6 +57,7 @@ impl ConnectionLimiter {
     }
 
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refused> {
+        let ip = client_address(ip);
         let mut counts = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if counts.total >= self.max_total {
             return Err(Refused::Full(self.max_total));
@@ -72,6 +73,22 @@ impl ConnectionLimiter {
 
     pub fn open(&self) -> usize {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).total
+    }
+}
+
+/// What the per-address limit counts: an IPv4 address, or an IPv6 /64. One host is usually given a
+/// whole /64 and may connect from any address in it, so counting single IPv6 addresses would let it
+/// take any number of places.
+fn client_address(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
     }
 }
 
@@ -134,6 +151,21 @@ mod tests {
         drop(a1);
         assert_eq!(limiter.open(), 2);
         let _a3 = limiter.try_acquire(a).expect("a closed connection frees its place");
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_per_64_and_mapped_ipv4_as_ipv4() {
+        let limiter = ConnectionLimiter::new(100, 2);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let _one = limiter.try_acquire(ip("2001:db8:1:2::1")).unwrap();
+        let _two = limiter.try_acquire(ip("2001:db8:1:2:ffff:aaaa:bbbb:cccc")).unwrap();
+        assert_eq!(limiter.try_acquire(ip("2001:db8:1:2::99")).unwrap_err(), Refused::PerIp(2), "same /64");
+        let _other = limiter.try_acquire(ip("2001:db8:1:3::1")).expect("another /64 is another client");
+        let _v4 = limiter.try_acquire(ip("192.0.2.7")).unwrap();
+        let _mapped = limiter.try_acquire(ip("::ffff:192.0.2.7")).unwrap();
+        assert_eq!(limiter.try_acquire(ip("192.0.2.7")).unwrap_err(), Refused::PerIp(2), "mapped is the same IPv4");
+        drop(_one);
+        let _again = limiter.try_acquire(ip("2001:db8:1:2::5")).expect("a closed connection frees the /64's place");
     }
 
     #[test]
