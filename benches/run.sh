@@ -171,7 +171,7 @@ if echo_files:
     print("\n### Where the time goes in the echo cells (share of one core over the measured seconds, medians)\n")
     print("Each cell: server busy (of which user time: its own code and libraries) / load generator busy (user time).")
     print("The rest is kernel time, and a server whose own code cost nothing would still pay it: at best, it would beat a")
-    print("peer by 1 / (1 - that peer's user share).\n")
+    print("saturated peer by the peer's busy / (busy - user).\n")
     print("| connections x size | " + " | ".join(servers) + " |")
     print("|---" * (len(servers) + 1) + "|")
     def share(rows, side, key):
