@@ -6,7 +6,9 @@
 # Every server runs pinned to core 0 and the load generator (`switchboard bench`) to core 1. Each
 # cell runs BENCH_RUNS times, the servers interleaved within each round, and the tables report
 # medians and switchboard's ratio to each peer. Results: target/bench-matrix/*.json and
-# target/bench-matrix/report.md, which BENCHMARKS.md quotes.
+# target/bench-matrix/report.md; each part's tables also replace that part's marked region of
+# BENCHMARKS.md (between `<!-- benches/run.sh PART: begin -->` and `... end -->`), headed by the
+# command, date, commit and machine, so a partial run rewrites only its own tables.
 #
 # Peers: echo servers on tokio-tungstenite and fastwebsockets (benches/peers, from crates.io), Node's
 # `ws` (npm); for fan-out, the seeds' own chat servers, run as the seeds wrote them: seed 000's FastAPI
@@ -111,7 +113,7 @@ for folder, name, text in [("seed000", "main.py", py), ("seed004", "server.js", 
 EOF
     python3 -m pip install --quiet --disable-pip-version-check --target "$out/python" fastapi uvicorn websockets >&2
     subscribers=${FANOUT_SUBSCRIBERS:-1000}
-    rates=${FANOUT_RATES:-"20 100"}
+    rates=${FANOUT_RATES:-"100 1000 2000"}
     for run in $(seq "$runs"); do
         for rate in $rates; do
             for name in switchboard-serve seed-node seed-fastapi; do
@@ -126,13 +128,19 @@ EOF
     done
 fi
 
-{
-    echo "Command: \`benches/run.sh ${parts[*]}\` (BENCH_SECONDS=$seconds, BENCH_RUNS=$runs), $(date -u +%Y-%m-%d)"
-    echo
-    machine
-    python3 - "$out" <<'EOF'
-import glob, json, os, statistics, sys
-out = sys.argv[1]
+commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!BENCHMARKS.md' || echo "+changes")
+header="Command: \`benches/run.sh ${parts[*]}\` (BENCH_SECONDS=$seconds, BENCH_RUNS=$runs"
+[[ " ${parts[*]} " == *" fanout "* ]] && header+=", FANOUT_RATES=\"${rates}\""
+header+="), $(date -u +%Y-%m-%d), commit $commit"
+header+=$'\n\n'"$(machine)"
+HEADER="$header" python3 - "$out" "$root/BENCHMARKS.md" <<'EOF' | tee "$out/report.md"
+import glob, json, os, re, statistics, sys
+out, benchmarks = sys.argv[1], sys.argv[2]
+sections = {}
+def section(part):
+    lines = []
+    sections[part] = lines
+    return lambda *text: lines.append(" ".join(str(t) for t in text))
 def load(pattern):
     rows = []
     for path in sorted(glob.glob(os.path.join(out, pattern))):
@@ -147,11 +155,12 @@ def median(rows, key):
 
 echo_files = glob.glob(os.path.join(out, "echo-*.json"))
 if echo_files:
+    emit = section("echo")
     servers = ["switchboard", "fastwebsockets", "tokio-tungstenite", "node-ws"]
     cells = ["100x20", "10x16384", "200x16384", "1000x20"]
-    print("\n### Echo (closed loop, msgs/s, median of runs; p99 round trip)\n")
-    print("| connections x size | " + " | ".join(servers) + " | switchboard / fastwebsockets | switchboard / tokio-tungstenite | switchboard / node-ws |")
-    print("|---" * (len(servers) + 4) + "|")
+    emit("\n### Echo (closed loop, msgs/s, median of runs; p99 round trip)\n")
+    emit("| connections x size | " + " | ".join(servers) + " | switchboard / fastwebsockets | switchboard / tokio-tungstenite | switchboard / node-ws |")
+    emit("|---" * (len(servers) + 4) + "|")
     for cell in cells:
         rates, cols = {}, []
         for s in servers:
@@ -161,19 +170,19 @@ if echo_files:
             cols.append("n/a" if rate is None else f"{rate:,.0f} (p99 {p99 / 1000:.2f} ms)")
         ratio = lambda peer: "n/a" if not rates.get(peer) or not rates.get("switchboard") else f"{rates['switchboard'] / rates[peer]:.2f}"
         c, s = cell.split("x")
-        print(f"| {c} x {int(s):,} B | " + " | ".join(cols) + f" | {ratio('fastwebsockets')} | {ratio('tokio-tungstenite')} | {ratio('node-ws')} |")
+        emit(f"| {c} x {int(s):,} B | " + " | ".join(cols) + f" | {ratio('fastwebsockets')} | {ratio('tokio-tungstenite')} | {ratio('node-ws')} |")
     floor_path = os.path.join(out, "loopback.jsonl")
     if os.path.exists(floor_path):
         floors = [json.loads(line) for line in open(floor_path) if line.strip()]
         costs = "; ".join(f"{f['ns_per_message'] / 1000:.1f} µs for {f['bytes']:,} bytes (1 / that = {f['ceiling_msgs_per_s']:,.0f}/s)" for f in floors)
-        print(f"\nThe kernel alone (`loopback_floor` on core 0: one write and one read over loopback TCP, no WebSocket code): {costs}. "
+        emit(f"\nThe kernel alone (`loopback_floor` on core 0: one write and one read over loopback TCP, no WebSocket code): {costs}. "
               "An echoed message costs the server's core one read and one write, so this is most of its time per message (1 / msgs/s).")
-    print("\n### Where the time goes in the echo cells (share of one core over the measured seconds, medians)\n")
-    print("Each cell: server busy (of which user time: its own code and libraries) / load generator busy (user time).")
-    print("The rest is kernel time, and a server whose own code cost nothing would still pay it: at best, it would beat a")
-    print("saturated peer by the peer's busy / (busy - user).\n")
-    print("| connections x size | " + " | ".join(servers) + " |")
-    print("|---" * (len(servers) + 1) + "|")
+    emit("\n### Where the time goes in the echo cells (share of one core over the measured seconds, medians)\n")
+    emit("Each cell: server busy (of which user time: its own code and libraries) / load generator busy (user time).")
+    emit("The rest is kernel time, and a server whose own code cost nothing would still pay it: at best, it would beat a")
+    emit("saturated peer by the peer's busy / (busy - user).\n")
+    emit("| connections x size | " + " | ".join(servers) + " |")
+    emit("|---" * (len(servers) + 1) + "|")
     def share(rows, side, key):
         values = [r[side][key] for r in rows if isinstance(r.get(side), dict)]
         return statistics.median(values) if values else None
@@ -185,33 +194,51 @@ if echo_files:
             client, client_user = share(rows, "client_cpu", "busy"), share(rows, "client_cpu", "user")
             cols.append("n/a" if busy is None or client is None else f"{busy:.0%} ({user:.0%} user) / {client:.0%} ({client_user:.0%} user)")
         c, size = cell.split("x")
-        print(f"| {c} x {int(size):,} B | " + " | ".join(cols) + " |")
+        emit(f"| {c} x {int(size):,} B | " + " | ".join(cols) + " |")
 
 idle_files = glob.glob(os.path.join(out, "idle-*.json"))
 if idle_files:
-    print("\n### Idle connections (10,000 held; server RSS growth per connection)\n")
-    print("| server | opened | KiB per connection |")
-    print("|---|---|---|")
+    emit = section("idle")
+    emit("\n### Idle connections (10,000 held; server RSS growth per connection)\n")
+    emit("| server | opened | KiB per connection |")
+    emit("|---|---|---|")
     for s in ["switchboard", "switchboard-serve", "fastwebsockets", "tokio-tungstenite", "node-ws"]:
         rows = load(f"idle-{s}.json")
         if rows:
             r = rows[0]
             kib = r.get("server_kib_per_connection")
-            print(f"| {s} | {r.get('opened')} | {'n/a' if kib is None else f'{kib:.1f}'} |")
+            emit(f"| {s} | {r.get('opened')} | {'n/a' if kib is None else f'{kib:.1f}'} |")
 
 fan_files = glob.glob(os.path.join(out, "fanout-*.json"))
 if fan_files:
-    print("\n### Chat fan-out (1 publisher -> N subscribers, seed protocol; medians)\n")
-    print("| server | rate/s | deliveries/s | p50 | p99 | lost |")
-    print("|---|---|---|---|---|---|")
+    emit = section("fanout")
+    subscribers = sorted({r.get("subscribers") for r in load("fanout-*.json") if r.get("subscribers")})
+    emit(f"\n### Chat fan-out (1 publisher -> {', '.join(f'{n:,}' for n in subscribers) or 'N'} subscribers, seed protocol; medians)\n")
+    emit("| server | rate/s | deliveries/s | p50 | p99 | lost |")
+    emit("|---|---|---|---|---|---|")
     rates = sorted({int(os.path.basename(p).split("-")[-2]) for p in fan_files})
     for rate in rates:
         for s in ["switchboard-serve", "seed-node", "seed-fastapi"]:
             rows = load(f"fanout-{s}-{rate}-*.json")
             d = median(rows, "deliveries_per_s")
             if d is None:
-                print(f"| {s} | {rate} | n/a | | | |")
+                emit(f"| {s} | {rate} | n/a | | | |")
                 continue
-            print(f"| {s} | {rate} | {d:,.0f} | {median(rows, 'p50_us') / 1000:.1f} ms | {median(rows, 'p99_us') / 1000:.1f} ms | {median(rows, 'lost'):,.0f} |")
+            emit(f"| {s} | {rate} | {d:,.0f} | {median(rows, 'p50_us') / 1000:.1f} ms | {median(rows, 'p99_us') / 1000:.1f} ms | {median(rows, 'lost'):,.0f} |")
+
+header = os.environ["HEADER"]
+print(header)
+for lines in sections.values():
+    print("\n".join(lines))
+# Each part's tables replace that part's region of BENCHMARKS.md; the text around them stays.
+text = open(benchmarks).read()
+for part, lines in sections.items():
+    begin, end = f"<!-- benches/run.sh {part}: begin -->", f"<!-- benches/run.sh {part}: end -->"
+    if begin not in text or end not in text:
+        print(f"BENCHMARKS.md has no region for {part}: its tables are only in report.md", file=sys.stderr)
+        continue
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    text = text[:start] + "\n" + header + "\n" + "\n".join(lines) + "\n\n" + text[stop:]
+open(benchmarks, "w").write(text)
 EOF
-} | tee "$out/report.md"
+
