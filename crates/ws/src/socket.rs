@@ -124,7 +124,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         self.core.conn.buffer_capacity()
     }
 
-    /// Frees the connection's buffers if they are empty (idle connections then hold none).
+    /// Frees the compression state between messages when context takeover is off (so a quiet
+    /// compressed connection holds no zlib memory), and any empty I/O buffer. The I/O buffers
+    /// already go back to the pool by themselves whenever the socket goes quiet; the zlib state
+    /// does not.
     pub fn release_idle_buffers(&mut self) {
         self.core.conn.release_idle_buffers();
     }
