@@ -68,7 +68,7 @@ machine() {
 if [[ " ${parts[*]} " == *" echo "* ]]; then
     servers=(switchboard fastwebsockets tokio-tungstenite node-ws)
     cells=("100 20" "10 16384" "200 16384" "1000 20")
-    # What the kernel alone charges core 0 per message: the floor under every server's numbers.
+    # What the kernel alone charges core 0 per message: most of every server's time per message.
     taskset -c 0 "$peers/loopback_floor" 26 16392 >"$out/loopback.jsonl"
     for run in $(seq "$runs"); do
         for cell in "${cells[@]}"; do
@@ -174,7 +174,7 @@ if echo_files:
     floor_path = os.path.join(out, "loopback.jsonl")
     if os.path.exists(floor_path):
         floors = [json.loads(line) for line in open(floor_path) if line.strip()]
-        costs = "; ".join(f"{f['ns_per_message'] / 1000:.1f} µs for {f['bytes']:,} bytes (1 / that = {f['ceiling_msgs_per_s']:,.0f}/s)" for f in floors)
+        costs = "; ".join(f"{f['ns_per_message'] / 1000:.1f} µs for {f['bytes']:,} bytes (1 / that = {f['messages_per_s']:,.0f}/s)" for f in floors)
         emit(f"\nThe kernel alone (`loopback_floor` on core 0: one write and one read over loopback TCP, no WebSocket code): {costs}. "
               "An echoed message costs the server's core one read and one write, so this is most of its time per message (1 / msgs/s).")
     emit("\n### Where the time goes in the echo cells (share of one core over the measured seconds, medians)\n")
