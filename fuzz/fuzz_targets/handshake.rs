@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use switchboard_proto::handshake::{self, ClientRequest};
+use switchboard_proto::handshake::{self, ClientRequest, ServerSettings};
 
 const MAX_HEAD: usize = 8 * 1024;
 
@@ -14,11 +14,14 @@ fuzz_target!(|data: &[u8]| {
             match handshake::validate_request(head) {
                 Ok(request) => {
                     let _ = (request.path(), request.query(), request.origin(), request.host());
-                    let response = handshake::accept_response(&request.key, None, None, &[]);
+                    let key = request.offer.key.clone().expect("a valid HTTP/1.1 request has a key");
+                    let negotiated = handshake::negotiate(&request.offer, &ServerSettings::default())
+                        .expect("a validated offer negotiates");
+                    let response = negotiated.http1_response().to_http1();
                     let (head, _) = handshake::parse_response(&response, MAX_HEAD)
                         .expect("our own 101 parses")
                         .expect("our own 101 is complete");
-                    let client = ClientRequest { key: request.key.clone(), ..ClientRequest::new("h", "/") };
+                    let client = ClientRequest { key, ..ClientRequest::new("h", "/") };
                     handshake::verify_response(&client, head).expect("a client accepts our answer to its key");
                 }
                 Err(error) => assert!((400..500).contains(&error.status()), "{error:?}"),

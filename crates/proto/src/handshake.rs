@@ -1,11 +1,28 @@
-//! The opening handshake (RFC 6455 §4): the server parses and validates the client's GET and answers
-//! 101 or an HTTP error with a reason; the client builds its request and verifies the answer.
+//! The opening handshake (RFC 6455 §4): the server reads the client's request and answers it, the
+//! client builds its request and verifies the answer.
+//!
+//! The server side has two steps, so that an HTTP/2 extended CONNECT (RFC 8441) can share the second:
+//!
+//! 1. Reading the request, which depends on the HTTP version. For HTTP/1.1, [`parse_request`] and
+//!    [`validate_request`] check the `GET` with `Upgrade: websocket` and give an [`UpgradeRequest`]. An
+//!    HTTP/2 request arrives parsed by the HTTP/2 layer, which checks `:method = CONNECT` and
+//!    `:protocol = websocket` itself. Either way the WebSocket part of the request is an [`Offer`]:
+//!    version, key (HTTP/1.1 only), subprotocols, extensions.
+//! 2. Negotiation, which does not: [`negotiate`] checks the offer against this engine and the server's
+//!    [`ServerSettings`] and gives what was agreed ([`Negotiated`]: subprotocol, permessage-deflate
+//!    parameters, the response headers that state them). [`Negotiated::http1_response`] (`101`) and
+//!    [`Negotiated::http2_response`] (`200`) wrap it into a [`HandshakeResponse`], the one response
+//!    model: [`HandshakeResponse::to_http1`] writes it as HTTP/1.1 bytes, and a library on top of an
+//!    HTTP stack converts it into that stack's response type. Refusals ([`HandshakeError::response`])
+//!    use the same model.
 //!
 //! Everything works on byte buffers the caller fills, so any transport (a socket, hyper's upgrade, a
 //! test vector) can drive it. Header size is bounded: a peer cannot make us buffer an endless request.
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
+
+use crate::deflate::{self, DeflateConfig, DeflateParams};
 
 /// The GUID of RFC 6455 §1.3 appended to the key before hashing.
 const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -34,7 +51,9 @@ pub fn generate_key() -> String {
 /// One header line; values are kept as bytes since HTTP allows non-UTF-8 (obs-text).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// The field name as received (compare it case-insensitively).
     pub name: String,
+    /// The field value, untrimmed.
     pub value: Vec<u8>,
 }
 
@@ -49,6 +68,7 @@ pub struct Head {
     pub status: u16,
     /// Minor HTTP version (1 for HTTP/1.1).
     pub version: u8,
+    /// The header lines in the order received.
     pub headers: Vec<Header>,
 }
 
@@ -74,35 +94,55 @@ impl Head {
     }
 }
 
-/// Why the server refuses a handshake. `status()` and `to_response()` give the HTTP answer.
+/// Why the server refuses a handshake. [`status`](Self::status) and [`response`](Self::response) give
+/// the HTTP answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandshakeError {
+    /// The request head is larger than the configured bound (431).
     #[error("request head exceeds {limit} bytes")]
-    HeadTooLarge { limit: usize },
+    HeadTooLarge {
+        /// The bound, in bytes.
+        limit: usize,
+    },
+    /// The bytes are not an HTTP request (400).
     #[error("malformed HTTP request: {0}")]
     Malformed(String),
+    /// The method is not `GET` (405, with `Allow: GET`).
     #[error("method {0} not allowed; a WebSocket handshake is a GET")]
     Method(String),
+    /// HTTP/1.0 or older (400).
     #[error("HTTP/1.1 or later is required")]
     HttpVersion,
+    /// No `Host` header, or an empty one (400).
     #[error("missing Host header")]
     MissingHost,
+    /// `Upgrade` does not list `websocket` (400).
     #[error("missing 'Upgrade: websocket'")]
     MissingUpgrade,
+    /// `Connection` does not list `upgrade` (400).
     #[error("missing 'Connection: Upgrade'")]
     MissingConnectionUpgrade,
+    /// An HTTP/1.1 request without a key, or any key that is not 16 bytes in base64 (400).
     #[error("missing or invalid Sec-WebSocket-Key (must be 16 bytes, base64)")]
     BadKey,
+    /// No `Sec-WebSocket-Version` (400, with `Sec-WebSocket-Version: 13`).
     #[error("missing Sec-WebSocket-Version")]
     MissingVersion,
+    /// A version other than 13 (426, with `Sec-WebSocket-Version: 13`).
     #[error("unsupported Sec-WebSocket-Version {0:?}; this server speaks 13")]
     UnsupportedVersion(String),
     /// Refused by the application (origin, authentication, path...).
     #[error("{reason}")]
-    Rejected { status: u16, reason: String },
+    Rejected {
+        /// The HTTP status to answer with.
+        status: u16,
+        /// Why, for the response body.
+        reason: String,
+    },
 }
 
 impl HandshakeError {
+    /// The HTTP status of the refusal.
     pub fn status(&self) -> u16 {
         match self {
             Self::HeadTooLarge { .. } => 431,
@@ -113,37 +153,50 @@ impl HandshakeError {
         }
     }
 
-    /// The complete HTTP response that refuses the handshake, reason in the body.
-    pub fn to_response(&self) -> Vec<u8> {
-        let mut extra: Vec<(&str, &str)> = Vec::new();
+    /// The refusal as a response: its status, the reason as a plain-text body, and the headers the
+    /// RFCs ask for (`Sec-WebSocket-Version: 13` on version errors, `Allow: GET` on a wrong method).
+    pub fn response(&self) -> HandshakeResponse {
+        let mut response = HandshakeResponse::new(self.status());
+        response.push_header("Content-Type", "text/plain; charset=utf-8");
         match self {
             Self::UnsupportedVersion(_) | Self::MissingVersion => {
-                extra.push(("Sec-WebSocket-Version", WEBSOCKET_VERSION))
+                response.push_header("Sec-WebSocket-Version", WEBSOCKET_VERSION);
             }
-            Self::Method(_) => extra.push(("Allow", "GET")),
+            Self::Method(_) => {
+                response.push_header("Allow", "GET");
+            }
             _ => {}
         }
-        error_response(self.status(), &self.to_string(), &extra)
+        response.body = format!("{self}\n");
+        response
+    }
+
+    /// The complete HTTP/1.1 response that refuses the handshake, for a connection that is closed
+    /// afterwards (`Connection: close`).
+    pub fn to_response(&self) -> Vec<u8> {
+        let mut response = self.response();
+        response.push_header("Connection", "close");
+        response.to_http1()
     }
 }
 
-/// An HTTP error response with a plain-text body; the connection is not kept.
+/// An HTTP/1.1 error response with a plain-text body, for a connection that is closed afterwards.
+/// Extra headers that could split the response are dropped.
 pub fn error_response(status: u16, body: &str, extra_headers: &[(&str, &str)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(160 + body.len());
-    out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", status, reason_phrase(status)).as_bytes());
-    out.extend_from_slice(b"Content-Type: text/plain; charset=utf-8\r\nConnection: close\r\n");
+    let mut response = HandshakeResponse::new(status);
+    response.push_header("Content-Type", "text/plain; charset=utf-8");
+    response.push_header("Connection", "close");
     for (name, value) in extra_headers {
-        if is_safe_header(name, value.as_bytes()) {
-            out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
-        }
+        response.push_header(*name, *value);
     }
-    out.extend_from_slice(format!("Content-Length: {}\r\n\r\n{}\n", body.len() + 1, body).as_bytes());
-    out
+    response.body = format!("{body}\n");
+    response.to_http1()
 }
 
 fn reason_phrase(status: u16) -> &'static str {
     match status {
         101 => "Switching Protocols",
+        200 => "OK",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
@@ -158,11 +211,84 @@ fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
-/// No CR, LF or NUL may reach the wire from caller-supplied headers (response splitting).
+/// A field name must be an RFC 9110 token: no separators, spaces or controls.
+fn is_token(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// A field value may hold visible characters, spaces, tabs and obs-text, but no other control
+/// characters: in particular no CR, LF or NUL (response splitting).
+fn is_field_value(value: &[u8]) -> bool {
+    value.iter().all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+}
+
 fn is_safe_header(name: &str, value: &[u8]) -> bool {
-    !name.is_empty()
-        && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
-        && value.iter().all(|&b| b != b'\r' && b != b'\n' && b != 0)
+    is_token(name) && is_field_value(value)
+}
+
+/// A server's answer to an opening request, before it goes on the wire: status, headers and body.
+///
+/// Every handshake answer is built as one of these (the `101`, the HTTP/2 `200`, refusals), so the
+/// headers are decided in one place whatever writes them. Headers are checked as they are added, so
+/// what it holds is always valid HTTP and converts to any HTTP library's response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakeResponse {
+    /// The HTTP status code.
+    pub status: u16,
+    headers: Vec<(String, String)>,
+    /// The body (a refusal's reason); empty for `101` and `200`.
+    pub body: String,
+}
+
+impl HandshakeResponse {
+    /// A response with this status, no headers and no body.
+    pub fn new(status: u16) -> Self {
+        Self { status, headers: Vec::new(), body: String::new() }
+    }
+
+    /// Appends a header. One whose name is not an HTTP token or whose value holds a control
+    /// character (CR, LF, NUL...) is dropped and `false` returned, so caller-supplied headers cannot
+    /// split the response.
+    pub fn push_header(&mut self, name: impl Into<String>, value: impl Into<String>) -> bool {
+        let (name, value) = (name.into(), value.into());
+        let safe = is_safe_header(&name, value.as_bytes());
+        if safe {
+            self.headers.push((name, value));
+        }
+        safe
+    }
+
+    /// The headers, in order, as `(name, value)`.
+    pub fn headers(&self) -> &[(String, String)] {
+        &self.headers
+    }
+
+    /// The first value of a header, matched case-insensitively.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The response in HTTP/1.1 form: status line, headers, then, unless the status is `1xx`, a
+    /// `Content-Length` and the body.
+    pub fn to_http1(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(160 + self.body.len());
+        out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", self.status, reason_phrase(self.status)).as_bytes());
+        for (name, value) in &self.headers {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        let informational = (100..200).contains(&self.status);
+        if !informational {
+            out.extend_from_slice(format!("Content-Length: {}\r\n", self.body.len()).as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        if !informational {
+            out.extend_from_slice(self.body.as_bytes());
+        }
+        out
+    }
 }
 
 /// Parses a request head from the front of `buf`: `Ok(None)` while incomplete, else the head and the
@@ -195,36 +321,171 @@ fn copy_headers(headers: &[httparse::Header<'_>]) -> Vec<Header> {
     headers.iter().map(|h| Header { name: h.name.to_owned(), value: h.value.to_vec() }).collect()
 }
 
-/// A request that passed WebSocket validation: what an application needs to decide on it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpgradeRequest {
-    pub head: Head,
-    pub key: String,
+/// The WebSocket part of an opening request, whichever HTTP version carried it: what [`negotiate`]
+/// decides on.
+///
+/// HTTP/1.1 gets it from [`validate_request`]. For an HTTP/2 extended CONNECT (RFC 8441 §5) the
+/// HTTP/2 layer fills it from the request's `sec-websocket-*` fields and leaves `key` at `None`: that
+/// protocol has no `Sec-WebSocket-Key` and no `Sec-WebSocket-Accept`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Offer {
+    /// `Sec-WebSocket-Version`, trimmed; `None` when absent (refused: it is required in both HTTP
+    /// versions).
+    pub version: Option<String>,
+    /// `Sec-WebSocket-Key`, trimmed. Required over HTTP/1.1; `None` over HTTP/2.
+    pub key: Option<String>,
     /// Offered subprotocols, in the client's order.
     pub protocols: Vec<String>,
     /// Raw `Sec-WebSocket-Extensions` offers, one entry per comma-separated offer.
     pub extensions: Vec<String>,
 }
 
-impl UpgradeRequest {
-    pub fn path(&self) -> &str {
-        self.head.target.split('?').next().unwrap_or("")
+impl Offer {
+    /// Reads the offer from a request's `Sec-WebSocket-*` header lines (any number of lines each, for
+    /// the list-valued ones). An HTTP/2 caller sets `key` back to `None` if the client sent one anyway.
+    pub fn from_head(head: &Head) -> Self {
+        Self {
+            version: head.header("Sec-WebSocket-Version").map(|v| v.trim().to_owned()),
+            key: head.header("Sec-WebSocket-Key").map(|k| k.trim().to_owned()),
+            protocols: head.header_tokens("Sec-WebSocket-Protocol").map(str::to_owned).collect(),
+            extensions: head.header_tokens("Sec-WebSocket-Extensions").map(str::to_owned).collect(),
+        }
     }
-    pub fn query(&self) -> Option<&str> {
-        self.head.target.split_once('?').map(|(_, q)| q)
-    }
-    pub fn origin(&self) -> Option<&str> {
-        self.head.header("Origin")
-    }
-    pub fn host(&self) -> Option<&str> {
-        self.head.header("Host")
-    }
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.head.header(name)
+
+    /// Checks what holds whatever the HTTP version: the version is 13, and a key, when there is one,
+    /// is 16 bytes in base64.
+    pub fn validate(&self) -> Result<(), HandshakeError> {
+        match self.version.as_deref().map(str::trim) {
+            None => return Err(HandshakeError::MissingVersion),
+            Some(WEBSOCKET_VERSION) => {}
+            Some(other) => return Err(HandshakeError::UnsupportedVersion(other.to_owned())),
+        }
+        match &self.key {
+            Some(key) if !is_valid_key(key) => Err(HandshakeError::BadKey),
+            _ => Ok(()),
+        }
     }
 }
 
-/// Validates a parsed request as a WebSocket opening handshake (RFC 6455 §4.2.1).
+fn is_valid_key(key: &str) -> bool {
+    key.len() == 24 && BASE64.decode(key).map(|k| k.len()) == Ok(16)
+}
+
+/// What the server agrees to, for [`negotiate`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServerSettings<'a> {
+    /// Supported subprotocols in the server's order of preference; the first one the client offered
+    /// is chosen. Empty: no subprotocol.
+    pub protocols: &'a [&'a str],
+    /// permessage-deflate settings; `None` declines every compression offer.
+    pub compression: Option<&'a DeflateConfig>,
+}
+
+/// The outcome of [`negotiate`]: what both sides will speak, and the response headers that say so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Negotiated {
+    /// The chosen subprotocol, if any.
+    pub protocol: Option<String>,
+    /// The agreed permessage-deflate parameters, if the connection is compressed; pass them to
+    /// [`crate::Connection::enable_deflate`].
+    pub deflate: Option<DeflateParams>,
+    /// Headers to add to the answer, as `(name, value)`: `Sec-WebSocket-Accept` (only when the offer
+    /// had a key), `Sec-WebSocket-Protocol` and `Sec-WebSocket-Extensions` (only when agreed).
+    pub headers: Vec<(String, String)>,
+}
+
+impl Negotiated {
+    /// The HTTP/1.1 answer: `101 Switching Protocols` with `Upgrade: websocket`,
+    /// `Connection: Upgrade` and the negotiated headers. The offer must have had a key.
+    pub fn http1_response(&self) -> HandshakeResponse {
+        let mut response = HandshakeResponse::new(101);
+        response.push_header("Upgrade", "websocket");
+        response.push_header("Connection", "Upgrade");
+        self.add_headers(&mut response);
+        response
+    }
+
+    /// The answer to an HTTP/2 extended CONNECT (RFC 8441 §5): `200` with the negotiated headers and
+    /// nothing HTTP/1.1-specific (no `Upgrade`, `Connection` or `Sec-WebSocket-Accept`).
+    pub fn http2_response(&self) -> HandshakeResponse {
+        let mut response = HandshakeResponse::new(200);
+        self.add_headers(&mut response);
+        response
+    }
+
+    fn add_headers(&self, response: &mut HandshakeResponse) {
+        for (name, value) in &self.headers {
+            response.push_header(name.as_str(), value.as_str());
+        }
+    }
+}
+
+/// Negotiates an [`Offer`] against the server's settings: checks it ([`Offer::validate`]), picks the subprotocol (server preference) and the permessage-deflate
+/// parameters (the first offer that can be honoured), and computes `Sec-WebSocket-Accept` when there is
+/// a key. Needs nothing of HTTP/1.1 (no key, no `Upgrade`/`Connection`), so an HTTP/2 extended CONNECT
+/// uses it as is.
+pub fn negotiate(offer: &Offer, settings: &ServerSettings<'_>) -> Result<Negotiated, HandshakeError> {
+    offer.validate()?;
+    let protocol = negotiate_subprotocol(&offer.protocols, settings.protocols).map(str::to_owned);
+    let mut headers = Vec::with_capacity(3);
+    if let Some(key) = &offer.key {
+        headers.push(("Sec-WebSocket-Accept".to_owned(), accept_key(key)));
+    }
+    if let Some(protocol) = &protocol {
+        headers.push(("Sec-WebSocket-Protocol".to_owned(), protocol.clone()));
+    }
+    let deflate = settings.compression.and_then(|config| deflate::negotiate_server(&offer.extensions, config)).map(
+        |(params, value)| {
+            headers.push(("Sec-WebSocket-Extensions".to_owned(), value));
+            params
+        },
+    );
+    Ok(Negotiated { protocol, deflate, headers })
+}
+
+/// An HTTP/1.1 request that passed WebSocket validation: what an application needs to decide on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradeRequest {
+    /// The whole request head.
+    pub head: Head,
+    /// Its WebSocket part, already validated; `offer.key` is always present.
+    pub offer: Offer,
+}
+
+impl UpgradeRequest {
+    /// The request path, without the query.
+    pub fn path(&self) -> &str {
+        self.head.target.split('?').next().unwrap_or("")
+    }
+
+    /// The query string (after `?`), if any.
+    pub fn query(&self) -> Option<&str> {
+        self.head.target.split_once('?').map(|(_, q)| q)
+    }
+
+    /// The `Origin` header (browsers send it; check it against cross-site WebSocket hijacking).
+    pub fn origin(&self) -> Option<&str> {
+        self.head.header("Origin")
+    }
+
+    /// The `Host` header.
+    pub fn host(&self) -> Option<&str> {
+        self.head.header("Host")
+    }
+
+    /// The first value of any header, if it is UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.header(name)
+    }
+
+    /// The offered subprotocols, in the client's order.
+    pub fn protocols(&self) -> &[String] {
+        &self.offer.protocols
+    }
+}
+
+/// Validates a parsed HTTP/1.1 request as a WebSocket opening handshake (RFC 6455 §4.2.1): the
+/// HTTP/1.1 rules here (`GET`, `Host`, `Upgrade`, `Connection`, a key), then [`Offer::validate`].
 pub fn validate_request(head: Head) -> Result<UpgradeRequest, HandshakeError> {
     if head.method != "GET" {
         return Err(HandshakeError::Method(head.method));
@@ -241,49 +502,18 @@ pub fn validate_request(head: Head) -> Result<UpgradeRequest, HandshakeError> {
     if !head.has_token("Connection", "upgrade") {
         return Err(HandshakeError::MissingConnectionUpgrade);
     }
-    match head.header("Sec-WebSocket-Version").map(str::trim) {
-        None => return Err(HandshakeError::MissingVersion),
-        Some(WEBSOCKET_VERSION) => {}
-        Some(other) => return Err(HandshakeError::UnsupportedVersion(other.to_owned())),
-    }
-    let key = head.header("Sec-WebSocket-Key").map(str::trim).unwrap_or_default();
-    if key.len() != 24 || BASE64.decode(key).map(|k| k.len()) != Ok(16) {
+    let offer = Offer::from_head(&head);
+    offer.validate()?;
+    if offer.key.is_none() {
         return Err(HandshakeError::BadKey);
     }
-    let key = key.to_owned();
-    let protocols = head.header_tokens("Sec-WebSocket-Protocol").map(str::to_owned).collect();
-    let extensions = head.header_tokens("Sec-WebSocket-Extensions").map(str::to_owned).collect();
-    Ok(UpgradeRequest { head, key, protocols, extensions })
+    Ok(UpgradeRequest { head, offer })
 }
 
 /// Picks the subprotocol: the first of the server's `supported` list (its preference order) that the
 /// client offered.
 pub fn negotiate_subprotocol<'a>(offered: &[String], supported: &[&'a str]) -> Option<&'a str> {
     supported.iter().copied().find(|s| offered.iter().any(|o| o == s))
-}
-
-/// Builds the 101 answer. Extra headers with CR/LF are dropped rather than sent.
-pub fn accept_response(
-    key: &str,
-    protocol: Option<&str>,
-    extensions: Option<&str>,
-    extra_headers: &[(&str, &str)],
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(160);
-    out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n");
-    out.extend_from_slice(b"Sec-WebSocket-Accept: ");
-    out.extend_from_slice(accept_key(key).as_bytes());
-    out.extend_from_slice(b"\r\n");
-    let optional = [("Sec-WebSocket-Protocol", protocol), ("Sec-WebSocket-Extensions", extensions)];
-    for (name, value) in
-        optional.into_iter().filter_map(|(n, v)| v.map(|v| (n, v))).chain(extra_headers.iter().copied())
-    {
-        if is_safe_header(name, value.as_bytes()) {
-            out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
-        }
-    }
-    out.extend_from_slice(b"\r\n");
-    out
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -459,7 +689,8 @@ Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSoc
         let req = validate(SEED_REQUEST).unwrap();
         assert_eq!(req.path(), "/chat");
         assert_eq!(req.host(), Some("server.example.com"));
-        let resp = String::from_utf8(accept_response(&req.key, None, None, &[])).unwrap();
+        let negotiated = negotiate(&req.offer, &ServerSettings::default()).unwrap();
+        let resp = String::from_utf8(negotiated.http1_response().to_http1()).unwrap();
         assert!(resp.starts_with("HTTP/1.1 101 Switching Protocols\r\n"));
         assert!(resp.contains("Sec-WebSocket-Accept: HSmrc0sMlYUkAGmm5OPpG2HaGWk=\r\n"));
         assert!(resp.ends_with("\r\n\r\n"));
@@ -487,6 +718,7 @@ Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSoc
             (request_with("x3JJHMbDL1EzLkh9GBhXDw==", "!!!!!!!!!!!!!!!!!!!!!!=="), 400),
             (request_with("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"), 426),
             (request_with("Sec-WebSocket-Version: 13\r\n", ""), 400),
+            (request_with("Sec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\n", ""), 400),
         ];
         for (bytes, status) in cases {
             let err = validate(&bytes).unwrap_err();
@@ -520,9 +752,9 @@ Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSoc
     fn subprotocol_negotiation_uses_server_preference() {
         let req = validate(&request_with("Version: 13", "Version: 13\r\nSec-WebSocket-Protocol: chat, switchboard.v1"))
             .unwrap();
-        assert_eq!(req.protocols, vec!["chat", "switchboard.v1"]);
-        assert_eq!(negotiate_subprotocol(&req.protocols, &["switchboard.v1", "chat"]), Some("switchboard.v1"));
-        assert_eq!(negotiate_subprotocol(&req.protocols, &["mqtt"]), None);
+        assert_eq!(req.offer.protocols, vec!["chat", "switchboard.v1"]);
+        assert_eq!(negotiate_subprotocol(&req.offer.protocols, &["switchboard.v1", "chat"]), Some("switchboard.v1"));
+        assert_eq!(negotiate_subprotocol(&req.offer.protocols, &["mqtt"]), None);
     }
 
     #[test]
@@ -534,7 +766,8 @@ Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSoc
         let req = validate(&bytes).unwrap();
         assert_eq!(req.query(), Some("room=a"));
         assert_eq!(req.header("authorization"), Some("Bearer t"));
-        let resp = accept_response(&req.key, Some("switchboard.v1"), None, &[]);
+        let settings = ServerSettings { protocols: &["switchboard.v1"], compression: None };
+        let resp = negotiate(&req.offer, &settings).unwrap().http1_response().to_http1();
         let (head, n) = parse_response(&resp, DEFAULT_MAX_HEAD_BYTES).unwrap().unwrap();
         assert_eq!(n, resp.len());
         let accepted = verify_response(&request, head).unwrap();
@@ -564,7 +797,122 @@ Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSoc
         let mut request = ClientRequest::new("h", "/");
         request.headers.push(("X".into(), "a\r\nEvil: 1".into()));
         assert!(matches!(request.encode(), Err(ResponseError::InvalidHeader(_))));
-        let resp = String::from_utf8(accept_response("k", None, None, &[("X", "a\r\nEvil: 1")])).unwrap();
-        assert!(!resp.contains("Evil"));
+        let mut response = HandshakeResponse::new(101);
+        assert!(!response.push_header("X", "a\r\nEvil: 1"));
+        assert!(!response.push_header("X\r\nEvil", "1"));
+        assert!(!response.push_header("Bad Name", "1"));
+        assert!(!response.push_header("X", "nul\0"));
+        assert!(response.push_header("X-Fine", "tab\tand obs-text é"));
+        let resp = String::from_utf8(response.to_http1()).unwrap();
+        assert!(!resp.contains("Evil"), "{resp}");
+        assert_eq!(resp, "HTTP/1.1 101 Switching Protocols\r\nX-Fine: tab\tand obs-text é\r\n\r\n");
+    }
+    /// The offer of an HTTP/2 extended CONNECT (RFC 8441 §5.1's example, plus compression): no key.
+    fn h2_offer() -> Offer {
+        Offer {
+            version: Some("13".into()),
+            key: None,
+            protocols: vec!["chat".into(), "superchat".into()],
+            extensions: vec!["permessage-deflate; client_max_window_bits".into()],
+        }
+    }
+
+    #[test]
+    fn negotiation_without_a_key_serves_http2() {
+        let compression = DeflateConfig { server_max_window_bits: 12, ..DeflateConfig::default() };
+        let settings = ServerSettings { protocols: &["superchat", "chat"], compression: Some(&compression) };
+        let negotiated = negotiate(&h2_offer(), &settings).unwrap();
+        assert_eq!(negotiated.protocol.as_deref(), Some("superchat"));
+        let params = negotiated.deflate.expect("the deflate offer is accepted");
+        assert_eq!((params.server_max_window_bits, params.client_max_window_bits), (12, 15));
+        assert_eq!(
+            negotiated.headers,
+            vec![
+                ("Sec-WebSocket-Protocol".to_owned(), "superchat".to_owned()),
+                ("Sec-WebSocket-Extensions".to_owned(), "permessage-deflate; server_max_window_bits=12".to_owned()),
+            ]
+        );
+        let response = negotiated.http2_response();
+        assert_eq!(response.status, 200);
+        for absent in ["Sec-WebSocket-Accept", "Upgrade", "Connection", "Content-Length"] {
+            assert_eq!(response.header(absent), None, "{absent}");
+        }
+        assert_eq!(response.header("sec-websocket-protocol"), Some("superchat"));
+        assert!(response.body.is_empty());
+    }
+
+    #[test]
+    fn negotiation_with_a_key_answers_http1_and_the_client_accepts_it() {
+        let mut request = ClientRequest::new("h", "/");
+        request.protocols = vec!["chat".into()];
+        request.extensions = Some(crate::deflate::client_offer(&DeflateConfig::default()));
+        let offer = Offer { key: Some(request.key.clone()), ..h2_offer() };
+        let compression = DeflateConfig::default();
+        let settings = ServerSettings { protocols: &["chat"], compression: Some(&compression) };
+        let negotiated = negotiate(&offer, &settings).unwrap();
+        let response = negotiated.http1_response();
+        assert_eq!(response.status, 101);
+        assert_eq!(response.header("Sec-WebSocket-Accept"), Some(accept_key(&request.key).as_str()));
+        let bytes = response.to_http1();
+        let (head, used) = parse_response(&bytes, DEFAULT_MAX_HEAD_BYTES).unwrap().unwrap();
+        assert_eq!(used, bytes.len(), "a 101 has no body and no Content-Length");
+        let accepted = verify_response(&request, head).unwrap();
+        assert_eq!(accepted.protocol.as_deref(), Some("chat"));
+        let extensions = accepted.extensions.expect("deflate agreed");
+        assert_eq!(
+            crate::deflate::accept_response(&extensions, &DeflateConfig::default()),
+            Ok(negotiated.deflate.unwrap())
+        );
+    }
+
+    #[test]
+    fn negotiation_declines_what_the_server_does_not_support() {
+        let settings = ServerSettings { protocols: &["mqtt"], compression: None };
+        let negotiated = negotiate(&h2_offer(), &settings).unwrap();
+        assert_eq!((negotiated.protocol, negotiated.deflate), (None, None));
+        assert!(negotiated.headers.is_empty(), "{:?}", negotiated.headers);
+        // A deflate offer that cannot be parsed is declined, not fatal.
+        let offer = Offer { extensions: vec!["permessage-deflate; bogus".into()], ..h2_offer() };
+        let compression = DeflateConfig::default();
+        let settings = ServerSettings { protocols: &[], compression: Some(&compression) };
+        assert_eq!(negotiate(&offer, &settings).unwrap().deflate, None);
+    }
+
+    #[test]
+    fn negotiation_checks_version_and_key_whatever_the_http_version() {
+        let settings = ServerSettings::default();
+        let missing = Offer { version: None, ..h2_offer() };
+        assert_eq!(negotiate(&missing, &settings), Err(HandshakeError::MissingVersion));
+        let old = Offer { version: Some("8".into()), ..h2_offer() };
+        let error = negotiate(&old, &settings).unwrap_err();
+        assert_eq!(error, HandshakeError::UnsupportedVersion("8".into()));
+        assert_eq!(error.status(), 426);
+        assert_eq!(error.response().header("Sec-WebSocket-Version"), Some("13"));
+        let bad_key = Offer { key: Some("c2hvcnQ=".into()), ..h2_offer() };
+        assert_eq!(negotiate(&bad_key, &settings), Err(HandshakeError::BadKey));
+    }
+
+    #[test]
+    fn http1_parsing_feeds_the_same_negotiation() {
+        let bytes = request_with(
+            "Version: 13",
+            "Version: 13\r\nSec-WebSocket-Protocol: chat\r\nSec-WebSocket-Protocol: superchat\r\n\
+             Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits",
+        );
+        let request = validate(&bytes).unwrap();
+        assert_eq!(request.offer, Offer { key: Some("x3JJHMbDL1EzLkh9GBhXDw==".into()), ..h2_offer() });
+        assert_eq!(request.protocols(), ["chat", "superchat"]);
+    }
+
+    #[test]
+    fn refusal_response_model_matches_its_http1_bytes() {
+        let error = HandshakeError::Method("POST".into());
+        let response = error.response();
+        assert_eq!((response.status, response.header("Allow")), (405, Some("GET")));
+        let bytes = String::from_utf8(error.to_response()).unwrap();
+        let body = format!("{error}\n");
+        assert!(bytes.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{bytes}");
+        assert!(bytes.contains("\r\nConnection: close\r\n"), "{bytes}");
+        assert!(bytes.ends_with(&format!("Content-Length: {}\r\n\r\n{body}", body.len())), "{bytes}");
     }
 }

@@ -1,8 +1,8 @@
 //! Server side: the opening handshake over a raw stream, with an optional decision callback.
 
 use bytes::BytesMut;
-use switchboard_proto::deflate::{self, DeflateParams};
-use switchboard_proto::handshake::{self, HandshakeError, UpgradeRequest};
+use switchboard_proto::deflate::DeflateParams;
+use switchboard_proto::handshake::{self, HandshakeError, ServerSettings, UpgradeRequest};
 use switchboard_proto::Role;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -22,7 +22,7 @@ pub struct Accept {
 impl Accept {
     /// Selects the first of `supported` (the server's preference order) that the client offered.
     pub fn negotiate(request: &UpgradeRequest, supported: &[&str]) -> Self {
-        let protocol = handshake::negotiate_subprotocol(&request.protocols, supported).map(str::to_owned);
+        let protocol = handshake::negotiate_subprotocol(request.protocols(), supported).map(str::to_owned);
         Self { protocol, headers: Vec::new() }
     }
 }
@@ -50,16 +50,18 @@ where
 {
     let limit = config.handshake_timeout;
     match tokio::time::timeout(limit, handshake(&mut io, &config, decide)).await {
-        Ok(Ok((accepted, deflate, leftover))) => {
-            Ok(WebSocket::from_raw_with_deflate(io, Role::Server, config, &leftover, deflate)
-                .with_protocol(accepted.protocol))
+        Ok(Ok((protocol, deflate, leftover))) => {
+            Ok(WebSocket::from_raw_with_deflate(io, Role::Server, config, &leftover, deflate).with_protocol(protocol))
         }
         Ok(Err(e)) => Err(e),
         Err(_) => Err(Error::HandshakeTimeout(limit)),
     }
 }
 
-async fn handshake<S, F>(io: &mut S, config: &Config, decide: F) -> Result<(Accept, Option<DeflateParams>, BytesMut)>
+/// The subprotocol and deflate parameters agreed on, and the bytes read past the request head.
+type Handshaken = (Option<String>, Option<DeflateParams>, BytesMut);
+
+async fn handshake<S, F>(io: &mut S, config: &Config, decide: F) -> Result<Handshaken>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnOnce(&UpgradeRequest) -> Result<Accept, HandshakeError>,
@@ -84,7 +86,7 @@ where
         Err(e) => return refuse(io, e).await,
     };
     if let Some(p) = &accepted.protocol {
-        if !request.protocols.iter().any(|o| o == p) {
+        if !request.protocols().iter().any(|o| o == p) {
             return refuse(
                 io,
                 HandshakeError::Rejected {
@@ -95,19 +97,22 @@ where
             .await;
         }
     }
-    let headers: Vec<(&str, &str)> = accepted.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-    let deflate = negotiate_deflate(&request, config);
-    let extensions = deflate.as_ref().map(|(_, header)| header.as_str());
-    let response = handshake::accept_response(&request.key, accepted.protocol.as_deref(), extensions, &headers);
-    io.write_all(&response).await?;
+    let protocols: Vec<&str> = accepted.protocol.as_deref().into_iter().collect();
+    let settings = ServerSettings { protocols: &protocols, compression: config.compression.as_ref() };
+    let negotiated = match handshake::negotiate(&request.offer, &settings) {
+        Ok(negotiated) => negotiated,
+        Err(e) => return refuse(io, e).await,
+    };
+    let mut response = negotiated.http1_response();
+    for (name, value) in &accepted.headers {
+        if !response.push_header(name.as_str(), value.as_str()) {
+            tracing::debug!(name, "dropping an invalid response header");
+        }
+    }
+    io.write_all(&response.to_http1()).await?;
     io.flush().await?;
     let _ = buf.split_to(used);
-    Ok((accepted, deflate.map(|(params, _)| params), buf))
-}
-
-/// The permessage-deflate answer to the client's offers, when the server has compression on.
-pub(crate) fn negotiate_deflate(request: &UpgradeRequest, config: &Config) -> Option<(DeflateParams, String)> {
-    config.compression.as_ref().and_then(|settings| deflate::negotiate_server(&request.extensions, settings))
+    Ok((negotiated.protocol, negotiated.deflate, buf))
 }
 
 async fn refuse<S: AsyncWrite + Unpin, T>(io: &mut S, error: HandshakeError) -> Result<T> {

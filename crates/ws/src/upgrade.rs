@@ -1,17 +1,22 @@
 //! Upgrading a hyper 1 request, so one port serves HTTP pages and WebSockets.
 //!
-//! Validation is the engine's own ([`switchboard_proto::handshake::validate_request`]); hyper only
-//! hands over the connection after the 101 goes out.
+//! Validation, negotiation and the answer are the engine's own
+//! ([`switchboard_proto::handshake::validate_request`], [`switchboard_proto::handshake::negotiate`],
+//! [`switchboard_proto::handshake::HandshakeResponse`]); this module only converts the answer into an
+//! `http::Response`. hyper hands over the connection after the 101 goes out.
 
 use std::future::Future;
 use std::pin::Pin;
 
 use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 use http_body_util::{Empty, Full};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use switchboard_proto::handshake::{self, HandshakeError, Head, Header, UpgradeRequest};
+use switchboard_proto::handshake::{
+    self, HandshakeError, HandshakeResponse, Head, Header, ServerSettings, UpgradeRequest,
+};
 use switchboard_proto::Role;
 
 use crate::config::Config;
@@ -84,7 +89,7 @@ impl Upgrade {
 
     /// Selects the first of `supported` that the client offered.
     pub fn protocols(mut self, supported: &[&str]) -> Self {
-        self.protocol = handshake::negotiate_subprotocol(&self.request.protocols, supported).map(str::to_owned);
+        self.protocol = handshake::negotiate_subprotocol(self.request.protocols(), supported).map(str::to_owned);
         self
     }
 
@@ -100,21 +105,13 @@ impl Upgrade {
 
     /// The 101 response to return to hyper, and the future that yields the WebSocket.
     pub fn into_response(self) -> (http::Response<Empty<Bytes>>, UpgradeFuture) {
-        let deflate = crate::accept::negotiate_deflate(&self.request, &self.config);
-        let mut response = http::Response::builder()
-            .status(StatusCode::SWITCHING_PROTOCOLS)
-            .header(http::header::CONNECTION, "Upgrade")
-            .header(http::header::UPGRADE, "websocket")
-            .header("Sec-WebSocket-Accept", handshake::accept_key(&self.request.key));
-        if let Some(protocol) = &self.protocol {
-            response = response.header("Sec-WebSocket-Protocol", protocol.as_str());
-        }
-        if let Some((_, header)) = &deflate {
-            response = response.header("Sec-WebSocket-Extensions", header.as_str());
-        }
-        let response = response.body(Empty::new()).expect("static headers are valid");
-        let Self { on_upgrade, config, protocol, .. } = self;
-        let params = deflate.map(|(params, _)| params);
+        let Self { request, on_upgrade, config, protocol } = self;
+        let protocols: Vec<&str> = protocol.as_deref().into_iter().collect();
+        let settings = ServerSettings { protocols: &protocols, compression: config.compression.as_ref() };
+        let negotiated =
+            handshake::negotiate(&request.offer, &settings).expect("the offer was validated by validate_request");
+        let response = http_response(&negotiated.http1_response()).map(|()| Empty::new());
+        let (protocol, params) = (negotiated.protocol, negotiated.deflate);
         let future = Box::pin(async move {
             let upgraded = on_upgrade.await.map_err(|e| Error::Io(std::io::Error::other(e)))?;
             let io = TokioIo::new(upgraded);
@@ -124,18 +121,91 @@ impl Upgrade {
     }
 }
 
-/// The HTTP answer for a refused handshake: its status, the reason as the body, and the
-/// `Sec-WebSocket-Version` header for version mismatches.
-pub fn refusal_response(error: &HandshakeError) -> http::Response<Full<Bytes>> {
-    let mut response = http::Response::builder()
-        .status(StatusCode::from_u16(error.status()).unwrap_or(StatusCode::BAD_REQUEST))
-        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8");
-    match error {
-        HandshakeError::UnsupportedVersion(_) | HandshakeError::MissingVersion => {
-            response = response.header("Sec-WebSocket-Version", handshake::WEBSOCKET_VERSION);
+/// The engine's response model as an `http::Response`: same status, same headers in order. The model
+/// only holds valid names and values, so nothing is lost; the body is the caller's to attach.
+fn http_response(model: &HandshakeResponse) -> http::Response<()> {
+    let mut response = http::Response::new(());
+    *response.status_mut() = StatusCode::from_u16(model.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    for (name, value) in model.headers() {
+        match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_bytes(value.as_bytes())) {
+            (Ok(name), Ok(value)) => {
+                headers.append(name, value);
+            }
+            _ => tracing::debug!(name, "dropping a response header http cannot carry"),
         }
-        HandshakeError::Method(_) => response = response.header(http::header::ALLOW, "GET"),
-        _ => {}
     }
-    response.body(Full::new(Bytes::from(format!("{error}\n")))).expect("static headers are valid")
+    response
+}
+
+/// The HTTP answer for a refused handshake ([`HandshakeError::response`]): its status, the reason as
+/// the body, and the `Sec-WebSocket-Version` header for version mismatches.
+pub fn refusal_response(error: &HandshakeError) -> http::Response<Full<Bytes>> {
+    let model = error.response();
+    http_response(&model).map(|()| Full::new(Bytes::from(model.body)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_proto::deflate::DeflateConfig;
+
+    fn request(version: &str) -> http::Request<()> {
+        http::Request::builder()
+            .uri("/chat?room=1")
+            .header("Host", "example.com")
+            .header("Upgrade", "websocket")
+            .header("Connection", "Upgrade")
+            .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("Sec-WebSocket-Version", version)
+            .header("Sec-WebSocket-Protocol", "chat, superchat")
+            .header("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits")
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn the_101_is_the_engines_response_model() {
+        let mut req = request("13");
+        let upgrade = Upgrade::new(&mut req).unwrap().protocols(&["superchat"]);
+        let compression = DeflateConfig { server_max_window_bits: 10, ..DeflateConfig::default() };
+        let (response, _future) = upgrade.config(Config::default().compression(compression.clone())).into_response();
+        // The same negotiation, straight from the engine.
+        let offer = handshake::validate_request(Head {
+            method: "GET".into(),
+            target: "/chat".into(),
+            version: 1,
+            headers: req
+                .headers()
+                .iter()
+                .map(|(n, v)| Header { name: n.as_str().into(), value: v.as_bytes().to_vec() })
+                .collect(),
+            ..Head::default()
+        })
+        .unwrap()
+        .offer;
+        let settings = ServerSettings { protocols: &["superchat"], compression: Some(&compression) };
+        let model = handshake::negotiate(&offer, &settings).unwrap().http1_response();
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let got: Vec<(String, String)> =
+            response.headers().iter().map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap().to_owned())).collect();
+        let expected: Vec<(String, String)> =
+            model.headers().iter().map(|(n, v)| (n.to_ascii_lowercase(), v.clone())).collect();
+        assert_eq!(got, expected);
+        assert_eq!(response.headers()["sec-websocket-accept"], "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(response.headers()["sec-websocket-protocol"], "superchat");
+        assert_eq!(response.headers()["sec-websocket-extensions"], "permessage-deflate; server_max_window_bits=10");
+    }
+
+    #[test]
+    fn refusals_keep_status_headers_and_reason() {
+        let error = Upgrade::new(&mut request("8")).unwrap_err();
+        let response = refusal_response(&error);
+        assert_eq!(response.status(), StatusCode::UPGRADE_REQUIRED);
+        assert_eq!(response.headers()["sec-websocket-version"], "13");
+        assert_eq!(response.headers()[http::header::CONTENT_TYPE], "text/plain; charset=utf-8");
+        let body = response.into_body();
+        let bytes = futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(body)).unwrap().unwrap();
+        assert_eq!(bytes.to_bytes(), format!("{error}\n"));
+    }
 }

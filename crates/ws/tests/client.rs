@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchboard_ws::proto::deflate::DeflateConfig;
-use switchboard_ws::proto::handshake::ResponseError;
+use switchboard_ws::proto::handshake::{self, ResponseError};
 use switchboard_ws::tls::TlsAcceptor;
 use switchboard_ws::{accept, ClientBuilder, Config, Error, Message, ProtocolError};
 use test_ca::TestCa;
@@ -189,11 +189,13 @@ async fn each_failure_has_its_own_error() {
             let (mut stream, _) = listener.accept().await.unwrap();
             let mut buf = vec![0u8; 4096];
             let n = stream.read(&mut buf).await.unwrap();
-            let (head, _) = switchboard_ws::proto::handshake::parse_request(&buf[..n], 8192).unwrap().unwrap();
-            let key = switchboard_ws::proto::handshake::validate_request(head).unwrap().key;
-            let key = if bad_accept { "AAAAAAAAAAAAAAAAAAAAAA==".to_owned() } else { key };
-            let response = switchboard_ws::proto::handshake::accept_response(&key, None, None, &[]);
-            stream.write_all(&response).await.unwrap();
+            let (head, _) = handshake::parse_request(&buf[..n], 8192).unwrap().unwrap();
+            let mut offer = handshake::validate_request(head).unwrap().offer;
+            if bad_accept {
+                offer.key = Some("AAAAAAAAAAAAAAAAAAAAAA==".to_owned());
+            }
+            let negotiated = handshake::negotiate(&offer, &Default::default()).unwrap();
+            stream.write_all(&negotiated.http1_response().to_http1()).await.unwrap();
             // A masked text frame: servers must not mask.
             stream.write_all(&[0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2]).await.unwrap();
             tokio::time::sleep(Duration::from_millis(500)).await;

@@ -394,7 +394,7 @@ async fn dropping_a_pending_recv_loses_nothing() {
 
 /// Answers a client's handshake by hand, leaving a bare socket.
 async fn raw_server_handshake(stream: &mut TcpStream) {
-    use switchboard_ws::proto::handshake::{accept_response, parse_request, validate_request};
+    use switchboard_ws::proto::handshake::{negotiate, parse_request, validate_request};
     let mut buf = Vec::new();
     let head = loop {
         let mut chunk = [0u8; 1024];
@@ -405,7 +405,8 @@ async fn raw_server_handshake(stream: &mut TcpStream) {
         }
     };
     let request = validate_request(head).unwrap();
-    stream.write_all(&accept_response(&request.key, None, None, &[])).await.unwrap();
+    let negotiated = negotiate(&request.offer, &Default::default()).unwrap();
+    stream.write_all(&negotiated.http1_response().to_http1()).await.unwrap();
 }
 
 #[tokio::test]
