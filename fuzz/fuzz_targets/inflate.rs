@@ -5,8 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use switchboard_proto::deflate::{DeflateConfig, DeflateParams};
-use switchboard_proto::frame::{FrameHeader, OpCode, MAX_HEADER_LEN};
-use switchboard_proto::mask::apply_mask;
+use switchboard_proto::frame::{mask_payload, FrameHeader, OpCode, MAX_HEADER_LEN};
 use switchboard_proto::{Config, Connection, Message, Role};
 
 const MAX_MESSAGE: usize = 64 * 1024;
@@ -43,7 +42,7 @@ fuzz_target!(|data: &[u8]| {
             let n = header.encode(&mut head);
             let mut frame = head[..n].to_vec();
             frame.extend_from_slice(part);
-            apply_mask(&mut frame[n..], key, 0);
+            mask_payload(&mut frame[n..], key);
             conn.receive_data(&frame);
         }
         loop {

@@ -152,6 +152,14 @@ impl FrameHeader {
     }
 }
 
+/// Masks a whole payload with `key` (RFC 6455 §5.3), as a client does before sending it, or unmasks
+/// one: the XOR is its own inverse. For a tool that writes frames itself, after
+/// [`FrameHeader::encode`] with `mask: Some(key)`; a [`Connection`](crate::Connection) masks and
+/// unmasks its own frames.
+pub fn mask_payload(payload: &mut [u8], key: [u8; 4]) {
+    crate::mask::apply_mask(payload, key, 0);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +206,21 @@ mod tests {
             let h = FrameHeader { fin: true, rsv: 0, opcode: OpCode::Binary, mask: None, payload_len: len };
             assert_eq!(h.encode(&mut out), header_len, "len {len}");
         }
+    }
+
+    #[test]
+    fn mask_payload_masks_and_unmasks() {
+        // RFC 6455 §5.7: a masked "Hello" with key 37 fa 21 3d.
+        let key = [0x37, 0xfa, 0x21, 0x3d];
+        let mut payload = *b"Hello";
+        mask_payload(&mut payload, key);
+        assert_eq!(payload, [0x7f, 0x9f, 0x4d, 0x51, 0x58]);
+        mask_payload(&mut payload, key);
+        assert_eq!(&payload, b"Hello");
+        // Longer than the word-at-a-time loop's stride, with a tail.
+        let mut long: Vec<u8> = (0..77).collect();
+        mask_payload(&mut long, key);
+        assert!(long.iter().enumerate().all(|(i, &b)| b == i as u8 ^ key[i % 4]));
     }
 
     proptest! {

@@ -1,5 +1,8 @@
 //! Payload masking (RFC 6455 §5.3): XOR with a 4-byte key, resumable at any payload offset.
 //!
+//! Internal: public only with the `internals` feature, for benchmarks and fuzzing, with no stability
+//! promise. Use [`crate::frame::mask_payload`] instead.
+//!
 //! The hot loop works on 8-byte words so the compiler can vectorise it; the engine unmasks in place as
 //! bytes arrive, so `offset` lets a frame be unmasked across several partial reads.
 
@@ -43,6 +46,7 @@ fn rotate_key(key: [u8; 4], offset: usize) -> [u8; 4] {
 }
 
 /// Byte-at-a-time reference used by tests and benchmarks to check the fast routine.
+#[cfg(any(test, feature = "internals"))]
 pub fn apply_mask_reference(buf: &mut [u8], key: [u8; 4], offset: usize) {
     for (i, byte) in buf.iter_mut().enumerate() {
         *byte ^= key[(offset + i) & 3];

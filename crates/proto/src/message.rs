@@ -3,6 +3,7 @@
 use bytes::Bytes;
 
 use crate::close::CloseFrame;
+pub use crate::utf8::InvalidUtf8;
 
 /// Bytes known to be valid UTF-8: text payloads are validated once, on arrival, and then shared
 /// without copying or checking again.
@@ -11,7 +12,7 @@ pub struct Utf8Bytes(Bytes);
 
 impl Utf8Bytes {
     /// Wraps bytes after checking them.
-    pub fn try_from_bytes(bytes: Bytes) -> Result<Self, crate::utf8::InvalidUtf8> {
+    pub fn try_from_bytes(bytes: Bytes) -> Result<Self, InvalidUtf8> {
         crate::utf8::validate(&bytes)?;
         Ok(Self(bytes))
     }

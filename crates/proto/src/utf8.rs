@@ -4,6 +4,9 @@
 //! the connection; checking each piece as it arrives, rather than the whole message at the end, means a
 //! peer cannot make us buffer megabytes of garbage first. A code point split across pieces is carried
 //! (at most 3 bytes) to the next call.
+//!
+//! Internal: public only with the `internals` feature, for benchmarks and fuzzing, with no stability
+//! promise. [`crate::Utf8Bytes::try_from_bytes`] is the public way to check text.
 
 /// Why validation stopped: the bytes can never be valid UTF-8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,8 +5,7 @@ mod support;
 
 use support::{feed, frame};
 use switchboard_proto::deflate::{accept_response, client_offer, negotiate_server, DeflateConfig, DeflateParams};
-use switchboard_proto::frame::{FrameHeader, OpCode};
-use switchboard_proto::mask::apply_mask;
+use switchboard_proto::frame::{mask_payload, FrameHeader, OpCode};
 use switchboard_proto::{Config, Connection, Message, ProtocolError, Role};
 
 fn negotiated(client: &DeflateConfig, server: &DeflateConfig) -> DeflateParams {
@@ -92,7 +91,7 @@ fn small_messages_and_control_frames_are_not_compressed() {
 fn fragment(wire: &[u8], parts: usize) -> Vec<u8> {
     let (header, n) = FrameHeader::decode(wire).unwrap().unwrap();
     let mut payload = wire[n..].to_vec();
-    apply_mask(&mut payload, header.mask.unwrap(), 0);
+    mask_payload(&mut payload, header.mask.unwrap());
     let size = payload.len().div_ceil(parts);
     let mut out = Vec::new();
     for (i, piece) in payload.chunks(size).enumerate() {

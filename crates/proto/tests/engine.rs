@@ -6,8 +6,7 @@ mod support;
 use bytes::Bytes;
 use proptest::prelude::*;
 use support::{feed, frame};
-use switchboard_proto::frame::{FrameHeader, OpCode};
-use switchboard_proto::mask::apply_mask;
+use switchboard_proto::frame::{mask_payload, FrameHeader, OpCode};
 use switchboard_proto::{
     CloseCode, CloseFrame, CloseState, Config, Connection, Message, ProtocolError, Role, SendError,
 };
@@ -31,7 +30,7 @@ fn decode_output(bytes: &[u8]) -> Vec<(OpCode, Vec<u8>)> {
         let len = h.payload_len as usize;
         let mut payload = rest[n..n + len].to_vec();
         if let Some(key) = h.mask {
-            apply_mask(&mut payload, key, 0);
+            mask_payload(&mut payload, key);
         }
         frames.push((h.opcode, payload));
         rest = &rest[n + len..];

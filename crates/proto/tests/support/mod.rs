@@ -2,8 +2,7 @@
 
 #![allow(dead_code)] // each test file uses part of this
 
-use switchboard_proto::frame::{FrameHeader, OpCode, MAX_HEADER_LEN};
-use switchboard_proto::mask::apply_mask;
+use switchboard_proto::frame::{mask_payload, FrameHeader, OpCode, MAX_HEADER_LEN};
 use switchboard_proto::{Connection, Message, ProtocolError};
 
 /// Encodes one frame by hand, masked with `mask` when given (as a client sends it).
@@ -15,7 +14,7 @@ pub fn frame(opcode: OpCode, fin: bool, rsv: u8, payload: &[u8], mask: Option<[u
     let start = out.len();
     out.extend_from_slice(payload);
     if let Some(key) = mask {
-        apply_mask(&mut out[start..], key, 0);
+        mask_payload(&mut out[start..], key);
     }
     out
 }
