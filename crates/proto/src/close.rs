@@ -7,21 +7,33 @@ use bytes::{BufMut, Bytes, BytesMut};
 pub struct CloseCode(pub u16);
 
 impl CloseCode {
+    /// Normal closure: the purpose of the connection was fulfilled.
     pub const NORMAL: Self = Self(1000);
+    /// The endpoint is going away (server shutdown, page navigation).
     pub const GOING_AWAY: Self = Self(1001);
+    /// The peer broke the protocol.
     pub const PROTOCOL_ERROR: Self = Self(1002);
+    /// A data type the endpoint cannot accept (text to a binary-only endpoint, say).
     pub const UNSUPPORTED_DATA: Self = Self(1003);
     /// Reported when a close frame carried no code; never sent.
     pub const NO_STATUS: Self = Self(1005);
     /// Reported when the connection ended without a close frame; never sent.
     pub const ABNORMAL: Self = Self(1006);
+    /// A message's data did not match its type (invalid UTF-8 in text, bad compressed data).
     pub const INVALID_PAYLOAD: Self = Self(1007);
+    /// A message broke the endpoint's policy; the generic refusal.
     pub const POLICY_VIOLATION: Self = Self(1008);
+    /// A message too large to process.
     pub const MESSAGE_TOO_BIG: Self = Self(1009);
+    /// The client expected an extension the server did not agree to (sent by clients only).
     pub const MANDATORY_EXTENSION: Self = Self(1010);
+    /// The server met an unexpected condition.
     pub const INTERNAL_ERROR: Self = Self(1011);
+    /// The server is restarting; reconnect later.
     pub const SERVICE_RESTART: Self = Self(1012);
+    /// The server is overloaded; try again later.
     pub const TRY_AGAIN_LATER: Self = Self(1013);
+    /// A gateway or proxy got an invalid answer from upstream.
     pub const BAD_GATEWAY: Self = Self(1014);
     /// TLS handshake failure; never sent.
     pub const TLS_HANDSHAKE: Self = Self(1015);
@@ -56,11 +68,14 @@ impl std::fmt::Display for CloseCode {
 /// A close frame's content: a code and a UTF-8 reason of at most 123 bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloseFrame {
+    /// The close code.
     pub code: CloseCode,
+    /// Why, for humans; at most 123 bytes on the wire (longer reasons are cut).
     pub reason: String,
 }
 
 impl CloseFrame {
+    /// A close frame with this code and reason.
     pub fn new(code: impl Into<CloseCode>, reason: impl Into<String>) -> Self {
         Self { code: code.into(), reason: reason.into() }
     }

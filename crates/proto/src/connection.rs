@@ -26,7 +26,9 @@ use crate::utf8::{InvalidUtf8, Utf8Validator};
 /// Which end of the connection this engine is. Clients mask what they send; servers require it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// Accepts masked frames and sends unmasked ones.
     Server,
+    /// Masks what it sends and refuses masked frames.
     Client,
 }
 
@@ -62,28 +64,50 @@ impl Default for Config {
 /// queued; after flushing it the caller should close the transport.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {
+    /// The frame header itself is invalid.
     #[error("invalid frame header: {0}")]
     Header(#[from] crate::frame::HeaderError),
+    /// An RSV bit is set that no negotiated extension defines.
     #[error("reserved bits set without a negotiated extension")]
     ReservedBits,
+    /// A server received an unmasked frame.
     #[error("client frame is not masked")]
     UnmaskedFrame,
+    /// A client received a masked frame.
     #[error("server frame is masked")]
     MaskedFrame,
+    /// A continuation frame arrived with no fragmented message to continue.
     #[error("continuation frame without a message in progress")]
     UnexpectedContinuation,
+    /// A new text or binary frame arrived in the middle of a fragmented message.
     #[error("new data frame while a fragmented message is in progress")]
     ExpectedContinuation,
+    /// A frame header announced more than [`Config::max_frame_size`].
     #[error("frame of {size} bytes exceeds the limit of {limit}")]
-    FrameTooLarge { size: u64, limit: usize },
+    FrameTooLarge {
+        /// The announced payload length.
+        size: u64,
+        /// The limit.
+        limit: usize,
+    },
+    /// A message's fragments added up to more than [`Config::max_message_size`].
     #[error("message of at least {size} bytes exceeds the limit of {limit}")]
-    MessageTooLarge { size: u64, limit: usize },
+    MessageTooLarge {
+        /// The size reached when the limit was crossed.
+        size: u64,
+        /// The limit.
+        limit: usize,
+    },
+    /// A text message (or a fragment of one so far) is not UTF-8.
     #[error("text is not valid UTF-8")]
     InvalidUtf8,
+    /// A close payload of one byte, or with a code that may not be sent.
     #[error("malformed close frame (one byte, or a code that may not be sent)")]
     InvalidClosePayload,
+    /// A close reason that is not UTF-8.
     #[error("close reason is not valid UTF-8")]
     InvalidCloseReason,
+    /// A compressed message that does not inflate.
     #[error("compressed message does not inflate")]
     InvalidCompressedData,
 }
@@ -102,14 +126,19 @@ impl ProtocolError {
 /// Why a message could not be queued.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
+    /// A close frame was already sent; nothing may follow it.
     #[error("a close frame was already sent; no more frames may follow it")]
     Closed,
+    /// A ping, pong or close payload is over 125 bytes.
     #[error("control frame payload of {0} bytes exceeds 125")]
     ControlTooLong(usize),
+    /// The close code may not be sent (see [`CloseCode::is_sendable`]).
     #[error("close code {0} may not be sent")]
     InvalidCloseCode(u16),
+    /// A whole message was sent while a fragmented one is unfinished.
     #[error("a fragmented message is in progress; finish it first")]
     FragmentInProgress,
+    /// A continuation fragment was sent without a first fragment.
     #[error("no fragmented message is in progress")]
     NoFragmentInProgress,
 }
@@ -117,6 +146,7 @@ pub enum SendError {
 /// Where the close handshake stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseState {
+    /// No close frame sent or received yet.
     Open,
     /// We sent a close frame and wait for the peer's.
     CloseSent,
@@ -224,6 +254,7 @@ struct DeflateState {
 }
 
 impl Connection {
+    /// An engine for one connection, in the given role, with nothing received or sent yet.
     pub fn new(role: Role, config: Config) -> Self {
         let mask_keys = match config.fixed_mask_key {
             Some(key) => MaskKeys::Fixed(key),
@@ -277,10 +308,12 @@ impl Connection {
         self.deflate.as_ref().map(|deflate| deflate.params)
     }
 
+    /// Which end this engine is.
     pub fn role(&self) -> Role {
         self.role
     }
 
+    /// The limits it runs with.
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -853,6 +886,7 @@ impl Connection {
     // --------------------------------------------------------------------------------------------
     // State
 
+    /// Where the close handshake stands.
     pub fn close_state(&self) -> CloseState {
         if self.failed || (self.close_sent && self.close_received) {
             CloseState::Closed

@@ -59,9 +59,13 @@ impl Default for DeflateConfig {
 /// The parameters both sides agreed on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeflateParams {
+    /// The server resets its compressor after each message.
     pub server_no_context_takeover: bool,
+    /// The client resets its compressor after each message.
     pub client_no_context_takeover: bool,
+    /// The server compresses with a window of at most 2^this bytes (8-15).
     pub server_max_window_bits: u8,
+    /// The client compresses with a window of at most 2^this bytes (8-15).
     pub client_max_window_bits: u8,
 }
 

@@ -8,15 +8,22 @@
 /// A frame opcode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OpCode {
+    /// Continues a fragmented message.
     Continuation,
+    /// The first frame of a text message.
     Text,
+    /// The first frame of a binary message.
     Binary,
+    /// Starts or answers the close handshake.
     Close,
+    /// Asks the peer for a pong.
     Ping,
+    /// Answers a ping, or an unsolicited heartbeat.
     Pong,
 }
 
 impl OpCode {
+    /// The opcode of a header's low four bits; `None` for the reserved ones.
     pub fn from_u8(bits: u8) -> Option<Self> {
         Some(match bits {
             0x0 => Self::Continuation,
@@ -29,6 +36,7 @@ impl OpCode {
         })
     }
 
+    /// The four-bit value on the wire.
     pub fn as_u8(self) -> u8 {
         match self {
             Self::Continuation => 0x0,
@@ -40,6 +48,7 @@ impl OpCode {
         }
     }
 
+    /// Close, ping and pong: at most 125 bytes and never fragmented.
     pub fn is_control(self) -> bool {
         matches!(self, Self::Close | Self::Ping | Self::Pong)
     }
@@ -53,23 +62,31 @@ pub const MAX_HEADER_LEN: usize = 14;
 /// A decoded frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHeader {
+    /// The last frame of its message.
     pub fin: bool,
     /// RSV1..RSV3 as the low three bits (RSV1 = 0b100).
     pub rsv: u8,
+    /// What the frame carries.
     pub opcode: OpCode,
+    /// The masking key; clients must mask every frame, servers none.
     pub mask: Option<[u8; 4]>,
+    /// The payload length in bytes.
     pub payload_len: u64,
 }
 
 /// Why a header cannot be accepted; each maps to close code 1002.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HeaderError {
+    /// Opcodes 0x3-0x7 and 0xb-0xf are reserved.
     #[error("reserved opcode {0:#x}")]
     ReservedOpcode(u8),
+    /// A control frame without FIN.
     #[error("control frame is fragmented")]
     FragmentedControl,
+    /// A control frame announcing more than 125 bytes.
     #[error("control frame payload of {0} bytes exceeds 125")]
     ControlTooLong(u64),
+    /// A 64-bit length with its top bit set.
     #[error("64-bit payload length has its most significant bit set")]
     LengthOverflow,
 }

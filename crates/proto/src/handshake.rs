@@ -522,22 +522,44 @@ pub fn negotiate_subprotocol<'a>(offered: &[String], supported: &[&'a str]) -> O
 /// Why a client handshake failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResponseError {
+    /// The response head is larger than the configured bound.
     #[error("response head exceeds {limit} bytes")]
-    HeadTooLarge { limit: usize },
+    HeadTooLarge {
+        /// The bound, in bytes.
+        limit: usize,
+    },
+    /// The bytes are not an HTTP response.
     #[error("malformed HTTP response: {0}")]
     Malformed(String),
+    /// The server answered something other than 101 (a refusal, a redirect...).
     #[error("server answered {status} instead of 101")]
-    Status { status: u16, head: Head },
+    Status {
+        /// The status code.
+        status: u16,
+        /// The whole response head, for its headers.
+        head: Head,
+    },
+    /// The 101 does not say `Upgrade: websocket`.
     #[error("response lacks 'Upgrade: websocket'")]
     MissingUpgrade,
+    /// The 101 does not say `Connection: Upgrade`.
     #[error("response lacks 'Connection: Upgrade'")]
     MissingConnectionUpgrade,
+    /// `Sec-WebSocket-Accept` does not match the key sent.
     #[error("Sec-WebSocket-Accept is {got:?}, expected {expected:?}")]
-    BadAccept { expected: String, got: Option<String> },
+    BadAccept {
+        /// The value the key calls for.
+        expected: String,
+        /// The value received, if any.
+        got: Option<String>,
+    },
+    /// The server chose a subprotocol the client did not offer.
     #[error("server chose subprotocol {0:?}, which was not offered")]
     UnofferedProtocol(String),
+    /// The server answered with an extension the client did not offer.
     #[error("server chose extension {0:?}, which was not offered")]
     UnofferedExtension(String),
+    /// A header or request target the client was asked to send would break the request head.
     #[error("invalid request header {0:?}")]
     InvalidHeader(String),
 }
@@ -549,14 +571,18 @@ pub struct ClientRequest {
     pub host: String,
     /// Path and query (`/chat?room=1`); empty means `/`.
     pub target: String,
+    /// `Sec-WebSocket-Key`; [`ClientRequest::new`] draws a fresh random one.
     pub key: String,
+    /// Subprotocols to offer, in preference order.
     pub protocols: Vec<String>,
     /// `Sec-WebSocket-Extensions` offer, if any.
     pub extensions: Option<String>,
+    /// More headers to send (Authorization, Origin, Cookie...).
     pub headers: Vec<(String, String)>,
 }
 
 impl ClientRequest {
+    /// A request for `target` on `host`, with a fresh key and nothing else offered.
     pub fn new(host: impl Into<String>, target: impl Into<String>) -> Self {
         Self { host: host.into(), target: target.into(), key: generate_key(), ..Self::default() }
     }
@@ -598,8 +624,11 @@ impl ClientRequest {
 /// What the server agreed to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {
+    /// The whole response head.
     pub head: Head,
+    /// The subprotocol the server chose, if any.
     pub protocol: Option<String>,
+    /// The server's `Sec-WebSocket-Extensions` answer, if any, for the extension to check.
     pub extensions: Option<String>,
 }
 

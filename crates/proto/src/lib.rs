@@ -13,6 +13,8 @@
 //! `internals` makes their modules (`mask`, `utf8`) public for the benchmarks and fuzz targets, with
 //! no stability promise; [`frame::mask_payload`] is the supported way to mask a payload.
 
+#![warn(missing_docs)]
+
 pub mod close;
 pub mod connection;
 pub mod deflate;

@@ -23,10 +23,12 @@ impl Utf8Bytes {
         Self(bytes)
     }
 
+    /// Text from a string constant, without copying or checking.
     pub const fn from_static(s: &'static str) -> Self {
         Self(Bytes::from_static(s.as_bytes()))
     }
 
+    /// The text.
     pub fn as_str(&self) -> &str {
         // SAFETY: every constructor either validates the bytes (`try_from_bytes`, the engine's
         // incremental validator before `from_validated`) or takes them from a `str`/`String`, and the
@@ -35,18 +37,22 @@ impl Utf8Bytes {
         unsafe { std::str::from_utf8_unchecked(&self.0) }
     }
 
+    /// The underlying bytes.
     pub fn as_bytes(&self) -> &Bytes {
         &self.0
     }
 
+    /// The underlying bytes, owned.
     pub fn into_bytes(self) -> Bytes {
         self.0
     }
 
+    /// The length in bytes.
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
+    /// True for empty text.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -98,31 +104,40 @@ impl PartialEq<&str> for Utf8Bytes {
 /// A WebSocket message: a complete data message or a control frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
+    /// A complete text message, UTF-8 checked.
     Text(Utf8Bytes),
+    /// A complete binary message.
     Binary(Bytes),
+    /// A ping and its payload (already answered when `auto_pong` is on).
     Ping(Bytes),
+    /// A pong and its payload.
     Pong(Bytes),
     /// The peer's close frame (`None` when it carried no code, reported as 1005 by RFC 6455).
     Close(Option<CloseFrame>),
 }
 
 impl Message {
+    /// A text message.
     pub fn text(s: impl Into<Utf8Bytes>) -> Self {
         Self::Text(s.into())
     }
 
+    /// A binary message.
     pub fn binary(b: impl Into<Bytes>) -> Self {
         Self::Binary(b.into())
     }
 
+    /// True for [`Message::Text`].
     pub fn is_text(&self) -> bool {
         matches!(self, Self::Text(_))
     }
 
+    /// True for [`Message::Binary`].
     pub fn is_binary(&self) -> bool {
         matches!(self, Self::Binary(_))
     }
 
+    /// True for [`Message::Close`].
     pub fn is_close(&self) -> bool {
         matches!(self, Self::Close(_))
     }

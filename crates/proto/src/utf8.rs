@@ -20,6 +20,7 @@ pub struct Utf8Validator {
 }
 
 impl Utf8Validator {
+    /// A validator at the start of a message.
     pub fn new() -> Self {
         Self::default()
     }

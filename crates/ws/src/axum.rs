@@ -54,6 +54,7 @@ impl<St: Send + Sync> FromRequestParts<St> for WebSocketUpgrade {
 }
 
 impl WebSocketUpgrade {
+    /// The request: path, query, origin, headers, offered subprotocols.
     pub fn request(&self) -> &UpgradeRequest {
         self.inner.request()
     }
@@ -63,6 +64,7 @@ impl WebSocketUpgrade {
         Self { inner: self.inner.protocols(supported) }
     }
 
+    /// The connection's settings (limits, keepalive, compression).
     pub fn config(self, config: Config) -> Self {
         Self { inner: self.inner.config(config) }
     }

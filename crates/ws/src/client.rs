@@ -68,6 +68,7 @@ impl std::fmt::Debug for ClientBuilder {
 }
 
 impl ClientBuilder {
+    /// A client for a `ws://` or `wss://` URL, with default settings.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
@@ -98,6 +99,7 @@ impl ClientBuilder {
         self
     }
 
+    /// How long resolving, TCP, TLS and any proxy may take together.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self

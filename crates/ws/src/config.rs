@@ -8,7 +8,9 @@ use switchboard_proto::deflate::DeflateConfig;
 /// Ping the peer when it has been quiet for `interval`; give up if nothing arrives within `timeout`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Keepalive {
+    /// How long the peer may stay quiet before a ping.
     pub interval: Duration,
+    /// How long to wait for anything after the ping.
     pub timeout: Duration,
 }
 
@@ -52,26 +54,31 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Sets the largest message accepted (close 1009 beyond it).
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.protocol.max_message_size = bytes;
         self
     }
 
+    /// Sets the largest frame accepted (close 1009 beyond it).
     pub fn max_frame_size(mut self, bytes: usize) -> Self {
         self.protocol.max_frame_size = bytes;
         self
     }
 
+    /// Pings after `interval` of silence and gives up `timeout` after that ping.
     pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
         self.keepalive = Some(Keepalive { interval, timeout });
         self
     }
 
+    /// Sets the backpressure high-water mark, in bytes queued.
     pub fn write_high_water(mut self, bytes: usize) -> Self {
         self.write_high_water = bytes;
         self
     }
 
+    /// Sets how long to wait for the peer's part of the close handshake.
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.close_timeout = timeout;
         self
@@ -83,6 +90,7 @@ impl Config {
         self
     }
 
+    /// Sets the time limit of the opening handshake.
     pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
         self.handshake_timeout = timeout;
         self

@@ -24,6 +24,8 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 mod accept;
 #[cfg(feature = "axum")]
 pub mod axum;

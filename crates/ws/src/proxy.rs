@@ -18,7 +18,9 @@ const MAX_PROXY_HEAD: usize = 8 * 1024;
 /// An `http://[user:password@]host[:port]` proxy.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Proxy {
+    /// The proxy's host name or address.
     pub host: String,
+    /// The proxy's port (80 when the URL names none).
     pub port: u16,
     /// `Proxy-Authorization` value, from the URL's user information.
     authorization: Option<String>,
@@ -32,6 +34,7 @@ impl std::fmt::Debug for Proxy {
 }
 
 impl Proxy {
+    /// Parses `http://[user:password@]host[:port]` (or `host:port`).
     pub fn parse(url: &str) -> Result<Self, Error> {
         let bad = |reason| Error::InvalidUrl { url: url.to_owned(), reason };
         let rest = match url.split_once("://") {

@@ -68,14 +68,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         self.protocol.as_deref()
     }
 
+    /// Which end of the connection this is.
     pub fn role(&self) -> Role {
         self.core.conn.role()
     }
 
+    /// Where the close handshake stands.
     pub fn close_state(&self) -> CloseState {
         self.core.conn.close_state()
     }
 
+    /// The underlying stream.
     pub fn get_ref(&self) -> &S {
         &self.core.io
     }
@@ -103,6 +106,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         self.core.start_send(message.into())
     }
 
+    /// Writes out everything queued.
     pub async fn flush(&mut self) -> Result<()> {
         poll_fn(|cx| self.core.poll_flush(cx)).await
     }
@@ -231,6 +235,7 @@ pub struct WsWriter<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsReader<S> {
+    /// The next message; see [`WebSocket::recv`].
     pub async fn recv(&mut self) -> Option<Result<Message>> {
         poll_fn(|cx| self.poll_recv(cx)).await
     }
@@ -241,6 +246,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsReader<S> {
         self.shared.lock().poll_recv(cx, &mut wcx)
     }
 
+    /// The subprotocol agreed on in the handshake.
     pub fn protocol(&self) -> Option<&str> {
         self.shared.protocol.as_deref()
     }
@@ -258,16 +264,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsWriter<S> {
         f(&mut self.shared.lock(), &mut wcx)
     }
 
+    /// Sends a message and flushes it; waits while too much is queued.
     pub async fn send(&mut self, message: impl Into<Message>) -> Result<()> {
         self.feed(message).await?;
         self.flush().await
     }
 
+    /// Queues a message without flushing; waits for room first.
     pub async fn feed(&mut self, message: impl Into<Message>) -> Result<()> {
         poll_fn(|cx| self.with_write_context(cx, |core, wcx| core.poll_ready(wcx))).await?;
         self.shared.lock().start_send(message.into())
     }
 
+    /// Writes out everything queued.
     pub async fn flush(&mut self) -> Result<()> {
         poll_fn(|cx| self.with_write_context(cx, |core, wcx| core.poll_flush(wcx))).await
     }

@@ -83,11 +83,14 @@ fn tls_config_error(path: &Path, error: impl std::fmt::Display) -> Error {
 /// What a client connection runs over: plain TCP or TLS over TCP.
 #[derive(Debug)]
 pub enum ClientStream {
+    /// Plain TCP (`ws://`).
     Plain(TcpStream),
+    /// TLS over TCP (`wss://`).
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl ClientStream {
+    /// True for `wss://`.
     pub fn is_tls(&self) -> bool {
         matches!(self, Self::Tls(_))
     }

@@ -93,6 +93,7 @@ impl Upgrade {
         self
     }
 
+    /// The connection's settings (limits, keepalive, compression).
     pub fn config(mut self, config: Config) -> Self {
         self.config = config;
         self

@@ -3,17 +3,21 @@
 
 use crate::error::Error;
 
+/// A parsed `ws://` or `wss://` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WsUrl {
+    /// `wss://`: TLS.
     pub secure: bool,
     /// Host name or address, without IPv6 brackets.
     pub host: String,
+    /// The port, or the scheme's default (80, 443).
     pub port: u16,
     /// Path and query, at least `/`.
     pub target: String,
 }
 
 impl WsUrl {
+    /// Parses and checks a URL.
     pub fn parse(url: &str) -> Result<Self, Error> {
         let bad = |reason| Error::InvalidUrl { url: url.to_owned(), reason };
         let (scheme, rest) = url.split_once("://").ok_or(bad("missing scheme (ws:// or wss://)"))?;
