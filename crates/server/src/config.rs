@@ -1,6 +1,10 @@
-//! `switchboard serve` settings. Each comes from, in order of precedence: its command-line flag, its
-//! `SWITCHBOARD_*` environment variable, the TOML file named by `--config`, and the default. Every
-//! default works offline with no setup.
+//! `switchboard serve` settings, by component: `[server]`, `[history]`, `[chat]`, `[limits]` and
+//! `[auth]`, each a section of the TOML file. Each setting comes from, in order of precedence: its
+//! command-line flag, its `SWITCHBOARD_*` environment variable, the TOML file named by `--config`, and
+//! the default. Every default works offline with no setup.
+//!
+//! Each setting is written once, in the [`settings!`] block of its component: its help (the doc
+//! comment), its flag and variable (`#[arg]`), its TOML key (the field name) and its default.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,146 +13,206 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::Deserialize;
 
+use crate::chat::limits::RateLimit;
+
+/// One component's settings: a struct whose fields are all optional (so flags, the environment and
+/// the file can be layered with [`or`](ServerSettings::or)), and for each setting with a default, a
+/// method of the same name that applies it.
+macro_rules! settings {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $(
+                $(#[$field_meta:meta])*
+                $field:ident : $ty:ty $(= $default:expr)?,
+            )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(clap::Args, Deserialize, Debug, Default, Clone)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct $name {
+            $(
+                $(#[$field_meta])*
+                pub $field: Option<$ty>,
+            )*
+        }
+
+        impl $name {
+            /// Each setting from `self`, else from `fallback`.
+            pub fn or(self, fallback: Self) -> Self {
+                Self { $( $field: self.$field.or(fallback.$field), )* }
+            }
+
+            $($(
+                #[doc = concat!("`", stringify!($field), "`, or its default.")]
+                pub fn $field(&self) -> $ty {
+                    self.$field.clone().unwrap_or_else(|| $default)
+                }
+            )?)*
+        }
+    };
+}
+
+settings! {
+    /// `[server]`: the listening socket, TLS, the life of a connection.
+    pub struct ServerSettings {
+        /// Address to listen on [default: 127.0.0.1:8000].
+        #[arg(long, env = "SWITCHBOARD_LISTEN")]
+        listen: SocketAddr = "127.0.0.1:8000".parse().expect("valid address"),
+        /// PEM certificate chain: serve https:// and wss:// (with --tls-key).
+        #[arg(long, env = "SWITCHBOARD_TLS_CERT", requires = "tls_key")]
+        tls_cert: PathBuf,
+        /// PEM private key for --tls-cert.
+        #[arg(long, env = "SWITCHBOARD_TLS_KEY", requires = "tls_cert")]
+        tls_key: PathBuf,
+        /// Seconds a client has to send its request head (and finish TLS) [default: 10].
+        #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_SECS")]
+        handshake_timeout_secs: u64 = 10,
+        /// Seconds of silence before the server pings a client; one more such period without an answer
+        /// drops it. 0 turns keepalive off [default: 25].
+        #[arg(long, env = "SWITCHBOARD_KEEPALIVE_SECS")]
+        keepalive_secs: u64 = 25,
+        /// Offer permessage-deflate to clients [default: true].
+        #[arg(long, env = "SWITCHBOARD_COMPRESSION")]
+        compression: bool = true,
+        /// Open connections (HTTP and WebSocket) at once; more get 503 [default: 100000].
+        #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS")]
+        max_connections: usize = 100_000,
+        /// Open connections from one IP address (IPv6: one /64); more get 429 [default: 10000].
+        #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP")]
+        max_connections_per_ip: usize = 10_000,
+        /// Seconds to wait, after SIGTERM or Ctrl-C, for clients to close and history to be written
+        /// [default: 5].
+        #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE_SECS")]
+        shutdown_grace_secs: u64 = 5,
+    }
+}
+
+settings! {
+    /// `[history]`: where messages are kept, and for how long.
+    pub struct HistorySettings {
+        /// SQLite file that keeps the history (created if missing) [default: switchboard.db].
+        #[arg(long = "db", env = "SWITCHBOARD_DB")]
+        db: PathBuf = PathBuf::from("switchboard.db"),
+        /// Messages kept per room [default: 1000].
+        #[arg(long = "history-max-messages", env = "SWITCHBOARD_HISTORY_MAX_MESSAGES")]
+        max_messages: u64 = 1000,
+        /// Seconds a message is kept; 0 keeps messages until the count limit drops them [default: 604800, a week].
+        #[arg(long = "history-max-age-secs", env = "SWITCHBOARD_HISTORY_MAX_AGE_SECS")]
+        max_age_secs: u64 = 7 * 24 * 3600,
+        /// Largest size of the history database in bytes; publishes past it are refused with
+        /// `unavailable`, as on a full disk [default: no limit but the disk's].
+        #[arg(long = "db-max-bytes", env = "SWITCHBOARD_DB_MAX_BYTES")]
+        db_max_bytes: u64,
+    }
+}
+
+settings! {
+    /// `[chat]`: rooms, names and messages.
+    pub struct ChatSettings {
+        /// Room of clients that speak the seed protocol (no subprotocol) [default: lobby].
+        #[arg(long, env = "SWITCHBOARD_DEFAULT_ROOM")]
+        default_room: String = "lobby".into(),
+        /// Longest chat message, in characters [default: 4096].
+        #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_CHARS")]
+        max_message_chars: usize = 4096,
+        /// Longest name, in characters [default: 64].
+        #[arg(long, env = "SWITCHBOARD_MAX_NAME_CHARS")]
+        max_name_chars: usize = 64,
+        /// Rooms one connection may be in at once [default: 64].
+        #[arg(long, env = "SWITCHBOARD_MAX_ROOMS_PER_CONNECTION")]
+        max_rooms_per_connection: usize = 64,
+        /// Most members listed in one presence answer (the answer says when it was cut) [default: 1000].
+        #[arg(long, env = "SWITCHBOARD_MAX_PRESENCE")]
+        max_presence: usize = 1000,
+    }
+}
+
+settings! {
+    /// `[limits]`: how fast a client may send, and how far behind it may fall.
+    pub struct LimitSettings {
+        /// Messages per second one connection may send on average; faster ones are closed with 1008.
+        /// 0 turns the limit off [default: 200].
+        #[arg(long, env = "SWITCHBOARD_RATE_LIMIT")]
+        rate_limit: f64 = 200.0,
+        /// Messages a connection may send in a burst above --rate-limit [default: 400].
+        #[arg(long, env = "SWITCHBOARD_RATE_BURST")]
+        rate_burst: u32 = 400,
+        /// Messages queued for one client before it counts as too slow and is disconnected [default: 1024].
+        #[arg(long, env = "SWITCHBOARD_OUTBOX_MESSAGES")]
+        outbox_messages: usize = 1024,
+        /// Bytes queued for one client before it counts as too slow and is disconnected (1008)
+        /// [default: 1048576].
+        #[arg(long, env = "SWITCHBOARD_OUTBOX_BYTES")]
+        outbox_bytes: usize = 1 << 20,
+    }
+}
+
+settings! {
+    /// `[auth]`: tokens, origins and the publish API's key.
+    pub struct AuthSettings {
+        /// Shared secret of HS256 tokens (JWT); turns authentication on.
+        #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
+        jwt_secret: String,
+        /// PEM public key (RSA for RS256, P-256 for ES256) of tokens; turns authentication on.
+        #[arg(long, env = "SWITCHBOARD_JWT_PUBLIC_KEY", conflicts_with = "jwt_secret")]
+        jwt_public_key: PathBuf,
+        /// Required `aud` claim of tokens (not checked when unset).
+        #[arg(long, env = "SWITCHBOARD_JWT_AUDIENCE")]
+        jwt_audience: String,
+        /// Required `iss` claim of tokens (not checked when unset).
+        #[arg(long, env = "SWITCHBOARD_JWT_ISSUER")]
+        jwt_issuer: String,
+        /// Accept connections without a token [default: true without a token key, false with one].
+        #[arg(long, env = "SWITCHBOARD_ALLOW_ANONYMOUS")]
+        allow_anonymous: bool,
+        /// Origins allowed to open a WebSocket, comma-separated: exact (https://chat.example.com) or
+        /// wildcard (https://*.example.com); others get 403 [default: any].
+        #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',')]
+        allowed_origins: Vec<String>,
+        /// Key for POST /api/publish (header "Authorization: Bearer KEY"); the endpoint is off without it.
+        #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
+        api_key: String,
+    }
+}
+
 /// The command line (and environment) of `switchboard serve`.
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct ServeArgs {
-    /// TOML file with any of the settings below (flag names with underscores).
+    /// TOML file with any of these settings, by section: [server], [history], [chat], [limits],
+    /// [auth] (keys are the settings' names with underscores, without the section's prefix).
     #[arg(long, env = "SWITCHBOARD_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Address to listen on [default: 127.0.0.1:8000].
-    #[arg(long, env = "SWITCHBOARD_LISTEN")]
-    pub listen: Option<SocketAddr>,
-    /// SQLite file that keeps the history (created if missing) [default: switchboard.db].
-    #[arg(long, env = "SWITCHBOARD_DB")]
-    pub db: Option<PathBuf>,
-    /// Room of clients that speak the seed protocol (no subprotocol) [default: lobby].
-    #[arg(long, env = "SWITCHBOARD_DEFAULT_ROOM")]
-    pub default_room: Option<String>,
-    /// Messages kept per room [default: 1000].
-    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_MESSAGES")]
-    pub history_max_messages: Option<u64>,
-    /// Seconds a message is kept; 0 keeps messages until the count limit drops them [default: 604800, a week].
-    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_AGE_SECS")]
-    pub history_max_age_secs: Option<u64>,
-    /// Seconds of silence before the server pings a client; one more such period without an answer
-    /// drops it. 0 turns keepalive off [default: 25].
-    #[arg(long, env = "SWITCHBOARD_KEEPALIVE_SECS")]
-    pub keepalive_secs: Option<u64>,
-    /// Longest chat message, in characters [default: 4096].
-    #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_CHARS")]
-    pub max_message_chars: Option<usize>,
-    /// Longest name, in characters [default: 64].
-    #[arg(long, env = "SWITCHBOARD_MAX_NAME_CHARS")]
-    pub max_name_chars: Option<usize>,
-    /// Messages queued for one client before it counts as too slow and is disconnected [default: 1024].
-    #[arg(long, env = "SWITCHBOARD_OUTBOX_MESSAGES")]
-    pub outbox_messages: Option<usize>,
-    /// Rooms one connection may be in at once [default: 64].
-    #[arg(long, env = "SWITCHBOARD_MAX_ROOMS_PER_CONNECTION")]
-    pub max_rooms_per_connection: Option<usize>,
-    /// Offer permessage-deflate to clients [default: true].
-    #[arg(long, env = "SWITCHBOARD_COMPRESSION")]
-    pub compression: Option<bool>,
-    /// PEM certificate chain: serve https:// and wss:// (with --tls-key).
-    #[arg(long, env = "SWITCHBOARD_TLS_CERT", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key for --tls-cert.
-    #[arg(long, env = "SWITCHBOARD_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// Shared secret of HS256 tokens (JWT); turns authentication on.
-    #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
-    /// PEM public key (RSA for RS256, P-256 for ES256) of tokens; turns authentication on.
-    #[arg(long, env = "SWITCHBOARD_JWT_PUBLIC_KEY", conflicts_with = "jwt_secret")]
-    pub jwt_public_key: Option<PathBuf>,
-    /// Required `aud` claim of tokens (not checked when unset).
-    #[arg(long, env = "SWITCHBOARD_JWT_AUDIENCE")]
-    pub jwt_audience: Option<String>,
-    /// Required `iss` claim of tokens (not checked when unset).
-    #[arg(long, env = "SWITCHBOARD_JWT_ISSUER")]
-    pub jwt_issuer: Option<String>,
-    /// Accept connections without a token [default: true without a token key, false with one].
-    #[arg(long, env = "SWITCHBOARD_ALLOW_ANONYMOUS")]
-    pub allow_anonymous: Option<bool>,
-    /// Origins allowed to open a WebSocket, comma-separated: exact (https://chat.example.com) or
-    /// wildcard (https://*.example.com); others get 403 [default: any].
-    #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',')]
-    pub allowed_origins: Option<Vec<String>>,
-    /// Key for POST /api/publish (header "Authorization: Bearer KEY"); the endpoint is off without it.
-    #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
-    /// Open connections (HTTP and WebSocket) at once; more get 503 [default: 100000].
-    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS")]
-    pub max_connections: Option<usize>,
-    /// Open connections from one IP address (IPv6: one /64); more get 429 [default: 10000].
-    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP")]
-    pub max_connections_per_ip: Option<usize>,
-    /// Seconds a client has to send its request head (and finish TLS) [default: 10].
-    #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_SECS")]
-    pub handshake_timeout_secs: Option<u64>,
-    /// Messages per second one connection may send on average; faster ones are closed with 1008.
-    /// 0 turns the limit off [default: 200].
-    #[arg(long, env = "SWITCHBOARD_RATE_LIMIT")]
-    pub rate_limit: Option<f64>,
-    /// Messages a connection may send in a burst above --rate-limit [default: 400].
-    #[arg(long, env = "SWITCHBOARD_RATE_BURST")]
-    pub rate_burst: Option<u32>,
-    /// Most members listed in one presence answer (the answer says when it was cut) [default: 1000].
-    #[arg(long, env = "SWITCHBOARD_MAX_PRESENCE")]
-    pub max_presence: Option<usize>,
-    /// Bytes queued for one client before it counts as too slow and is disconnected (1008)
-    /// [default: 1048576].
-    #[arg(long, env = "SWITCHBOARD_OUTBOX_BYTES")]
-    pub outbox_bytes: Option<usize>,
-    /// Seconds to wait, after SIGTERM or Ctrl-C, for clients to close and history to be written
-    /// [default: 5].
-    #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE_SECS")]
-    pub shutdown_grace_secs: Option<u64>,
-    /// Largest size of the history database in bytes; publishes past it are refused with
-    /// `unavailable`, as on a full disk [default: no limit but the disk's].
-    #[arg(long, env = "SWITCHBOARD_DB_MAX_BYTES")]
-    pub db_max_bytes: Option<u64>,
+    #[command(flatten)]
+    pub server: ServerSettings,
+    #[command(flatten)]
+    pub history: HistorySettings,
+    #[command(flatten)]
+    pub chat: ChatSettings,
+    #[command(flatten)]
+    pub limits: LimitSettings,
+    #[command(flatten)]
+    pub auth: AuthSettings,
 }
 
-/// The TOML file: the same settings, all optional.
+/// The TOML file: the same sections, all optional.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 struct FileConfig {
-    listen: Option<SocketAddr>,
-    db: Option<PathBuf>,
-    default_room: Option<String>,
-    history_max_messages: Option<u64>,
-    history_max_age_secs: Option<u64>,
-    keepalive_secs: Option<u64>,
-    max_message_chars: Option<usize>,
-    max_name_chars: Option<usize>,
-    outbox_messages: Option<usize>,
-    max_rooms_per_connection: Option<usize>,
-    compression: Option<bool>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    jwt_secret: Option<String>,
-    jwt_public_key: Option<PathBuf>,
-    jwt_audience: Option<String>,
-    jwt_issuer: Option<String>,
-    allow_anonymous: Option<bool>,
-    allowed_origins: Option<Vec<String>>,
-    api_key: Option<String>,
-    max_connections: Option<usize>,
-    max_connections_per_ip: Option<usize>,
-    handshake_timeout_secs: Option<u64>,
-    rate_limit: Option<f64>,
-    rate_burst: Option<u32>,
-    max_presence: Option<usize>,
-    outbox_bytes: Option<usize>,
-    shutdown_grace_secs: Option<u64>,
-    db_max_bytes: Option<u64>,
+    server: ServerSettings,
+    history: HistorySettings,
+    chat: ChatSettings,
+    limits: LimitSettings,
+    auth: AuthSettings,
 }
 
 /// Where tokens are checked against.
 #[derive(Clone)]
 pub enum TokenKey {
+    /// HS256 shared secret.
     Secret(String),
+    /// PEM public key file (RS256 or ES256).
     PublicKeyFile(PathBuf),
 }
 
@@ -161,109 +225,106 @@ impl std::fmt::Debug for TokenKey {
     }
 }
 
-/// A per-connection message rate: `per_sec` on average, `burst` at once.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RateLimit {
-    pub per_sec: f64,
-    pub burst: u32,
-}
-
-/// Settings in force.
-#[derive(Debug, Clone)]
+/// Settings in force: every layer merged and checked.
+#[derive(Debug, Clone, Default)]
 pub struct ServeConfig {
-    pub listen: SocketAddr,
-    pub db: PathBuf,
-    pub default_room: String,
-    pub history_max_messages: u64,
-    pub history_max_age: Option<Duration>,
-    pub keepalive: Option<Duration>,
-    pub max_message_chars: usize,
-    pub max_name_chars: usize,
-    pub outbox_messages: usize,
-    pub max_rooms_per_connection: usize,
-    pub compression: bool,
-    pub tls: Option<(PathBuf, PathBuf)>,
-    pub token_key: Option<TokenKey>,
-    pub jwt_audience: Option<String>,
-    pub jwt_issuer: Option<String>,
-    pub allow_anonymous: bool,
-    pub allowed_origins: Option<Vec<String>>,
-    pub api_key: Option<String>,
-    pub max_connections: usize,
-    pub max_connections_per_ip: usize,
-    pub handshake_timeout: Duration,
-    pub rate_limit: Option<RateLimit>,
-    pub max_presence: usize,
-    pub outbox_bytes: usize,
-    pub shutdown_grace: Duration,
-    pub db_max_bytes: Option<u64>,
+    /// `[server]`.
+    pub server: ServerSettings,
+    /// `[history]`.
+    pub history: HistorySettings,
+    /// `[chat]`.
+    pub chat: ChatSettings,
+    /// `[limits]`.
+    pub limits: LimitSettings,
+    /// `[auth]`.
+    pub auth: AuthSettings,
 }
 
 impl ServeConfig {
+    /// Flags and environment over the file over the defaults; refuses settings that cannot work.
     pub fn load(args: ServeArgs) -> anyhow::Result<Self> {
         let file = match &args.config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        let age = args.history_max_age_secs.or(file.history_max_age_secs).unwrap_or(7 * 24 * 3600);
-        let keepalive = args.keepalive_secs.or(file.keepalive_secs).unwrap_or(25);
-        let tls = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
-            (Some(cert), Some(key)) => Some((cert, key)),
-            (None, None) => None,
-            _ => anyhow::bail!("tls_cert and tls_key go together"),
-        };
-        let token_key = match (args.jwt_secret.or(file.jwt_secret), args.jwt_public_key.or(file.jwt_public_key)) {
-            (Some(_), Some(_)) => anyhow::bail!("jwt_secret and jwt_public_key exclude each other"),
-            (Some(secret), None) => Some(TokenKey::Secret(secret)),
-            (None, Some(path)) => Some(TokenKey::PublicKeyFile(path)),
-            (None, None) => None,
-        };
-        let rate = args.rate_limit.or(file.rate_limit).unwrap_or(200.0);
-        let burst = args.rate_burst.or(file.rate_burst).unwrap_or(400);
         let config = Self {
-            listen: args.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:8000".parse().expect("valid address")),
-            db: args.db.or(file.db).unwrap_or_else(|| "switchboard.db".into()),
-            default_room: args.default_room.or(file.default_room).unwrap_or_else(|| "lobby".into()),
-            history_max_messages: args.history_max_messages.or(file.history_max_messages).unwrap_or(1000),
-            history_max_age: (age > 0).then(|| Duration::from_secs(age)),
-            keepalive: (keepalive > 0).then(|| Duration::from_secs(keepalive)),
-            max_message_chars: args.max_message_chars.or(file.max_message_chars).unwrap_or(4096),
-            max_name_chars: args.max_name_chars.or(file.max_name_chars).unwrap_or(64),
-            outbox_messages: args.outbox_messages.or(file.outbox_messages).unwrap_or(1024),
-            max_rooms_per_connection: args.max_rooms_per_connection.or(file.max_rooms_per_connection).unwrap_or(64),
-            compression: args.compression.or(file.compression).unwrap_or(true),
-            tls,
-            allow_anonymous: args.allow_anonymous.or(file.allow_anonymous).unwrap_or(token_key.is_none()),
-            token_key,
-            jwt_audience: args.jwt_audience.or(file.jwt_audience),
-            jwt_issuer: args.jwt_issuer.or(file.jwt_issuer),
-            allowed_origins: args.allowed_origins.or(file.allowed_origins),
-            api_key: args.api_key.or(file.api_key),
-            max_connections: args.max_connections.or(file.max_connections).unwrap_or(100_000),
-            max_connections_per_ip: args.max_connections_per_ip.or(file.max_connections_per_ip).unwrap_or(10_000),
-            handshake_timeout: Duration::from_secs(
-                args.handshake_timeout_secs.or(file.handshake_timeout_secs).unwrap_or(10),
-            ),
-            rate_limit: (rate > 0.0).then_some(RateLimit { per_sec: rate, burst: burst.max(1) }),
-            max_presence: args.max_presence.or(file.max_presence).unwrap_or(1000),
-            outbox_bytes: args.outbox_bytes.or(file.outbox_bytes).unwrap_or(1 << 20),
-            shutdown_grace: Duration::from_secs(args.shutdown_grace_secs.or(file.shutdown_grace_secs).unwrap_or(5)),
-            db_max_bytes: args.db_max_bytes.or(file.db_max_bytes),
+            server: args.server.or(file.server),
+            history: args.history.or(file.history),
+            chat: args.chat.or(file.chat),
+            limits: args.limits.or(file.limits),
+            auth: args.auth.or(file.auth),
         };
-        anyhow::ensure!(config.history_max_messages > 0, "history_max_messages must be at least 1");
-        anyhow::ensure!(config.outbox_messages > 0, "outbox_messages must be at least 1");
-        anyhow::ensure!(config.outbox_bytes > 0, "outbox_bytes must be at least 1");
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        let (server, limits) = (&self.server, &self.limits);
+        anyhow::ensure!(self.history.max_messages() > 0, "history max_messages must be at least 1");
+        anyhow::ensure!(limits.outbox_messages() > 0, "outbox_messages must be at least 1");
+        anyhow::ensure!(limits.outbox_bytes() > 0, "outbox_bytes must be at least 1");
         anyhow::ensure!(
-            config.max_connections > 0 && config.max_connections_per_ip > 0,
+            server.max_connections() > 0 && server.max_connections_per_ip() > 0,
             "connection limits must be at least 1"
         );
-        anyhow::ensure!(config.handshake_timeout > Duration::ZERO, "handshake_timeout_secs must be at least 1");
+        anyhow::ensure!(server.handshake_timeout_secs() > 0, "handshake_timeout_secs must be at least 1");
+        let rate = limits.rate_limit();
         anyhow::ensure!(rate.is_finite() && rate >= 0.0, "rate_limit must be a number of messages per second");
+        anyhow::ensure!(server.tls_cert.is_some() == server.tls_key.is_some(), "tls_cert and tls_key go together");
         anyhow::ensure!(
-            config.allow_anonymous || config.token_key.is_some(),
+            !(self.auth.jwt_secret.is_some() && self.auth.jwt_public_key.is_some()),
+            "jwt_secret and jwt_public_key exclude each other"
+        );
+        anyhow::ensure!(
+            self.allow_anonymous() || self.token_key().is_some(),
             "allow_anonymous = false needs jwt_secret or jwt_public_key, or nobody could connect"
         );
-        Ok(config)
+        Ok(())
+    }
+
+    /// Certificate and key files, when serving TLS.
+    pub fn tls(&self) -> Option<(PathBuf, PathBuf)> {
+        self.server.tls_cert.clone().zip(self.server.tls_key.clone())
+    }
+
+    /// The key tokens are checked against; none turns authentication off.
+    pub fn token_key(&self) -> Option<TokenKey> {
+        match (&self.auth.jwt_secret, &self.auth.jwt_public_key) {
+            (Some(secret), _) => Some(TokenKey::Secret(secret.clone())),
+            (None, Some(path)) => Some(TokenKey::PublicKeyFile(path.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// Whether connections without a token get in: by default, exactly when there is no token key.
+    pub fn allow_anonymous(&self) -> bool {
+        self.auth.allow_anonymous.unwrap_or(self.token_key().is_none())
+    }
+
+    /// The keepalive period, or none.
+    pub fn keepalive(&self) -> Option<Duration> {
+        Some(self.server.keepalive_secs()).filter(|s| *s > 0).map(Duration::from_secs)
+    }
+
+    /// How long a message is served, or forever (within the count limit).
+    pub fn history_max_age(&self) -> Option<Duration> {
+        Some(self.history.max_age_secs()).filter(|s| *s > 0).map(Duration::from_secs)
+    }
+
+    /// The per-connection message rate, or none.
+    pub fn rate_limit(&self) -> Option<RateLimit> {
+        let per_sec = self.limits.rate_limit();
+        (per_sec > 0.0).then(|| RateLimit { per_sec, burst: self.limits.rate_burst().max(1) })
+    }
+
+    /// The handshake timeout.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.server.handshake_timeout_secs())
+    }
+
+    /// How long shutdown waits.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.server.shutdown_grace_secs())
     }
 }
 
@@ -279,10 +340,12 @@ mod tests {
     #[test]
     fn defaults_work_with_nothing_given() {
         let config = ServeConfig::load(ServeArgs::default()).unwrap();
-        assert_eq!(config.listen.to_string(), "127.0.0.1:8000");
-        assert_eq!(config.db, PathBuf::from("switchboard.db"));
-        assert_eq!(config.keepalive, Some(Duration::from_secs(25)));
-        assert!(config.compression && config.tls.is_none());
+        assert_eq!(config.server.listen().to_string(), "127.0.0.1:8000");
+        assert_eq!(config.history.db(), PathBuf::from("switchboard.db"));
+        assert_eq!(config.keepalive(), Some(Duration::from_secs(25)));
+        assert!(config.server.compression() && config.tls().is_none());
+        assert!(config.allow_anonymous());
+        assert_eq!(config.rate_limit(), Some(RateLimit { per_sec: 200.0, burst: 400 }));
     }
 
     #[test]
@@ -290,14 +353,33 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sb-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("switchboard.toml");
-        std::fs::write(&file, "listen = \"127.0.0.1:9999\"\nhistory_max_messages = 5\nkeepalive_secs = 0\n").unwrap();
-        let args = ServeArgs { config: Some(file.clone()), history_max_messages: Some(7), ..ServeArgs::default() };
+        std::fs::write(
+            &file,
+            "[server]\nlisten = \"127.0.0.1:9999\"\nkeepalive_secs = 0\n[history]\nmax_messages = 5\n[limits]\nrate_limit = 0\n",
+        )
+        .unwrap();
+        let mut args = ServeArgs { config: Some(file.clone()), ..ServeArgs::default() };
+        args.history.max_messages = Some(7);
         let config = ServeConfig::load(args).unwrap();
-        assert_eq!(config.listen.to_string(), "127.0.0.1:9999");
-        assert_eq!(config.history_max_messages, 7);
-        assert_eq!(config.keepalive, None);
-        std::fs::write(&file, "listne = \"typo\"\n").unwrap();
-        let err = ServeConfig::load(ServeArgs { config: Some(file), ..ServeArgs::default() }).unwrap_err();
+        assert_eq!(config.server.listen().to_string(), "127.0.0.1:9999");
+        assert_eq!(config.history.max_messages(), 7);
+        assert_eq!(config.keepalive(), None);
+        assert_eq!(config.rate_limit(), None);
+        std::fs::write(&file, "[server]\nlistne = \"typo\"\n").unwrap();
+        let err = ServeConfig::load(ServeArgs { config: Some(file.clone()), ..ServeArgs::default() }).unwrap_err();
         assert!(format!("{err:#}").contains("unknown field `listne`"), "{err:#}");
+        std::fs::write(&file, "listen = \"127.0.0.1:1\"\n").unwrap();
+        let err = ServeConfig::load(ServeArgs { config: Some(file), ..ServeArgs::default() }).unwrap_err();
+        assert!(format!("{err:#}").contains("unknown field `listen`"), "a setting outside its section: {err:#}");
+    }
+
+    #[test]
+    fn a_closed_server_needs_a_key() {
+        let mut args = ServeArgs::default();
+        args.auth.allow_anonymous = Some(false);
+        let err = ServeConfig::load(args.clone()).unwrap_err();
+        assert!(err.to_string().contains("needs jwt_secret"), "{err}");
+        args.auth.jwt_secret = Some("s".into());
+        assert!(!ServeConfig::load(args).unwrap().allow_anonymous());
     }
 }

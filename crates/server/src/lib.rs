@@ -1,19 +1,23 @@
 //! Switchboard's server side: the programs behind the `switchboard` command.
 //!
-//! - [`echo`]: the plain echo server (`switchboard echo`), the Autobahn testee and simplest demo.
-//! - [`connect`]: the interactive client (`switchboard connect URL`).
-//! - [`bench`]: the load generator (`switchboard bench MODE URL`).
-//! - [`serve`]: the chat server (`switchboard serve`): [`config`], the [`store`] of history, the [`hub`]
-//!   of rooms and fan-out, one [`session`] per connection, and the wire [`protocol`]s.
+//! Imports run down only: [`tools`] and [`transport`] use [`chat`]; [`chat`] uses the [`engine`]
+//! traits; nothing in [`chat`] knows a socket, HTTP or SQLite (see `docs/architecture.md`).
+//!
+//! - [`chat`]: the transport-free core: sessions as state machines, wire types, the hub, publish,
+//!   access, limits.
+//! - [`engine`]: history and fan-out behind traits: [`engine::sqlite`] (the embedded default) and
+//!   [`engine::memory`].
+//! - [`transport`]: the WebSocket at `/ws` and the HTTP routes beside it.
+//! - [`serve`]: wiring for `switchboard serve`; [`listen`]: the accept loop, TLS and admission shared
+//!   with `echo`; [`config`]: settings by component; [`cli`]: every command's arguments.
+//! - [`tools`]: `echo` (the Autobahn testee), `connect` (an interactive client), `bench` (a load
+//!   generator).
 
-pub mod auth;
-pub mod bench;
+pub mod chat;
+pub mod cli;
 pub mod config;
-pub mod connect;
-pub mod echo;
-pub mod hub;
-pub mod limits;
-pub mod protocol;
+pub mod engine;
+pub mod listen;
 pub mod serve;
-pub mod session;
-pub mod store;
+pub mod tools;
+pub mod transport;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::chat::{next, next_close, next_of, quiet, send, v1_client, Ws};
 use support::{start_serve, switchboard};
-use switchboard::auth::{mint, mint_with_key, unix_now, Claims};
+use switchboard::chat::access::{mint, mint_with_key, unix_now, Claims};
 use switchboard_ws::proto::handshake::ResponseError;
 use switchboard_ws::{ClientBuilder, Error};
 

@@ -10,9 +10,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{
+    age_cutoff_ms, new_epoch, now_ms, BoxFuture, Deliver, Engine, EngineError, History, NewMessage, PendingPublish,
+    Position, Published, Retention, StoredMessage,
+};
 
 /// Most publishes taken into one transaction.
 const MAX_BATCH: usize = 512;
@@ -21,80 +26,7 @@ const QUEUE_DEPTH: usize = 16_384;
 /// How often retention by age runs.
 const AGE_TRIM_EVERY: Duration = Duration::from_secs(10);
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("history database {path}: {source}")]
-    Open { path: String, source: rusqlite::Error },
-    #[error("could not store the message: {0}")]
-    Write(String),
-    #[error("history query failed: {0}")]
-    Read(#[from] rusqlite::Error),
-    #[error("the store is overloaded; try again")]
-    Busy,
-    #[error("the store has shut down")]
-    Closed,
-}
-
-/// A stored chat message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredMessage {
-    pub room: String,
-    pub offset: u64,
-    /// The publisher's idempotency key, if it gave one.
-    pub id: Option<String>,
-    pub name: String,
-    pub message: String,
-    /// Server wall-clock time, `HH:MM:SS` (the seed protocol's field).
-    pub time: String,
-    /// Milliseconds since the Unix epoch.
-    pub ts_ms: i64,
-}
-
-/// What a publish came to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Published {
-    Stored(StoredMessage),
-    /// The id was seen before: this is the message stored then; nothing new was stored or delivered.
-    Duplicate(StoredMessage),
-}
-
-/// What the store keeps: per room, and in all.
-#[derive(Debug, Clone, Copy)]
-pub struct Retention {
-    pub max_messages: u64,
-    pub max_age: Option<Duration>,
-    /// Largest size of the database file; past it writes fail as on a full disk.
-    pub max_db_bytes: Option<u64>,
-}
-
-/// A slice of a room's history.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct History {
-    pub messages: Vec<StoredMessage>,
-    /// The oldest offset still retained (last + 1 when the room holds nothing).
-    pub first_retained: u64,
-    pub last_offset: u64,
-}
-
-pub struct NewMessage {
-    pub room: String,
-    pub id: Option<String>,
-    pub name: String,
-    pub message: String,
-    pub time: String,
-}
-
-type Reply = tokio::sync::oneshot::Sender<Result<Published, StoreError>>;
-
-/// A queued publish; resolves once committed.
-pub struct PendingPublish(tokio::sync::oneshot::Receiver<Result<Published, StoreError>>);
-
-impl std::future::Future for PendingPublish {
-    type Output = Result<Published, StoreError>;
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0).poll(cx).map(|r| r.unwrap_or(Err(StoreError::Closed)))
-    }
-}
+type Reply = tokio::sync::oneshot::Sender<Result<Published, EngineError>>;
 
 enum Command {
     Publish(NewMessage, Reply),
@@ -118,21 +50,25 @@ impl Command {
     }
 }
 
-/// Called by the writer thread with each committed batch, in offset order.
-pub type OnCommit = Box<dyn Fn(&[StoredMessage]) + Send>;
-
+/// The embedded default engine: history in one SQLite file.
 pub struct Store {
     queue: SyncSender<Command>,
     retention: Retention,
     reader: Mutex<Connection>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     path: PathBuf,
+    /// Each room's last committed offset, updated by the writer before it delivers.
+    tops: Arc<Mutex<HashMap<String, u64>>>,
+    epoch: Arc<str>,
 }
 
 impl Store {
     /// Opens (creating if needed) the database and starts the writer; `on_commit` sees every batch.
-    pub fn open(path: &Path, retention: Retention, on_commit: OnCommit) -> Result<Arc<Store>, StoreError> {
-        let open_err = |source| StoreError::Open { path: path.display().to_string(), source };
+    pub fn open(path: &Path, retention: Retention, sink: Arc<dyn Deliver>) -> Result<Arc<Store>, EngineError> {
+        let open_err = |source: rusqlite::Error| EngineError::Open {
+            path: path.display().to_string(),
+            reason: source.to_string(),
+        };
         let writer_conn = Connection::open(path).map_err(open_err)?;
         writer_conn
             .execute_batch(
@@ -144,7 +80,8 @@ impl Store {
                      message TEXT NOT NULL, time TEXT NOT NULL, ts_ms INTEGER NOT NULL,
                      PRIMARY KEY (room, offset));
                  CREATE UNIQUE INDEX IF NOT EXISTS messages_msg_id ON messages (room, msg_id) WHERE msg_id IS NOT NULL;
-                 CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts_ms);",
+                 CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts_ms);
+                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
             )
             .map_err(open_err)?;
         if let Some(bytes) = retention.max_db_bytes {
@@ -155,6 +92,12 @@ impl Store {
                 .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| r.get(0))
                 .map_err(open_err)?;
         }
+        // The epoch is born with the database: a new file (the old one lost) is a new history.
+        writer_conn
+            .execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?1)", params![new_epoch()])
+            .map_err(open_err)?;
+        let epoch: String =
+            writer_conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0)).map_err(open_err)?;
         let reader = Connection::open(path).map_err(open_err)?;
         let mut last_offsets = HashMap::new();
         {
@@ -168,18 +111,27 @@ impl Store {
             }
         }
         let (queue, commands) = mpsc::sync_channel(QUEUE_DEPTH);
-        let mut writer =
-            Writer { conn: writer_conn, last_offsets, retention, on_commit, last_age_trim: Instant::now() };
+        let tops = Arc::new(Mutex::new(last_offsets.clone()));
+        let mut writer = Writer {
+            conn: writer_conn,
+            last_offsets,
+            retention,
+            sink,
+            tops: tops.clone(),
+            last_age_trim: Instant::now(),
+        };
         let handle = std::thread::Builder::new()
             .name("switchboard-store".into())
             .spawn(move || writer.run(commands))
-            .map_err(|e| StoreError::Write(e.to_string()))?;
+            .map_err(|e| EngineError::Write(e.to_string()))?;
         Ok(Arc::new(Store {
             queue,
             retention,
             reader: Mutex::new(reader),
             writer: Mutex::new(Some(handle)),
             path: path.to_owned(),
+            tops,
+            epoch: epoch.into(),
         }))
     }
 
@@ -189,64 +141,61 @@ impl Store {
 
     /// Queues a message for storage at once (so messages from one publisher keep their order) and
     /// returns what resolves when it is committed, or found to be a duplicate.
-    pub fn submit(&self, message: NewMessage) -> Result<PendingPublish, StoreError> {
+    pub fn submit(&self, message: NewMessage) -> Result<PendingPublish, EngineError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         match self.queue.try_send(Command::Publish(message, reply)) {
-            Ok(()) => Ok(PendingPublish(answer)),
-            Err(TrySendError::Full(_)) => Err(StoreError::Busy),
-            Err(TrySendError::Disconnected(_)) => Err(StoreError::Closed),
+            Ok(()) => Ok(Box::pin(async move { answer.await.unwrap_or(Err(EngineError::Closed)) })),
+            Err(TrySendError::Full(_)) => Err(EngineError::Busy),
+            Err(TrySendError::Disconnected(_)) => Err(EngineError::Closed),
         }
     }
 
     /// [`Store::submit`] and wait.
-    pub async fn publish(&self, message: NewMessage) -> Result<Published, StoreError> {
+    pub async fn publish_and_wait(&self, message: NewMessage) -> Result<Published, EngineError> {
         self.submit(message)?.await
     }
 
     /// Messages of `room` with offsets in `(after, up_to]`, oldest first, at most `limit` of the newest.
     /// Messages older than the retention age are never returned, even before the writer trims them.
-    pub fn history(&self, room: &str, after: u64, up_to: u64, limit: usize) -> Result<History, StoreError> {
+    pub fn read_history(&self, room: &str, after: u64, up_to: u64, limit: usize) -> Result<History, EngineError> {
         let cutoff = age_cutoff_ms(self.retention.max_age);
         let reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
         let first_retained: Option<i64> = reader
             .query_row("SELECT MIN(offset) FROM messages WHERE room = ?1 AND ts_ms >= ?2", params![room, cutoff], |r| {
                 r.get(0)
             })
-            .optional()?
+            .optional()
+            .map_err(read_err)?
             .flatten();
-        let mut statement = reader.prepare_cached(
-            "SELECT offset, msg_id, name, message, time, ts_ms FROM messages
+        let mut statement = reader
+            .prepare_cached(
+                "SELECT offset, msg_id, name, message, time, ts_ms FROM messages
              WHERE room = ?1 AND offset > ?2 AND offset <= ?3 AND ts_ms >= ?5 ORDER BY offset DESC LIMIT ?4",
-        )?;
-        let rows = statement.query_map(params![room, after as i64, up_to as i64, limit as i64, cutoff], |row| {
-            Ok(StoredMessage {
-                room: room.to_owned(),
-                offset: row.get::<_, i64>(0)? as u64,
-                id: row.get(1)?,
-                name: row.get(2)?,
-                message: row.get(3)?,
-                time: row.get(4)?,
-                ts_ms: row.get(5)?,
+            )
+            .map_err(read_err)?;
+        let rows = statement
+            .query_map(params![room, after as i64, up_to as i64, limit as i64, cutoff], |row| {
+                Ok(StoredMessage {
+                    room: room.to_owned(),
+                    offset: row.get::<_, i64>(0)? as u64,
+                    id: row.get(1)?,
+                    name: row.get(2)?,
+                    message: row.get(3)?,
+                    time: row.get(4)?,
+                    ts_ms: row.get(5)?,
+                })
             })
-        })?;
-        let mut messages = rows.collect::<Result<Vec<_>, _>>()?;
+            .map_err(read_err)?;
+        let mut messages = rows.collect::<Result<Vec<_>, _>>().map_err(read_err)?;
         messages.reverse();
         Ok(History { messages, first_retained: first_retained.map_or(up_to + 1, |f| f as u64), last_offset: up_to })
-    }
-
-    /// The last offset of every room, as stored.
-    pub fn last_offsets(&self) -> Result<HashMap<String, u64>, StoreError> {
-        let reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-        let mut statement = reader.prepare("SELECT name, last_offset FROM rooms")?;
-        let rows = statement.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
     }
 }
 
 impl Store {
     /// Commits everything queued so far, stops the writer and waits for it; publishes after this
-    /// are refused with [`StoreError::Closed`]. Blocks: call it off the async threads.
-    pub fn shutdown(&self) {
+    /// are refused with [`EngineError::Closed`]. Blocks: call it off the async threads.
+    pub fn close(&self) {
         let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(handle) = handle {
             let _ = self.queue.send(Command::Shutdown);
@@ -255,9 +204,45 @@ impl Store {
     }
 }
 
+impl Engine for Store {
+    fn publish(&self, message: NewMessage) -> Result<PendingPublish, EngineError> {
+        self.submit(message)
+    }
+
+    fn history(&self, room: &str, after: u64, up_to: u64, limit: usize) -> BoxFuture<'_, Result<History, EngineError>> {
+        // A local read of an indexed range: quick enough to answer in place.
+        Box::pin(std::future::ready(self.read_history(room, after, up_to, limit)))
+    }
+
+    fn top(&self, room: &str) -> BoxFuture<'_, Result<Position, EngineError>> {
+        let offset = self.tops.lock().unwrap_or_else(|p| p.into_inner()).get(room).copied().unwrap_or(0);
+        Box::pin(std::future::ready(Ok(Position { offset, epoch: self.epoch.clone() })))
+    }
+
+    // One process sees every commit: there is nothing to subscribe to.
+    fn subscribe(&self, _room: &str) {}
+
+    fn unsubscribe(&self, _room: &str) {}
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(handle) = handle {
+                let _ = self.queue.send(Command::Shutdown);
+                // Joining blocks: off the async threads.
+                let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+            }
+        })
+    }
+}
+
+fn read_err(error: rusqlite::Error) -> EngineError {
+    EngineError::Read(error.to_string())
+}
+
 impl Drop for Store {
     fn drop(&mut self) {
-        self.shutdown();
+        self.close();
     }
 }
 
@@ -265,7 +250,8 @@ struct Writer {
     conn: Connection,
     last_offsets: HashMap<String, u64>,
     retention: Retention,
-    on_commit: OnCommit,
+    sink: Arc<dyn Deliver>,
+    tops: Arc<Mutex<HashMap<String, u64>>>,
     last_age_trim: Instant,
 }
 
@@ -307,7 +293,7 @@ impl Writer {
         let mut outcomes = Vec::with_capacity(batch.len());
         let result = (|| -> rusqlite::Result<()> {
             let tx = self.conn.transaction()?;
-            let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+            let now_ms = now_ms();
             let mut touched: Vec<String> = Vec::new();
             for new in batch.iter().filter_map(Command::message) {
                 if let Some(id) = &new.id {
@@ -374,7 +360,14 @@ impl Writer {
                     })
                     .collect();
                 if !stored.is_empty() {
-                    (self.on_commit)(&stored);
+                    // Offsets become visible to joins before the messages reach the hub, so a member
+                    // that joins in between finds them in history and the hub skips them for it.
+                    let mut tops = self.tops.lock().unwrap_or_else(|p| p.into_inner());
+                    for message in &stored {
+                        tops.insert(message.room.clone(), message.offset);
+                    }
+                    drop(tops);
+                    self.sink.deliver(&stored);
                 }
                 for (reply, outcome) in batch.into_iter().filter_map(Command::into_reply).zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
@@ -385,7 +378,7 @@ impl Writer {
                 self.last_offsets = saved_offsets;
                 let message = error.to_string();
                 for reply in batch.into_iter().filter_map(Command::into_reply) {
-                    let _ = reply.send(Err(StoreError::Write(message.clone())));
+                    let _ = reply.send(Err(EngineError::Write(message.clone())));
                 }
             }
         }
@@ -403,14 +396,6 @@ impl Writer {
     }
 }
 
-/// Messages stamped before this (ms since the epoch) are past retention; 0 when age is unlimited.
-fn age_cutoff_ms(max_age: Option<Duration>) -> i64 {
-    max_age
-        .and_then(|age| SystemTime::now().checked_sub(age))
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,7 +404,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sb-store-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        Store::open(&dir.join("h.db"), retention, Box::new(|_| {})).unwrap()
+        struct Nowhere;
+        impl Deliver for Nowhere {
+            fn deliver(&self, _: &[StoredMessage]) {}
+        }
+        Store::open(&dir.join("h.db"), retention, Arc::new(Nowhere)).unwrap()
     }
 
     fn new(room: &str, id: Option<&str>, text: &str) -> NewMessage {
@@ -436,13 +425,17 @@ mod tests {
     async fn old_messages_are_not_served_and_offsets_still_grow() {
         let store =
             open("age", Retention { max_messages: 100, max_age: Some(Duration::from_millis(300)), max_db_bytes: None });
-        assert!(matches!(store.publish(new("r", None, "old")).await.unwrap(), Published::Stored(m) if m.offset == 1));
+        assert!(
+            matches!(store.publish_and_wait(new("r", None, "old")).await.unwrap(), Published::Stored(m) if m.offset == 1)
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let history = store.history("r", 0, 1, 100).unwrap();
+        let history = store.read_history("r", 0, 1, 100).unwrap();
         assert!(history.messages.is_empty(), "{history:?}");
         assert_eq!(history.first_retained, 2, "history now starts after the expired message");
-        assert!(matches!(store.publish(new("r", None, "fresh")).await.unwrap(), Published::Stored(m) if m.offset == 2));
-        assert_eq!(store.history("r", 0, 2, 100).unwrap().messages.len(), 1);
+        assert!(
+            matches!(store.publish_and_wait(new("r", None, "fresh")).await.unwrap(), Published::Stored(m) if m.offset == 2)
+        );
+        assert_eq!(store.read_history("r", 0, 2, 100).unwrap().messages.len(), 1);
     }
 
     #[tokio::test]
@@ -451,7 +444,7 @@ mod tests {
         let text = "x".repeat(1000);
         let mut stored = 0u64;
         let error = loop {
-            match store.publish(new("r", None, &text)).await {
+            match store.publish_and_wait(new("r", None, &text)).await {
                 Ok(Published::Stored(m)) => {
                     stored += 1;
                     assert_eq!(m.offset, stored, "offsets stay gap-free up to the failure");
@@ -461,11 +454,11 @@ mod tests {
             }
             assert!(stored < 1000, "64 KiB cannot hold 1000 messages of 1000 bytes");
         };
-        assert!(matches!(error, StoreError::Write(ref m) if m.contains("full")), "{error}");
+        assert!(matches!(error, EngineError::Write(ref m) if m.contains("full")), "{error}");
         assert!(stored > 0);
         // Every acknowledged message is still there; a message that fits later takes the next offset.
-        assert_eq!(store.history("r", 0, stored, 10_000).unwrap().messages.len() as u64, stored);
-        let small = store.publish(new("r", None, "")).await;
+        assert_eq!(store.read_history("r", 0, stored, 10_000).unwrap().messages.len() as u64, stored);
+        let small = store.publish_and_wait(new("r", None, "")).await;
         if let Ok(Published::Stored(m)) = small {
             assert_eq!(m.offset, stored + 1, "a failed write used no offset");
         }
@@ -474,12 +467,12 @@ mod tests {
     #[tokio::test]
     async fn ids_are_stored_once_per_room() {
         let store = open("ids", Retention { max_messages: 100, max_age: None, max_db_bytes: None });
-        let first = store.publish(new("r", Some("x"), "one")).await.unwrap();
-        let again = store.publish(new("r", Some("x"), "one")).await.unwrap();
-        let elsewhere = store.publish(new("s", Some("x"), "one")).await.unwrap();
+        let first = store.publish_and_wait(new("r", Some("x"), "one")).await.unwrap();
+        let again = store.publish_and_wait(new("r", Some("x"), "one")).await.unwrap();
+        let elsewhere = store.publish_and_wait(new("s", Some("x"), "one")).await.unwrap();
         assert!(matches!(first, Published::Stored(ref m) if m.offset == 1));
         assert!(matches!(again, Published::Duplicate(ref m) if m.offset == 1));
         assert!(matches!(elsewhere, Published::Stored(ref m) if m.offset == 1 && m.room == "s"));
-        assert_eq!(store.history("r", 0, 1, 10).unwrap().messages.len(), 1);
+        assert_eq!(store.read_history("r", 0, 1, 10).unwrap().messages.len(), 1);
     }
 }

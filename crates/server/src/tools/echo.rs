@@ -12,7 +12,9 @@ use futures_util::{Sink, Stream};
 use switchboard_ws::tls::TlsAcceptor;
 use switchboard_ws::{Config, Message, WebSocket};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::listen::{self, Admission, Admitted, Handler};
 
 /// Echo server settings.
 #[derive(Clone)]
@@ -28,15 +30,7 @@ pub struct EchoOptions {
 
 /// Binds and serves until the task is cancelled.
 pub async fn run(options: EchoOptions) -> std::io::Result<()> {
-    let listener = if options.reuse_port {
-        let socket = if options.listen.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-        socket.set_reuseaddr(true)?;
-        socket.set_reuseport(true)?;
-        socket.bind(options.listen)?;
-        socket.listen(4096)?
-    } else {
-        TcpListener::bind(options.listen).await?
-    };
+    let listener = listen::bind(options.listen, options.reuse_port).await?;
     let scheme = if options.tls.is_some() { "wss" } else { "ws" };
     tracing::info!("echo server listening on {scheme}://{}", listener.local_addr()?);
     serve(listener, options.config, options.tls).await
@@ -44,37 +38,29 @@ pub async fn run(options: EchoOptions) -> std::io::Result<()> {
 
 /// Serves on an already bound listener (tests bind port 0 and read the address first).
 pub async fn serve(listener: TcpListener, config: Config, tls: Option<TlsAcceptor>) -> std::io::Result<()> {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                // Out of file descriptors and the like: keep serving those already connected.
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let config = config.clone();
-        // Two task types rather than one future with both branches: a task is as large as its
-        // largest state, and a plain connection should not carry room for a TLS session.
-        match tls.clone() {
-            None => tokio::spawn(EchoConnection::new(Box::pin(switchboard_ws::accept(stream, config)))),
-            Some(acceptor) => tokio::spawn(EchoConnection::new(Box::pin(tls_handshake(stream, acceptor, config)))),
-        };
-    }
+    let admission = Admission { limiter: None, tls };
+    listen::accept_loop(&listener, admission, EchoHandler(config), std::future::pending()).await;
+    Ok(())
 }
 
-/// TLS, then the WebSocket handshake.
-async fn tls_handshake(
-    stream: TcpStream,
-    acceptor: TlsAcceptor,
-    config: Config,
-) -> switchboard_ws::Result<WebSocket<switchboard_ws::tls::ServerTlsStream>> {
-    match tokio::time::timeout(config.handshake_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(stream)) => switchboard_ws::accept(stream, config).await,
-        Ok(Err(error)) => Err(switchboard_ws::Error::Io(error)),
-        Err(_) => Err(switchboard_ws::Error::HandshakeTimeout(config.handshake_timeout)),
+#[derive(Clone)]
+struct EchoHandler(Config);
+
+impl Handler for EchoHandler {
+    fn plain(&self, stream: Admitted<TcpStream>, _peer: SocketAddr) {
+        tokio::spawn(EchoConnection::new(Box::pin(switchboard_ws::accept(stream, self.0.clone()))));
+    }
+
+    fn tls(&self, stream: Admitted<TcpStream>, peer: SocketAddr, acceptor: TlsAcceptor) {
+        let config = self.0.clone();
+        let handshake = async move {
+            let timeout = config.handshake_timeout;
+            match listen::tls_handshake(&acceptor, stream, peer, timeout).await {
+                Some(stream) => switchboard_ws::accept(stream, config).await,
+                None => Err(switchboard_ws::Error::HandshakeTimeout(timeout)),
+            }
+        };
+        tokio::spawn(EchoConnection::new(Box::pin(handshake)));
     }
 }
 

@@ -1,0 +1,573 @@
+//! This node's rooms, their local members, and fan-out into each member's [`Outbox`].
+//!
+//! The engine hands every committed batch to [`Hub::deliver`] (the hub is its [`Deliver`] sink), per
+//! room in offset order. The hub encodes each message once per dialect and pushes the shared bytes
+//! into every member's outbox, bounded in messages and in bytes. A member whose outbox is full is
+//! dropped from the hub (its session then closes it): one stalled client never holds up a room, and a
+//! member that missed a message gets nothing after it, so it is cut off, never gapped.
+//!
+//! Joining is in two steps so that the replay and live delivery meet without a gap or a repeat: a
+//! member that [`Hub::join`]s is *held* (deliveries are kept aside for it) until its session has read
+//! the room's top offset and the history up to it from the engine and calls [`Hub::start`]; then what
+//! was held past that offset goes into the outbox, and anything at or below it is skipped.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::task::{Context, Poll, Waker};
+
+use switchboard_ws::Utf8Bytes;
+
+use super::limits::HubLimits;
+use super::message::NodeId;
+use super::wire::{Dialect, Envelope, Member as WireMember, SeedOut};
+use crate::engine::{Deliver, Engine, Presence, PresenceEntry, StoredMessage};
+
+/// A connection's number on this node (what clients see is [`Hub::member_id`]).
+pub type ConnId = u64;
+
+/// Why a join was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    /// The connection is in as many rooms as it may be.
+    #[error("already a member of {limit} rooms, the most allowed")]
+    TooManyRooms {
+        /// The limit.
+        limit: usize,
+    },
+    /// The connection was dropped (too slow) meanwhile.
+    #[error("connection is gone")]
+    Gone,
+}
+
+/// Where a member's live delivery stands in one room.
+enum Delivery {
+    /// Deliveries are kept here until the session has its replay ([`Hub::start`]).
+    Held(Vec<(u64, Utf8Bytes)>),
+    /// Messages after this offset go to the outbox.
+    After(u64),
+}
+
+struct Room {
+    members: BTreeMap<ConnId, Delivery>,
+}
+
+struct Conn {
+    outbox: Arc<OutboxShared>,
+    dialect: Dialect,
+    rooms: Vec<String>,
+}
+
+/// The receiving end of a connection's outbox. It ends (`None`) when the hub drops the connection.
+pub struct Outbox {
+    shared: Arc<OutboxShared>,
+}
+
+/// An outbox queue that allocates nothing until something is queued: an idle member costs the struct.
+#[derive(Default)]
+struct OutboxShared {
+    state: Mutex<OutboxState>,
+}
+
+#[derive(Default)]
+struct OutboxState {
+    items: VecDeque<Utf8Bytes>,
+    bytes: usize,
+    closed: bool,
+    waiting: Option<Waker>,
+}
+
+/// Capacity an emptied queue keeps; more is given back, so a burst does not stay in memory.
+const KEEP_CAPACITY: usize = 64;
+
+impl OutboxShared {
+    fn lock(&self) -> MutexGuard<'_, OutboxState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues bytes unless that would pass a bound; false means this client is not keeping up. One
+    /// message larger than the byte bound still goes into an empty outbox.
+    fn offer(&self, bytes: Utf8Bytes, limits: &HubLimits) -> bool {
+        let mut state = self.lock();
+        let len = bytes.len();
+        if state.closed
+            || state.items.len() >= limits.outbox_messages
+            || (state.bytes > 0 && state.bytes + len > limits.outbox_bytes)
+        {
+            return false;
+        }
+        state.items.push_back(bytes);
+        state.bytes += len;
+        let waiting = state.waiting.take();
+        drop(state);
+        if let Some(waker) = waiting {
+            waker.wake();
+        }
+        true
+    }
+
+    fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        let waiting = state.waiting.take();
+        drop(state);
+        if let Some(waker) = waiting {
+            waker.wake();
+        }
+    }
+}
+
+impl Outbox {
+    /// The next delivery, or `None` once the hub has dropped this connection and the queue is empty.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Utf8Bytes>> {
+        let mut state = self.shared.lock();
+        if let Some(bytes) = pop(&mut state) {
+            return Poll::Ready(Some(bytes));
+        }
+        if state.closed {
+            return Poll::Ready(None);
+        }
+        if !state.waiting.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            state.waiting = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// [`Outbox::poll_recv`] as a future.
+    pub async fn recv(&mut self) -> Option<Utf8Bytes> {
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// The next delivery if one is queued.
+    pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
+        pop(&mut self.shared.lock())
+    }
+
+    /// Bytes waiting in the outbox.
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.lock().bytes
+    }
+}
+
+fn pop(state: &mut OutboxState) -> Option<Utf8Bytes> {
+    let bytes = state.items.pop_front()?;
+    state.bytes -= bytes.len();
+    if state.items.is_empty() && state.items.capacity() > KEEP_CAPACITY {
+        state.items = VecDeque::new();
+    }
+    Some(bytes)
+}
+
+#[derive(Default)]
+struct Inner {
+    rooms: HashMap<String, Room>,
+    conns: HashMap<ConnId, Conn>,
+}
+
+/// Rooms and fan-out of one node.
+pub struct Hub {
+    inner: Mutex<Inner>,
+    next_id: AtomicU64,
+    limits: HubLimits,
+    default_room: String,
+    node: NodeId,
+    presence: Arc<dyn Presence>,
+    /// Told which rooms have local members. Weak: the engine holds the hub (as its sink).
+    engine: OnceLock<Weak<dyn Engine>>,
+}
+
+/// What a join changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    /// False when the connection was a member already (a join again, to rename or replay).
+    pub new_member: bool,
+}
+
+impl Hub {
+    /// A hub with no rooms; `presence` keeps who is where.
+    pub fn new(limits: HubLimits, default_room: String, node: NodeId, presence: Arc<dyn Presence>) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::new(Inner::default()),
+            next_id: AtomicU64::new(1),
+            limits,
+            default_room,
+            node,
+            presence,
+            engine: OnceLock::new(),
+        })
+    }
+
+    /// Connects the engine that rooms are subscribed to (once, after it opened with this hub as sink).
+    pub fn attach(&self, engine: &Arc<dyn Engine>) {
+        let _ = self.engine.set(Arc::downgrade(engine));
+    }
+
+    fn engine(&self) -> Option<Arc<dyn Engine>> {
+        self.engine.get().and_then(Weak::upgrade)
+    }
+
+    /// The room of seed-protocol connections.
+    pub fn default_room(&self) -> &str {
+        &self.default_room
+    }
+
+    /// The id clients see for connection `id`: unique across nodes.
+    pub fn member_id(&self, id: ConnId) -> String {
+        self.node.member_id(id)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new connection; seed-protocol connections are live members of the default room from the
+    /// start (they get no replay).
+    pub fn register(&self, dialect: Dialect) -> (ConnId, Outbox) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::new(OutboxShared::default());
+        let mut inner = self.lock();
+        let mut rooms = Vec::new();
+        if dialect == Dialect::Seed {
+            rooms.push(self.default_room.clone());
+            self.room_entry(&mut inner.rooms, &self.default_room).members.insert(id, Delivery::After(0));
+        }
+        inner.conns.insert(id, Conn { outbox: shared.clone(), dialect, rooms });
+        (id, Outbox { shared })
+    }
+
+    /// Removes a connection from every room (telling the others it left).
+    pub fn unregister(&self, id: ConnId) {
+        let mut inner = self.lock();
+        self.remove_conn(&mut inner, id);
+    }
+
+    /// Makes `id` a member of `room` under `name`, held until [`Hub::start`]; joining again keeps its
+    /// place and renames it. The room hears of the new member or the new name.
+    pub fn join(&self, id: ConnId, room: &str, name: &str) -> Result<Joined, JoinError> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let conn = inner.conns.get_mut(&id).ok_or(JoinError::Gone)?;
+        let new_member = !conn.rooms.iter().any(|r| r == room);
+        if new_member && conn.rooms.len() >= self.limits.max_rooms_per_connection {
+            return Err(JoinError::TooManyRooms { limit: self.limits.max_rooms_per_connection });
+        }
+        let dialect = conn.dialect;
+        if new_member {
+            conn.rooms.push(room.to_owned());
+            self.room_entry(&mut inner.rooms, room).members.insert(id, Delivery::Held(Vec::new()));
+        }
+        if dialect == Dialect::V1 {
+            let member_id = self.member_id(id);
+            let previous = self.presence.add(room, PresenceEntry { id: member_id.clone(), name: name.to_owned() });
+            let event = match previous {
+                None => Some("join"),
+                Some(old) if old != name => Some("update"),
+                Some(_) => None,
+            };
+            if let Some(event) = event {
+                let member = WireMember { id: &member_id, name };
+                let text = Envelope::PresenceEvent { room, event, member }.encode();
+                self.broadcast_presence(inner, room, id, text);
+            }
+        }
+        Ok(Joined { new_member })
+    }
+
+    /// The session has replayed `room` up to `top`: what was held for `id` after it goes out, and live
+    /// delivery goes on from there. False when `id` is no longer a member.
+    pub fn start(&self, id: ConnId, room: &str, top: u64) -> bool {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let Some(delivery) = inner.rooms.get_mut(room).and_then(|r| r.members.get_mut(&id)) else { return false };
+        let held = match std::mem::replace(delivery, Delivery::After(top)) {
+            Delivery::Held(held) => held,
+            after @ Delivery::After(_) => {
+                // A join again: the member was live all along, and stays where it was.
+                *delivery = after;
+                return true;
+            }
+        };
+        let Some(conn) = inner.conns.get(&id) else { return false };
+        let fits = held
+            .into_iter()
+            .filter(|(offset, _)| *offset > top)
+            .all(|(_, bytes)| conn.outbox.offer(bytes, &self.limits));
+        if !fits {
+            tracing::info!(conn = id, "outbox full while joining: dropping a client that does not keep up");
+            self.remove_conn(inner, id);
+            return false;
+        }
+        true
+    }
+
+    /// Leaves a room; false if the connection was not in it.
+    pub fn leave(&self, id: ConnId, room: &str) -> bool {
+        let mut inner = self.lock();
+        self.leave_room(&mut inner, id, room)
+    }
+
+    /// The rooms a connection is in.
+    pub fn rooms_of(&self, id: ConnId) -> Vec<String> {
+        self.lock().conns.get(&id).map(|c| c.rooms.clone()).unwrap_or_default()
+    }
+
+    /// Whether `id` is in `room`.
+    pub fn is_member(&self, id: ConnId, room: &str) -> bool {
+        self.lock().conns.get(&id).is_some_and(|c| c.rooms.iter().any(|r| r == room))
+    }
+
+    /// Up to the presence limit of `room`'s full-protocol members, and whether the list was cut.
+    pub fn presence(&self, room: &str) -> (Vec<PresenceEntry>, bool) {
+        self.presence.list(room, self.limits.max_presence)
+    }
+
+    /// Connections on this node.
+    pub fn connection_count(&self) -> usize {
+        self.lock().conns.len()
+    }
+
+    /// Rooms with members on this node.
+    pub fn room_count(&self) -> usize {
+        self.lock().rooms.len()
+    }
+
+    fn room_entry<'a>(&self, rooms: &'a mut HashMap<String, Room>, room: &str) -> &'a mut Room {
+        if !rooms.contains_key(room) {
+            rooms.insert(room.to_owned(), Room { members: BTreeMap::new() });
+            if let Some(engine) = self.engine() {
+                engine.subscribe(room);
+            }
+        }
+        rooms.get_mut(room).expect("inserted")
+    }
+
+    fn leave_room(&self, inner: &mut Inner, id: ConnId, room: &str) -> bool {
+        let Some(conn) = inner.conns.get_mut(&id) else { return false };
+        let Some(at) = conn.rooms.iter().position(|r| r == room) else { return false };
+        conn.rooms.swap_remove(at);
+        let dialect = conn.dialect;
+        let emptied = inner.rooms.get_mut(room).is_some_and(|r| {
+            r.members.remove(&id);
+            r.members.is_empty()
+        });
+        // An empty room leaves nothing to remember: a flood of joins to made-up rooms costs no memory
+        // once its connections are gone.
+        if emptied {
+            inner.rooms.remove(room);
+            if let Some(engine) = self.engine() {
+                engine.unsubscribe(room);
+            }
+        }
+        if dialect == Dialect::V1 {
+            let member_id = self.member_id(id);
+            let name = self.presence.remove(room, &member_id).unwrap_or_default();
+            let text =
+                Envelope::PresenceEvent { room, event: "leave", member: WireMember { id: &member_id, name: &name } }
+                    .encode();
+            self.broadcast_presence(inner, room, id, text);
+        }
+        true
+    }
+
+    fn remove_conn(&self, inner: &mut Inner, id: ConnId) {
+        let rooms = inner.conns.get(&id).map(|c| c.rooms.clone()).unwrap_or_default();
+        for room in rooms {
+            self.leave_room(inner, id, &room);
+        }
+        // Closing ends the session's outbox once it is read: the session then closes the socket.
+        if let Some(conn) = inner.conns.remove(&id) {
+            conn.outbox.close();
+        }
+    }
+
+    /// Presence events go to the room's full-protocol members other than the subject; seed clients
+    /// never receive anything but chat messages.
+    fn broadcast_presence(&self, inner: &Inner, room: &str, subject: ConnId, text: String) {
+        let Some(room) = inner.rooms.get(room) else { return };
+        let bytes = Utf8Bytes::from(text);
+        for id in room.members.keys().filter(|id| **id != subject) {
+            if let Some(conn) = inner.conns.get(id).filter(|c| c.dialect == Dialect::V1) {
+                // Presence is best effort: an event that does not fit is lost for that member, whose
+                // list can be refreshed with a presence request; a member that far behind is about to
+                // be dropped by the next chat message anyway.
+                conn.outbox.offer(bytes.clone(), &self.limits);
+            }
+        }
+    }
+}
+
+impl Deliver for Hub {
+    fn deliver(&self, batch: &[StoredMessage]) {
+        let mut guard = self.lock();
+        let Inner { rooms, conns } = &mut *guard;
+        let mut stalled = Vec::new();
+        for message in batch {
+            let Some(room) = rooms.get_mut(&message.room) else { continue };
+            let mut v1 = None;
+            let mut seed = None;
+            for (id, delivery) in room.members.iter_mut() {
+                if stalled.contains(id) {
+                    continue;
+                }
+                let Some(conn) = conns.get(id) else { continue };
+                let after = match delivery {
+                    Delivery::After(after) => *after,
+                    Delivery::Held(_) => 0,
+                };
+                if message.offset <= after {
+                    continue; // in the member's replay already
+                }
+                let bytes = match conn.dialect {
+                    Dialect::Seed => seed.get_or_insert_with(|| Utf8Bytes::from(SeedOut::of(message).encode())),
+                    Dialect::V1 => v1.get_or_insert_with(|| Utf8Bytes::from(Envelope::message(message).encode())),
+                }
+                .clone();
+                let kept = match delivery {
+                    Delivery::Held(held) if held.len() < self.limits.outbox_messages => {
+                        held.push((message.offset, bytes));
+                        true
+                    }
+                    Delivery::Held(_) => false,
+                    Delivery::After(_) => conn.outbox.offer(bytes, &self.limits),
+                };
+                if !kept {
+                    stalled.push(*id);
+                }
+            }
+        }
+        for id in stalled {
+            tracing::info!(conn = id, "outbox full: dropping a client that does not keep up");
+            self.remove_conn(&mut guard, id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::memory::LocalPresence;
+
+    fn hub() -> Arc<Hub> {
+        let limits = HubLimits { outbox_messages: 4, outbox_bytes: 1000, max_rooms_per_connection: 3, max_presence: 2 };
+        Hub::new(limits, "lobby".into(), NodeId::new("n"), Arc::new(LocalPresence::default()))
+    }
+
+    fn message(room: &str, offset: u64) -> StoredMessage {
+        StoredMessage {
+            room: room.into(),
+            offset,
+            id: None,
+            name: "n".into(),
+            message: "m".into(),
+            time: "00:00:00".into(),
+            ts_ms: 0,
+        }
+    }
+
+    fn live(hub: &Hub, room: &str) -> (ConnId, Outbox) {
+        let (id, outbox) = hub.register(Dialect::V1);
+        hub.join(id, room, "x").unwrap();
+        assert!(hub.start(id, room, 0));
+        (id, outbox)
+    }
+
+    #[test]
+    fn rooms_without_members_are_forgotten() {
+        let hub = hub();
+        let (id, _rx) = hub.register(Dialect::V1);
+        for room in ["a", "b", "c"] {
+            hub.join(id, room, "x").unwrap();
+        }
+        assert_eq!(hub.join(id, "d", "x").unwrap_err(), JoinError::TooManyRooms { limit: 3 });
+        assert_eq!(hub.room_count(), 3);
+        hub.unregister(id);
+        assert_eq!(hub.room_count(), 0);
+        assert_eq!(hub.presence("a"), (Vec::new(), false));
+    }
+
+    #[test]
+    fn a_full_outbox_drops_that_member_only() {
+        let hub = hub();
+        let (slow, _slow_rx) = live(&hub, "r");
+        let (fast, mut fast_rx) = live(&hub, "r");
+        for offset in 1..=10 {
+            hub.deliver(&[message("r", offset)]);
+            while fast_rx.try_recv().is_some() {}
+        }
+        assert!(!hub.is_member(slow, "r"), "the member that never read was dropped");
+        assert!(hub.is_member(fast, "r"));
+        assert_eq!(hub.connection_count(), 1);
+    }
+
+    #[test]
+    fn the_outbox_is_bounded_in_bytes_too() {
+        let hub = hub();
+        let (slow, slow_rx) = live(&hub, "r");
+        let (fast, mut fast_rx) = live(&hub, "r");
+        while fast_rx.try_recv().is_some() {} // the slow member's arrival
+        let mut big = message("r", 1);
+        big.message = "x".repeat(600);
+        hub.deliver(&[big.clone()]);
+        assert!(slow_rx.queued_bytes() > 600, "one large message fits an empty outbox");
+        big.offset = 2;
+        while fast_rx.try_recv().is_some() {}
+        hub.deliver(&[big]);
+        assert!(!hub.is_member(slow, "r"), "two messages of 600+ bytes pass the 1000-byte bound");
+        assert!(hub.is_member(fast, "r"));
+        assert_eq!(fast_rx.try_recv().map(|b| b.len() > 600), Some(true));
+        let leave = fast_rx.try_recv().expect("the slow member's departure");
+        assert!(leave.contains("\"leave\""), "{leave}");
+        assert_eq!(fast_rx.queued_bytes(), 0, "reading gives the bytes back");
+    }
+
+    #[test]
+    fn a_member_that_misses_a_message_gets_none_after_it() {
+        let hub = hub();
+        let (slow, mut slow_rx) = live(&hub, "r");
+        let mut batch: Vec<_> = (1..=5).map(|offset| message("r", offset)).collect();
+        batch[1].message = "x".repeat(2000); // offset 2 passes the byte bound after offset 1
+        hub.deliver(&batch);
+        assert_eq!(slow_rx.try_recv().map(|b| b.contains("\"offset\":1")), Some(true));
+        assert_eq!(slow_rx.try_recv(), None, "offsets 3-5 would have fitted, but after a gap");
+        assert!(!hub.is_member(slow, "r"));
+    }
+
+    #[test]
+    fn a_joining_member_gets_what_follows_its_replay_once() {
+        let hub = hub();
+        let (id, mut rx) = hub.register(Dialect::V1);
+        hub.join(id, "r", "x").unwrap();
+        hub.deliver(&[message("r", 5), message("r", 6)]);
+        assert_eq!(rx.try_recv(), None, "held until the replay is read");
+        // The session read top = 5 (so 5 is in its replay) while 6 was being committed.
+        assert!(hub.start(id, "r", 5));
+        assert_eq!(rx.try_recv().map(|b| b.contains("\"offset\":6")), Some(true));
+        assert_eq!(rx.try_recv(), None, "5 came with the replay, not again");
+        hub.deliver(&[message("r", 7)]);
+        assert_eq!(rx.try_recv().map(|b| b.contains("\"offset\":7")), Some(true));
+    }
+
+    #[test]
+    fn presence_is_capped_and_says_so() {
+        let hub = hub();
+        let ids: Vec<_> = (0..3).map(|_| hub.register(Dialect::V1)).collect();
+        for (id, _) in &ids {
+            hub.join(*id, "big", "member").unwrap();
+        }
+        let (members, truncated) = hub.presence("big");
+        assert_eq!((members.len(), truncated), (2, true));
+        assert_eq!(members[0].id, "n-1", "ids name the node");
+    }
+
+    #[test]
+    fn seed_members_hear_messages_but_no_presence() {
+        let hub = hub();
+        let (_seed, mut seed_rx) = hub.register(Dialect::Seed);
+        let (_v1, _v1_rx) = live(&hub, "lobby");
+        assert_eq!(seed_rx.try_recv(), None, "no presence event for a seed client");
+        hub.deliver(&[message("lobby", 1)]);
+        assert_eq!(seed_rx.try_recv().as_deref(), Some(r#"{"name":"n","message":"m","time":"00:00:00"}"#));
+        assert_eq!(hub.presence("lobby").0.len(), 1, "seed clients are not listed");
+    }
+}

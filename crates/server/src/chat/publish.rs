@@ -1,0 +1,113 @@
+//! Publishing, shared by WebSocket clients and the HTTP publish API: validation against the limits,
+//! and one queued engine publish per room, in order.
+
+use std::collections::HashSet;
+
+use super::limits::SessionLimits;
+use super::message::{check_name, check_room, now_hms, NewMessage, Refusal};
+use super::wire::ErrorCode;
+use crate::engine::{Engine, EngineError, PendingPublish};
+
+/// A publish that passed validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishRequest {
+    /// The rooms, each named once, in the order given.
+    pub rooms: Vec<String>,
+    /// The text.
+    pub message: String,
+    /// Display name of the sender.
+    pub name: String,
+    /// Idempotency key.
+    pub id: Option<String>,
+}
+
+/// Checks a publish against the limits; the error names what is wrong.
+pub fn validate_publish(
+    limits: &SessionLimits,
+    rooms: Vec<String>,
+    message: String,
+    name: Option<String>,
+    id: Option<String>,
+) -> Result<PublishRequest, Refusal> {
+    let mut seen = HashSet::new();
+    let rooms: Vec<String> = rooms.into_iter().filter(|room| seen.insert(room.clone())).collect();
+    if rooms.is_empty() {
+        return Err((ErrorCode::BadRequest, "publish needs \"room\" or \"rooms\"".into()));
+    }
+    if rooms.len() > limits.max_publish_rooms {
+        return Err((ErrorCode::TooMany, format!("a publish may name at most {} rooms", limits.max_publish_rooms)));
+    }
+    for room in &rooms {
+        check_room(room)?;
+    }
+    if message.chars().count() > limits.max_message_chars {
+        return Err((ErrorCode::TooLong, format!("message longer than {} characters", limits.max_message_chars)));
+    }
+    if let Some(name) = &name {
+        check_name(name, limits.max_name_chars)?;
+    }
+    if id.as_ref().is_some_and(|id| id.is_empty() || id.len() > 128) {
+        return Err((ErrorCode::BadRequest, "id must be 1-128 bytes".into()));
+    }
+    Ok(PublishRequest { rooms, message, name: name.unwrap_or_else(|| "Anonymous".into()), id })
+}
+
+/// Queues one message per room, in order; each resolves once committed.
+pub fn submit(engine: &dyn Engine, publish: PublishRequest) -> Vec<(String, Result<PendingPublish, EngineError>)> {
+    let time = now_hms();
+    publish
+        .rooms
+        .into_iter()
+        .map(|room| {
+            let queued = engine.publish(NewMessage {
+                room: room.clone(),
+                id: publish.id.clone(),
+                name: publish.name.clone(),
+                message: publish.message.clone(),
+                time: time.clone(),
+            });
+            (room, queued)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> SessionLimits {
+        SessionLimits {
+            max_message_chars: 5,
+            max_name_chars: 3,
+            join_backlog: 1,
+            max_replay: 1,
+            rate_limit: None,
+            auth_timeout: std::time::Duration::from_secs(1),
+            max_publish_rooms: 2,
+        }
+    }
+
+    #[test]
+    fn publishes_are_checked_and_rooms_named_once() {
+        let ok = validate_publish(&limits(), vec!["a".into(), "a".into(), "b".into()], "hi".into(), None, None);
+        assert_eq!(ok.unwrap().rooms, vec!["a", "b"]);
+        let code = |r: Result<PublishRequest, Refusal>| r.unwrap_err().0;
+        assert_eq!(code(validate_publish(&limits(), vec![], "hi".into(), None, None)), ErrorCode::BadRequest);
+        let three = vec!["a".into(), "b".into(), "c".into()];
+        assert_eq!(code(validate_publish(&limits(), three, "hi".into(), None, None)), ErrorCode::TooMany);
+        assert_eq!(
+            code(validate_publish(&limits(), vec!["a".into()], "toolong".into(), None, None)),
+            ErrorCode::TooLong
+        );
+        let long_name = Some("Robert".into());
+        assert_eq!(
+            code(validate_publish(&limits(), vec!["a".into()], "hi".into(), long_name, None)),
+            ErrorCode::TooLong
+        );
+        let empty_id = Some(String::new());
+        assert_eq!(
+            code(validate_publish(&limits(), vec!["a".into()], "hi".into(), None, empty_id)),
+            ErrorCode::BadRequest
+        );
+    }
+}

@@ -1,0 +1,631 @@
+//! One client's conversation with the chat, as a state machine: request text in ([`Session::on_text`]),
+//! envelopes out, and a deadline out ([`Session::deadline`]) that the transport turns into a timer.
+//!
+//! Answers that need the engine (a publish's acknowledgement after its commit, a join's replay) are
+//! queued as [`Completion`]s and come back in request order through [`Completions`]; the transport
+//! hands each to [`Session::complete`]. Fan-out from the hub arrives through [`Deliveries`]. Publishes
+//! are queued to the engine in the order they arrive and acknowledged in that order, without waiting
+//! for one commit before reading the next request.
+//!
+//! A session that must end returns an [`End`]: a close code (RFC 6455 §7.4, 4000s the chat's own) and
+//! a reason, which a WebSocket sends as its close frame.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use serde_json::Value;
+use switchboard_ws::Utf8Bytes;
+
+use super::access::{AuthError, Identity};
+use super::hub::{ConnId, JoinError, Outbox};
+use super::limits::RateLimiter;
+use super::message::{check_name, check_room, now_hms, NewMessage, Refusal};
+use super::publish::{self, validate_publish, PublishRequest};
+use super::wire::{error_text, Dialect, Envelope, ErrorCode, Member, Request};
+use super::Core;
+use crate::engine::{EngineError, History, Position, Published};
+
+/// The server is going away (shutdown).
+pub const GOING_AWAY: u16 = 1001;
+/// The client sent binary to a seed session.
+pub const UNSUPPORTED_DATA: u16 = 1003;
+/// The client broke the seed protocol.
+pub const INVALID_PAYLOAD: u16 = 1007;
+/// Too fast, or too slow to read.
+pub const POLICY_VIOLATION: u16 = 1008;
+/// A seed message over the limits.
+pub const MESSAGE_TOO_BIG: u16 = 1009;
+/// The store refused a seed message.
+pub const TRY_AGAIN_LATER: u16 = 1013;
+/// A missing, invalid or expired token (the 4000s are the application's, RFC 6455 §7.4.2).
+pub const UNAUTHORIZED: u16 = 4001;
+/// A token that does not grant what the session needs.
+pub const FORBIDDEN: u16 = 4003;
+
+/// Why a session ends: a close code and a reason of at most 123 bytes (what fits in a close frame).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct End {
+    /// The close code.
+    pub code: u16,
+    /// Words for the client.
+    pub reason: String,
+}
+
+impl End {
+    /// An end with `reason` cut, at a character boundary, to what fits in a close frame.
+    pub fn new(code: u16, reason: impl Into<String>) -> Self {
+        let text = reason.into();
+        if text.len() <= 123 {
+            return Self { code, reason: text };
+        }
+        let mut end = 120;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        Self { code, reason: format!("{}...", &text[..end]) }
+    }
+
+    /// The session's client stopped reading: its outbox overflowed, or a write timed out.
+    pub fn too_slow(what: &str) -> Self {
+        Self::new(POLICY_VIOLATION, format!("too slow: {what}"))
+    }
+}
+
+/// What a step of the session sends: envelopes in order, or the end.
+pub type Replies = Result<Vec<String>, End>;
+
+/// An answer that waited for the engine, to be given to [`Session::complete`].
+pub struct Completion(Done);
+
+enum Done {
+    /// A finished envelope (a publish's ack or error), or nothing (a seed publish).
+    Reply(Option<String>),
+    /// A join's replay was read.
+    Joined(Box<JoinRead>),
+}
+
+struct JoinRead {
+    room: String,
+    since: Option<u64>,
+    epoch: Option<String>,
+    req: Option<Value>,
+    read: Result<(Position, History), EngineError>,
+}
+
+type Pending = Pin<Box<dyn Future<Output = Completion> + Send>>;
+
+/// A client's conversation.
+pub struct Session {
+    core: Arc<Core>,
+    dialect: Dialect,
+    /// Set once the connection is registered with the hub (after authentication).
+    conn: Option<ConnId>,
+    outbox: Option<Outbox>,
+    name: Option<String>,
+    /// `None` until a token arrives, on a server that refuses anonymous connections.
+    identity: Option<Identity>,
+    /// When the identity's token expires (set with the identity, so the timer is not reset for nothing).
+    expiry: Option<Instant>,
+    auth_deadline: Instant,
+    rate: Option<RateLimiter>,
+    pending: FuturesOrdered<Pending>,
+}
+
+/// The session's answers waiting for the engine (see [`Session::streams`]).
+pub struct Completions<'a>(&'a mut FuturesOrdered<Pending>);
+
+impl Completions<'_> {
+    /// The next answer, in request order; never resolves while none is waiting.
+    pub async fn next(self) -> Completion {
+        match self.0.next().await {
+            Some(done) => done,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// The session's fan-out (see [`Session::streams`]).
+pub struct Deliveries<'a>(&'a mut Option<Outbox>);
+
+impl Deliveries<'_> {
+    /// The next message from the hub; `None` when the hub dropped the session for being too slow.
+    /// Never resolves before the session is registered.
+    pub async fn next(self) -> Option<Utf8Bytes> {
+        match self.0 {
+            Some(outbox) => outbox.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl Session {
+    /// A session that has not authenticated yet; [`Session::start`] lets it in.
+    pub fn new(core: Arc<Core>, dialect: Dialect) -> Self {
+        let now = core.clock.now();
+        let rate = core.limits.rate_limit.map(|limit| RateLimiter::new(limit, now));
+        let auth_deadline = now + core.limits.auth_timeout;
+        Self {
+            core,
+            dialect,
+            conn: None,
+            outbox: None,
+            name: None,
+            identity: None,
+            expiry: None,
+            auth_deadline,
+            rate,
+            pending: FuturesOrdered::new(),
+        }
+    }
+
+    /// Starts with the identity of the handshake's token (or anonymous access); `None` means the client
+    /// must send a token first.
+    pub fn start(&mut self, identity: Option<Identity>) -> Result<(), End> {
+        match identity {
+            Some(identity) => self.authenticated(identity).map_err(|(code, reason)| End::new(code, reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// The protocol this session speaks.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// The member id clients see for this session, once registered.
+    pub fn member_id(&self) -> Option<String> {
+        self.conn.map(|id| self.core.hub.member_id(id))
+    }
+
+    /// The answers and the fan-out the transport waits on, borrowed apart so it can wait on both.
+    pub fn streams(&mut self) -> (Completions<'_>, Deliveries<'_>) {
+        (Completions(&mut self.pending), Deliveries(&mut self.outbox))
+    }
+
+    /// The next delivery if one is queued (to batch deliveries into one write).
+    pub fn try_delivery(&mut self) -> Option<Utf8Bytes> {
+        self.outbox.as_mut().and_then(Outbox::try_recv)
+    }
+
+    /// Whether answers are waiting for the engine.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// When the session must end unless something changes: the end of the time allowed to
+    /// authenticate, or the token's expiry.
+    pub fn deadline(&self) -> Option<Instant> {
+        match &self.identity {
+            None => Some(self.auth_deadline),
+            Some(_) => self.expiry,
+        }
+    }
+
+    /// Ends the session if its deadline has passed.
+    pub fn check_deadline(&mut self) -> Result<(), End> {
+        let now = self.core.clock.now();
+        match (&self.identity, self.deadline()) {
+            (None, Some(at)) if at <= now => {
+                Err(End::new(UNAUTHORIZED, "authentication required: no token arrived in time"))
+            }
+            (Some(_), Some(at)) if at <= now => Err(End::new(UNAUTHORIZED, "token expired")),
+            _ => Ok(()),
+        }
+    }
+
+    /// A text message from the client.
+    pub fn on_text(&mut self, text: &str) -> Replies {
+        if !self.charge(1) {
+            return Err(rate_exceeded());
+        }
+        let replies = match self.dialect {
+            Dialect::Seed => self.on_seed(text).map(|()| Vec::new()),
+            Dialect::V1 => self.on_request(text),
+        };
+        replies.map_err(|(code, reason)| End::new(code, reason))
+    }
+
+    /// A binary message from the client: the chat is JSON text.
+    pub fn on_binary(&mut self) -> Replies {
+        if !self.charge(1) {
+            return Err(rate_exceeded());
+        }
+        match self.dialect {
+            Dialect::Seed => Err(End::new(UNSUPPORTED_DATA, "binary messages are not supported")),
+            Dialect::V1 => {
+                Ok(vec![error_text(ErrorCode::BadRequest, "binary messages are not supported; send JSON text", None)])
+            }
+        }
+    }
+
+    /// Takes an answer that waited for the engine; what to send now.
+    pub fn complete(&mut self, completion: Completion) -> Replies {
+        match completion.0 {
+            Done::Reply(reply) => Ok(reply.into_iter().collect()),
+            Done::Joined(read) => Ok(self.joined(*read)),
+        }
+    }
+
+    /// Waits for every answer still pending and returns what each sends (for tests and draining).
+    pub async fn settle(&mut self) -> Vec<Replies> {
+        let mut out = Vec::new();
+        while let Some(done) = self.pending.next().await {
+            out.push(self.complete(done));
+        }
+        out
+    }
+
+    /// The connection has an identity now (from its handshake or its first message): join the hub.
+    fn authenticated(&mut self, identity: Identity) -> Result<(), (u16, String)> {
+        let default_room = self.core.hub.default_room();
+        if self.dialect == Dialect::Seed && !identity.may_join(default_room) {
+            return Err((FORBIDDEN, format!("this token does not grant the room {default_room:?}")));
+        }
+        self.set_identity(identity);
+        let (id, outbox) = self.core.hub.register(self.dialect);
+        self.conn = Some(id);
+        self.outbox = Some(outbox);
+        Ok(())
+    }
+
+    fn set_identity(&mut self, identity: Identity) {
+        let clock = &self.core.clock;
+        self.expiry =
+            identity.expires_at.map(|at| clock.now() + at.duration_since(clock.wall()).unwrap_or(Duration::ZERO));
+        self.identity = Some(identity);
+    }
+
+    /// Takes `messages` from the rate limit; false when the connection is over it.
+    fn charge(&mut self, messages: usize) -> bool {
+        let now = self.core.clock.now();
+        match &mut self.rate {
+            Some(rate) => (0..messages).all(|_| rate.allow(now)),
+            None => true,
+        }
+    }
+
+    /// The seed protocol has no error messages: a client that breaks it is closed with the reason.
+    /// A message with a `token` field authenticates (or refreshes the token) instead of chatting.
+    fn on_seed(&mut self, text: &str) -> Result<(), (u16, String)> {
+        let bad = || (INVALID_PAYLOAD, "expected JSON {\"name\": ..., \"message\": ...}".to_owned());
+        let mut parsed: serde_json::Map<String, Value> = serde_json::from_str(text).map_err(|_| bad())?;
+        if let Some(token) = parsed.remove("token") {
+            let token = token.as_str().ok_or((UNAUTHORIZED, "the token must be a string".to_owned()))?;
+            return self.authenticate(token).map(|_| ()).map_err(|error| match error {
+                AuthError::NotGranted(reason) => (FORBIDDEN, reason),
+                other => (UNAUTHORIZED, other.to_string()),
+            });
+        }
+        let Some(identity) = &self.identity else {
+            return Err((UNAUTHORIZED, "authentication required: send {\"token\": \"...\"} first".into()));
+        };
+        let room = self.core.hub.default_room().to_owned();
+        if !identity.may_publish(&room) {
+            return Err((FORBIDDEN, format!("this token does not allow publishing to {room:?}")));
+        }
+        // Missing fields are empty strings, as the seed server had it.
+        let name = parsed.remove("name").unwrap_or(Value::Null);
+        let message = plain_string(parsed.remove("message").unwrap_or(Value::Null));
+        let name = identity.name.clone().unwrap_or_else(|| plain_string(name));
+        let limits = &self.core.limits;
+        if name.chars().count() > limits.max_name_chars || message.chars().count() > limits.max_message_chars {
+            return Err((MESSAGE_TOO_BIG, "name or message too long".into()));
+        }
+        let new = NewMessage { room, id: None, name, message, time: now_hms() };
+        match self.core.engine.publish(new) {
+            Ok(pending) => {
+                self.pending.push_back(Box::pin(async move {
+                    if let Err(error) = pending.await {
+                        tracing::warn!(%error, "a seed client's message was not stored");
+                    }
+                    Completion(Done::Reply(None))
+                }));
+                Ok(())
+            }
+            Err(_) => Err((TRY_AGAIN_LATER, "message could not be stored; try again later".into())),
+        }
+    }
+
+    /// Takes a token: the first one registers the connection, later ones replace it (same subject).
+    /// Rooms the new token no longer grants are left.
+    fn authenticate(&mut self, token: &str) -> Result<Vec<String>, AuthError> {
+        let access = &self.core.access;
+        let Some(current) = &self.identity else {
+            let identity = access.verify(token)?;
+            return match self.authenticated(identity) {
+                Ok(()) => Ok(Vec::new()),
+                Err((_, reason)) => Err(AuthError::NotGranted(reason)),
+            };
+        };
+        let fresh = access.refresh(current, token)?;
+        let mut left = Vec::new();
+        if let Some(id) = self.conn {
+            for room in self.core.hub.rooms_of(id) {
+                if !fresh.may_join(&room) && self.core.hub.leave(id, &room) {
+                    left.push(room);
+                }
+            }
+        }
+        self.set_identity(fresh);
+        Ok(left)
+    }
+
+    fn on_request(&mut self, text: &str) -> Result<Vec<String>, (u16, String)> {
+        let raw: Value = match serde_json::from_str(text) {
+            Ok(raw) => raw,
+            Err(error) => return Ok(vec![error_text(ErrorCode::BadJson, &format!("not JSON: {error}"), None)]),
+        };
+        let req = raw.get("req").cloned();
+        let request: Request = match serde_json::from_value(raw) {
+            Ok(request) => request,
+            Err(error) => return Ok(vec![error_text(ErrorCode::BadRequest, &error.to_string(), req.as_ref())]),
+        };
+        if let Request::Auth { token, req } = request {
+            return self.on_auth(&token, req);
+        }
+        let (Some(identity), Some(id)) = (self.identity.clone(), self.conn) else {
+            return Err((
+                UNAUTHORIZED,
+                "authentication required: send {\"type\": \"auth\", \"token\": ...} first".into(),
+            ));
+        };
+        let refused = |(code, text): Refusal, req: &Option<Value>| Ok(vec![error_text(code, &text, req.as_ref())]);
+        match request {
+            Request::Auth { .. } => unreachable!("handled above"),
+            Request::Join { room, name, since, epoch, req } => {
+                if let Err(e) = check_room(&room).and_then(|()| may(identity.may_join(&room), "join", &room)) {
+                    return refused(e, &req);
+                }
+                Ok(self.join(id, &identity, room, name, since, epoch, req))
+            }
+            Request::Leave { room, req } => {
+                if self.core.hub.leave(id, &room) {
+                    Ok(vec![Envelope::Left { room: &room, reason: None, req: req.as_ref() }.encode()])
+                } else {
+                    refused((ErrorCode::UnknownRoom, format!("not a member of {room:?}")), &req)
+                }
+            }
+            Request::Publish { room, rooms, message, name, id: message_id, req } => {
+                let rooms: Vec<String> = room.into_iter().chain(rooms.unwrap_or_default()).collect();
+                let name = identity.name.clone().or(name).or_else(|| self.name.clone());
+                match validate_publish(&self.core.limits, rooms, message, name, message_id) {
+                    // Each room beyond the first is one more message against the rate limit.
+                    Ok(publish) if !self.charge(publish.rooms.len() - 1) => {
+                        Err((POLICY_VIOLATION, "message rate limit exceeded".into()))
+                    }
+                    Ok(publish) => match publish.rooms.iter().find(|room| !identity.may_publish(room)) {
+                        Some(room) => refused(
+                            (ErrorCode::NotAllowed, format!("this token does not allow publishing to {room:?}")),
+                            &req,
+                        ),
+                        None => Ok(self.publish(publish, req)),
+                    },
+                    Err(e) => refused(e, &req),
+                }
+            }
+            Request::Presence { room, req } => {
+                if !self.core.hub.is_member(id, &room) {
+                    return refused((ErrorCode::UnknownRoom, format!("not a member of {room:?}")), &req);
+                }
+                let (members, truncated) = self.core.hub.presence(&room);
+                let members = members.iter().map(Member::from).collect();
+                Ok(vec![Envelope::PresenceList { room: &room, members, truncated, req: req.as_ref() }.encode()])
+            }
+            Request::History { room, since, limit, req } => {
+                if let Err(e) = check_room(&room).and_then(|()| may(identity.may_join(&room), "read", &room)) {
+                    return refused(e, &req);
+                }
+                let max_replay = self.core.limits.max_replay;
+                let limit = limit.unwrap_or(max_replay).min(max_replay);
+                let engine = self.core.engine.clone();
+                self.pending.push_back(Box::pin(async move {
+                    let read = async {
+                        let top = engine.top(&room).await?;
+                        let history = engine.history(&room, since.unwrap_or(0), top.offset, limit).await?;
+                        Ok::<_, EngineError>((top, history))
+                    };
+                    let text = match read.await {
+                        Ok((top, history)) => Envelope::History {
+                            room: &room,
+                            epoch: &top.epoch,
+                            messages: history.messages.iter().map(Envelope::message).collect(),
+                            first: history.first_retained,
+                            last: history.last_offset,
+                            req: req.as_ref(),
+                        }
+                        .encode(),
+                        Err(error) => unavailable(&error, req.as_ref()),
+                    };
+                    Completion(Done::Reply(Some(text)))
+                }));
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    fn on_auth(&mut self, token: &str, req: Option<Value>) -> Result<Vec<String>, (u16, String)> {
+        let first = self.identity.is_none();
+        match self.authenticate(token) {
+            Ok(left) => {
+                let identity = self.identity.as_ref().expect("authenticated");
+                let exp = identity.expires_at.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
+                let mut out =
+                    vec![Envelope::Authed { sub: &identity.subject, exp: exp.map(|d| d.as_secs()), req: req.as_ref() }
+                        .encode()];
+                out.extend(
+                    left.iter().map(|room| Envelope::Left { room, reason: Some("not_allowed"), req: None }.encode()),
+                );
+                Ok(out)
+            }
+            Err(AuthError::NotGranted(reason)) => Err((FORBIDDEN, reason)),
+            Err(error) if first => Err((UNAUTHORIZED, error.to_string())),
+            Err(error) => Ok(vec![error_text(ErrorCode::BadToken, &error.to_string(), req.as_ref())]),
+        }
+    }
+
+    /// Joins the hub at once (held there) and reads the replay from the engine; [`Session::joined`]
+    /// answers when it is read.
+    #[allow(clippy::too_many_arguments)]
+    fn join(
+        &mut self,
+        id: ConnId,
+        identity: &Identity,
+        room: String,
+        name: Option<String>,
+        since: Option<u64>,
+        epoch: Option<String>,
+        req: Option<Value>,
+    ) -> Vec<String> {
+        if let Some(name) = &name {
+            if let Err((code, text)) = check_name(name, self.core.limits.max_name_chars) {
+                return vec![error_text(code, &text, req.as_ref())];
+            }
+        }
+        if name.is_some() {
+            self.name = name;
+        }
+        // An authenticated member is shown under its token's name, whatever it asks for.
+        let display = identity.name.clone().or_else(|| self.name.clone()).unwrap_or_else(|| "Anonymous".into());
+        match self.core.hub.join(id, &room, &display) {
+            Ok(_) => {}
+            Err(error @ JoinError::TooManyRooms { .. }) => {
+                return vec![error_text(ErrorCode::TooMany, &error.to_string(), req.as_ref())]
+            }
+            Err(JoinError::Gone) => return Vec::new(),
+        }
+        let engine = self.core.engine.clone();
+        let limits = self.core.limits.clone();
+        self.pending.push_back(Box::pin(async move {
+            let read = async {
+                let top = engine.top(&room).await?;
+                let last = top.offset;
+                let same_epoch = epoch.as_deref().is_none_or(|e| e == &*top.epoch);
+                let history = match since {
+                    Some(since) if since >= last && same_epoch => {
+                        History { first_retained: last + 1, last_offset: last, ..History::default() }
+                    }
+                    Some(since) if same_epoch => engine.history(&room, since, last, limits.max_replay).await?,
+                    // A new page, or offsets of a history that is gone: the recent conversation.
+                    _ => {
+                        let backlog = limits.join_backlog;
+                        engine.history(&room, last.saturating_sub(backlog as u64), last, backlog).await?
+                    }
+                };
+                Ok((top, history))
+            };
+            let read = read.await;
+            Completion(Done::Joined(Box::new(JoinRead { room, since, epoch, req, read })))
+        }));
+        Vec::new()
+    }
+
+    /// The replay of a join is read: the `joined` answer and the replay, and live delivery from there.
+    fn joined(&mut self, join: JoinRead) -> Vec<String> {
+        let JoinRead { room, since, epoch, req, read } = join;
+        let (top, history) = match read {
+            Ok(read) => read,
+            Err(error) => {
+                // The member was held and never started: take it out again.
+                if let Some(id) = self.conn {
+                    self.core.hub.leave(id, &room);
+                }
+                return vec![unavailable(&error, req.as_ref())];
+            }
+        };
+        let Some(id) = self.conn else { return Vec::new() };
+        if !self.core.hub.start(id, &room, top.offset) {
+            return Vec::new(); // left meanwhile, or dropped for being too slow
+        }
+        let last = top.offset;
+        let same_epoch = epoch.as_deref().is_none_or(|e| e == &*top.epoch);
+        let recovered = since.map(|since| {
+            if !same_epoch {
+                false
+            } else if since >= last {
+                since == last
+            } else {
+                history.first_retained <= since + 1 && (last - since) as usize <= self.core.limits.max_replay
+            }
+        });
+        let (members, truncated) = self.core.hub.presence(&room);
+        let mut out = Vec::with_capacity(history.messages.len() + 1);
+        out.push(
+            Envelope::Joined {
+                room: &room,
+                offset: last,
+                epoch: &top.epoch,
+                first: history.first_retained,
+                recovered,
+                members: members.iter().map(Member::from).collect(),
+                truncated,
+                req: req.as_ref(),
+            }
+            .encode(),
+        );
+        out.extend(history.messages.iter().map(|m| Envelope::message(m).encode()));
+        out
+    }
+
+    fn publish(&mut self, publish: PublishRequest, req: Option<Value>) -> Vec<String> {
+        let mut immediate = Vec::new();
+        for (_, queued) in publish::submit(self.core.engine.as_ref(), publish) {
+            let req = req.clone();
+            match queued {
+                Ok(pending) => self.pending.push_back(Box::pin(async move {
+                    let text = match pending.await {
+                        Ok(published) => ack(&published, req.as_ref()),
+                        Err(error) => unavailable(&error, req.as_ref()),
+                    };
+                    Completion(Done::Reply(Some(text)))
+                })),
+                Err(error) => immediate.push(unavailable(&error, req.as_ref())),
+            }
+        }
+        immediate
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(id) = self.conn {
+            self.core.hub.unregister(id);
+        }
+    }
+}
+
+fn rate_exceeded() -> End {
+    End::new(POLICY_VIOLATION, "message rate limit exceeded")
+}
+
+fn may(allowed: bool, what: &str, room: &str) -> Result<(), Refusal> {
+    if allowed {
+        Ok(())
+    } else {
+        Err((ErrorCode::NotAllowed, format!("this token does not allow you to {what} {room:?}")))
+    }
+}
+
+fn ack(published: &Published, req: Option<&Value>) -> String {
+    let m = published.message();
+    Envelope::Ack { room: &m.room, offset: m.offset, id: &m.id, duplicate: published.is_duplicate(), req }.encode()
+}
+
+fn unavailable(error: &EngineError, req: Option<&Value>) -> String {
+    error_text(ErrorCode::Unavailable, &error.to_string(), req)
+}
+
+/// The seed server stored whatever JSON it got; a non-string name or message is kept as its JSON text.
+fn plain_string(value: Value) -> String {
+    match value {
+        Value::String(s) => s,
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;

@@ -1,0 +1,216 @@
+//! Where history and cross-connection fan-out live: the contract between the chat core and a store.
+//!
+//! The chat core ([`crate::chat`]) talks to an [`Engine`] only through this module's traits and
+//! types, so the embedded SQLite store ([`sqlite`]), the in-memory one ([`memory`]) and a clustered
+//! one share one session, hub and publish path. The shape follows centrifuge's `Broker`:
+//!
+//! - [`Engine::publish`] is one atomic step per message: check the idempotency key, assign the room's
+//!   next offset, append with retention, hand the message to fan-out. It resolves only after the
+//!   message is durable, and the chat sends its acknowledgement only then.
+//! - [`Engine::history`] reads a room after an offset; [`Engine::top`] gives the room's last offset and
+//!   the history's epoch, which changes when the history was lost (a new database), so a client's
+//!   old offsets are answered with `recovered: false` instead of being trusted.
+//! - Committed messages reach the node's hub through the [`Deliver`] sink given to the engine when it
+//!   opens, per room in offset order. [`Engine::subscribe`] and [`Engine::unsubscribe`] tell the engine
+//!   which rooms this node has members in (the first local member joins, the last leaves); a
+//!   single-process engine delivers everything and may ignore them.
+//! - [`Presence`] is a trait of its own: which members a room has across nodes.
+//!
+//! Errors are [`EngineError`], whatever the backend.
+
+pub mod memory;
+pub mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A future an engine returns, boxed so the traits stay object-safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why the engine could not do what was asked. Every variant is a message for the client
+/// (`unavailable`): none of them means the chat itself is broken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The store could not be opened at startup.
+    #[error("history store {path}: {reason}")]
+    Open {
+        /// What was being opened (a file, an address).
+        path: String,
+        /// The backend's own words.
+        reason: String,
+    },
+    /// A write failed (a full disk, a size cap): nothing was stored.
+    #[error("could not store the message: {0}")]
+    Write(String),
+    /// A read failed.
+    #[error("history query failed: {0}")]
+    Read(String),
+    /// Too many publishes are queued; the client may retry.
+    #[error("the store is overloaded; try again")]
+    Busy,
+    /// The engine has shut down (the server is stopping).
+    #[error("the store has shut down")]
+    Closed,
+}
+
+/// A message to publish, before it has an offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    /// The room it goes to.
+    pub room: String,
+    /// The publisher's idempotency key: a second publish with the same key in the same room is
+    /// answered with the first one's offset and stores nothing.
+    pub id: Option<String>,
+    /// Display name of the sender.
+    pub name: String,
+    /// The text.
+    pub message: String,
+    /// Server wall-clock time, `HH:MM:SS` (the seed protocol's field).
+    pub time: String,
+}
+
+/// A committed chat message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// The room it was published to.
+    pub room: String,
+    /// Its place in the room: per room, from 1, never reused.
+    pub offset: u64,
+    /// The publisher's idempotency key, if it gave one.
+    pub id: Option<String>,
+    /// Display name of the sender.
+    pub name: String,
+    /// The text.
+    pub message: String,
+    /// Server wall-clock time, `HH:MM:SS` (the seed protocol's field).
+    pub time: String,
+    /// Milliseconds since the Unix epoch, stamped at commit.
+    pub ts_ms: i64,
+}
+
+/// What a publish came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Published {
+    /// Newly stored (and handed to fan-out).
+    Stored(StoredMessage),
+    /// The id was seen before: this is the message stored then; nothing new was stored or delivered.
+    Duplicate(StoredMessage),
+}
+
+impl Published {
+    /// The message stored, now or before.
+    pub fn message(&self) -> &StoredMessage {
+        match self {
+            Published::Stored(m) | Published::Duplicate(m) => m,
+        }
+    }
+
+    /// True for a repeated idempotency key.
+    pub fn is_duplicate(&self) -> bool {
+        matches!(self, Published::Duplicate(_))
+    }
+}
+
+/// A publish queued in the engine, resolving once it is committed.
+pub type PendingPublish = BoxFuture<'static, Result<Published, EngineError>>;
+
+/// Where a room's history stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// The room's last offset (0 when it never had a message).
+    pub offset: u64,
+    /// Names the history the offsets belong to; a different epoch means offsets from before are void.
+    pub epoch: Arc<str>,
+}
+
+/// A slice of a room's history.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct History {
+    /// Oldest first.
+    pub messages: Vec<StoredMessage>,
+    /// The oldest offset still retained (`last_offset + 1` when the room holds nothing).
+    pub first_retained: u64,
+    /// The upper bound the slice was read to.
+    pub last_offset: u64,
+}
+
+/// What an engine keeps: per room, and in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Messages kept per room.
+    pub max_messages: u64,
+    /// Age after which a message is no longer served.
+    pub max_age: Option<Duration>,
+    /// Largest size of the store; past it writes fail as on a full disk.
+    pub max_db_bytes: Option<u64>,
+}
+
+/// The sink that committed messages are handed to: the node's hub.
+pub trait Deliver: Send + Sync {
+    /// Called with each committed batch, per room in offset order, never with a duplicate.
+    fn deliver(&self, batch: &[StoredMessage]);
+}
+
+/// History, offsets, idempotency and fan-out of committed messages.
+pub trait Engine: Send + Sync + 'static {
+    /// Queues `message` at once (so messages of one publisher keep their order) and returns what
+    /// resolves when it is committed, or found to be a duplicate.
+    fn publish(&self, message: NewMessage) -> Result<PendingPublish, EngineError>;
+
+    /// Messages of `room` with offsets in `(after, up_to]`, oldest first, at most `limit` of the newest.
+    /// Messages past the retention age are never returned.
+    fn history(&self, room: &str, after: u64, up_to: u64, limit: usize) -> BoxFuture<'_, Result<History, EngineError>>;
+
+    /// The room's last committed offset and the history's epoch.
+    fn top(&self, room: &str) -> BoxFuture<'_, Result<Position, EngineError>>;
+
+    /// This node has a member in `room` now (its first local member joined).
+    fn subscribe(&self, room: &str);
+
+    /// This node's last member of `room` left.
+    fn unsubscribe(&self, room: &str);
+
+    /// Commits what is queued and stops; publishes after this fail with [`EngineError::Closed`].
+    fn shutdown(&self) -> BoxFuture<'_, ()>;
+}
+
+/// One member of a room, as presence lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceEntry {
+    /// Unique across nodes (see [`crate::chat::message::MemberId`]).
+    pub id: String,
+    /// Display name.
+    pub name: String,
+}
+
+/// Which members a room has, across every node that serves it.
+pub trait Presence: Send + Sync + 'static {
+    /// Records `member` in `room` (again, to change its name); the name it had, if it was there.
+    fn add(&self, room: &str, member: PresenceEntry) -> Option<String>;
+    /// Removes a member from `room`; the name it had, if it was there.
+    fn remove(&self, room: &str, id: &str) -> Option<String>;
+    /// Up to `limit` members of `room`, and whether there were more.
+    fn list(&self, room: &str, limit: usize) -> (Vec<PresenceEntry>, bool);
+}
+
+/// Milliseconds since the Unix epoch now.
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Messages stamped before this (ms since the epoch) are past retention; 0 when age is unlimited.
+pub(crate) fn age_cutoff_ms(max_age: Option<Duration>) -> i64 {
+    max_age
+        .and_then(|age| SystemTime::now().checked_sub(age))
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A fresh epoch: random, so two histories never share one.
+pub(crate) fn new_epoch() -> String {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).unwrap_or_else(|_| bytes = now_ms().to_le_bytes());
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,307 @@
+//! Accepting connections, shared by `serve` and `echo`: binding (optionally with SO_REUSEPORT),
+//! the accept loop, admission limits (connections in total and per client address: an IPv4 address
+//! or an IPv6 /64) checked before a byte is read, and TLS with a bounded handshake.
+//!
+//! What runs on an admitted connection is the caller's [`Handler`]; the loop only decides whether the
+//! connection gets one.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use switchboard_ws::tls::TlsAcceptor;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Binds `addr`; with `reuse_port`, several processes can share the port (the kernel spreads new
+/// connections across them): more connections than one process may hold descriptors for.
+pub async fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    if !reuse_port {
+        return TcpListener::bind(addr).await;
+    }
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+/// What runs on each admitted connection. Two methods rather than one stream type: a task is as
+/// large as its largest state, and a plain connection should not carry room for a TLS session.
+pub trait Handler: Clone + Send + 'static {
+    /// A plain TCP connection.
+    fn plain(&self, stream: Admitted<TcpStream>, peer: SocketAddr);
+    /// A TCP connection on a TLS port, before the TLS handshake (see [`tls_handshake`]).
+    fn tls(&self, stream: Admitted<TcpStream>, peer: SocketAddr, acceptor: TlsAcceptor);
+}
+
+/// How the accept loop admits connections.
+#[derive(Clone, Default)]
+pub struct Admission {
+    /// Connection limits; none admits everyone.
+    pub limiter: Option<Arc<ConnectionLimiter>>,
+    /// Serve TLS on every connection.
+    pub tls: Option<TlsAcceptor>,
+}
+
+/// Accepts until `stop` resolves, admitting each connection or refusing it before reading a byte.
+pub async fn accept_loop(
+    listener: &TcpListener,
+    admission: Admission,
+    handler: impl Handler,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut stop => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: keep serving those already connected.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let permit = match &admission.limiter {
+            None => None,
+            Some(limiter) => match limiter.try_acquire(peer.ip()) {
+                Ok(permit) => Some(permit),
+                Err(refused) => {
+                    tracing::debug!(%peer, %refused, "connection refused");
+                    // An HTTP answer would be plaintext on a TLS port: there, just close.
+                    if admission.tls.is_none() {
+                        tokio::spawn(answer_refusal(stream, refused));
+                    }
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let stream = Admitted { inner: stream, _permit: permit };
+        match &admission.tls {
+            None => handler.plain(stream, peer),
+            Some(acceptor) => handler.tls(stream, peer, acceptor.clone()),
+        }
+    }
+}
+
+/// Answers without parsing the request: one small write, then a short drain of what the client sent,
+/// so closing does not reset the connection before it reads the answer.
+async fn answer_refusal(mut stream: TcpStream, refused: Refused) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(refused.response()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        std::io::Result::Ok(())
+    })
+    .await;
+}
+
+/// The TLS handshake, bounded by `timeout`; `None` (logged) when it fails or takes too long.
+pub async fn tls_handshake<S>(
+    acceptor: &TlsAcceptor,
+    stream: S,
+    peer: SocketAddr,
+    timeout: Duration,
+) -> Option<impl AsyncRead + AsyncWrite + Unpin + Send + 'static>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// A connection's stream, carrying its place in the connection count for as long as it lives (through
+/// the upgrade into a WebSocket session).
+pub struct Admitted<S> {
+    inner: S,
+    _permit: Option<Permit>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Admitted<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Admitted<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("the server holds its maximum of {0} connections")]
+    Full(usize),
+    #[error("{0} connections from this address already")]
+    PerIp(usize),
+}
+
+impl Refused {
+    /// The HTTP answer, written before the request is even read.
+    pub fn response(&self) -> &'static [u8] {
+        match self {
+            Refused::Full(_) => {
+                b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 5\r\nContent-Type: text/plain\r\nContent-Length: 31\r\n\r\nserver at its connection limit\n"
+            }
+            Refused::PerIp(_) => {
+                b"HTTP/1.1 429 Too Many Requests\r\nConnection: close\r\nRetry-After: 5\r\nContent-Type: text/plain\r\nContent-Length: 39\r\n\r\ntoo many connections from your address\n"
+            }
+        }
+    }
+}
+
+/// Counts open connections; a [`Permit`] stands for one and gives it back when dropped.
+#[derive(Debug)]
+pub struct ConnectionLimiter {
+    max_total: usize,
+    max_per_ip: usize,
+    state: Mutex<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+#[derive(Debug)]
+pub struct Permit {
+    limiter: Arc<ConnectionLimiter>,
+    ip: IpAddr,
+}
+
+impl ConnectionLimiter {
+    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<Self> {
+        Arc::new(Self { max_total, max_per_ip, state: Mutex::new(Counts::default()) })
+    }
+
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refused> {
+        let ip = client_address(ip);
+        let mut counts = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if counts.total >= self.max_total {
+            return Err(Refused::Full(self.max_total));
+        }
+        let from_ip = counts.per_ip.entry(ip).or_insert(0);
+        if *from_ip >= self.max_per_ip {
+            return Err(Refused::PerIp(self.max_per_ip));
+        }
+        *from_ip += 1;
+        counts.total += 1;
+        Ok(Permit { limiter: self.clone(), ip })
+    }
+
+    pub fn open(&self) -> usize {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).total
+    }
+}
+
+/// What the per-address limit counts: an IPv4 address, or an IPv6 /64. One host is usually given a
+/// whole /64 and may connect from any address in it, so counting single IPv6 addresses would let it
+/// take any number of places.
+fn client_address(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut counts = self.limiter.state.lock().unwrap_or_else(|p| p.into_inner());
+        counts.total -= 1;
+        if let Some(n) = counts.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permits_count_in_total_and_per_address() {
+        let limiter = ConnectionLimiter::new(3, 2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let a1 = limiter.try_acquire(a).unwrap();
+        let _a2 = limiter.try_acquire(a).unwrap();
+        assert_eq!(limiter.try_acquire(a).unwrap_err(), Refused::PerIp(2));
+        let _b1 = limiter.try_acquire(b).unwrap();
+        assert_eq!(limiter.try_acquire(b).unwrap_err(), Refused::Full(3));
+        drop(a1);
+        assert_eq!(limiter.open(), 2);
+        let _a3 = limiter.try_acquire(a).expect("a closed connection frees its place");
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_per_64_and_mapped_ipv4_as_ipv4() {
+        let limiter = ConnectionLimiter::new(100, 2);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let _one = limiter.try_acquire(ip("2001:db8:1:2::1")).unwrap();
+        let _two = limiter.try_acquire(ip("2001:db8:1:2:ffff:aaaa:bbbb:cccc")).unwrap();
+        assert_eq!(limiter.try_acquire(ip("2001:db8:1:2::99")).unwrap_err(), Refused::PerIp(2), "same /64");
+        let _other = limiter.try_acquire(ip("2001:db8:1:3::1")).expect("another /64 is another client");
+        let _v4 = limiter.try_acquire(ip("192.0.2.7")).unwrap();
+        let _mapped = limiter.try_acquire(ip("::ffff:192.0.2.7")).unwrap();
+        assert_eq!(limiter.try_acquire(ip("192.0.2.7")).unwrap_err(), Refused::PerIp(2), "mapped is the same IPv4");
+        drop(_one);
+        let _again = limiter.try_acquire(ip("2001:db8:1:2::5")).expect("a closed connection frees the /64's place");
+    }
+
+    #[test]
+    fn refusals_are_complete_http_responses() {
+        for refusal in [Refused::Full(1), Refused::PerIp(1)] {
+            let text = std::str::from_utf8(refusal.response()).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            let length: usize =
+                head.lines().find_map(|l| l.strip_prefix("Content-Length: ")).and_then(|n| n.parse().ok()).unwrap();
+            assert_eq!(length, body.len(), "{text}");
+        }
+    }
+}
