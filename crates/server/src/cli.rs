@@ -225,6 +225,9 @@ pub struct FanoutArgs {
     /// are counted over the others.
     #[arg(long, default_value_t = 0.0)]
     pub stalled_percent: f64,
+    /// The server's pid, to report its CPU time per delivery.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
     #[arg(long)]
     pub json: bool,
 }

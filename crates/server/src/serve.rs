@@ -20,7 +20,6 @@ use switchboard_ws::proto::deflate::DeflateConfig;
 use switchboard_ws::tls::TlsAcceptor;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
 use crate::chat::access::{Access, OriginPolicy, Verifier};
 use crate::chat::hub::Hub;
@@ -98,13 +97,10 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
         },
         clock: Arc::new(SystemClock),
     });
-    let (shutdown_tx, shutdown) = watch::channel(false);
     let connections = ConnectionLimiter::new(config.server.max_connections(), config.server.max_connections_per_ip());
     let live = Arc::new(AtomicUsize::new(0));
-    let state = AppState {
-        ws: WsState { core, config: ws_config, shutdown, live: live.clone() },
-        connections: connections.clone(),
-    };
+    let state =
+        AppState { ws: WsState { core, config: ws_config, live: live.clone() }, connections: connections.clone() };
     let app = http::router(state, max_frame);
 
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -114,7 +110,7 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
 
     tracing::info!("shutting down: closing connections with 1001");
     drop(listener);
-    let _ = shutdown_tx.send(true);
+    hub.shut_down();
     let deadline = tokio::time::Instant::now() + config.shutdown_grace();
     // Sessions count as live until their close handshake is over (or timed out).
     while live.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {

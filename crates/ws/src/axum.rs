@@ -76,9 +76,12 @@ impl WebSocketUpgrade {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let (response, upgrade) = self.inner.into_response();
+        // The connection runs on a task of its own, spawned once the upgrade is done: that task is
+        // then the callback's future alone. Awaiting it here instead would keep the finished upgrade
+        // and the spent callback in the task for the connection's whole life.
         tokio::spawn(async move {
             match upgrade.await {
-                Ok(socket) => callback(socket).await,
+                Ok(socket) => drop(tokio::spawn(callback(socket))),
                 Err(error) => tracing::debug!(%error, "WebSocket upgrade failed"),
             }
         });

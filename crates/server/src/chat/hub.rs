@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
 
@@ -175,6 +175,8 @@ pub struct Hub {
     presence: Arc<dyn Presence>,
     /// Told which rooms have local members. Weak: the engine holds the hub (as its sink).
     engine: OnceLock<Weak<dyn Engine>>,
+    /// Set by [`Hub::shut_down`]: every outbox is closed, and new ones are born closed.
+    closing: AtomicBool,
 }
 
 /// What a join changed.
@@ -195,6 +197,7 @@ impl Hub {
             node,
             presence,
             engine: OnceLock::new(),
+            closing: AtomicBool::new(false),
         })
     }
 
@@ -221,19 +224,44 @@ impl Hub {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A new connection; seed-protocol connections are live members of the default room from the
-    /// start (they get no replay).
+    /// A new connection, in no room yet. Its outbox is how the hub reaches it: closed, it ends the
+    /// session (see [`Hub::is_closing`] for why).
     pub fn register(&self, dialect: Dialect) -> (ConnId, Outbox) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(OutboxShared::default());
         let mut inner = self.lock();
-        let mut rooms = Vec::new();
-        if dialect == Dialect::Seed {
-            rooms.push(self.default_room.clone());
+        // Checked under the lock that `shut_down` takes: a connection is either closed by it or sees it.
+        if self.closing.load(Ordering::Relaxed) {
+            shared.close();
+        }
+        inner.conns.insert(id, Conn { outbox: shared.clone(), dialect, rooms: Vec::new() });
+        (id, Outbox { shared })
+    }
+
+    /// Makes a seed-protocol connection a live member of the default room (it gets no replay).
+    pub fn enter_default_room(&self, id: ConnId) {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let Some(conn) = inner.conns.get_mut(&id) else { return };
+        if conn.rooms.is_empty() {
+            // Exactly one room, ever: no room to spare in the list.
+            conn.rooms = vec![self.default_room.clone()];
             self.room_entry(&mut inner.rooms, &self.default_room).members.insert(id, Delivery::After(0));
         }
-        inner.conns.insert(id, Conn { outbox: shared.clone(), dialect, rooms });
-        (id, Outbox { shared })
+    }
+
+    /// Closes every connection's outbox, for shutdown: each session ends (with 1001).
+    pub fn shut_down(&self) {
+        let inner = self.lock();
+        self.closing.store(true, Ordering::Relaxed);
+        for conn in inner.conns.values() {
+            conn.outbox.close();
+        }
+    }
+
+    /// Whether the hub is closing (so a closed outbox means shutdown, not a client too slow).
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
     }
 
     /// Removes a connection from every room (telling the others it left).
@@ -549,6 +577,19 @@ mod tests {
     }
 
     #[test]
+    fn shutting_down_closes_every_outbox_and_new_ones_too() {
+        let hub = hub();
+        let (_, mut before) = live(&hub, "r");
+        hub.shut_down();
+        let (_, mut after) = hub.register(Dialect::V1);
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert_eq!(before.poll_recv(&mut cx), Poll::Ready(None));
+        assert_eq!(after.poll_recv(&mut cx), Poll::Ready(None));
+        assert!(hub.is_closing());
+    }
+
+    #[test]
     fn presence_is_capped_and_says_so() {
         let hub = hub();
         let ids: Vec<_> = (0..3).map(|_| hub.register(Dialect::V1)).collect();
@@ -563,7 +604,8 @@ mod tests {
     #[test]
     fn seed_members_hear_messages_but_no_presence() {
         let hub = hub();
-        let (_seed, mut seed_rx) = hub.register(Dialect::Seed);
+        let (seed, mut seed_rx) = hub.register(Dialect::Seed);
+        hub.enter_default_room(seed);
         let (_v1, _v1_rx) = live(&hub, "lobby");
         assert_eq!(seed_rx.try_recv(), None, "no presence event for a seed client");
         hub.deliver(&[message("lobby", 1)]);

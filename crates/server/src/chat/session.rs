@@ -101,63 +101,68 @@ type Pending = Pin<Box<dyn Future<Output = Completion> + Send>>;
 pub struct Session {
     core: Arc<Core>,
     dialect: Dialect,
-    /// Set once the connection is registered with the hub (after authentication).
-    conn: Option<ConnId>,
-    outbox: Option<Outbox>,
+    conn: ConnId,
+    outbox: Outbox,
     name: Option<String>,
-    /// `None` until a token arrives, on a server that refuses anonymous connections.
-    identity: Option<Identity>,
+    /// `None` until a token arrives, on a server that refuses anonymous connections. Shared: every
+    /// anonymous session holds the same one.
+    identity: Option<Arc<Identity>>,
     /// When the identity's token expires (set with the identity, so the timer is not reset for nothing).
     expiry: Option<Instant>,
     auth_deadline: Instant,
     rate: Option<RateLimiter>,
-    pending: FuturesOrdered<Pending>,
+    /// Answers waiting for the engine; allocated while there are some (an idle session holds none).
+    pending: Option<Box<FuturesOrdered<Pending>>>,
 }
 
 /// The session's answers waiting for the engine (see [`Session::streams`]).
-pub struct Completions<'a>(&'a mut FuturesOrdered<Pending>);
+pub struct Completions<'a>(&'a mut Option<Box<FuturesOrdered<Pending>>>);
 
 impl Completions<'_> {
     /// The next answer, in request order; never resolves while none is waiting.
     pub async fn next(self) -> Completion {
-        match self.0.next().await {
+        let Some(pending) = self.0 else { return std::future::pending().await };
+        let done = match pending.next().await {
             Some(done) => done,
-            None => std::future::pending().await,
+            None => return std::future::pending().await,
+        };
+        if pending.is_empty() {
+            *self.0 = None;
         }
+        done
     }
 }
 
 /// The session's fan-out (see [`Session::streams`]).
-pub struct Deliveries<'a>(&'a mut Option<Outbox>);
+pub struct Deliveries<'a>(&'a mut Outbox);
 
 impl Deliveries<'_> {
-    /// The next message from the hub; `None` when the hub dropped the session for being too slow.
-    /// Never resolves before the session is registered.
+    /// The next message from the hub; `None` when the hub let go of the session: it was too slow, or
+    /// the server is shutting down ([`Session::cut_off`] says which).
     pub async fn next(self) -> Option<Utf8Bytes> {
-        match self.0 {
-            Some(outbox) => outbox.recv().await,
-            None => std::future::pending().await,
-        }
+        self.0.recv().await
     }
 }
 
 impl Session {
-    /// A session that has not authenticated yet; [`Session::start`] lets it in.
+    /// A session that has not authenticated yet (registered with the hub, in no room); [`Session::start`]
+    /// lets it in.
     pub fn new(core: Arc<Core>, dialect: Dialect) -> Self {
         let now = core.clock.now();
+        let (conn, outbox) = core.hub.register(dialect);
         let rate = core.limits.rate_limit.map(|limit| RateLimiter::new(limit, now));
         let auth_deadline = now + core.limits.auth_timeout;
         Self {
             core,
             dialect,
-            conn: None,
-            outbox: None,
+            conn,
+            outbox,
             name: None,
             identity: None,
             expiry: None,
             auth_deadline,
             rate,
-            pending: FuturesOrdered::new(),
+            pending: None,
         }
     }
 
@@ -175,9 +180,18 @@ impl Session {
         self.dialect
     }
 
-    /// The member id clients see for this session, once registered.
-    pub fn member_id(&self) -> Option<String> {
-        self.conn.map(|id| self.core.hub.member_id(id))
+    /// The member id clients see for this session.
+    pub fn member_id(&self) -> String {
+        self.core.hub.member_id(self.conn)
+    }
+
+    /// Why the hub let go of this session (its deliveries ended).
+    pub fn cut_off(&self) -> End {
+        if self.core.hub.is_closing() {
+            End::new(GOING_AWAY, "server shutting down")
+        } else {
+            End::too_slow("messages were not read in time")
+        }
     }
 
     /// The answers and the fan-out the transport waits on, borrowed apart so it can wait on both.
@@ -187,12 +201,22 @@ impl Session {
 
     /// The next delivery if one is queued (to batch deliveries into one write).
     pub fn try_delivery(&mut self) -> Option<Utf8Bytes> {
-        self.outbox.as_mut().and_then(Outbox::try_recv)
+        self.outbox.try_recv()
     }
 
     /// Whether answers are waiting for the engine.
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
+        self.pending.is_some()
+    }
+
+    /// The session's clock.
+    pub fn now(&self) -> Instant {
+        self.core.clock.now()
+    }
+
+    /// Queues an answer that waits for the engine.
+    fn push_pending(&mut self, pending: Pending) {
+        self.pending.get_or_insert_with(Default::default).push_back(pending);
     }
 
     /// When the session must end unless something changes: the end of the time allowed to
@@ -252,8 +276,10 @@ impl Session {
     /// Waits for every answer still pending and returns what each sends (for tests and draining).
     pub async fn settle(&mut self) -> Vec<Replies> {
         let mut out = Vec::new();
-        while let Some(done) = self.pending.next().await {
-            out.push(self.complete(done));
+        while let Some(mut pending) = self.pending.take() {
+            while let Some(done) = pending.next().await {
+                out.push(self.complete(done));
+            }
         }
         out
     }
@@ -265,9 +291,9 @@ impl Session {
             return Err((FORBIDDEN, format!("this token does not grant the room {default_room:?}")));
         }
         self.set_identity(identity);
-        let (id, outbox) = self.core.hub.register(self.dialect);
-        self.conn = Some(id);
-        self.outbox = Some(outbox);
+        if self.dialect == Dialect::Seed {
+            self.core.hub.enter_default_room(self.conn);
+        }
         Ok(())
     }
 
@@ -275,7 +301,7 @@ impl Session {
         let clock = &self.core.clock;
         self.expiry =
             identity.expires_at.map(|at| clock.now() + at.duration_since(clock.wall()).unwrap_or(Duration::ZERO));
-        self.identity = Some(identity);
+        self.identity = Some(if identity == Identity::anonymous() { anonymous() } else { Arc::new(identity) });
     }
 
     /// Takes `messages` from the rate limit; false when the connection is over it.
@@ -317,7 +343,7 @@ impl Session {
         let new = NewMessage { room, id: None, name, message, time: now_hms() };
         match self.core.engine.publish(new) {
             Ok(pending) => {
-                self.pending.push_back(Box::pin(async move {
+                self.push_pending(Box::pin(async move {
                     if let Err(error) = pending.await {
                         tracing::warn!(%error, "a seed client's message was not stored");
                     }
@@ -342,11 +368,9 @@ impl Session {
         };
         let fresh = access.refresh(current, token)?;
         let mut left = Vec::new();
-        if let Some(id) = self.conn {
-            for room in self.core.hub.rooms_of(id) {
-                if !fresh.may_join(&room) && self.core.hub.leave(id, &room) {
-                    left.push(room);
-                }
+        for room in self.core.hub.rooms_of(self.conn) {
+            if !fresh.may_join(&room) && self.core.hub.leave(self.conn, &room) {
+                left.push(room);
             }
         }
         self.set_identity(fresh);
@@ -366,7 +390,8 @@ impl Session {
         if let Request::Auth { token, req } = request {
             return self.on_auth(&token, req);
         }
-        let (Some(identity), Some(id)) = (self.identity.clone(), self.conn) else {
+        let id = self.conn;
+        let Some(identity) = self.identity.clone() else {
             return Err((
                 UNAUTHORIZED,
                 "authentication required: send {\"type\": \"auth\", \"token\": ...} first".into(),
@@ -421,7 +446,7 @@ impl Session {
                 let max_replay = self.core.limits.max_replay;
                 let limit = limit.unwrap_or(max_replay).min(max_replay);
                 let engine = self.core.engine.clone();
-                self.pending.push_back(Box::pin(async move {
+                self.push_pending(Box::pin(async move {
                     let read = async {
                         let top = engine.top(&room).await?;
                         let history = engine.history(&room, since.unwrap_or(0), top.offset, limit).await?;
@@ -498,7 +523,7 @@ impl Session {
         }
         let engine = self.core.engine.clone();
         let limits = self.core.limits.clone();
-        self.pending.push_back(Box::pin(async move {
+        self.push_pending(Box::pin(async move {
             let read = async {
                 let top = engine.top(&room).await?;
                 let last = top.offset;
@@ -529,14 +554,11 @@ impl Session {
             Ok(read) => read,
             Err(error) => {
                 // The member was held and never started: take it out again.
-                if let Some(id) = self.conn {
-                    self.core.hub.leave(id, &room);
-                }
+                self.core.hub.leave(self.conn, &room);
                 return vec![unavailable(&error, req.as_ref())];
             }
         };
-        let Some(id) = self.conn else { return Vec::new() };
-        if !self.core.hub.start(id, &room, top.offset) {
+        if !self.core.hub.start(self.conn, &room, top.offset) {
             return Vec::new(); // left meanwhile, or dropped for being too slow
         }
         let last = top.offset;
@@ -574,7 +596,7 @@ impl Session {
         for (_, queued) in publish::submit(self.core.engine.as_ref(), publish) {
             let req = req.clone();
             match queued {
-                Ok(pending) => self.pending.push_back(Box::pin(async move {
+                Ok(pending) => self.push_pending(Box::pin(async move {
                     let text = match pending.await {
                         Ok(published) => ack(&published, req.as_ref()),
                         Err(error) => unavailable(&error, req.as_ref()),
@@ -590,10 +612,14 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if let Some(id) = self.conn {
-            self.core.hub.unregister(id);
-        }
+        self.core.hub.unregister(self.conn);
     }
+}
+
+/// The identity of every anonymous session, shared.
+fn anonymous() -> Arc<Identity> {
+    static ANONYMOUS: std::sync::OnceLock<Arc<Identity>> = std::sync::OnceLock::new();
+    ANONYMOUS.get_or_init(|| Arc::new(Identity::anonymous())).clone()
 }
 
 fn rate_exceeded() -> End {

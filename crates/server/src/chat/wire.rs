@@ -237,6 +237,36 @@ impl<'a> Envelope<'a> {
     }
 }
 
+/// The answer of the HTTP publish API (`POST /api/publish`).
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ApiAnswer<'a> {
+    /// Every room's acknowledgement.
+    Ack { acks: Vec<ApiAck<'a>> },
+    /// Why nothing was published.
+    Error { code: ErrorCode, message: &'a str },
+}
+
+/// One room's acknowledgement in an [`ApiAnswer::Ack`].
+#[derive(Debug, Serialize)]
+pub struct ApiAck<'a> {
+    /// The room.
+    pub room: &'a str,
+    /// The message's offset there.
+    pub offset: u64,
+    /// The idempotency key given.
+    pub id: &'a Option<String>,
+    /// The key was seen before: this is the first publish's offset.
+    pub duplicate: bool,
+}
+
+impl ApiAnswer<'_> {
+    /// As JSON text.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("answers serialize")
+    }
+}
+
 /// An error envelope as text (the common case of a request that failed).
 pub fn error_text(code: ErrorCode, message: &str, req: Option<&Value>) -> String {
     Envelope::error(code, message, req).encode()

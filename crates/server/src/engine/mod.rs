@@ -179,7 +179,7 @@ pub trait Engine: Send + Sync + 'static {
 /// One member of a room, as presence lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PresenceEntry {
-    /// Unique across nodes (see [`crate::chat::message::MemberId`]).
+    /// Unique across nodes (the node's id and a number).
     pub id: String,
     /// Display name.
     pub name: String,

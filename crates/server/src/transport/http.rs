@@ -10,12 +10,12 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use serde_json::{json, Value};
+use serde_json::Value;
 use switchboard_ws::axum::WebSocketUpgrade;
 
 use super::ws::{self, WsState};
 use crate::chat::publish::{self, validate_publish};
-use crate::chat::wire::ErrorCode;
+use crate::chat::wire::{ApiAck, ApiAnswer, ErrorCode};
 use crate::listen::ConnectionLimiter;
 
 /// The chat page and the browser client module, built into the binary.
@@ -106,7 +106,7 @@ async fn api_publish(State(state): State<AppState>, headers: HeaderMap, body: By
         return refuse(StatusCode::UNAUTHORIZED, "a valid API key is required (Authorization: Bearer KEY)".into());
     }
     let error = |status: StatusCode, code: ErrorCode, message: String| {
-        json_response(status, json!({"type": "error", "code": code, "message": message}))
+        json_response(status, ApiAnswer::Error { code, message: &message }.encode())
     };
     let request: Value = match serde_json::from_slice(&body) {
         Ok(request) => request,
@@ -135,27 +135,29 @@ async fn api_publish(State(state): State<AppState>, headers: HeaderMap, body: By
         Err((code @ ErrorCode::TooLong, message)) => return error(StatusCode::PAYLOAD_TOO_LARGE, code, message),
         Err((code, message)) => return error(StatusCode::BAD_REQUEST, code, message),
     };
-    let mut acks = Vec::new();
+    let mut published = Vec::new();
     for (_, queued) in publish::submit(core.engine.as_ref(), publish) {
         let outcome = match queued {
             Ok(pending) => pending.await,
             Err(e) => Err(e),
         };
         match outcome {
-            Ok(published) => {
-                let m = published.message();
-                acks.push(
-                    json!({"room": m.room, "offset": m.offset, "id": m.id, "duplicate": published.is_duplicate()}),
-                )
-            }
+            Ok(outcome) => published.push(outcome),
             Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e.to_string()),
         }
     }
-    json_response(StatusCode::OK, json!({"type": "ack", "acks": acks}))
+    let acks = published
+        .iter()
+        .map(|p| {
+            let m = p.message();
+            ApiAck { room: &m.room, offset: m.offset, id: &m.id, duplicate: p.is_duplicate() }
+        })
+        .collect();
+    json_response(StatusCode::OK, ApiAnswer::Ack { acks }.encode())
 }
 
-fn json_response(status: StatusCode, body: Value) -> Response {
-    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+fn json_response(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// Prometheus text format: what an operator (or the soak script) watches.

@@ -1,20 +1,23 @@
 //! The chat over a WebSocket: the upgrade at `/ws` (origin and token checked before it), then one
 //! select loop per connection between the socket, the session's answers and its fan-out.
 
+use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::{FutureExt, Sink};
+
 use axum::response::{IntoResponse, Response};
 use switchboard_ws::axum::WebSocketUpgrade;
-use switchboard_ws::upgrade::UpgradedWebSocket;
-use switchboard_ws::{CloseCode, Message, Utf8Bytes};
-use tokio::sync::watch;
-use tokio::time::Instant;
+use switchboard_ws::{CloseCode, Message, Utf8Bytes, WebSocket};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, Sleep};
 
 use super::http::{bearer, percent_decode, refuse};
 use crate::chat::access::{AuthError, Identity};
-use crate::chat::session::{End, Session, GOING_AWAY};
+use crate::chat::session::{End, Session};
 use crate::chat::wire::{self, Dialect};
 use crate::chat::Core;
 
@@ -33,8 +36,6 @@ pub struct WsState {
     pub core: Arc<Core>,
     /// Limits and keepalive of every socket.
     pub config: switchboard_ws::Config,
-    /// Flips when the server stops.
-    pub shutdown: watch::Receiver<bool>,
     /// Sessions still running, their close handshake included (shutdown waits for zero).
     pub live: Arc<AtomicUsize>,
 }
@@ -60,11 +61,18 @@ pub async fn upgrade(state: WsState, upgrade: WebSocketUpgrade) -> Response {
         None if access.allow_anonymous => Some(Identity::anonymous()),
         None => None,
     };
-    let WsState { core, config, shutdown, live } = state;
+    let WsState { core, config, live } = state;
     upgrade
         .protocols(&[wire::V1])
         .config(config)
-        .on_upgrade(move |socket| run(core, socket, identity, shutdown, live))
+        .on_upgrade(move |socket| {
+            // The session is made here, outside the connection's future: what that future holds across
+            // its awaits is what every idle connection costs.
+            let live = LiveGuard::new(&live);
+            let mut session = Session::new(core, Dialect::from_subprotocol(socket.protocol()));
+            let stop = session.start(identity).err().map(Stop::Close);
+            run(session, stop, socket, live)
+        })
         .into_response()
 }
 
@@ -101,101 +109,215 @@ enum Stop {
     Dropped,
 }
 
-/// Runs a connection until it ends.
-pub async fn run(
-    core: Arc<Core>,
-    mut ws: UpgradedWebSocket,
-    identity: Option<Identity>,
-    mut shutdown: watch::Receiver<bool>,
-    live: Arc<AtomicUsize>,
-) {
-    let _live = LiveGuard::new(&live);
-    let clock = core.clock.clone();
-    let mut session = Session::new(core, Dialect::from_subprotocol(ws.protocol()));
-    let mut stop = session.start(identity).err().map(Stop::Close);
-    // The session's deadline as a tokio timer (the session reads its own clock; both are monotonic).
-    let to_timer = |at: Option<std::time::Instant>| {
-        let now = clock.now();
-        Instant::now() + at.map_or(Duration::from_secs(86400 * 365), |at| at.saturating_duration_since(now))
-    };
-    let mut deadline = session.deadline();
-    let timer = tokio::time::sleep_until(to_timer(deadline));
-    tokio::pin!(timer);
-    while stop.is_none() {
-        let (completions, deliveries) = session.streams();
-        stop = tokio::select! {
-            biased;
-            _ = shutdown.changed() => Some(Stop::Close(End::new(GOING_AWAY, "server shutting down"))),
-            () = &mut timer, if deadline.is_some() => session.check_deadline().err().map(Stop::Close),
-            done = completions.next() => send_all(&mut ws, session.complete(done)).await,
-            // Reading comes before deliveries, so a busy room cannot starve a member's own requests
-            // (and the rate limit bounds how much reading there is).
-            incoming = ws.recv() => match incoming {
-                None => Some(Stop::Dropped),
-                Some(Err(error)) => {
-                    tracing::debug!(member = session.member_id(), %error, "protocol error");
-                    None
-                }
-                Some(Ok(Message::Text(text))) => send_all(&mut ws, session.on_text(&text)).await,
-                Some(Ok(Message::Binary(_))) => send_all(&mut ws, session.on_binary()).await,
-                Some(Ok(_)) => None,
-            },
-            delivery = deliveries.next() => match delivery {
-                Some(bytes) => {
-                    // Take what else is queued, up to a batch: `recv` flushes before it reads, so one
-                    // write then carries the batch instead of one write per message.
-                    let mut ended = send(&mut ws, bytes).await.err();
-                    let mut taken = 1;
-                    while ended.is_none() && taken < DELIVERY_BATCH {
-                        let Some(bytes) = session.try_delivery() else { break };
-                        ended = send(&mut ws, bytes).await.err();
-                        taken += 1;
+/// Runs a connection until it ends (at once, given a `stop`). The server's shutdown reaches it as the
+/// end of its deliveries (the hub closes every outbox).
+///
+/// Every idle connection holds this future, so it is kept small: the timer is boxed and exists only
+/// while the session has a deadline, and whatever waits only now and then (a full socket buffer, the
+/// close handshake) is boxed when it happens instead of being laid out in the future.
+// Not an `async fn`: see the comment on the block below.
+#[allow(clippy::manual_async_fn)]
+fn run<S: Socket>(
+    mut session: Session,
+    mut stop: Option<Stop>,
+    mut ws: WebSocket<S>,
+    live: LiveGuard,
+) -> impl std::future::Future<Output = ()> + Send {
+    // An `async move` block rather than an `async fn`: an `async fn` moves its arguments into locals
+    // and its future keeps room for both (rust-lang/rust#62958); the block uses its captures in place.
+    async move {
+        let mut deadline = session.deadline();
+        let mut timer = deadline.map(|at| Box::pin(tokio::time::sleep_until(to_tokio(&session, at))));
+        while stop.is_none() {
+            let (completions, deliveries) = session.streams();
+            // Each branch only decides what to send; the sending happens below, without waiting unless
+            // the socket is full. So the only thing this future holds while idle is this select.
+            let out: Result<Outgoing, Stop> = tokio::select! {
+                biased;
+                    () = fire(&mut timer) => session.check_deadline().map(|()| Outgoing::Nothing).map_err(Stop::Close),
+                done = completions.next() => session.complete(done).map(Outgoing::Envelopes).map_err(Stop::Close),
+                // Reading comes before deliveries, so a busy room cannot starve a member's own requests
+                // (and the rate limit bounds how much reading there is).
+                incoming = ws.recv() => match incoming {
+                    None => Err(Stop::Dropped),
+                    Some(Err(error)) => {
+                        tracing::debug!(member = session.member_id(), %error, "protocol error");
+                        Ok(Outgoing::Nothing)
                     }
-                    ended
+                    Some(Ok(Message::Text(text))) => session.on_text(&text).map(Outgoing::Envelopes).map_err(Stop::Close),
+                    Some(Ok(Message::Binary(_))) => session.on_binary().map(Outgoing::Envelopes).map_err(Stop::Close),
+                    Some(Ok(_)) => Ok(Outgoing::Nothing),
+                },
+                delivery = deliveries.next() => match delivery {
+                    Some(bytes) => Ok(Outgoing::Delivery(bytes)),
+                    None => Err(Stop::Close(session.cut_off())),
+                },
+            };
+            stop = match out {
+                Err(stop) => Some(stop),
+                Ok(out) => match send_now(&mut ws, &mut session, out) {
+                    Ok(()) => None,
+                    Err(Blocked::Stop(stop)) => Some(stop),
+                    Err(Blocked::Full(rest)) => Box::pin(send_when_ready(&mut ws, rest)).await.err(),
+                },
+            };
+            let next = session.deadline();
+            if next != deadline {
+                deadline = next;
+                timer = deadline.map(|at| Box::pin(tokio::time::sleep_until(to_tokio(&session, at))));
+            }
+        }
+        // Leaving the hub now, not after the close handshake: the others hear of it at once.
+        drop(session);
+        if let Some(Stop::Close(end)) = stop {
+            Box::pin(close(ws, end)).await;
+        }
+        drop(live);
+    }
+}
+
+/// The session's deadline (on its clock) as a tokio instant.
+fn to_tokio(session: &Session, at: std::time::Instant) -> Instant {
+    Instant::now() + at.saturating_duration_since(session.now())
+}
+
+/// Resolves when the timer fires; never without one.
+async fn fire(timer: &mut Option<Pin<Box<Sleep>>>) {
+    match timer {
+        Some(timer) => timer.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The close handshake, bounded as a whole: a peer that stopped reading never takes the close frame
+/// either.
+async fn close<S: Socket>(mut ws: WebSocket<S>, End { code, reason }: End) {
+    tracing::debug!(code, %reason, "closing");
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        if ws.close(CloseCode(code), &reason).await.is_ok() {
+            while ws.recv().await.is_some() {}
+        }
+    })
+    .await;
+}
+
+/// What a session's WebSocket runs over: a TCP or TLS stream, upgraded from HTTP.
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Socket for S {}
+
+/// What one turn of the loop sends.
+enum Outgoing {
+    Nothing,
+    /// Answers, in order.
+    Envelopes(Vec<String>),
+    /// A delivery from the hub; whatever else is queued goes with it, up to a batch.
+    Delivery(Utf8Bytes),
+}
+
+/// Why sending stopped before the end.
+enum Blocked {
+    Stop(Stop),
+    /// The socket's buffer is full: these are still to go.
+    Full(Vec<Utf8Bytes>),
+}
+
+/// Queues what can go without waiting. Deliveries are taken up to a batch: `recv` flushes before it
+/// reads, so one write then carries the batch instead of one write per message.
+fn send_now<S: Socket>(ws: &mut WebSocket<S>, session: &mut Session, out: Outgoing) -> Result<(), Blocked> {
+    match out {
+        Outgoing::Nothing => Ok(()),
+        Outgoing::Envelopes(envelopes) => {
+            let mut envelopes = envelopes.into_iter().map(Utf8Bytes::from);
+            while let Some(text) = envelopes.next() {
+                if !try_send(ws, &text)? {
+                    return Err(Blocked::Full(std::iter::once(text).chain(envelopes).collect()));
                 }
-                None => Some(Stop::Close(End::too_slow("messages were not read in time"))),
+            }
+            Ok(())
+        }
+        Outgoing::Delivery(first) => {
+            let mut next = Some(first);
+            let mut taken = 0;
+            while let Some(bytes) = next.take() {
+                if !try_send(ws, &bytes)? {
+                    // What else waits stays in the outbox, where the hub counts it against the bounds.
+                    return Err(Blocked::Full(vec![bytes]));
+                }
+                taken += 1;
+                if taken < DELIVERY_BATCH {
+                    next = session.try_delivery();
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Queues one message if the socket has room now; false when it has none.
+fn try_send<S: Socket>(ws: &mut WebSocket<S>, text: &Utf8Bytes) -> Result<bool, Blocked> {
+    match poll_fn(|cx| Pin::new(&mut *ws).poll_ready(cx)).now_or_never() {
+        Some(Ok(())) => Pin::new(&mut *ws)
+            .start_send(Message::Text(text.clone()))
+            .map(|()| true)
+            .map_err(|_| Blocked::Stop(Stop::Dropped)),
+        Some(Err(_)) => Err(Blocked::Stop(Stop::Dropped)),
+        None => Ok(false),
+    }
+}
+
+/// Waits (bounded) for room in the socket and queues the rest.
+async fn send_when_ready<S: Socket>(ws: &mut WebSocket<S>, rest: Vec<Utf8Bytes>) -> Result<(), Stop> {
+    for text in rest {
+        match tokio::time::timeout(SEND_TIMEOUT, ws.feed(Message::Text(text))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(Stop::Dropped),
+            Err(_) => return Err(Stop::Close(End::too_slow("the connection stopped reading"))),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::access::{Access, OriginPolicy};
+    use crate::chat::hub::Hub;
+    use crate::chat::limits::{HubLimits, SessionLimits};
+    use crate::chat::message::{NodeId, SystemClock};
+    use crate::engine::memory::{LocalPresence, MemoryEngine};
+    use crate::engine::{Engine, Retention};
+
+    /// Every idle chat connection holds this future (and its session, inside it): a change that
+    /// widens it shows up here before it shows up in `bench idle` against `serve`.
+    #[tokio::test]
+    async fn an_idle_chat_connection_future_stays_small() {
+        let limits = HubLimits { outbox_messages: 8, outbox_bytes: 1024, max_rooms_per_connection: 1, max_presence: 1 };
+        let hub = Hub::new(limits, "lobby".into(), NodeId::new("t"), Arc::new(LocalPresence::default()));
+        let retention = Retention { max_messages: 1, max_age: None, max_db_bytes: None };
+        let engine: Arc<dyn Engine> = MemoryEngine::new(retention, hub.clone());
+        let access = Access { verifier: None, allow_anonymous: true, origins: OriginPolicy::any(), api_key: None };
+        let core = Arc::new(Core {
+            hub,
+            engine,
+            access: Arc::new(access),
+            limits: SessionLimits {
+                max_message_chars: 1,
+                max_name_chars: 1,
+                join_backlog: 1,
+                max_replay: 1,
+                rate_limit: None,
+                auth_timeout: Duration::from_secs(1),
+                max_publish_rooms: 1,
             },
-        };
-        let next = session.deadline();
-        if next != deadline {
-            deadline = next;
-            timer.as_mut().reset(to_timer(deadline));
-        }
-    }
-    // Leaving the hub now, not after the close handshake: the others hear of it at once.
-    drop(session);
-    if let Some(Stop::Close(End { code, reason })) = stop {
-        tracing::debug!(code, %reason, "closing");
-        // Bounded as a whole: a peer that stopped reading never takes the close frame either.
-        let _ = tokio::time::timeout(CLOSE_WAIT, async {
-            if ws.close(CloseCode(code), &reason).await.is_ok() {
-                while ws.recv().await.is_some() {}
-            }
-        })
-        .await;
-    }
-}
-
-/// Sends a step's envelopes, or turns its end into the loop's.
-async fn send_all(ws: &mut UpgradedWebSocket, replies: Result<Vec<String>, End>) -> Option<Stop> {
-    match replies {
-        Ok(envelopes) => {
-            for envelope in envelopes {
-                if let Err(stop) = send(ws, envelope.into()).await {
-                    return Some(stop);
-                }
-            }
-            None
-        }
-        Err(end) => Some(Stop::Close(end)),
-    }
-}
-
-/// Queues one message, waiting (bounded) while the socket's buffer is full.
-async fn send(ws: &mut UpgradedWebSocket, text: Utf8Bytes) -> Result<(), Stop> {
-    match tokio::time::timeout(SEND_TIMEOUT, ws.feed(Message::Text(text))).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(Stop::Dropped),
-        Err(_) => Err(Stop::Close(End::too_slow("the connection stopped reading"))),
+            clock: Arc::new(SystemClock),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let ws = WebSocket::from_raw(stream, switchboard_ws::Role::Server, switchboard_ws::Config::default(), &[]);
+        let live = Arc::new(AtomicUsize::new(0));
+        let connection = run(Session::new(core, Dialect::Seed), None, ws, LiveGuard::new(&live));
+        let size = std::mem::size_of_val(&connection);
+        assert!(size <= 800, "the chat connection's future is {size} bytes");
     }
 }

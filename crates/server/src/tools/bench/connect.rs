@@ -52,6 +52,3 @@ pub(super) async fn run(args: ConnectArgs) -> anyhow::Result<serde_json::Value> 
         "p50_us": p50, "p99_us": p99, "p999_us": p999, "errors": errors,
     }))
 }
-
-// ------------------------------------------------------------------------------------------------
-// idle

@@ -91,11 +91,11 @@ pub(super) async fn run(args: EchoArgs) -> anyhow::Result<serde_json::Value> {
 }
 
 /// CPU seconds a process has used so far, (user, kernel), from `/proc/PID/stat`.
-fn cpu_seconds(pid: &str) -> Option<(f64, f64)> {
+pub(super) fn cpu_seconds(pid: &str) -> Option<(f64, f64)> {
     cpu_seconds_in(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
-fn cpu_seconds_in(stat: &str) -> Option<(f64, f64)> {
+pub(super) fn cpu_seconds_in(stat: &str) -> Option<(f64, f64)> {
     /// /proc counts in USER_HZ, which Linux fixes at 100 for user space.
     const TICKS_PER_SECOND: f64 = 100.0;
     // The fields after the command name, which is in parentheses and may itself contain spaces.
@@ -169,9 +169,6 @@ async fn echo_worker(
     }
     Ok(stats)
 }
-
-// ------------------------------------------------------------------------------------------------
-// fanout
 
 #[cfg(test)]
 mod tests {

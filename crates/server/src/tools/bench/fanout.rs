@@ -35,6 +35,8 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<serde_json::Value> {
     }
     // Let joins settle so no subscriber misses the first publishes.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let server = args.server_pid.map(|pid| pid.to_string());
+    let server_before = server.as_deref().and_then(super::echo::cpu_seconds);
     let stop = Arc::new(AtomicBool::new(false));
     let printer = progress("deliveries", counter.clone(), stop.clone());
     let mut receivers = Vec::new();
@@ -120,6 +122,7 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<serde_json::Value> {
     }
     // Give the last messages time to arrive.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let server_after = server.as_deref().and_then(super::echo::cpu_seconds);
     stop.store(true, Ordering::Relaxed);
     let _ = stop_receivers.send(true);
     let mut latencies = Vec::new();
@@ -132,12 +135,18 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<serde_json::Value> {
     let expected = published * readers as u64;
     let delivered = latencies.len() as u64;
     let (p50, p99, p999) = percentiles(&mut latencies);
+    // Everything the server spent from the first publish to the end of the drain, per delivery.
+    let server_us_per_delivery = match (server_before, server_after) {
+        (Some((u0, k0)), Some((u1, k1))) if delivered > 0 => json!((u1 + k1 - u0 - k0) * 1e6 / delivered as f64),
+        _ => serde_json::Value::Null,
+    };
     Ok(json!({
         "mode": "fanout", "url": args.url, "protocol": args.protocol, "subscribers": args.subscribers,
         "stalled": stalled_count, "publishers": args.publishers, "rate_per_publisher": args.rate,
         "size": args.size, "duration_s": args.duration,
         "published": published, "delivered": delivered, "deliveries_per_s": delivered as f64 / args.duration,
         "lost": expected.saturating_sub(delivered), "p50_us": p50, "p99_us": p99, "p999_us": p999,
+        "server_cpu_us_per_delivery": server_us_per_delivery,
     }))
 }
 
@@ -147,9 +156,6 @@ fn bench_stamp(bytes: &[u8]) -> Option<u64> {
     let digits = bytes[at..].iter().take_while(|b| b.is_ascii_digit()).count();
     std::str::from_utf8(&bytes[at..at + digits]).ok()?.parse().ok()
 }
-
-// ------------------------------------------------------------------------------------------------
-// connect
 
 #[cfg(test)]
 mod tests {

@@ -88,9 +88,6 @@ fn progress(label: &'static str, counter: Arc<AtomicU64>, stop: Arc<AtomicBool>)
     })
 }
 
-// ------------------------------------------------------------------------------------------------
-// echo
-
 /// Opens a raw connection and completes the client handshake by hand.
 async fn raw_connect(url: &WsUrl, source: Option<IpAddr>) -> anyhow::Result<(TcpStream, BytesMut)> {
     let addr: SocketAddr =
