@@ -121,7 +121,7 @@ EOF
                 start_server "$name" "$port"
                 echo "fanout run $run: $name 1 -> $subscribers at $rate/s" >&2
                 load fanout "ws://127.0.0.1:$port/ws" --subscribers "$subscribers" --rate "$rate" -d "$seconds" \
-                    >"$out/fanout-$name-$rate-$run.json" || echo '{}' >"$out/fanout-$name-$rate-$run.json"
+                    --server-pid "$server_pid" >"$out/fanout-$name-$rate-$run.json" || echo '{}' >"$out/fanout-$name-$rate-$run.json"
                 stop_server
             done
         done
@@ -214,17 +214,19 @@ if fan_files:
     emit = section("fanout")
     subscribers = sorted({r.get("subscribers") for r in load("fanout-*.json") if r.get("subscribers")})
     emit(f"\n### Chat fan-out (1 publisher -> {', '.join(f'{n:,}' for n in subscribers) or 'N'} subscribers, seed protocol; medians)\n")
-    emit("| server | rate/s | deliveries/s | p50 | p99 | lost |")
-    emit("|---|---|---|---|---|---|")
+    emit("| server | rate/s | deliveries/s | p50 | p99 | lost | server CPU per delivery |")
+    emit("|---|---|---|---|---|---|---|")
     rates = sorted({int(os.path.basename(p).split("-")[-2]) for p in fan_files})
     for rate in rates:
         for s in ["switchboard-serve", "seed-node", "seed-fastapi"]:
             rows = load(f"fanout-{s}-{rate}-*.json")
             d = median(rows, "deliveries_per_s")
             if d is None:
-                emit(f"| {s} | {rate} | n/a | | | |")
+                emit(f"| {s} | {rate} | n/a | | | | |")
                 continue
-            emit(f"| {s} | {rate} | {d:,.0f} | {median(rows, 'p50_us') / 1000:.1f} ms | {median(rows, 'p99_us') / 1000:.1f} ms | {median(rows, 'lost'):,.0f} |")
+            cpu = median(rows, "server_cpu_us_per_delivery")
+            cpu = "n/a" if cpu is None else f"{cpu:.2f} µs"
+            emit(f"| {s} | {rate} | {d:,.0f} | {median(rows, 'p50_us') / 1000:.1f} ms | {median(rows, 'p99_us') / 1000:.1f} ms | {median(rows, 'lost'):,.0f} | {cpu} |")
 
 header = os.environ["HEADER"]
 print(header)

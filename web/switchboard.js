@@ -57,6 +57,7 @@ export class SwitchboardClient extends EventTarget {
     this.name = this.options.name;
     this.rooms = new Set(this.options.rooms);
     this.offsets = {}; // room -> last offset seen
+    this.epochs = {}; // room -> the history those offsets belong to (from "joined")
     this.pending = []; // unacknowledged publishes: {id, room, message, name}
     this.waiters = new Map(); // publish id -> {resolve, reject}
     this.members = {}; // room -> Map(id -> name)
@@ -83,6 +84,7 @@ export class SwitchboardClient extends EventTarget {
   leave(room) {
     if (!this.rooms.delete(room)) return;
     delete this.offsets[room];
+    delete this.epochs[room];
     delete this.members[room];
     this.save();
     if (this.state === "open") this.send({ type: "leave", room });
@@ -214,7 +216,10 @@ export class SwitchboardClient extends EventTarget {
 
   sendJoin(room) {
     const join = { type: "join", room, name: this.name };
-    if (this.offsets[room] !== undefined) join.since = this.offsets[room];
+    if (this.offsets[room] !== undefined) {
+      join.since = this.offsets[room];
+      if (this.epochs[room] !== undefined) join.epoch = this.epochs[room];
+    }
     this.send(join);
   }
 
@@ -241,6 +246,14 @@ export class SwitchboardClient extends EventTarget {
         if (envelope.recovered === false) {
           this.emit("gap", { room: envelope.room, since: this.offsets[envelope.room] ?? 0, first: envelope.first });
         }
+        const known = this.epochs[envelope.room];
+        if (envelope.epoch !== undefined && known !== undefined && envelope.epoch !== known) {
+          // A new history (the server's was lost): its offsets start again, so the old ones would hide
+          // every message as already seen.
+          delete this.offsets[envelope.room];
+        }
+        if (envelope.epoch !== undefined) this.epochs[envelope.room] = envelope.epoch;
+        this.save();
         return this.emitPresence(envelope.room);
       }
       case "presence": {
@@ -310,7 +323,7 @@ export class SwitchboardClient extends EventTarget {
 
   save() {
     if (!this.storage) return;
-    const state = { rooms: [...this.rooms], offsets: this.offsets, pending: this.pending };
+    const state = { rooms: [...this.rooms], offsets: this.offsets, epochs: this.epochs, pending: this.pending };
     try {
       this.storage.setItem(this.options.storageKey, JSON.stringify(state));
     } catch {
@@ -325,6 +338,7 @@ export class SwitchboardClient extends EventTarget {
       if (!state) return;
       for (const room of state.rooms ?? []) this.rooms.add(room);
       this.offsets = state.offsets ?? {};
+      this.epochs = state.epochs ?? {};
       this.pending = state.pending ?? [];
     } catch {
       // A corrupt entry is ignored.

@@ -148,6 +148,30 @@ test("killing and restarting the server while a third client publishes loses and
   }
 });
 
+test("after the server loses its history (a new database), the page shows the new messages", async () => {
+  const port = await freePort();
+  const dir = mkdtempSync(join(tmpdir(), "sb-"));
+  let server = await startServer(port, join(dir, "first.db"));
+  const url = `http://127.0.0.1:${port}/`;
+  const ann = await openChat(url, "Ann");
+  try {
+    for (const text of ["old 1", "old 2", "old 3"]) await say(ann, text);
+    await waitForTexts(ann, ["old 1", "old 2", "old 3"]);
+    const epoch = await ann.evaluate(() => window.switchboard.epochs.lobby);
+    assert.ok(epoch, "the page keeps the epoch of its offsets");
+    await stop(server);
+    // Same port, empty history: offsets start at 1 again, under a new epoch.
+    server = await startServer(port, join(dir, "second.db"));
+    await ann.waitForSelector("#state.open", { timeout: 15000 });
+    const bob = await openChat(url, "Bob");
+    await say(bob, "new 1");
+    await waitForTexts(ann, ["new 1"]);
+    assert.notEqual(await ann.evaluate(() => window.switchboard.epochs.lobby), epoch);
+  } finally {
+    await stop(server);
+  }
+});
+
 test("the seed page from seed 000, unmodified, chats through the server", async () => {
   // The seed hard-codes ws://localhost:8000/ws: serve there when the port is free, so the page runs
   // byte for byte as printed; otherwise point it at our port (the only change) and say so.

@@ -135,6 +135,14 @@ pub struct Admitted<S> {
     _permit: Option<Permit>,
 }
 
+impl<S> Admitted<S> {
+    /// The stream and its place in the count (`None` when the loop runs without limits). A caller
+    /// that takes the stream apart keeps the place for as long as it holds the permit.
+    pub fn into_parts(self) -> (S, Option<Permit>) {
+        (self.inner, self._permit)
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Admitted<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)

@@ -204,11 +204,6 @@ impl Session {
         self.outbox.try_recv()
     }
 
-    /// Whether answers are waiting for the engine.
-    pub fn has_pending(&self) -> bool {
-        self.pending.is_some()
-    }
-
     /// The session's clock.
     pub fn now(&self) -> Instant {
         self.core.clock.now()

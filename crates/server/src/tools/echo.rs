@@ -48,11 +48,15 @@ struct EchoHandler(Config);
 
 impl Handler for EchoHandler {
     fn plain(&self, stream: Admitted<TcpStream>, _peer: SocketAddr) {
+        // The echo server admits without limits (no permit to keep): the bare stream keeps its task
+        // as small as it was.
+        let (stream, _no_permit) = stream.into_parts();
         tokio::spawn(EchoConnection::new(Box::pin(switchboard_ws::accept(stream, self.0.clone()))));
     }
 
     fn tls(&self, stream: Admitted<TcpStream>, peer: SocketAddr, acceptor: TlsAcceptor) {
         let config = self.0.clone();
+        let (stream, _no_permit) = stream.into_parts();
         let handshake = async move {
             let timeout = config.handshake_timeout;
             match listen::tls_handshake(&acceptor, stream, peer, timeout).await {
