@@ -22,7 +22,7 @@ use switchboard_ws::Utf8Bytes;
 use super::limits::HubLimits;
 use super::message::NodeId;
 use super::wire::{Dialect, Envelope, Member as WireMember, SeedOut};
-use crate::engine::{Deliver, Engine, Presence, PresenceEntry, StoredMessage};
+use crate::engine::{BoxFuture, Deliver, Engine, EngineError, Presence, PresenceEntry, StoredMessage};
 
 /// A connection's number on this node (what clients see is [`Hub::member_id`]).
 pub type ConnId = u64;
@@ -43,14 +43,25 @@ pub enum JoinError {
 
 /// Where a member's live delivery stands in one room.
 enum Delivery {
-    /// Deliveries are kept here until the session has its replay ([`Hub::start`]).
-    Held(Vec<(u64, Utf8Bytes)>),
+    /// Deliveries are kept aside until the session has its replay ([`Hub::start`] with this join's
+    /// number).
+    Held { join: JoinId, held: Vec<(u64, Utf8Bytes)>, bytes: usize },
     /// Messages after this offset go to the outbox.
     After(u64),
 }
 
+/// Names one join of one member, so that a replay read for an earlier join (the member left and
+/// joined again meanwhile) cannot start or end the later one.
+pub type JoinId = u64;
+
+struct Member {
+    delivery: Delivery,
+    /// Display name (empty for seed clients, who are not listed).
+    name: String,
+}
+
 struct Room {
-    members: BTreeMap<ConnId, Delivery>,
+    members: BTreeMap<ConnId, Member>,
 }
 
 struct Conn {
@@ -177,13 +188,15 @@ pub struct Hub {
     engine: OnceLock<Weak<dyn Engine>>,
     /// Set by [`Hub::shut_down`]: every outbox is closed, and new ones are born closed.
     closing: AtomicBool,
+    next_join: AtomicU64,
 }
 
 /// What a join changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Joined {
-    /// False when the connection was a member already (a join again, to rename or replay).
-    pub new_member: bool,
+    /// This join's number, for [`Hub::start`] and [`Hub::abandon`]; `None` when the connection was a
+    /// member already (a join again, to rename or replay): there is nothing to start.
+    pub join: Option<JoinId>,
 }
 
 impl Hub {
@@ -198,6 +211,7 @@ impl Hub {
             presence,
             engine: OnceLock::new(),
             closing: AtomicBool::new(false),
+            next_join: AtomicU64::new(1),
         })
     }
 
@@ -246,7 +260,8 @@ impl Hub {
         if conn.rooms.is_empty() {
             // Exactly one room, ever: no room to spare in the list.
             conn.rooms = vec![self.default_room.clone()];
-            self.room_entry(&mut inner.rooms, &self.default_room).members.insert(id, Delivery::After(0));
+            let member = Member { delivery: Delivery::After(0), name: String::new() };
+            self.room_entry(&mut inner.rooms, &self.default_room).members.insert(id, member);
         }
     }
 
@@ -268,6 +283,7 @@ impl Hub {
     pub fn unregister(&self, id: ConnId) {
         let mut inner = self.lock();
         self.remove_conn(&mut inner, id);
+        drop(inner);
     }
 
     /// Makes `id` a member of `room` under `name`, held until [`Hub::start`]; joining again keeps its
@@ -281,40 +297,53 @@ impl Hub {
             return Err(JoinError::TooManyRooms { limit: self.limits.max_rooms_per_connection });
         }
         let dialect = conn.dialect;
-        if new_member {
+        let (join, previous) = if new_member {
             conn.rooms.push(room.to_owned());
-            self.room_entry(&mut inner.rooms, room).members.insert(id, Delivery::Held(Vec::new()));
-        }
+            let join = self.next_join.fetch_add(1, Ordering::Relaxed);
+            let member =
+                Member { delivery: Delivery::Held { join, held: Vec::new(), bytes: 0 }, name: name.to_owned() };
+            self.room_entry(&mut inner.rooms, room).members.insert(id, member);
+            (Some(join), None)
+        } else {
+            // Already a member (live, or held for an earlier join that answers first): this join has
+            // nothing to start, only a rename and a replay.
+            let member = inner.rooms.get_mut(room).and_then(|r| r.members.get_mut(&id)).ok_or(JoinError::Gone)?;
+            (None, Some(std::mem::replace(&mut member.name, name.to_owned())))
+        };
         if dialect == Dialect::V1 {
             let member_id = self.member_id(id);
-            let previous = self.presence.add(room, PresenceEntry { id: member_id.clone(), name: name.to_owned() });
             let event = match previous {
                 None => Some("join"),
                 Some(old) if old != name => Some("update"),
                 Some(_) => None,
             };
             if let Some(event) = event {
+                self.presence.add(room, PresenceEntry { id: member_id.clone(), name: name.to_owned() });
                 let member = WireMember { id: &member_id, name };
                 let text = Envelope::PresenceEvent { room, event, member }.encode();
                 self.broadcast_presence(inner, room, id, text);
             }
         }
-        Ok(Joined { new_member })
+        Ok(Joined { join })
     }
 
-    /// The session has replayed `room` up to `top`: what was held for `id` after it goes out, and live
-    /// delivery goes on from there. False when `id` is no longer a member.
-    pub fn start(&self, id: ConnId, room: &str, top: u64) -> bool {
+    /// The session has replayed `room` up to `top` for `join`: what was held after it goes out, and
+    /// live delivery goes on from there. False when that join is no longer pending (the member left,
+    /// or joined again and this is the earlier join's replay) or the member was dropped.
+    pub fn start(&self, id: ConnId, room: &str, join: JoinId, top: u64) -> bool {
         let mut guard = self.lock();
-        let inner = &mut *guard;
-        let Some(delivery) = inner.rooms.get_mut(room).and_then(|r| r.members.get_mut(&id)) else { return false };
-        let held = match std::mem::replace(delivery, Delivery::After(top)) {
-            Delivery::Held(held) => held,
-            after @ Delivery::After(_) => {
-                // A join again: the member was live all along, and stays where it was.
-                *delivery = after;
-                return true;
-            }
+        let started = self.start_locked(&mut guard, id, room, join, top);
+        drop(guard);
+        started
+    }
+
+    fn start_locked(&self, inner: &mut Inner, id: ConnId, room: &str, join: JoinId, top: u64) -> bool {
+        let Some(member) = inner.rooms.get_mut(room).and_then(|r| r.members.get_mut(&id)) else { return false };
+        if !matches!(member.delivery, Delivery::Held { join: pending, .. } if pending == join) {
+            return false;
+        }
+        let Delivery::Held { held, .. } = std::mem::replace(&mut member.delivery, Delivery::After(top)) else {
+            unreachable!("matched above")
         };
         let Some(conn) = inner.conns.get(&id) else { return false };
         let fits = held
@@ -329,10 +358,26 @@ impl Hub {
         true
     }
 
+    /// A join whose replay could not be read: the member leaves again, unless it has left or joined
+    /// anew meanwhile. True when it left.
+    pub fn abandon(&self, id: ConnId, room: &str, join: JoinId) -> bool {
+        let mut guard = self.lock();
+        let pending = guard
+            .rooms
+            .get(room)
+            .and_then(|r| r.members.get(&id))
+            .is_some_and(|m| matches!(m.delivery, Delivery::Held { join: pending, .. } if pending == join));
+        let left = pending && self.leave_room(&mut guard, id, room);
+        drop(guard);
+        left
+    }
+
     /// Leaves a room; false if the connection was not in it.
     pub fn leave(&self, id: ConnId, room: &str) -> bool {
         let mut inner = self.lock();
-        self.leave_room(&mut inner, id, room)
+        let left = self.leave_room(&mut inner, id, room);
+        drop(inner);
+        left
     }
 
     /// The rooms a connection is in.
@@ -345,8 +390,9 @@ impl Hub {
         self.lock().conns.get(&id).is_some_and(|c| c.rooms.iter().any(|r| r == room))
     }
 
-    /// Up to the presence limit of `room`'s full-protocol members, and whether the list was cut.
-    pub fn presence(&self, room: &str) -> (Vec<PresenceEntry>, bool) {
+    /// Up to the presence limit of `room`'s full-protocol members (on every node), and whether the
+    /// list was cut.
+    pub fn presence(&self, room: &str) -> BoxFuture<'_, Result<(Vec<PresenceEntry>, bool), EngineError>> {
         self.presence.list(room, self.limits.max_presence)
     }
 
@@ -375,21 +421,24 @@ impl Hub {
         let Some(at) = conn.rooms.iter().position(|r| r == room) else { return false };
         conn.rooms.swap_remove(at);
         let dialect = conn.dialect;
+        let mut name = String::new();
         let emptied = inner.rooms.get_mut(room).is_some_and(|r| {
-            r.members.remove(&id);
+            name = r.members.remove(&id).map(|m| m.name).unwrap_or_default();
             r.members.is_empty()
         });
         // An empty room leaves nothing to remember: a flood of joins to made-up rooms costs no memory
         // once its connections are gone.
         if emptied {
             inner.rooms.remove(room);
+            // Under the lock, like `subscribe`: the engine hears of a room's first and last member in
+            // the order they happened.
             if let Some(engine) = self.engine() {
                 engine.unsubscribe(room);
             }
         }
         if dialect == Dialect::V1 {
             let member_id = self.member_id(id);
-            let name = self.presence.remove(room, &member_id).unwrap_or_default();
+            self.presence.remove(room, &member_id);
             let text =
                 Envelope::PresenceEvent { room, event: "leave", member: WireMember { id: &member_id, name: &name } }
                     .encode();
@@ -414,7 +463,9 @@ impl Hub {
     fn broadcast_presence(&self, inner: &Inner, room: &str, subject: ConnId, text: String) {
         let Some(room) = inner.rooms.get(room) else { return };
         let bytes = Utf8Bytes::from(text);
-        for id in room.members.keys().filter(|id| **id != subject) {
+        // Members still held hear nothing before their `joined` (which lists who is there then).
+        let live = room.members.iter().filter(|(id, m)| **id != subject && matches!(m.delivery, Delivery::After(_)));
+        for (id, _) in live {
             if let Some(conn) = inner.conns.get(id).filter(|c| c.dialect == Dialect::V1) {
                 // Presence is best effort: an event that does not fit is lost for that member, whose
                 // list can be refreshed with a presence request; a member that far behind is about to
@@ -427,6 +478,10 @@ impl Hub {
 
 impl Deliver for Hub {
     fn deliver(&self, batch: &[StoredMessage]) {
+        // Shutting down, every outbox is closed: offering would only count everyone as too slow.
+        if self.is_closing() {
+            return;
+        }
         let mut guard = self.lock();
         let Inner { rooms, conns } = &mut *guard;
         let mut stalled = Vec::new();
@@ -434,16 +489,12 @@ impl Deliver for Hub {
             let Some(room) = rooms.get_mut(&message.room) else { continue };
             let mut v1 = None;
             let mut seed = None;
-            for (id, delivery) in room.members.iter_mut() {
+            for (id, member) in room.members.iter_mut() {
                 if stalled.contains(id) {
                     continue;
                 }
                 let Some(conn) = conns.get(id) else { continue };
-                let after = match delivery {
-                    Delivery::After(after) => *after,
-                    Delivery::Held(_) => 0,
-                };
-                if message.offset <= after {
+                if matches!(member.delivery, Delivery::After(after) if message.offset <= after) {
                     continue; // in the member's replay already
                 }
                 let bytes = match conn.dialect {
@@ -451,12 +502,17 @@ impl Deliver for Hub {
                     Dialect::V1 => v1.get_or_insert_with(|| Utf8Bytes::from(Envelope::message(message).encode())),
                 }
                 .clone();
-                let kept = match delivery {
-                    Delivery::Held(held) if held.len() < self.limits.outbox_messages => {
-                        held.push((message.offset, bytes));
-                        true
+                let kept = match &mut member.delivery {
+                    // Held deliveries count against the outbox's bounds, in messages and in bytes.
+                    Delivery::Held { held, bytes: held_bytes, .. } => {
+                        let fits = held.len() < self.limits.outbox_messages
+                            && (*held_bytes == 0 || *held_bytes + bytes.len() <= self.limits.outbox_bytes);
+                        if fits {
+                            *held_bytes += bytes.len();
+                            held.push((message.offset, bytes));
+                        }
+                        fits
                     }
-                    Delivery::Held(_) => false,
                     Delivery::After(_) => conn.outbox.offer(bytes, &self.limits),
                 };
                 if !kept {
@@ -468,6 +524,7 @@ impl Deliver for Hub {
             tracing::info!(conn = id, "outbox full: dropping a client that does not keep up");
             self.remove_conn(&mut guard, id);
         }
+        drop(guard);
     }
 }
 
@@ -495,13 +552,13 @@ mod tests {
 
     fn live(hub: &Hub, room: &str) -> (ConnId, Outbox) {
         let (id, outbox) = hub.register(Dialect::V1);
-        hub.join(id, room, "x").unwrap();
-        assert!(hub.start(id, room, 0));
+        let join = hub.join(id, room, "x").unwrap().join.expect("a new member");
+        assert!(hub.start(id, room, join, 0));
         (id, outbox)
     }
 
-    #[test]
-    fn rooms_without_members_are_forgotten() {
+    #[tokio::test]
+    async fn rooms_without_members_are_forgotten() {
         let hub = hub();
         let (id, _rx) = hub.register(Dialect::V1);
         for room in ["a", "b", "c"] {
@@ -511,7 +568,7 @@ mod tests {
         assert_eq!(hub.room_count(), 3);
         hub.unregister(id);
         assert_eq!(hub.room_count(), 0);
-        assert_eq!(hub.presence("a"), (Vec::new(), false));
+        assert_eq!(hub.presence("a").await.unwrap(), (Vec::new(), false));
     }
 
     #[test]
@@ -565,11 +622,11 @@ mod tests {
     fn a_joining_member_gets_what_follows_its_replay_once() {
         let hub = hub();
         let (id, mut rx) = hub.register(Dialect::V1);
-        hub.join(id, "r", "x").unwrap();
+        let join = hub.join(id, "r", "x").unwrap().join.unwrap();
         hub.deliver(&[message("r", 5), message("r", 6)]);
         assert_eq!(rx.try_recv(), None, "held until the replay is read");
         // The session read top = 5 (so 5 is in its replay) while 6 was being committed.
-        assert!(hub.start(id, "r", 5));
+        assert!(hub.start(id, "r", join, 5));
         assert_eq!(rx.try_recv().map(|b| b.contains("\"offset\":6")), Some(true));
         assert_eq!(rx.try_recv(), None, "5 came with the replay, not again");
         hub.deliver(&[message("r", 7)]);
@@ -579,8 +636,10 @@ mod tests {
     #[test]
     fn shutting_down_closes_every_outbox_and_new_ones_too() {
         let hub = hub();
-        let (_, mut before) = live(&hub, "r");
+        let (member, mut before) = live(&hub, "r");
         hub.shut_down();
+        hub.deliver(&[message("r", 1)]);
+        assert!(hub.is_member(member, "r"), "a commit while closing drops nobody as too slow");
         let (_, mut after) = hub.register(Dialect::V1);
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
@@ -590,19 +649,51 @@ mod tests {
     }
 
     #[test]
-    fn presence_is_capped_and_says_so() {
+    fn an_earlier_join_cannot_start_or_abandon_a_later_one() {
+        let hub = hub();
+        let (id, mut rx) = hub.register(Dialect::V1);
+        let first = hub.join(id, "r", "x").unwrap().join.unwrap();
+        assert!(hub.leave(id, "r"));
+        let second = hub.join(id, "r", "x").unwrap().join.unwrap();
+        assert!(!hub.start(id, "r", first, 0), "the first join's replay is stale");
+        assert!(!hub.abandon(id, "r", first), "nor can its failure take the member out");
+        hub.deliver(&[message("r", 1)]);
+        assert_eq!(rx.try_recv(), None, "still held for the second join");
+        assert!(hub.start(id, "r", second, 0));
+        assert_eq!(rx.try_recv().map(|b| b.contains("\"offset\":1")), Some(true));
+        assert!(!hub.abandon(id, "r", second), "a started member is not abandoned");
+        assert!(hub.is_member(id, "r"));
+    }
+
+    #[test]
+    fn a_held_member_hears_no_presence_and_holds_within_the_byte_bound() {
+        let hub = hub();
+        let (held, mut ann_rx) = hub.register(Dialect::V1);
+        hub.join(held, "r", "ann").unwrap();
+        let (_bob, _bob_rx) = live(&hub, "r");
+        assert_eq!(ann_rx.try_recv(), None, "no presence event before its joined");
+        let mut big = message("r", 1);
+        big.message = "x".repeat(600);
+        hub.deliver(&[big.clone()]);
+        big.offset = 2;
+        hub.deliver(&[big]);
+        assert!(!hub.is_member(held, "r"), "1,200 held bytes pass the 1,000-byte bound");
+    }
+
+    #[tokio::test]
+    async fn presence_is_capped_and_says_so() {
         let hub = hub();
         let ids: Vec<_> = (0..3).map(|_| hub.register(Dialect::V1)).collect();
         for (id, _) in &ids {
             hub.join(*id, "big", "member").unwrap();
         }
-        let (members, truncated) = hub.presence("big");
+        let (members, truncated) = hub.presence("big").await.unwrap();
         assert_eq!((members.len(), truncated), (2, true));
         assert_eq!(members[0].id, "n-1", "ids name the node");
     }
 
-    #[test]
-    fn seed_members_hear_messages_but_no_presence() {
+    #[tokio::test]
+    async fn seed_members_hear_messages_but_no_presence() {
         let hub = hub();
         let (seed, mut seed_rx) = hub.register(Dialect::Seed);
         hub.enter_default_room(seed);
@@ -610,6 +701,6 @@ mod tests {
         assert_eq!(seed_rx.try_recv(), None, "no presence event for a seed client");
         hub.deliver(&[message("lobby", 1)]);
         assert_eq!(seed_rx.try_recv().as_deref(), Some(r#"{"name":"n","message":"m","time":"00:00:00"}"#));
-        assert_eq!(hub.presence("lobby").0.len(), 1, "seed clients are not listed");
+        assert_eq!(hub.presence("lobby").await.unwrap().0.len(), 1, "seed clients are not listed");
     }
 }

@@ -40,11 +40,13 @@ pub fn check_name(name: &str, max_chars: usize) -> Result<(), Refusal> {
 pub struct NodeId(String);
 
 impl NodeId {
-    /// A fresh random node id (8 hex digits).
+    /// A fresh random node id (16 hex digits).
     pub fn random() -> Self {
-        let mut bytes = [0u8; 4];
+        let mut bytes = [0u8; 8];
         if getrandom::fill(&mut bytes).is_err() {
-            bytes = (std::process::id() ^ SystemTime::now().elapsed().map_or(0, |d| d.subsec_nanos())).to_le_bytes();
+            // No system randomness: the pid and the time to the nanosecond still differ between nodes.
+            let nanos = SystemTime::UNIX_EPOCH.elapsed().map_or(0, |d| d.as_nanos() as u64);
+            bytes = (nanos ^ (u64::from(std::process::id()) << 32)).to_le_bytes();
         }
         Self(bytes.iter().map(|b| format!("{b:02x}")).collect())
     }
@@ -82,9 +84,9 @@ impl Clock for SystemClock {
     }
 }
 
-/// The server's local wall-clock time, as the seed server stamped messages.
-pub fn now_hms() -> String {
-    chrono::Local::now().format("%H:%M:%S").to_string()
+/// `now` in the server's local time, `HH:MM:SS`, as the seed server stamped messages.
+pub fn now_hms(now: SystemTime) -> String {
+    chrono::DateTime::<chrono::Local>::from(now).format("%H:%M:%S").to_string()
 }
 
 #[cfg(test)]
@@ -104,6 +106,6 @@ mod tests {
         let (a, b) = (NodeId::random(), NodeId::random());
         assert_ne!(a, b, "two nodes draw different ids");
         assert_eq!(NodeId::new("abc").member_id(7), "abc-7");
-        assert!(a.member_id(1).len() == 10);
+        assert_eq!(a.member_id(1).len(), 18);
     }
 }

@@ -4,8 +4,9 @@
 //! envelopes out, deadlines out. It reads the time from a [`message::Clock`], publishes and reads
 //! history through the [`crate::engine::Engine`] traits, and receives fan-out through its
 //! [`hub::Outbox`]. Nothing here names a socket, HTTP, axum or SQLite: a transport
-//! ([`crate::transport`]) carries text to and from a session, and the tests below drive sessions with
-//! no transport at all.
+//! ([`crate::transport`]) carries text to and from a session, and the tests drive sessions with no
+//! transport at all. The one type from below is `Utf8Bytes`, the protocol crate's validated text
+//! buffer: fan-out encodes a message once and shares those bytes into every member's frames.
 
 pub mod access;
 pub mod hub;

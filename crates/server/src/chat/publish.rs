@@ -2,6 +2,7 @@
 //! and one queued engine publish per room, in order.
 
 use std::collections::HashSet;
+use std::time::SystemTime;
 
 use super::limits::SessionLimits;
 use super::message::{check_name, check_room, now_hms, NewMessage, Refusal};
@@ -52,9 +53,13 @@ pub fn validate_publish(
     Ok(PublishRequest { rooms, message, name: name.unwrap_or_else(|| "Anonymous".into()), id })
 }
 
-/// Queues one message per room, in order; each resolves once committed.
-pub fn submit(engine: &dyn Engine, publish: PublishRequest) -> Vec<(String, Result<PendingPublish, EngineError>)> {
-    let time = now_hms();
+/// Queues one message per room, in order, stamped with `now`; each resolves once committed.
+pub fn submit(
+    engine: &dyn Engine,
+    publish: PublishRequest,
+    now: SystemTime,
+) -> Vec<(String, Result<PendingPublish, EngineError>)> {
+    let time = now_hms(now);
     publish
         .rooms
         .into_iter()

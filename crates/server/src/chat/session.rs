@@ -20,13 +20,13 @@ use serde_json::Value;
 use switchboard_ws::Utf8Bytes;
 
 use super::access::{AuthError, Identity};
-use super::hub::{ConnId, JoinError, Outbox};
+use super::hub::{ConnId, JoinError, JoinId, Outbox};
 use super::limits::RateLimiter;
 use super::message::{check_name, check_room, now_hms, NewMessage, Refusal};
 use super::publish::{self, validate_publish, PublishRequest};
 use super::wire::{error_text, Dialect, Envelope, ErrorCode, Member, Request};
 use super::Core;
-use crate::engine::{EngineError, History, Position, Published};
+use crate::engine::{EngineError, History, Position, PresenceEntry, Published};
 
 /// The server is going away (shutdown).
 pub const GOING_AWAY: u16 = 1001;
@@ -89,10 +89,20 @@ enum Done {
 
 struct JoinRead {
     room: String,
+    /// The hub's number for this join; `None` for a join again of a live member.
+    join: Option<JoinId>,
     since: Option<u64>,
     epoch: Option<String>,
     req: Option<Value>,
-    read: Result<(Position, History), EngineError>,
+    read: Result<JoinView, EngineError>,
+}
+
+/// What a join reads from the engine: where the room stands, the replay, and who is there.
+struct JoinView {
+    top: Position,
+    history: History,
+    members: Vec<PresenceEntry>,
+    truncated: bool,
 }
 
 type Pending = Pin<Box<dyn Future<Output = Completion> + Send>>;
@@ -335,7 +345,7 @@ impl Session {
         if name.chars().count() > limits.max_name_chars || message.chars().count() > limits.max_message_chars {
             return Err((MESSAGE_TOO_BIG, "name or message too long".into()));
         }
-        let new = NewMessage { room, id: None, name, message, time: now_hms() };
+        let new = NewMessage { room, id: None, name, message, time: now_hms(self.core.clock.wall()) };
         match self.core.engine.publish(new) {
             Ok(pending) => {
                 self.push_pending(Box::pin(async move {
@@ -430,9 +440,18 @@ impl Session {
                 if !self.core.hub.is_member(id, &room) {
                     return refused((ErrorCode::UnknownRoom, format!("not a member of {room:?}")), &req);
                 }
-                let (members, truncated) = self.core.hub.presence(&room);
-                let members = members.iter().map(Member::from).collect();
-                Ok(vec![Envelope::PresenceList { room: &room, members, truncated, req: req.as_ref() }.encode()])
+                let hub = self.core.hub.clone();
+                self.push_pending(Box::pin(async move {
+                    let text = match hub.presence(&room).await {
+                        Ok((members, truncated)) => {
+                            let members = members.iter().map(Member::from).collect();
+                            Envelope::PresenceList { room: &room, members, truncated, req: req.as_ref() }.encode()
+                        }
+                        Err(error) => unavailable(&error, req.as_ref()),
+                    };
+                    Completion(Done::Reply(Some(text)))
+                }));
+                Ok(Vec::new())
             }
             Request::History { room, since, limit, req } => {
                 if let Err(e) = check_room(&room).and_then(|()| may(identity.may_join(&room), "read", &room)) {
@@ -509,17 +528,19 @@ impl Session {
         }
         // An authenticated member is shown under its token's name, whatever it asks for.
         let display = identity.name.clone().or_else(|| self.name.clone()).unwrap_or_else(|| "Anonymous".into());
-        match self.core.hub.join(id, &room, &display) {
-            Ok(_) => {}
+        let join = match self.core.hub.join(id, &room, &display) {
+            Ok(joined) => joined.join,
             Err(error @ JoinError::TooManyRooms { .. }) => {
                 return vec![error_text(ErrorCode::TooMany, &error.to_string(), req.as_ref())]
             }
             Err(JoinError::Gone) => return Vec::new(),
-        }
+        };
         let engine = self.core.engine.clone();
+        let hub = self.core.hub.clone();
         let limits = self.core.limits.clone();
         self.push_pending(Box::pin(async move {
             let read = async {
+                engine.subscribed(&room).await?;
                 let top = engine.top(&room).await?;
                 let last = top.offset;
                 let same_epoch = epoch.as_deref().is_none_or(|e| e == &*top.epoch);
@@ -534,27 +555,34 @@ impl Session {
                         engine.history(&room, last.saturating_sub(backlog as u64), last, backlog).await?
                     }
                 };
-                Ok((top, history))
+                let (members, truncated) = hub.presence(&room).await?;
+                Ok(JoinView { top, history, members, truncated })
             };
             let read = read.await;
-            Completion(Done::Joined(Box::new(JoinRead { room, since, epoch, req, read })))
+            Completion(Done::Joined(Box::new(JoinRead { room, join, since, epoch, req, read })))
         }));
         Vec::new()
     }
 
     /// The replay of a join is read: the `joined` answer and the replay, and live delivery from there.
     fn joined(&mut self, join: JoinRead) -> Vec<String> {
-        let JoinRead { room, since, epoch, req, read } = join;
-        let (top, history) = match read {
+        let JoinRead { room, join, since, epoch, req, read } = join;
+        let JoinView { top, history, members, truncated } = match read {
             Ok(read) => read,
             Err(error) => {
-                // The member was held and never started: take it out again.
-                self.core.hub.leave(self.conn, &room);
+                // A member that was held for this join leaves again; one that was live stays.
+                if let Some(join) = join {
+                    self.core.hub.abandon(self.conn, &room, join);
+                }
                 return vec![unavailable(&error, req.as_ref())];
             }
         };
-        if !self.core.hub.start(self.conn, &room, top.offset) {
-            return Vec::new(); // left meanwhile, or dropped for being too slow
+        if let Some(join) = join {
+            if !self.core.hub.start(self.conn, &room, join, top.offset) {
+                // Left meanwhile (the client has its `left`), joined again (that join answers), or
+                // dropped for being too slow (the session is ending).
+                return Vec::new();
+            }
         }
         let last = top.offset;
         let same_epoch = epoch.as_deref().is_none_or(|e| e == &*top.epoch);
@@ -567,7 +595,6 @@ impl Session {
                 history.first_retained <= since + 1 && (last - since) as usize <= self.core.limits.max_replay
             }
         });
-        let (members, truncated) = self.core.hub.presence(&room);
         let mut out = Vec::with_capacity(history.messages.len() + 1);
         out.push(
             Envelope::Joined {
@@ -588,7 +615,7 @@ impl Session {
 
     fn publish(&mut self, publish: PublishRequest, req: Option<Value>) -> Vec<String> {
         let mut immediate = Vec::new();
-        for (_, queued) in publish::submit(self.core.engine.as_ref(), publish) {
+        for (_, queued) in publish::submit(self.core.engine.as_ref(), publish, self.core.clock.wall()) {
             let req = req.clone();
             match queued {
                 Ok(pending) => self.push_pending(Box::pin(async move {

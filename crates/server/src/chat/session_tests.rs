@@ -474,6 +474,72 @@ async fn leaving_the_hub_when_a_session_ends() {
     assert_eq!(chat.core.hub.connection_count(), 1);
 }
 
+/// An engine whose reads fail while `failing` is set (a store that went away).
+struct Flaky {
+    inner: Arc<dyn Engine>,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl Engine for Flaky {
+    fn publish(&self, message: NewMessage) -> Result<crate::engine::PendingPublish, EngineError> {
+        self.inner.publish(message)
+    }
+    fn history(
+        &self,
+        room: &str,
+        after: u64,
+        up_to: u64,
+        limit: usize,
+    ) -> crate::engine::BoxFuture<'_, Result<History, EngineError>> {
+        self.inner.history(room, after, up_to, limit)
+    }
+    fn top(&self, room: &str) -> crate::engine::BoxFuture<'_, Result<Position, EngineError>> {
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Box::pin(std::future::ready(Err(EngineError::Read("the disk went away".into()))));
+        }
+        self.inner.top(room)
+    }
+    fn subscribe(&self, room: &str) {
+        self.inner.subscribe(room)
+    }
+    fn unsubscribe(&self, room: &str) {
+        self.inner.unsubscribe(room)
+    }
+    fn subscribed(&self, room: &str) -> crate::engine::BoxFuture<'_, Result<(), EngineError>> {
+        self.inner.subscribed(room)
+    }
+    fn shutdown(&self) -> crate::engine::BoxFuture<'_, ()> {
+        self.inner.shutdown()
+    }
+}
+
+#[tokio::test]
+async fn a_join_that_cannot_read_its_replay_fails_and_a_live_member_stays() {
+    let base = chat(Options::default());
+    let flaky = Arc::new(Flaky { inner: base.core.engine.clone(), failing: Default::default() });
+    let core = Arc::new(Core {
+        hub: base.core.hub.clone(),
+        engine: flaky.clone(),
+        access: base.core.access.clone(),
+        limits: base.core.limits.clone(),
+        clock: base.clock.clone(),
+    });
+    let chat = Chat { core, clock: base.clock.clone() };
+    let mut ann = chat.v1();
+    ann.join("r").await;
+    flaky.failing.store(true, std::sync::atomic::Ordering::Relaxed);
+    let again = ann.send(json!({"type": "join", "room": "r", "name": "Ann", "req": 1})).await.unwrap();
+    assert_eq!((again[0]["code"].as_str(), again[0]["req"].as_u64()), (Some("unavailable"), Some(1)));
+    assert!(chat.core.hub.is_member(ann.session.conn, "r"), "a failed join again keeps the live member");
+    let mut bob = chat.v1();
+    let first = bob.send(json!({"type": "join", "room": "other"})).await.unwrap();
+    assert_eq!(first[0]["code"], "unavailable");
+    assert!(!chat.core.hub.is_member(bob.session.conn, "other"), "a failed first join leaves no member");
+    flaky.failing.store(false, std::sync::atomic::Ordering::Relaxed);
+    ann.publish("r", "still here").await;
+    assert_eq!(ann.delivered_messages().len(), 1);
+}
+
 #[test]
 fn close_reasons_fit_a_close_frame() {
     let end = End::new(POLICY_VIOLATION, "é".repeat(100));

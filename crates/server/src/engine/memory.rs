@@ -110,6 +110,10 @@ impl Engine for MemoryEngine {
 
     fn unsubscribe(&self, _room: &str) {}
 
+    fn subscribed(&self, _room: &str) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         self.lock().closed = true;
         Box::pin(std::future::ready(()))
@@ -130,7 +134,7 @@ struct RoomPresence {
 }
 
 impl Presence for LocalPresence {
-    fn add(&self, room: &str, member: PresenceEntry) -> Option<String> {
+    fn add(&self, room: &str, member: PresenceEntry) {
         let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
         let entry = rooms.entry(room.to_owned()).or_default();
         let order = match entry.order_of.get(&member.id) {
@@ -141,24 +145,27 @@ impl Presence for LocalPresence {
                 order
             }
         };
-        entry.by_order.insert(order, member).map(|previous| previous.name)
+        entry.by_order.insert(order, member);
     }
 
-    fn remove(&self, room: &str, id: &str) -> Option<String> {
+    fn remove(&self, room: &str, id: &str) {
         let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = rooms.get_mut(room)?;
-        let removed = entry.order_of.remove(id).and_then(|order| entry.by_order.remove(&order));
+        let Some(entry) = rooms.get_mut(room) else { return };
+        if let Some(order) = entry.order_of.remove(id) {
+            entry.by_order.remove(&order);
+        }
         if entry.order_of.is_empty() {
             rooms.remove(room);
         }
-        removed.map(|member| member.name)
     }
 
-    fn list(&self, room: &str, limit: usize) -> (Vec<PresenceEntry>, bool) {
+    fn list(&self, room: &str, limit: usize) -> BoxFuture<'_, Result<(Vec<PresenceEntry>, bool), EngineError>> {
         let rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(entry) = rooms.get(room) else { return (Vec::new(), false) };
-        let members: Vec<PresenceEntry> = entry.by_order.values().take(limit).cloned().collect();
-        (members, entry.by_order.len() > limit)
+        let listed = match rooms.get(room) {
+            Some(entry) => (entry.by_order.values().take(limit).cloned().collect(), entry.by_order.len() > limit),
+            None => (Vec::new(), false),
+        };
+        Box::pin(std::future::ready(Ok(listed)))
     }
 }
 
@@ -203,21 +210,20 @@ mod tests {
         assert_eq!(engine.publish(new("r", None)).err(), Some(EngineError::Closed));
     }
 
-    #[test]
-    fn presence_keeps_join_order_and_renames_in_place() {
+    #[tokio::test]
+    async fn presence_keeps_join_order_and_renames_in_place() {
         let presence = LocalPresence::default();
         for id in ["n-9", "n-10", "n-11"] {
             presence.add("r", PresenceEntry { id: id.into(), name: id.into() });
         }
-        let previous = presence.add("r", PresenceEntry { id: "n-9".into(), name: "renamed".into() });
-        assert_eq!(previous.as_deref(), Some("n-9"));
-        let (members, truncated) = presence.list("r", 2);
+        presence.add("r", PresenceEntry { id: "n-9".into(), name: "renamed".into() });
+        let (members, truncated) = presence.list("r", 2).await.unwrap();
         assert_eq!(members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), vec!["renamed", "n-10"]);
         assert!(truncated);
         for id in ["n-9", "n-10", "n-11"] {
             presence.remove("r", id);
         }
-        assert_eq!(presence.list("r", 2), (Vec::new(), false));
+        assert_eq!(presence.list("r", 2).await.unwrap(), (Vec::new(), false));
         assert!(presence.rooms.lock().unwrap().is_empty(), "an empty room is forgotten");
     }
 }

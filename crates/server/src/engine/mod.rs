@@ -12,9 +12,15 @@
 //!   old offsets are answered with `recovered: false` instead of being trusted.
 //! - Committed messages reach the node's hub through the [`Deliver`] sink given to the engine when it
 //!   opens, per room in offset order. [`Engine::subscribe`] and [`Engine::unsubscribe`] tell the engine
-//!   which rooms this node has members in (the first local member joins, the last leaves); a
-//!   single-process engine delivers everything and may ignore them.
+//!   which rooms this node has members in (the first local member joins, the last leaves), and a join
+//!   waits for [`Engine::subscribed`] before it reads the room's top; a single-process engine
+//!   delivers everything and answers at once.
 //! - [`Presence`] is a trait of its own: which members a room has across nodes.
+//!
+//! **The contract a join relies on** (so that replay and live delivery meet with no gap and no
+//! repeat): once [`Engine::subscribed`] has resolved for a room, every offset up to the one
+//! [`Engine::top`] then returns can be read with [`Engine::history`], and every later offset reaches
+//! the [`Deliver`] sink after that `top` returned.
 //!
 //! Errors are [`EngineError`], whatever the backend.
 
@@ -166,11 +172,17 @@ pub trait Engine: Send + Sync + 'static {
     /// The room's last committed offset and the history's epoch.
     fn top(&self, room: &str) -> BoxFuture<'_, Result<Position, EngineError>>;
 
-    /// This node has a member in `room` now (its first local member joined).
+    /// This node has a member in `room` now (its first local member joined). Called under the hub's
+    /// lock, in the order rooms fill and empty: it must not block, and must not call into the hub or
+    /// take a lock the engine holds while it delivers (a networked engine queues the change).
     fn subscribe(&self, room: &str);
 
-    /// This node's last member of `room` left.
+    /// This node's last member of `room` left; called as [`Engine::subscribe`] is.
     fn unsubscribe(&self, room: &str);
+
+    /// Resolves once `room`'s committed messages are being delivered to this node (after
+    /// [`Engine::subscribe`]); a join waits for it before it reads [`Engine::top`].
+    fn subscribed(&self, room: &str) -> BoxFuture<'_, Result<(), EngineError>>;
 
     /// Commits what is queued and stops; publishes after this fail with [`EngineError::Closed`].
     fn shutdown(&self) -> BoxFuture<'_, ()>;
@@ -185,14 +197,16 @@ pub struct PresenceEntry {
     pub name: String,
 }
 
-/// Which members a room has, across every node that serves it.
+/// Which members a room has, across every node that serves it. The hub keeps its own members' names
+/// (for presence events); this is the list a `presence` request and a `joined` answer show.
 pub trait Presence: Send + Sync + 'static {
-    /// Records `member` in `room` (again, to change its name); the name it had, if it was there.
-    fn add(&self, room: &str, member: PresenceEntry) -> Option<String>;
-    /// Removes a member from `room`; the name it had, if it was there.
-    fn remove(&self, room: &str, id: &str) -> Option<String>;
+    /// Records `member` in `room` (again, to change its name). Called under the hub's lock, as
+    /// [`Engine::subscribe`] is: it must not block (a networked presence queues the change).
+    fn add(&self, room: &str, member: PresenceEntry);
+    /// Removes a member from `room`; called as [`Presence::add`] is.
+    fn remove(&self, room: &str, id: &str);
     /// Up to `limit` members of `room`, and whether there were more.
-    fn list(&self, room: &str, limit: usize) -> (Vec<PresenceEntry>, bool);
+    fn list(&self, room: &str, limit: usize) -> BoxFuture<'_, Result<(Vec<PresenceEntry>, bool), EngineError>>;
 }
 
 /// Milliseconds since the Unix epoch now.

@@ -63,7 +63,7 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database and starts the writer; `on_commit` sees every batch.
+    /// Opens (creating if needed) the database and starts the writer; `sink` is given every committed batch.
     pub fn open(path: &Path, retention: Retention, sink: Arc<dyn Deliver>) -> Result<Arc<Store>, EngineError> {
         let open_err = |source: rusqlite::Error| EngineError::Open {
             path: path.display().to_string(),
@@ -84,6 +84,11 @@ impl Store {
                  CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
             )
             .map_err(open_err)?;
+        // The epoch is born with the database: a new file (the old one lost) is a new history. Written
+        // before the size cap applies, so a database already at its cap still opens.
+        writer_conn
+            .execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?1)", params![new_epoch()])
+            .map_err(open_err)?;
         if let Some(bytes) = retention.max_db_bytes {
             let page_size: i64 = writer_conn.query_row("PRAGMA page_size", [], |r| r.get(0)).map_err(open_err)?;
             let pages = (bytes as i64 / page_size).max(1);
@@ -92,10 +97,6 @@ impl Store {
                 .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| r.get(0))
                 .map_err(open_err)?;
         }
-        // The epoch is born with the database: a new file (the old one lost) is a new history.
-        writer_conn
-            .execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?1)", params![new_epoch()])
-            .map_err(open_err)?;
         let epoch: String =
             writer_conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0)).map_err(open_err)?;
         let reader = Connection::open(path).map_err(open_err)?;
@@ -223,6 +224,10 @@ impl Engine for Store {
     fn subscribe(&self, _room: &str) {}
 
     fn unsubscribe(&self, _room: &str) {}
+
+    fn subscribed(&self, _room: &str) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
@@ -474,5 +479,26 @@ mod tests {
         assert!(matches!(again, Published::Duplicate(ref m) if m.offset == 1));
         assert!(matches!(elsewhere, Published::Stored(ref m) if m.offset == 1 && m.room == "s"));
         assert_eq!(store.read_history("r", 0, 1, 10).unwrap().messages.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_epoch_and_the_tops_outlive_a_restart_and_a_new_file_is_a_new_epoch() {
+        let retention = Retention { max_messages: 100, max_age: None, max_db_bytes: None };
+        let store = open("epoch", retention);
+        let path = store.path().to_owned();
+        store.publish_and_wait(new("r", None, "one")).await.unwrap();
+        store.publish_and_wait(new("r", None, "two")).await.unwrap();
+        let before = store.top("r").await.unwrap();
+        assert_eq!(before.offset, 2);
+        store.close();
+        drop(store);
+        struct Nowhere;
+        impl Deliver for Nowhere {
+            fn deliver(&self, _: &[StoredMessage]) {}
+        }
+        let reopened = Store::open(&path, retention, Arc::new(Nowhere)).unwrap();
+        assert_eq!(reopened.top("r").await.unwrap(), before, "same offset, same epoch after a restart");
+        let elsewhere = open("epoch-new", retention);
+        assert_ne!(elsewhere.top("r").await.unwrap().epoch, before.epoch, "a new database is a new history");
     }
 }

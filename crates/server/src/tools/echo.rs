@@ -61,7 +61,8 @@ impl Handler for EchoHandler {
             let timeout = config.handshake_timeout;
             match listen::tls_handshake(&acceptor, stream, peer, timeout).await {
                 Some(stream) => switchboard_ws::accept(stream, config).await,
-                None => Err(switchboard_ws::Error::HandshakeTimeout(timeout)),
+                // Logged with its cause by `tls_handshake`.
+                None => Err(switchboard_ws::Error::Io(std::io::Error::other("TLS handshake failed or timed out"))),
             }
         };
         tokio::spawn(EchoConnection::new(Box::pin(handshake)));

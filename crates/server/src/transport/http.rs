@@ -136,7 +136,7 @@ async fn api_publish(State(state): State<AppState>, headers: HeaderMap, body: By
         Err((code, message)) => return error(StatusCode::BAD_REQUEST, code, message),
     };
     let mut published = Vec::new();
-    for (_, queued) in publish::submit(core.engine.as_ref(), publish) {
+    for (_, queued) in publish::submit(core.engine.as_ref(), publish, core.clock.wall()) {
         let outcome = match queued {
             Ok(pending) => pending.await,
             Err(e) => Err(e),

@@ -134,7 +134,12 @@ fn run<S: Socket>(
             // the socket is full. So the only thing this future holds while idle is this select.
             let out: Result<Outgoing, Stop> = tokio::select! {
                 biased;
-                    () = fire(&mut timer) => session.check_deadline().map(|()| Outgoing::Nothing).map_err(Stop::Close),
+                    () = fire(&mut timer) => {
+                // A spent timer stays ready: drop it, and set a new one below if the deadline holds.
+                timer = None;
+                deadline = None;
+                session.check_deadline().map(|()| Outgoing::Nothing).map_err(Stop::Close)
+            }
                 done = completions.next() => session.complete(done).map(Outgoing::Envelopes).map_err(Stop::Close),
                 // Reading comes before deliveries, so a busy room cannot starve a member's own requests
                 // (and the rate limit bounds how much reading there is).

@@ -28,16 +28,29 @@ pub fn switchboard() -> Command {
     Command::new(env!("CARGO_BIN_EXE_switchboard"))
 }
 
-/// Starts `switchboard echo` on a free port with extra arguments and waits until it listens.
+/// Starts `switchboard echo` with extra arguments on a port of its own choosing (port 0), and reads
+/// the address it took from its log: a port picked ahead and bound later can be taken meanwhile by
+/// another test's server.
 pub fn start_echo(extra: &[&str]) -> Server {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let child = switchboard()
-        .args(["echo", "--listen", &addr])
+    use std::io::{BufRead, BufReader};
+    let mut child = switchboard()
+        .args(["echo", "--listen", "127.0.0.1:0"])
         .args(extra)
+        .env("SWITCHBOARD_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("start switchboard echo");
+    let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+    let addr = loop {
+        let line = lines.next().and_then(Result::ok).expect("switchboard echo exited before it listened");
+        if let Some((_, url)) = line.split_once("listening on ") {
+            let url = url.split_whitespace().next().unwrap_or_default();
+            break url.split_once("://").map_or(url, |(_, addr)| addr).trim_end_matches('/').to_owned();
+        }
+    };
+    // Drain the log, so the server never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
     wait_listening(&addr);
     Server { child, addr }
 }
