@@ -106,13 +106,7 @@ impl Engine for MemoryEngine {
         Box::pin(std::future::ready(Ok(Position { offset, epoch: self.epoch.clone() })))
     }
 
-    fn subscribe(&self, _room: &str) {}
-
-    fn unsubscribe(&self, _room: &str) {}
-
-    fn subscribed(&self, _room: &str) -> BoxFuture<'_, Result<(), EngineError>> {
-        Box::pin(std::future::ready(Ok(())))
-    }
+    // One process sees every commit: the trait's defaults (no subscriptions to make) fit.
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         self.lock().closed = true;

@@ -174,15 +174,18 @@ pub trait Engine: Send + Sync + 'static {
 
     /// This node has a member in `room` now (its first local member joined). Called under the hub's
     /// lock, in the order rooms fill and empty: it must not block, and must not call into the hub or
-    /// take a lock the engine holds while it delivers (a networked engine queues the change).
-    fn subscribe(&self, room: &str);
+    /// take a lock the engine holds while it delivers (a networked engine queues the change). The
+    /// default is for an engine in one process, which delivers every commit anyway.
+    fn subscribe(&self, _room: &str) {}
 
     /// This node's last member of `room` left; called as [`Engine::subscribe`] is.
-    fn unsubscribe(&self, room: &str);
+    fn unsubscribe(&self, _room: &str) {}
 
     /// Resolves once `room`'s committed messages are being delivered to this node (after
-    /// [`Engine::subscribe`]); a join waits for it before it reads [`Engine::top`].
-    fn subscribed(&self, room: &str) -> BoxFuture<'_, Result<(), EngineError>>;
+    /// [`Engine::subscribe`]); a join waits for it before it reads [`Engine::top`]. At once by default.
+    fn subscribed(&self, _room: &str) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 
     /// Commits what is queued and stops; publishes after this fail with [`EngineError::Closed`].
     fn shutdown(&self) -> BoxFuture<'_, ()>;

@@ -220,14 +220,7 @@ impl Engine for Store {
         Box::pin(std::future::ready(Ok(Position { offset, epoch: self.epoch.clone() })))
     }
 
-    // One process sees every commit: there is nothing to subscribe to.
-    fn subscribe(&self, _room: &str) {}
-
-    fn unsubscribe(&self, _room: &str) {}
-
-    fn subscribed(&self, _room: &str) -> BoxFuture<'_, Result<(), EngineError>> {
-        Box::pin(std::future::ready(Ok(())))
-    }
+    // One process sees every commit: the trait's defaults (no subscriptions to make) fit.
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
