@@ -7,19 +7,13 @@
 //! token before the upgrade ([`crate::transport::ws`]).
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::Router;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use switchboard_ws::proto::deflate::DeflateConfig;
-use switchboard_ws::tls::TlsAcceptor;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::chat::access::{Access, OriginPolicy, Verifier};
 use crate::chat::hub::Hub;
@@ -30,8 +24,8 @@ use crate::config::{ServeConfig, TokenKey};
 use crate::engine::memory::LocalPresence;
 use crate::engine::sqlite::Store;
 use crate::engine::{Engine, Retention};
-use crate::listen::{self, Admission, Admitted, ConnectionLimiter, Handler};
-use crate::transport::http::{self, AppState};
+use crate::listen::{self, Admission, ConnectionLimiter};
+use crate::transport::http::{self, AppState, HttpHandler};
 use crate::transport::ws::WsState;
 
 /// Binds the configured address and serves until `stop` resolves.
@@ -105,7 +99,7 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
 
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(db = %db.display(), "switchboard serving {scheme}://{}/", listener.local_addr()?);
-    let handler = HttpHandler { app, handshake_timeout: config.handshake_timeout() };
+    let handler = HttpHandler::new(app, config.handshake_timeout());
     listen::accept_loop(&listener, Admission { limiter: Some(connections), tls }, handler, stop).await;
 
     tracing::info!("shutting down: closing connections with 1001");
@@ -138,42 +132,4 @@ fn access(config: &ServeConfig) -> anyhow::Result<Access> {
         origins: auth.allowed_origins.clone().map_or_else(OriginPolicy::any, OriginPolicy::only),
         api_key: auth.api_key.clone(),
     })
-}
-
-/// Runs HTTP/1.1 (with upgrades) on each admitted connection.
-#[derive(Clone)]
-struct HttpHandler {
-    app: Router,
-    handshake_timeout: Duration,
-}
-
-impl Handler for HttpHandler {
-    fn plain(&self, stream: Admitted<TcpStream>, peer: SocketAddr) {
-        tokio::spawn(serve_http(stream, self.app.clone(), peer, self.handshake_timeout));
-    }
-
-    fn tls(&self, stream: Admitted<TcpStream>, peer: SocketAddr, acceptor: TlsAcceptor) {
-        let (app, timeout) = (self.app.clone(), self.handshake_timeout);
-        tokio::spawn(async move {
-            if let Some(stream) = listen::tls_handshake(&acceptor, stream, peer, timeout).await {
-                serve_http(stream, app, peer, timeout).await;
-            }
-        });
-    }
-}
-
-async fn serve_http<S>(stream: S, app: Router, peer: SocketAddr, handshake_timeout: Duration)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let service = TowerToHyperService::new(app);
-    // The header timeout also bounds a client that connects and sends nothing (or a byte at a time).
-    let connection = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(handshake_timeout)
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
-    if let Err(error) = connection.await {
-        tracing::debug!(%peer, %error, "HTTP connection ended with an error");
-    }
 }

@@ -1,8 +1,11 @@
-//! The HTTP side of `serve`: the page at `/`, its client module at `/switchboard.js`, the WebSocket
+//! The HTTP side of `serve`: HTTP/1.1 on each admitted connection ([`HttpHandler`]), and the routes:
+//! the page at `/`, its client module at `/switchboard.js`, the WebSocket
 //! route at `/ws` (see [`super::ws`]), the publish API at `/api/publish`, and `/healthz` and
 //! `/metrics` for operators. HTTP API errors are JSON bodies with the chat's error codes.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
@@ -10,13 +13,18 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde_json::Value;
 use switchboard_ws::axum::WebSocketUpgrade;
+use switchboard_ws::tls::TlsAcceptor;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 
 use super::ws::{self, WsState};
 use crate::chat::publish::{self, validate_publish};
 use crate::chat::wire::{ApiAck, ApiAnswer, ErrorCode};
-use crate::listen::ConnectionLimiter;
+use crate::listen::{self, Admitted, ConnectionLimiter, Handler};
 
 /// The chat page and the browser client module, built into the binary.
 const INDEX_HTML: &str = include_str!("../../../../web/index.html");
@@ -175,4 +183,49 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         tasks,
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
+/// Runs HTTP/1.1 (with upgrades) on each admitted connection.
+#[derive(Clone)]
+pub struct HttpHandler {
+    app: Router,
+    handshake_timeout: Duration,
+}
+
+impl HttpHandler {
+    /// Serves `app`; a client has `handshake_timeout` to finish TLS and send its request head.
+    pub fn new(app: Router, handshake_timeout: Duration) -> Self {
+        Self { app, handshake_timeout }
+    }
+}
+
+impl Handler for HttpHandler {
+    fn plain(&self, stream: Admitted<TcpStream>, peer: SocketAddr) {
+        tokio::spawn(serve_http(stream, self.app.clone(), peer, self.handshake_timeout));
+    }
+
+    fn tls(&self, stream: Admitted<TcpStream>, peer: SocketAddr, acceptor: TlsAcceptor) {
+        let (app, timeout) = (self.app.clone(), self.handshake_timeout);
+        tokio::spawn(async move {
+            if let Some(stream) = listen::tls_handshake(&acceptor, stream, peer, timeout).await {
+                serve_http(stream, app, peer, timeout).await;
+            }
+        });
+    }
+}
+
+async fn serve_http<S>(stream: S, app: Router, peer: SocketAddr, handshake_timeout: Duration)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = TowerToHyperService::new(app);
+    // The header timeout also bounds a client that connects and sends nothing (or a byte at a time).
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(handshake_timeout)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    if let Err(error) = connection.await {
+        tracing::debug!(%peer, %error, "HTTP connection ended with an error");
+    }
 }
