@@ -71,7 +71,7 @@ fn main() -> anyhow::Result<()> {
             Command::Bench { mode } => switchboard::tools::bench::run(mode).await,
             Command::Serve(args) => {
                 let config = ServeConfig::load(*args)?;
-                serve::run(config, stop_signal()).await
+                serve::run(config, stop_signal()?).await
             }
             Command::Echo {
                 listen,
@@ -91,12 +91,10 @@ fn main() -> anyhow::Result<()> {
                         ..DeflateConfig::default()
                     });
                 }
+                let stop = stop_signal()?;
                 tokio::select! {
                     result = echo::run(EchoOptions { listen, config, tls: tls.acceptor()?, reuse_port }) => result.with_context(|| format!("echo server on {listen}")),
-                    _ = tokio::signal::ctrl_c() => {
-                        tracing::info!("interrupted, exiting");
-                        Ok(())
-                    }
+                    () = stop => Ok(()),
                 }
             }
         }
@@ -107,21 +105,26 @@ fn main() -> anyhow::Result<()> {
     result
 }
 
-/// Resolves on Ctrl-C (SIGINT) or SIGTERM, the signal service managers stop a server with.
-async fn stop_signal() {
+/// Listens for Ctrl-C (SIGINT) and SIGTERM, the signal service managers stop a server with, and
+/// resolves on the first. The handlers are in place when this returns, before the server binds: a
+/// signal that comes as soon as the server says it listens still stops it cleanly.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => tracing::info!("interrupted (SIGINT)"),
-                    _ = terminate.recv() => tracing::info!("terminated (SIGTERM)"),
-                }
-                return;
+        let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+        let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => tracing::info!("interrupted (SIGINT)"),
+                _ = terminate.recv() => tracing::info!("terminated (SIGTERM)"),
             }
-            Err(error) => tracing::warn!(%error, "cannot listen for SIGTERM; Ctrl-C only"),
-        }
+        })
     }
-    let _ = tokio::signal::ctrl_c().await;
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+    }
 }
