@@ -3,7 +3,7 @@
 //! command-line flag, its `SWITCHBOARD_*` environment variable, the TOML file named by `--config`, and
 //! the default. Every default works offline with no setup.
 //!
-//! Each setting is written once, in the [`settings!`] block of its component: its help (the doc
+//! Each setting is written once, in the `settings!` block of its component: its help (the doc
 //! comment), its flag and variable (`#[arg]`), its TOML key (the field name) and its default.
 
 use std::net::SocketAddr;
@@ -180,8 +180,8 @@ settings! {
 /// The command line (and environment) of `switchboard serve`.
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct ServeArgs {
-    /// TOML file with any of these settings, by section: [server], [history], [chat], [limits],
-    /// [auth] (keys are the settings' names with underscores, without the section's prefix).
+    /// TOML file with any of these settings, in sections named server, history, chat, limits and auth
+    /// (keys are the settings' names with underscores, without the section's prefix).
     #[arg(long, env = "SWITCHBOARD_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]

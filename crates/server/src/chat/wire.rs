@@ -1,5 +1,5 @@
-//! The chat protocols spoken on `/ws`, as types: what clients send ([`Request`], [`SeedIn`]) and what
-//! they receive ([`Envelope`], [`SeedOut`]).
+//! The chat protocols spoken on `/ws`, as types: what clients send ([`Request`]; a seed client's
+//! `{"name", "message"}` is read as a JSON map) and what they receive ([`Envelope`], [`SeedOut`]).
 //!
 //! - **Seed** ([`Dialect::Seed`], no subprotocol): the client sends `{"name": .., "message": ..}`; it
 //!   receives every chat message of the default room as `{"name": .., "message": .., "time": "HH:MM:SS"}`
