@@ -47,9 +47,14 @@ pub enum Command {
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(1..=9))]
         deflate_mem_level: u8,
         /// Share the port with other processes (SO_REUSEPORT): run several to hold more connections
-        /// than one process may open files for.
+        /// than one process may open files for, or one per core with --threads 1.
         #[arg(long)]
         reuse_port: bool,
+        /// Worker threads: 0 is one per core (tokio's multi-threaded runtime), 1 a current-thread
+        /// runtime (with --reuse-port, the way to run one process per core), N a multi-threaded
+        /// runtime of N workers.
+        #[arg(long, default_value_t = 0, env = "SWITCHBOARD_THREADS")]
+        threads: usize,
         #[command(flatten)]
         tls: TlsArgs,
     },

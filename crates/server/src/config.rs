@@ -86,6 +86,10 @@ settings! {
         /// [default: 5].
         #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE_SECS")]
         shutdown_grace_secs: u64 = 5,
+        /// Worker threads: 0 is one per core (tokio's multi-threaded runtime), 1 a current-thread
+        /// runtime, N a multi-threaded runtime of N workers [default: 0].
+        #[arg(long, env = "SWITCHBOARD_THREADS")]
+        threads: usize = 0,
     }
 }
 

@@ -31,7 +31,17 @@ fn main() -> anyhow::Result<()> {
         println!("{}", args.mint()?);
         return Ok(());
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    // `serve` reads its settings (the thread count among them) before its runtime exists.
+    let serve_config = match &cli.command {
+        Command::Serve(args) => Some(ServeConfig::load(*args.clone())?),
+        _ => None,
+    };
+    let threads = match &cli.command {
+        Command::Echo { threads, .. } => *threads,
+        Command::Serve(_) => serve_config.as_ref().map_or(0, |config| config.server.threads()),
+        _ => 0,
+    };
+    let runtime = runtime(threads)?;
     if let Command::Connect { url, binary, json, headers, protocols, ping_interval, no_compression, ca_file, proxy } =
         cli.command
     {
@@ -69,8 +79,8 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Connect { .. } | Command::Token(_) => unreachable!("handled above"),
             Command::Bench { mode } => switchboard::tools::bench::run(mode).await,
-            Command::Serve(args) => {
-                let config = ServeConfig::load(*args)?;
+            Command::Serve(_) => {
+                let config = serve_config.expect("loaded above");
                 serve::run(config, stop_signal()?).await
             }
             Command::Echo {
@@ -81,6 +91,7 @@ fn main() -> anyhow::Result<()> {
                 deflate_window_bits,
                 deflate_mem_level,
                 reuse_port,
+                threads: _,
                 tls,
             } => {
                 let mut config = Config::default().max_message_size(max_message_size).max_frame_size(max_frame_size);
@@ -103,6 +114,19 @@ fn main() -> anyhow::Result<()> {
     // period is over by now.
     runtime.shutdown_timeout(Duration::from_millis(200));
     result
+}
+
+/// The runtime for `threads` workers: 0 is tokio's multi-threaded default (one per core), 1 a
+/// current-thread runtime (no worker threads, no cross-thread scheduling), N that many workers.
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if threads > 1 {
+        builder.worker_threads(threads);
+    }
+    builder.enable_all().build().context("starting the runtime")
 }
 
 /// Listens for Ctrl-C (SIGINT) and SIGTERM, the signal service managers stop a server with, and

@@ -338,11 +338,12 @@ async fn environment_variables_configure_serve() {
         .env("SWITCHBOARD_LISTEN", &addr)
         .env("SWITCHBOARD_DB", &db)
         .env("SWITCHBOARD_DEFAULT_ROOM", "hall")
+        .env("SWITCHBOARD_THREADS", "1")
         .env("SWITCHBOARD_LOG", "warn")
         .spawn()
         .unwrap();
     support::wait_listening(&addr);
-    let _server = support::Server { child, addr: addr.clone() };
+    let server = support::Server { child, addr: addr.clone() };
     let mut seed = seed_client(&addr).await;
     send(&mut seed, json!({"name": "S", "message": "into the default room"})).await;
     next(&mut seed).await;
@@ -351,4 +352,7 @@ async fn environment_variables_configure_serve() {
     let history = next_of(&mut full, "history").await;
     assert_eq!(history["messages"][0]["message"], "into the default room");
     assert!(db.exists(), "the database is where SWITCHBOARD_DB said");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    let threads = status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap().trim().to_owned();
+    assert_eq!(threads, "2", "a current-thread runtime: the main thread and the history writer");
 }

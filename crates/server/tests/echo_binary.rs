@@ -64,3 +64,23 @@ fn ctrl_c_exits_cleanly() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The process's thread count, from /proc.
+fn threads_of(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap().trim().parse().unwrap()
+}
+
+#[tokio::test]
+async fn threads_1_is_a_current_thread_runtime_and_still_echoes() {
+    let one = start_echo(&["--threads", "1"]);
+    let (mut ws, _) = switchboard_ws::connect(&format!("ws://{}/", one.addr)).await.unwrap();
+    ws.send("on one thread").await.unwrap();
+    assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("on one thread"));
+    assert_eq!(threads_of(one.child.id()), 1, "no worker threads beside the main one");
+    let two = start_echo(&["--threads", "2"]);
+    let (mut ws, _) = switchboard_ws::connect(&format!("ws://{}/", two.addr)).await.unwrap();
+    ws.send("on two").await.unwrap();
+    assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("on two"));
+    assert_eq!(threads_of(two.child.id()), 3, "the main thread and two workers");
+}
