@@ -191,14 +191,6 @@ pub struct Hub {
     next_join: AtomicU64,
 }
 
-/// What a join changed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Joined {
-    /// This join's number, for [`Hub::start`] and [`Hub::abandon`]; `None` when the connection was a
-    /// member already (a join again, to rename or replay): there is nothing to start.
-    pub join: Option<JoinId>,
-}
-
 impl Hub {
     /// A hub with no rooms; `presence` keeps who is where.
     pub fn new(limits: HubLimits, default_room: String, node: NodeId, presence: Arc<dyn Presence>) -> Arc<Self> {
@@ -287,8 +279,10 @@ impl Hub {
     }
 
     /// Makes `id` a member of `room` under `name`, held until [`Hub::start`]; joining again keeps its
-    /// place and renames it. The room hears of the new member or the new name.
-    pub fn join(&self, id: ConnId, room: &str, name: &str) -> Result<Joined, JoinError> {
+    /// place and renames it. The room hears of the new member or the new name. The answer is this
+    /// join's number, for [`Hub::start`] and [`Hub::abandon`]; `None` when the connection was a member
+    /// already (a join again, to rename or replay): there is nothing to start.
+    pub fn join(&self, id: ConnId, room: &str, name: &str) -> Result<Option<JoinId>, JoinError> {
         let mut guard = self.lock();
         let inner = &mut *guard;
         let conn = inner.conns.get_mut(&id).ok_or(JoinError::Gone)?;
@@ -324,7 +318,7 @@ impl Hub {
                 self.broadcast_presence(inner, room, id, text);
             }
         }
-        Ok(Joined { join })
+        Ok(join)
     }
 
     /// The session has replayed `room` up to `top` for `join`: what was held after it goes out, and
@@ -552,7 +546,7 @@ mod tests {
 
     fn live(hub: &Hub, room: &str) -> (ConnId, Outbox) {
         let (id, outbox) = hub.register(Dialect::V1);
-        let join = hub.join(id, room, "x").unwrap().join.expect("a new member");
+        let join = hub.join(id, room, "x").unwrap().expect("a new member");
         assert!(hub.start(id, room, join, 0));
         (id, outbox)
     }
@@ -622,7 +616,7 @@ mod tests {
     fn a_joining_member_gets_what_follows_its_replay_once() {
         let hub = hub();
         let (id, mut rx) = hub.register(Dialect::V1);
-        let join = hub.join(id, "r", "x").unwrap().join.unwrap();
+        let join = hub.join(id, "r", "x").unwrap().unwrap();
         hub.deliver(&[message("r", 5), message("r", 6)]);
         assert_eq!(rx.try_recv(), None, "held until the replay is read");
         // The session read top = 5 (so 5 is in its replay) while 6 was being committed.
@@ -652,9 +646,9 @@ mod tests {
     fn an_earlier_join_cannot_start_or_abandon_a_later_one() {
         let hub = hub();
         let (id, mut rx) = hub.register(Dialect::V1);
-        let first = hub.join(id, "r", "x").unwrap().join.unwrap();
+        let first = hub.join(id, "r", "x").unwrap().unwrap();
         assert!(hub.leave(id, "r"));
-        let second = hub.join(id, "r", "x").unwrap().join.unwrap();
+        let second = hub.join(id, "r", "x").unwrap().unwrap();
         assert!(!hub.start(id, "r", first, 0), "the first join's replay is stale");
         assert!(!hub.abandon(id, "r", first), "nor can its failure take the member out");
         hub.deliver(&[message("r", 1)]);

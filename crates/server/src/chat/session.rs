@@ -278,7 +278,8 @@ impl Session {
         }
     }
 
-    /// Waits for every answer still pending and returns what each sends (for tests and draining).
+    /// Waits for every answer still pending and returns what each sends.
+    #[cfg(test)]
     pub async fn settle(&mut self) -> Vec<Replies> {
         let mut out = Vec::new();
         while let Some(mut pending) = self.pending.take() {
@@ -529,7 +530,7 @@ impl Session {
         // An authenticated member is shown under its token's name, whatever it asks for.
         let display = identity.name.clone().or_else(|| self.name.clone()).unwrap_or_else(|| "Anonymous".into());
         let join = match self.core.hub.join(id, &room, &display) {
-            Ok(joined) => joined.join,
+            Ok(join) => join,
             Err(error @ JoinError::TooManyRooms { .. }) => {
                 return vec![error_text(ErrorCode::TooMany, &error.to_string(), req.as_ref())]
             }
