@@ -443,12 +443,14 @@ pub fn negotiate(offer: &Offer, settings: &ServerSettings<'_>) -> Result<Negotia
     Ok(Negotiated { protocol, deflate, headers })
 }
 
-/// An HTTP/1.1 request that passed WebSocket validation: what an application needs to decide on it.
+/// A request that passed WebSocket validation: what an application needs to decide on it. From
+/// [`validate_request`] for HTTP/1.1; an HTTP/2 layer builds one from an extended CONNECT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpgradeRequest {
     /// The whole request head.
     pub head: Head,
-    /// Its WebSocket part, already validated; `offer.key` is always present.
+    /// Its WebSocket part, already validated; `offer.key` is present over HTTP/1.1, absent over
+    /// HTTP/2.
     pub offer: Offer,
 }
 
@@ -532,7 +534,7 @@ pub enum ResponseError {
     #[error("malformed HTTP response: {0}")]
     Malformed(String),
     /// The server answered something other than 101 (a refusal, a redirect...).
-    #[error("server answered {status} instead of 101")]
+    #[error("server answered {status} instead of accepting the WebSocket (101, or 200 over HTTP/2)")]
     Status {
         /// The status code.
         status: u16,
@@ -585,6 +587,31 @@ impl ClientRequest {
     /// A request for `target` on `host`, with a fresh key and nothing else offered.
     pub fn new(host: impl Into<String>, target: impl Into<String>) -> Self {
         Self { host: host.into(), target: target.into(), key: generate_key(), ..Self::default() }
+    }
+
+    /// The fields of the same request as an HTTP/2 extended CONNECT (RFC 8441 §5), beside the
+    /// pseudo-headers the HTTP/2 layer writes (`:method = CONNECT`, `:protocol = websocket`,
+    /// `:authority`, `:path`): the version, the offers and the extra headers; no key, no `Host`,
+    /// `Upgrade` or `Connection`. Names are lower case, as HTTP/2 requires.
+    pub fn http2_fields(&self) -> Result<Vec<(String, String)>, ResponseError> {
+        let mut fields = vec![("sec-websocket-version".to_owned(), WEBSOCKET_VERSION.to_owned())];
+        if !self.protocols.is_empty() {
+            fields.push(("sec-websocket-protocol".to_owned(), self.protocols.join(", ")));
+        }
+        if let Some(extensions) = &self.extensions {
+            fields.push(("sec-websocket-extensions".to_owned(), extensions.clone()));
+        }
+        for (name, value) in &self.headers {
+            if !is_safe_header(name, value.as_bytes()) {
+                return Err(ResponseError::InvalidHeader(name.clone()));
+            }
+            let name = name.to_ascii_lowercase();
+            // Connection-specific fields are malformed in HTTP/2 (RFC 9113 §8.2.2).
+            if !matches!(name.as_str(), "host" | "connection" | "upgrade" | "keep-alive" | "transfer-encoding") {
+                fields.push((name, value.clone()));
+            }
+        }
+        Ok(fields)
     }
 
     /// The request bytes; refuses header names or values that would break the head.
@@ -672,6 +699,21 @@ pub fn verify_response(request: &ClientRequest, head: Head) -> Result<Accepted, 
     if got != Some(expected.as_str()) {
         return Err(ResponseError::BadAccept { expected, got: got.map(str::to_owned) });
     }
+    agreed(request, head)
+}
+
+/// Verifies the answer to an HTTP/2 extended CONNECT (RFC 8441 §5): `200`, and a subprotocol and
+/// extensions only if they were offered. `head` holds the response's fields (`status` set, no
+/// `version`); there is no `Sec-WebSocket-Accept` to check in this protocol.
+pub fn verify_http2_response(request: &ClientRequest, head: Head) -> Result<Accepted, ResponseError> {
+    if head.status != 200 {
+        return Err(ResponseError::Status { status: head.status, head });
+    }
+    agreed(request, head)
+}
+
+/// What the server agreed to, checked against what was offered (both HTTP versions).
+fn agreed(request: &ClientRequest, head: Head) -> Result<Accepted, ResponseError> {
     let protocol = head.header("Sec-WebSocket-Protocol").map(|p| p.trim().to_owned());
     if let Some(p) = &protocol {
         if !request.protocols.iter().any(|o| o == p) {
@@ -868,6 +910,41 @@ Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSoc
         }
         assert_eq!(response.header("sec-websocket-protocol"), Some("superchat"));
         assert!(response.body.is_empty());
+    }
+
+    #[test]
+    fn an_http2_client_sends_no_key_and_accepts_only_a_200_with_what_it_offered() {
+        let mut request = ClientRequest::new("h", "/chat");
+        request.protocols = vec!["chat".into(), "superchat".into()];
+        request.extensions = Some("permessage-deflate".into());
+        request.headers = vec![("Origin".into(), "https://h".into()), ("Host".into(), "h".into())];
+        let fields = request.http2_fields().unwrap();
+        let names: Vec<&str> = fields.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["sec-websocket-version", "sec-websocket-protocol", "sec-websocket-extensions", "origin"]);
+        assert_eq!(fields[1].1, "chat, superchat");
+
+        let head = |status: u16, headers: &[(&str, &str)]| Head {
+            status,
+            headers: headers.iter().map(|(n, v)| Header { name: (*n).into(), value: v.as_bytes().to_vec() }).collect(),
+            ..Head::default()
+        };
+        let accepted = verify_http2_response(&request, head(200, &[("sec-websocket-protocol", "superchat")])).unwrap();
+        assert_eq!(accepted.protocol.as_deref(), Some("superchat"));
+        assert!(matches!(
+            verify_http2_response(&request, head(101, &[])),
+            Err(ResponseError::Status { status: 101, .. })
+        ));
+        assert!(matches!(
+            verify_http2_response(&request, head(200, &[("sec-websocket-protocol", "other")])),
+            Err(ResponseError::UnofferedProtocol(_))
+        ));
+        request.extensions = None;
+        assert!(matches!(
+            verify_http2_response(&request, head(200, &[("sec-websocket-extensions", "permessage-deflate")])),
+            Err(ResponseError::UnofferedExtension(_))
+        ));
+        request.headers = vec![("X-Bad".into(), "a\r\nb".into())];
+        assert!(request.http2_fields().is_err(), "a field that would break the request is refused");
     }
 
     #[test]

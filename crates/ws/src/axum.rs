@@ -1,4 +1,5 @@
-//! An axum extractor for WebSocket upgrades on the switchboard engine.
+//! An axum extractor for WebSocket upgrades on the switchboard engine, over HTTP/1.1 (`GET`, 101) or
+//! HTTP/2 (extended CONNECT, 200; route it with `get(handler).connect(handler)` or `any(handler)`).
 //!
 //! ```no_run
 //! use axum::{routing::get, Router};
@@ -47,7 +48,8 @@ impl<St: Send + Sync> FromRequestParts<St> for WebSocketUpgrade {
         let on_upgrade = parts.extensions.remove::<OnUpgrade>().ok_or_else(|| {
             WebSocketRejection(HandshakeError::Rejected { status: 426, reason: "connection cannot be upgraded".into() })
         })?;
-        let inner = Upgrade::from_parts(&parts.method, &parts.uri, parts.version, &parts.headers, on_upgrade)
+        let protocol = parts.extensions.get::<hyper::ext::Protocol>();
+        let inner = Upgrade::from_parts(&parts.method, &parts.uri, parts.version, &parts.headers, protocol, on_upgrade)
             .map_err(WebSocketRejection)?;
         Ok(Self { inner })
     }
@@ -57,6 +59,11 @@ impl WebSocketUpgrade {
     /// The request: path, query, origin, headers, offered subprotocols.
     pub fn request(&self) -> &UpgradeRequest {
         self.inner.request()
+    }
+
+    /// True for an HTTP/2 extended CONNECT (RFC 8441), false for an HTTP/1.1 upgrade.
+    pub fn is_http2(&self) -> bool {
+        self.inner.is_http2()
     }
 
     /// Selects the first of `supported` that the client offered.

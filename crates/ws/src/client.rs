@@ -54,6 +54,7 @@ pub struct ClientBuilder {
     connect_timeout: Duration,
     proxy: ProxyChoice,
     tls: TlsChoice,
+    http2: bool,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -78,6 +79,7 @@ impl ClientBuilder {
             connect_timeout: Duration::from_secs(10),
             proxy: ProxyChoice::FromEnvironment,
             tls: TlsChoice::Default { extra_ca_file: None },
+            http2: false,
         }
     }
 
@@ -129,40 +131,99 @@ impl ClientBuilder {
         self
     }
 
+    /// For `wss://`: offers HTTP/2 in TLS and, when the server picks it, opens the WebSocket as an
+    /// HTTP/2 extended CONNECT (RFC 8441) on a connection of its own; a server that picks
+    /// HTTP/1.1 gets the usual upgrade. See [`ClientBuilder::connect_http2`] for several WebSockets
+    /// on one connection. No effect on `ws://`.
+    #[cfg(feature = "hyper")]
+    pub fn http2(mut self, enabled: bool) -> Self {
+        self.http2 = enabled;
+        self
+    }
+
+    /// Opens an HTTP/2 connection to this builder's `wss://` server (the URL's path is not used),
+    /// for [`ClientBuilder::open_on`] and plain requests. Fails if the server does not pick `h2` or
+    /// does not enable extended CONNECT.
+    #[cfg(feature = "hyper")]
+    pub async fn connect_http2(&self) -> Result<crate::http2::Http2Connection> {
+        let url = WsUrl::parse(&self.url)?;
+        if !url.secure {
+            return Err(Error::InvalidUrl { url: self.url.clone(), reason: "HTTP/2 needs wss:// (TLS)" });
+        }
+        match self.open_stream(&url, &[crate::http2::ALPN_H2]).await? {
+            ClientStream::Tls(tls) if tls.get_ref().1.alpn_protocol() == Some(crate::http2::ALPN_H2) => {
+                crate::http2::Http2Connection::handshake(tls, url.host_header(), &self.config).await
+            }
+            _ => Err(Error::Http2(format!("{} did not choose h2 in TLS", url.host_header()))),
+        }
+    }
+
+    /// Opens a WebSocket for this builder's URL (path, query, subprotocols, headers, settings) as a
+    /// stream of `connection`.
+    #[cfg(feature = "hyper")]
+    pub async fn open_on(
+        &self,
+        connection: &crate::http2::Http2Connection,
+    ) -> Result<(WebSocket<ClientStream>, Accepted)> {
+        let url = WsUrl::parse(&self.url)?;
+        connection.open(&self.request(&url), self.config.clone()).await
+    }
+
     /// Resolves, connects (through a proxy if one applies), negotiates TLS for `wss://`, and performs
-    /// the WebSocket handshake.
+    /// the WebSocket handshake (over HTTP/2 if [`ClientBuilder::http2`] is on and the server picks it).
     pub async fn connect(self) -> Result<(WebSocket<ClientStream>, Accepted)> {
         let url = WsUrl::parse(&self.url)?;
+        #[cfg(feature = "hyper")]
+        if self.http2 && url.secure {
+            let stream = self.open_stream(&url, &[crate::http2::ALPN_H2, tls::ALPN_HTTP1]).await?;
+            return match stream {
+                ClientStream::Tls(tls) if tls.get_ref().1.alpn_protocol() == Some(crate::http2::ALPN_H2) => {
+                    let connection =
+                        crate::http2::Http2Connection::handshake(tls, url.host_header(), &self.config).await?;
+                    connection.open(&self.request(&url), self.config).await
+                }
+                stream => client_handshake(stream, self.request(&url), self.config).await,
+            };
+        }
+        let stream = self.open_stream(&url, &[tls::ALPN_HTTP1]).await?;
+        let request = self.request(&url);
+        client_handshake(stream, request, self.config).await
+    }
+
+    /// TCP (through a proxy if one applies) and, for `wss://`, TLS offering `alpn`.
+    async fn open_stream(&self, url: &WsUrl, alpn: &[&[u8]]) -> Result<ClientStream> {
         let proxy = match &self.proxy {
-            ProxyChoice::FromEnvironment => Proxy::from_env(&url)?,
+            ProxyChoice::FromEnvironment => Proxy::from_env(url)?,
             ProxyChoice::Direct => None,
             ProxyChoice::Explicit(proxy) => Some(Proxy::parse(proxy)?),
         };
         let deadline = self.connect_timeout;
         let target = format!("{}:{}", url.host, url.port);
-        let stream = tokio::time::timeout(deadline, async {
+        tokio::time::timeout(deadline, async {
             let tcp = match &proxy {
-                Some(proxy) => proxy.connect(&url, open_tcp(&proxy.host, proxy.port).await?).await?,
+                Some(proxy) => proxy.connect(url, open_tcp(&proxy.host, proxy.port).await?).await?,
                 None => open_tcp(&url.host, url.port).await?,
             };
             let _ = tcp.set_nodelay(true);
             if url.secure {
-                self.start_tls(&url, tcp).await
+                self.start_tls(url, tcp, alpn).await
             } else {
                 Ok(ClientStream::Plain(tcp))
             }
         })
         .await
-        .map_err(|_| Error::ConnectTimeout(target))??;
-        let request = self.request(&url);
-        client_handshake(stream, request, self.config).await
+        .map_err(|_| Error::ConnectTimeout(target))?
     }
 
-    async fn start_tls(&self, url: &WsUrl, tcp: TcpStream) -> Result<ClientStream> {
-        let config = match &self.tls {
+    async fn start_tls(&self, url: &WsUrl, tcp: TcpStream, alpn: &[&[u8]]) -> Result<ClientStream> {
+        let mut config = match &self.tls {
             TlsChoice::Custom(config) => config.clone(),
             TlsChoice::Default { extra_ca_file } => tls::client_config(extra_ca_file.as_deref())?,
         };
+        let wanted: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
+        if config.alpn_protocols != wanted {
+            Arc::make_mut(&mut config).alpn_protocols = wanted;
+        }
         let server_name = ServerName::try_from(url.host.clone())
             .map_err(|_| Error::InvalidUrl { url: self.url.clone(), reason: "host is not a valid TLS server name" })?;
         let stream = TlsConnector::from(config)

@@ -66,7 +66,9 @@ impl Config {
         self
     }
 
-    /// Pings after `interval` of silence and gives up `timeout` after that ping.
+    /// Pings after `interval` of silence and gives up `timeout` after that ping. Each connection's
+    /// interval is shortened by up to a tenth, differently for consecutive connections, so that
+    /// connections opened together do not ping together.
     pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
         self.keepalive = Some(Keepalive { interval, timeout });
         self

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use switchboard_proto::deflate::DeflateParams;
 use switchboard_proto::{CloseCode, CloseFrame, CloseState, Connection, Message, Role, SendError};
@@ -28,11 +29,25 @@ const MAX_IO_SLICES: usize = 64;
 const MAX_READ_AHEAD: usize = 256 * 1024;
 
 struct KeepaliveTimer {
+    /// The settings, with this connection's interval already shortened by its jitter.
     settings: Keepalive,
     timer: Pin<Box<Sleep>>,
     last_activity: Instant,
     /// When our unanswered ping went out.
     ping_sent: Option<Instant>,
+}
+
+/// Steps of keepalive jitter: each connection's interval is shortened by 0 to 63 of them.
+const JITTER_STEPS: u32 = 64;
+
+/// `interval`, shortened by up to a tenth, differently for consecutive connections: connections
+/// opened together (a reconnect storm after a restart) would otherwise ping together forever.
+/// Spread by a counter rather than randomness: it needs no source of entropy and covers the range
+/// evenly.
+fn jittered(interval: Duration) -> Duration {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let step = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % JITTER_STEPS;
+    interval - interval / 10 * step / JITTER_STEPS
 }
 
 pub(crate) struct Core<S> {
@@ -61,6 +76,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
         }
         conn.receive_data(leftover);
         let keepalive = config.keepalive.map(|settings| {
+            let settings = Keepalive { interval: jittered(settings.interval), ..settings };
             Box::new(KeepaliveTimer {
                 settings,
                 timer: Box::pin(tokio::time::sleep(settings.interval)),
@@ -351,5 +367,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
             self.start_send(Message::Close(Some(CloseFrame::new(CloseCode::NORMAL, ""))))?;
         }
         self.poll_flush(wcx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalive_intervals_are_spread_over_the_last_tenth() {
+        let interval = Duration::from_secs(25);
+        let spread: std::collections::BTreeSet<Duration> = (0..JITTER_STEPS).map(|_| jittered(interval)).collect();
+        assert!(spread.iter().all(|d| *d <= interval && *d >= interval - interval / 10), "{spread:?}");
+        // Other tests open connections meanwhile, taking steps too; most steps are still seen.
+        assert!(spread.len() >= 8, "consecutive connections get different intervals: {spread:?}");
     }
 }

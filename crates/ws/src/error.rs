@@ -83,6 +83,9 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// The HTTP/2 connection failed, or the server does not take WebSockets over it.
+    #[error("HTTP/2: {0}")]
+    Http2(String),
     /// The HTTP proxy refused or broke the CONNECT tunnel.
     #[error("proxy {proxy}: {reason}")]
     Proxy {

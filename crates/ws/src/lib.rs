@@ -1,8 +1,10 @@
 //! Switchboard's tokio WebSocket library, on the sans-I/O engine of `switchboard-proto`.
 //!
 //! - Server: [`accept`] / [`accept_with`] on any `AsyncRead + AsyncWrite` stream; [`upgrade`] for
-//!   hyper 1 and (feature `axum`) an axum extractor, so pages and WebSockets share a port.
-//! - Client: [`connect`] and [`ClientBuilder`] (`ws://` and `wss://`, HTTP proxies via CONNECT), or
+//!   hyper 1 and (feature `axum`) an axum extractor, so pages and WebSockets share a port, over
+//!   HTTP/1.1 or HTTP/2 (RFC 8441).
+//! - Client: [`connect`] and [`ClientBuilder`] (`ws://` and `wss://`, HTTP proxies via CONNECT,
+//!   WebSockets over HTTP/2 with [`ClientBuilder::http2`] and [`http2::Http2Connection`]), or
 //!   [`client_handshake`] over a stream you opened.
 //! - [`WebSocket`]: `recv`/`send`/`close`, `split` into halves for two tasks, `Stream`/`Sink`.
 //! - [`Config`]: limits, keepalive, backpressure high-water mark, close and handshake timeouts.
@@ -34,6 +36,8 @@ mod client;
 mod config;
 mod core;
 mod error;
+#[cfg(feature = "hyper")]
+pub mod http2;
 pub mod proxy;
 mod socket;
 pub mod tls;

@@ -18,13 +18,16 @@ use tokio::net::TcpStream;
 
 pub use tokio_rustls::{rustls, TlsAcceptor, TlsConnector};
 
+/// What a [`TlsAcceptor`] yields for an accepted stream.
+pub type ServerTls<S> = tokio_rustls::server::TlsStream<S>;
 /// What a [`TlsAcceptor`] yields for an accepted TCP connection.
-pub type ServerTlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+pub type ServerTlsStream = ServerTls<TcpStream>;
 
 use crate::error::Error;
 
-/// HTTP/1.1 is what the WebSocket handshake speaks; say so, so an h2-capable server does not pick h2.
-const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// HTTP/1.1 is what the WebSocket handshake speaks unless HTTP/2 is asked for; say so, so an
+/// h2-capable server does not pick h2.
+pub(crate) const ALPN_HTTP1: &[u8] = b"http/1.1";
 
 /// A client TLS configuration trusting the platform's roots (or webpki's) and, optionally, the
 /// certificates in `extra_ca_file` (PEM).
@@ -60,9 +63,30 @@ pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConf
     Ok(Arc::new(config))
 }
 
+/// [`server_config`] that also offers HTTP/2 (`h2` first, then `http/1.1`), for a server whose every
+/// WebSocket route takes an HTTP/2 extended CONNECT too. The application reads the choice from the
+/// accepted stream ([`is_http2`]).
+#[cfg(feature = "hyper")]
+pub fn server_config_h2(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig>, Error> {
+    let mut config = Arc::unwrap_or_clone(server_config(cert_file, key_file)?);
+    config.alpn_protocols = vec![crate::http2::ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// True when ALPN chose HTTP/2 on this accepted TLS stream.
+pub fn is_http2<S>(stream: &ServerTls<S>) -> bool {
+    stream.get_ref().1.alpn_protocol() == Some(b"h2")
+}
+
 /// An acceptor for [`server_config`].
 pub fn acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, Error> {
     Ok(TlsAcceptor::from(server_config(cert_file, key_file)?))
+}
+
+/// An acceptor for [`server_config_h2`].
+#[cfg(feature = "hyper")]
+pub fn acceptor_h2(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, Error> {
+    Ok(TlsAcceptor::from(server_config_h2(cert_file, key_file)?))
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
@@ -80,37 +104,56 @@ fn tls_config_error(path: &Path, error: impl std::fmt::Display) -> Error {
     Error::TlsConfig { path: path.display().to_string(), reason: error.to_string() }
 }
 
-/// What a client connection runs over: plain TCP or TLS over TCP.
+/// What a client connection runs over: plain TCP, TLS over TCP, or a stream of an HTTP/2
+/// connection (which is over TLS).
 #[derive(Debug)]
 pub enum ClientStream {
     /// Plain TCP (`ws://`).
     Plain(TcpStream),
     /// TLS over TCP (`wss://`).
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// One stream of an HTTP/2 connection (`wss://` with HTTP/2, RFC 8441).
+    #[cfg(feature = "hyper")]
+    Http2(Box<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>),
 }
 
 impl ClientStream {
-    /// True for `wss://`.
+    /// True for `wss://`, over HTTP/1.1 or HTTP/2.
     pub fn is_tls(&self) -> bool {
-        matches!(self, Self::Tls(_))
+        !matches!(self, Self::Plain(_))
     }
+
+    /// True for a WebSocket on an HTTP/2 stream.
+    pub fn is_http2(&self) -> bool {
+        #[cfg(feature = "hyper")]
+        if let Self::Http2(_) = self {
+            return true;
+        }
+        false
+    }
+}
+
+/// The same call on whichever stream this is.
+macro_rules! each_stream {
+    ($self:expr, $s:ident => $call:expr) => {
+        match $self {
+            ClientStream::Plain($s) => $call,
+            ClientStream::Tls($s) => $call,
+            #[cfg(feature = "hyper")]
+            ClientStream::Http2($s) => $call,
+        }
+    };
 }
 
 impl AsyncRead for ClientStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
+        each_stream!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
     }
 }
 
 impl AsyncWrite for ClientStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        each_stream!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -118,30 +161,18 @@ impl AsyncWrite for ClientStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        each_stream!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Self::Plain(s) => s.is_write_vectored(),
-            Self::Tls(s) => s.is_write_vectored(),
-        }
+        each_stream!(self, s => s.is_write_vectored())
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_flush(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        each_stream!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+        each_stream!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
     }
 }

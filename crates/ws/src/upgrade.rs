@@ -1,4 +1,8 @@
-//! Upgrading a hyper 1 request, so one port serves HTTP pages and WebSockets.
+//! Upgrading a hyper 1 request, so one port serves HTTP pages and WebSockets: an HTTP/1.1
+//! `GET` with `Upgrade: websocket` (answered 101), or an HTTP/2 extended CONNECT with
+//! `:protocol = websocket` (RFC 8441, answered 200; the server's HTTP/2 connection must enable it,
+//! `hyper::server::conn::http2::Builder::enable_connect_protocol`). Either way the WebSocket runs on
+//! what hyper hands over: the connection, or the HTTP/2 stream.
 //!
 //! Validation, negotiation and the answer are the engine's own
 //! ([`switchboard_proto::handshake::validate_request`], [`switchboard_proto::handshake::negotiate`],
@@ -15,7 +19,7 @@ use http_body_util::{Empty, Full};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use switchboard_proto::handshake::{
-    self, HandshakeError, HandshakeResponse, Head, Header, ServerSettings, UpgradeRequest,
+    self, HandshakeError, HandshakeResponse, Head, Header, Offer, ServerSettings, UpgradeRequest,
 };
 use switchboard_proto::Role;
 
@@ -29,8 +33,15 @@ pub type UpgradedWebSocket = WebSocket<TokioIo<Upgraded>>;
 /// Resolves to the WebSocket once hyper has sent the 101 and handed over the connection.
 pub type UpgradeFuture = Pin<Box<dyn Future<Output = Result<UpgradedWebSocket>> + Send>>;
 
-/// True when the request asks for a WebSocket (`Upgrade: websocket`), valid or not.
+/// The `:protocol` of an HTTP/2 extended CONNECT that opens a WebSocket.
+const WEBSOCKET_PROTOCOL: &str = "websocket";
+
+/// True when the request asks for a WebSocket (`Upgrade: websocket`, or an HTTP/2 CONNECT naming
+/// a `:protocol`), valid or not.
 pub fn is_upgrade_request<B>(request: &http::Request<B>) -> bool {
+    if request.method() == Method::CONNECT && request.extensions().get::<hyper::ext::Protocol>().is_some() {
+        return true;
+    }
     request
         .headers()
         .get_all(http::header::UPGRADE)
@@ -46,11 +57,16 @@ pub struct Upgrade {
     on_upgrade: OnUpgrade,
     config: Config,
     protocol: Option<String>,
+    http2: bool,
 }
 
 impl std::fmt::Debug for Upgrade {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Upgrade").field("request", &self.request).field("protocol", &self.protocol).finish()
+        f.debug_struct("Upgrade")
+            .field("request", &self.request)
+            .field("protocol", &self.protocol)
+            .field("http2", &self.http2)
+            .finish()
     }
 }
 
@@ -58,7 +74,8 @@ impl Upgrade {
     /// Validates `request` as a WebSocket handshake and takes its upgrade handle.
     pub fn new<B>(request: &mut http::Request<B>) -> Result<Self, HandshakeError> {
         let on_upgrade = hyper::upgrade::on(&mut *request);
-        Self::from_parts(request.method(), request.uri(), request.version(), request.headers(), on_upgrade)
+        let protocol = request.extensions().get::<hyper::ext::Protocol>();
+        Self::from_parts(request.method(), request.uri(), request.version(), request.headers(), protocol, on_upgrade)
     }
 
     pub(crate) fn from_parts(
@@ -66,20 +83,42 @@ impl Upgrade {
         uri: &Uri,
         version: Version,
         headers: &HeaderMap,
+        connect_protocol: Option<&hyper::ext::Protocol>,
         on_upgrade: OnUpgrade,
     ) -> Result<Self, HandshakeError> {
-        let head = Head {
+        let mut head = Head {
             method: method.as_str().to_owned(),
             target: uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into()),
             status: 0,
             version: if version == Version::HTTP_10 || version == Version::HTTP_09 { 0 } else { 1 },
-            headers: headers
-                .iter()
-                .map(|(name, value)| Header { name: name.as_str().to_owned(), value: value.as_bytes().to_vec() })
-                .collect(),
+            headers: engine_headers(headers),
         };
-        let request = handshake::validate_request(head)?;
-        Ok(Self { request, on_upgrade, config: Config::default(), protocol: None })
+        let upgrade = |request, http2| Self { request, on_upgrade, config: Config::default(), protocol: None, http2 };
+        if method != Method::CONNECT {
+            return Ok(upgrade(handshake::validate_request(head)?, false));
+        }
+        // RFC 8441 §4: the HTTP/2 layer has checked the pseudo-headers; the protocol is ours to check.
+        match connect_protocol.map(hyper::ext::Protocol::as_str) {
+            Some(WEBSOCKET_PROTOCOL) => {}
+            Some(other) => {
+                return Err(HandshakeError::Rejected { status: 501, reason: format!("unknown :protocol {other:?}") })
+            }
+            None => return Err(HandshakeError::Rejected { status: 405, reason: "CONNECT without :protocol".into() }),
+        }
+        // `:authority` stands for `Host` (RFC 9113 §8.3.1), so the request reads the same either way.
+        if let Some(authority) = uri.authority().filter(|_| !headers.contains_key(http::header::HOST)) {
+            head.headers.push(Header { name: "host".into(), value: authority.as_str().as_bytes().to_vec() });
+        }
+        // There is no key over HTTP/2; one sent anyway is ignored, as RFC 8441 §5 has no use for it.
+        let offer = Offer { key: None, ..Offer::from_head(&head) };
+        offer.validate()?;
+        Ok(upgrade(UpgradeRequest { head, offer }, true))
+    }
+
+    /// True for an HTTP/2 extended CONNECT (answered 200 on its stream), false for an HTTP/1.1
+    /// upgrade (answered 101).
+    pub fn is_http2(&self) -> bool {
+        self.http2
     }
 
     /// The request: path, query, origin, headers, offered subprotocols.
@@ -104,14 +143,16 @@ impl Upgrade {
         self.protocol.as_deref()
     }
 
-    /// The 101 response to return to hyper, and the future that yields the WebSocket.
+    /// The response to return to hyper (101, or 200 over HTTP/2), and the future that yields the
+    /// WebSocket.
     pub fn into_response(self) -> (http::Response<Empty<Bytes>>, UpgradeFuture) {
-        let Self { request, on_upgrade, config, protocol } = self;
+        let Self { request, on_upgrade, config, protocol, http2 } = self;
         let protocols: Vec<&str> = protocol.as_deref().into_iter().collect();
         let settings = ServerSettings { protocols: &protocols, compression: config.compression.as_ref() };
         let negotiated =
             handshake::negotiate(&request.offer, &settings).expect("the offer was validated by validate_request");
-        let response = http_response(&negotiated.http1_response()).map(|()| Empty::new());
+        let model = if http2 { negotiated.http2_response() } else { negotiated.http1_response() };
+        let response = http_response(&model).map(|()| Empty::new());
         let (protocol, params) = (negotiated.protocol, negotiated.deflate);
         let future = Box::pin(async move {
             let upgraded = on_upgrade.await.map_err(|e| Error::Io(std::io::Error::other(e)))?;
@@ -120,6 +161,14 @@ impl Upgrade {
         });
         (response, future)
     }
+}
+
+/// An `http` header map as the engine's header lines, in order.
+pub(crate) fn engine_headers(headers: &HeaderMap) -> Vec<Header> {
+    headers
+        .iter()
+        .map(|(name, value)| Header { name: name.as_str().to_owned(), value: value.as_bytes().to_vec() })
+        .collect()
 }
 
 /// The engine's response model as an `http::Response`: same status, same headers in order. The model

@@ -1,0 +1,191 @@
+//! WebSockets over HTTP/2 for clients (RFC 8441): one TLS connection with `h2` chosen by ALPN, each
+//! WebSocket an extended CONNECT stream on it, beside ordinary requests.
+//!
+//! [`ClientBuilder::http2`](crate::ClientBuilder::http2) makes `connect` use it (one connection per
+//! WebSocket, falling back to HTTP/1.1 when the server does not pick `h2`);
+//! [`ClientBuilder::connect_http2`](crate::ClientBuilder::connect_http2) opens an [`Http2Connection`]
+//! that carries any number of WebSockets and requests at once.
+//!
+//! A client may only send `:protocol` once the server has said `SETTINGS_ENABLE_CONNECT_PROTOCOL`
+//! (RFC 8441 §3). The server's SETTINGS is the first thing it sends, so opening a connection waits
+//! for it, bounded by the handshake timeout.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use switchboard_proto::deflate;
+use switchboard_proto::handshake::{self, Accepted, ClientRequest, Head, ResponseError};
+use switchboard_proto::Role;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::socket::WebSocket;
+use crate::tls::ClientStream;
+
+/// The ALPN name of HTTP/2 over TLS.
+pub(crate) const ALPN_H2: &[u8] = b"h2";
+
+/// An HTTP/2 connection to a server that accepts WebSockets on it. Cheap to clone: clones share the
+/// connection, which closes when the last clone and the last WebSocket on it are gone.
+#[derive(Clone)]
+pub struct Http2Connection {
+    send: SendRequest<Empty<Bytes>>,
+    /// `host[:port]`, the `:authority` of every request.
+    authority: String,
+}
+
+impl std::fmt::Debug for Http2Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Http2Connection").field("authority", &self.authority).finish_non_exhaustive()
+    }
+}
+
+impl Http2Connection {
+    /// Runs HTTP/2 over `io`, a stream that speaks it (TLS that chose `h2`, or cleartext to a
+    /// server known to take HTTP/2 at once), with `authority` (`host[:port]`) as every request's
+    /// `:authority`; waits up to `config`'s handshake timeout for the server to enable extended
+    /// CONNECT. [`ClientBuilder::connect_http2`](crate::ClientBuilder::connect_http2) does all of
+    /// it for a `wss://` URL.
+    pub async fn handshake<S>(io: S, authority: String, config: &Config) -> Result<Self>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(config.max_head_bytes).unwrap_or(u32::MAX))
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(http2_error)?;
+        // hyper runs the HTTP/2 frames on a task of its own, and nothing tells this one when the
+        // server's SETTINGS has been applied: the flag is looked at every millisecond (only while
+        // connecting), with the connection polled here meanwhile, then it runs on a task of its own.
+        let mut connection = Box::pin(connection);
+        let limit = config.handshake_timeout;
+        let settled = tokio::time::timeout(limit, async {
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            loop {
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        let reason = result.err().map_or_else(|| "closed".to_owned(), |e| e.to_string());
+                        return Err(Error::Http2(format!("the connection ended at once: {reason}")));
+                    }
+                    _ = tick.tick() => {
+                        if connection.is_extended_connect_protocol_enabled() {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        });
+        match settled.await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(Error::Http2(format!(
+                "the server did not enable WebSockets over HTTP/2 (SETTINGS_ENABLE_CONNECT_PROTOCOL) within {limit:?}"
+            )))
+            }
+        }
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "HTTP/2 connection ended with an error");
+            }
+        });
+        Ok(Self { send, authority })
+    }
+
+    /// Sends an ordinary request on the connection (its URI's path is used; scheme and authority are
+    /// the connection's when absent).
+    pub async fn request(
+        &self,
+        mut request: http::Request<Empty<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>> {
+        if request.uri().authority().is_none() {
+            *request.uri_mut() = self.uri(request.uri().path_and_query().map_or("/", |p| p.as_str()))?;
+        }
+        let mut send = self.send.clone();
+        send.ready().await.map_err(http2_error)?;
+        send.send_request(request).await.map_err(http2_error)
+    }
+
+    /// Opens a WebSocket on a new stream: an extended CONNECT for `request` (its target, offers and
+    /// headers; its key and `Host` are not used), answered 200.
+    pub async fn open(&self, request: &ClientRequest, config: Config) -> Result<(WebSocket<ClientStream>, Accepted)> {
+        let target = if request.target.is_empty() { "/" } else { &request.target };
+        let invalid = |error| Error::Response { error, body: String::new() };
+        let mut builder = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(self.uri(target)?)
+            .extension(hyper::ext::Protocol::from_static("websocket"));
+        for (name, value) in request.http2_fields().map_err(invalid)? {
+            builder = builder.header(name, value);
+        }
+        let connect = builder.body(Empty::new()).map_err(|e| invalid(ResponseError::InvalidHeader(e.to_string())))?;
+        let limit = config.handshake_timeout;
+        let exchange = async {
+            let mut response = self.request(connect).await?;
+            let head = response_head(&response);
+            let accepted = match handshake::verify_http2_response(request, head) {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    let body = body_prefix(response.into_body()).await;
+                    return Err(Error::Response { error, body });
+                }
+            };
+            let upgraded = hyper::upgrade::on(&mut response).await.map_err(http2_error)?;
+            Ok((accepted, upgraded))
+        };
+        let (accepted, upgraded) =
+            tokio::time::timeout(limit, exchange).await.map_err(|_| Error::HandshakeTimeout(limit))??;
+        let deflate = match (&accepted.extensions, &config.compression) {
+            (Some(response), Some(settings)) => {
+                Some(deflate::accept_response(response, settings).map_err(|e| Error::Response {
+                    error: ResponseError::UnofferedExtension(e.0),
+                    body: String::new(),
+                })?)
+            }
+            _ => None,
+        };
+        let protocol = accepted.protocol.clone();
+        let stream = ClientStream::Http2(Box::new(TokioIo::new(upgraded)));
+        let socket = WebSocket::from_raw_with_deflate(stream, Role::Client, config, &[], deflate);
+        Ok((socket.with_protocol(protocol), accepted))
+    }
+
+    fn uri(&self, target: &str) -> Result<http::Uri> {
+        format!("https://{}{target}", self.authority).parse().map_err(|_| Error::InvalidUrl {
+            url: format!("https://{}{target}", self.authority),
+            reason: "not a valid request target",
+        })
+    }
+}
+
+/// The response's status and fields as the engine's [`Head`].
+fn response_head<B>(response: &http::Response<B>) -> Head {
+    Head {
+        status: response.status().as_u16(),
+        headers: crate::upgrade::engine_headers(response.headers()),
+        ..Head::default()
+    }
+}
+
+/// The first bytes of a refusal's body, so the error says why (bounded in size and time).
+async fn body_prefix(body: hyper::body::Incoming) -> String {
+    use http_body_util::BodyExt;
+    const PREFIX: usize = 512;
+    let limited = http_body_util::Limited::new(body, 64 * 1024);
+    match tokio::time::timeout(Duration::from_secs(1), limited.collect()).await {
+        Ok(Ok(collected)) => {
+            let bytes = collected.to_bytes();
+            String::from_utf8_lossy(&bytes[..bytes.len().min(PREFIX)]).trim_end().to_owned()
+        }
+        _ => String::new(),
+    }
+}
+
+fn http2_error(error: hyper::Error) -> Error {
+    Error::Http2(error.to_string())
+}
