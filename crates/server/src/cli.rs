@@ -15,6 +15,17 @@ use switchboard_ws::tls::TlsAcceptor;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// How log lines on stderr are written: `text` for people (coloured only on a terminal), `json`
+    /// (one object per line) for log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "SWITCHBOARD_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+/// See [`Cli::log_format`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -55,6 +66,11 @@ pub enum Command {
         /// runtime of N workers.
         #[arg(long, default_value_t = 0, env = "SWITCHBOARD_THREADS")]
         threads: usize,
+        /// Largest handshake request head, in bytes; a longer one gets 431 (as `serve`'s setting).
+        #[arg(long, default_value_t = switchboard_ws::proto::handshake::DEFAULT_MAX_HEAD_BYTES,
+              value_parser = head_bytes,
+              env = "SWITCHBOARD_MAX_REQUEST_HEAD_BYTES")]
+        max_request_head_bytes: usize,
         #[command(flatten)]
         tls: TlsArgs,
     },
@@ -90,6 +106,10 @@ pub enum Command {
         /// Use this http:// proxy (default: HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment).
         #[arg(long)]
         proxy: Option<String>,
+        /// After the end of input, keep reading this many seconds before closing (replies to piped
+        /// lines are still on their way when the pipe ends).
+        #[arg(long, value_name = "SECONDS")]
+        linger: Option<f64>,
     },
 }
 
@@ -156,9 +176,10 @@ pub struct TlsArgs {
 }
 
 impl TlsArgs {
+    /// The echo server's TLS: ALPN offers `h2` too, since it takes WebSockets over HTTP/2.
     pub fn acceptor(&self) -> anyhow::Result<Option<TlsAcceptor>> {
         match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => Ok(Some(switchboard_ws::tls::acceptor(cert, key)?)),
+            (Some(cert), Some(key)) => Ok(Some(switchboard_ws::tls::acceptor_h2(cert, key)?)),
             _ => Ok(None),
         }
     }
@@ -207,6 +228,8 @@ pub struct EchoArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct FanoutArgs {
+    /// Server URL; several comma-separated (nodes of one cluster) spread the subscribers over them
+    /// in turn, and publishers connect to the first.
     pub url: String,
     #[arg(long, default_value_t = 1000)]
     pub subscribers: usize,
@@ -217,8 +240,12 @@ pub struct FanoutArgs {
     pub rate: f64,
     #[arg(long, short = 'd', default_value_t = 10.0)]
     pub duration: f64,
-    /// `seed` ({name, message} JSON, no subprotocol) or `v1` (switchboard.v1 join and publish).
-    #[arg(long, default_value = "seed")]
+    /// `seed` ({name, message} JSON, no subprotocol), `v1` (switchboard.v1 join and publish), or
+    /// `socketio` (Socket.IO 4 over its WebSocket transport: emits `join` with the room and
+    /// `publish` with {room, message}, receives `message` events; for benches/peers' Socket.IO server),
+    /// `sse` (subscribers on `GET /sse?room=ROOM`, publishers on `switchboard.v1`), or `longpoll`
+    /// (subscribers polling `GET /poll` from each answer's cursor).
+    #[arg(long, visible_alias = "transport", default_value = "seed")]
     pub protocol: String,
     /// Room for `v1` (seed clients are in the server's default room).
     #[arg(long, default_value = "lobby")]
@@ -230,9 +257,15 @@ pub struct FanoutArgs {
     /// are counted over the others.
     #[arg(long, default_value_t = 0.0)]
     pub stalled_percent: f64,
-    /// The server's pid, to report its CPU time per delivery.
+    /// Publish exactly this many messages (one publisher), each once every reader has the one
+    /// before (a closed loop), instead of a rate for a duration: for instruction counts under
+    /// callgrind, which must not depend on time.
     #[arg(long)]
-    pub server_pid: Option<u32>,
+    pub count: Option<u64>,
+    /// The server's pid, to report its CPU time per delivery; several comma-separated (every node
+    /// of a cluster) are added up.
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
     #[arg(long)]
     pub json: bool,
 }
@@ -286,4 +319,14 @@ pub struct IdleArgs {
     pub server_pid: Option<u32>,
     #[arg(long)]
     pub json: bool,
+}
+
+/// A request head bound: 1 KiB to 1 MiB.
+fn head_bytes(text: &str) -> Result<usize, String> {
+    let bytes: usize = text.parse().map_err(|_| format!("{text:?} is not a number of bytes"))?;
+    if (1024..=1 << 20).contains(&bytes) {
+        Ok(bytes)
+    } else {
+        Err(format!("{bytes} is not 1024 to 1048576"))
+    }
 }

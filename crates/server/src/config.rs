@@ -54,6 +54,11 @@ macro_rules! settings {
     };
 }
 
+/// The least `max_request_head_bytes` can be.
+pub const MIN_REQUEST_HEAD_BYTES: usize = 1024;
+/// The most it can be.
+pub const MAX_REQUEST_HEAD_BYTES: usize = 1 << 20;
+
 settings! {
     /// `[server]`: the listening socket, TLS, the life of a connection.
     pub struct ServerSettings {
@@ -69,10 +74,43 @@ settings! {
         /// Seconds a client has to send its request head (and finish TLS) [default: 10].
         #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_SECS")]
         handshake_timeout_secs: u64 = 10,
+        /// Largest request head (request line and headers) of any request, the WebSocket handshake
+        /// included, in bytes; a longer one gets 431. Over HTTP/2, the largest header list.
+        /// 1024 to 1048576 [default: 8192].
+        #[arg(long, env = "SWITCHBOARD_MAX_REQUEST_HEAD_BYTES")]
+        max_request_head_bytes: usize = switchboard_ws::proto::handshake::DEFAULT_MAX_HEAD_BYTES,
+        /// Proxies whose X-Forwarded-For / Forwarded headers name the client, comma-separated
+        /// addresses or CIDR networks (10.0.0.0/8,192.0.2.7): the rightmost address that is not one
+        /// of them is the client, for limits, logs and metrics. The headers of other peers are
+        /// ignored [default: none].
+        #[arg(long, env = "SWITCHBOARD_TRUSTED_PROXIES", value_delimiter = ',')]
+        trusted_proxies: Vec<String>,
+        /// The header --trusted-proxies append the client's address to: x-forwarded-for or
+        /// forwarded (RFC 7239). Only that one is read: a proxy passes the other through as the
+        /// client sent it [default: x-forwarded-for].
+        #[arg(long, env = "SWITCHBOARD_FORWARDED_HEADER")]
+        forwarded_header: crate::proxied::ForwardedHeader = crate::proxied::ForwardedHeader::XForwardedFor,
+        /// Every connection starts with a PROXY protocol header (v1 or v2, HAProxy's send-proxy /
+        /// send-proxy-v2) naming the client; connections without one are closed. With
+        /// --trusted-proxies, headers are taken only from those peers [default: false].
+        #[arg(long, env = "SWITCHBOARD_PROXY_PROTOCOL")]
+        proxy_protocol: bool = false,
+        /// Concurrent streams of one HTTP/2 connection (HTTP/2 is offered on TLS ports; each
+        /// WebSocket over it is a stream). 1 to 1000 [default: 100].
+        #[arg(long, env = "SWITCHBOARD_H2_MAX_STREAMS")]
+        h2_max_streams: u32 = 100,
         /// Seconds of silence before the server pings a client; one more such period without an answer
         /// drops it. 0 turns keepalive off [default: 25].
         #[arg(long, env = "SWITCHBOARD_KEEPALIVE_SECS")]
         keepalive_secs: u64 = 25,
+        /// Seconds between the comments an idle Server-Sent Events stream sends, so proxies keep it
+        /// open [default: 15].
+        #[arg(long, env = "SWITCHBOARD_SSE_HEARTBEAT_SECS")]
+        sse_heartbeat_secs: u64 = 15,
+        /// Seconds a long-polling client that names itself (`client=`) stays present after its last
+        /// poll [default: 35].
+        #[arg(long, env = "SWITCHBOARD_POLL_GRACE_SECS")]
+        poll_grace_secs: u64 = 35,
         /// Offer permessage-deflate to clients [default: true].
         #[arg(long, env = "SWITCHBOARD_COMPRESSION")]
         compression: bool = true,
@@ -181,10 +219,31 @@ settings! {
     }
 }
 
+settings! {
+    /// `[cluster]`: several nodes serving one chat, through Redis.
+    pub struct ClusterSettings {
+        /// Redis URL (redis://HOST:PORT/): history, fan-out and presence go through Redis, and every
+        /// node given the same Redis serves the same chat. Several comma-separated URLs spread rooms
+        /// over independent servers by a stable hash of the room [default: none: SQLite, one node].
+        #[arg(long, env = "SWITCHBOARD_REDIS", value_delimiter = ',')]
+        redis: Vec<String> = Vec::new(),
+        /// The --redis URLs are nodes of a Redis Cluster (keys by slot, sharded pub/sub) [default: false].
+        #[arg(long, env = "SWITCHBOARD_REDIS_CLUSTER", num_args = 0..=1, default_missing_value = "true")]
+        redis_cluster: bool = false,
+        /// Milliseconds a Redis command may take before it fails as `unavailable` [default: 2000].
+        #[arg(long, env = "SWITCHBOARD_REDIS_TIMEOUT_MS")]
+        redis_timeout_ms: u64 = 2000,
+        /// Seconds a node's presence lease lasts: members of a node that died leave for everyone
+        /// within about this long [default: 10].
+        #[arg(long, env = "SWITCHBOARD_PRESENCE_LEASE_SECS")]
+        presence_lease_secs: u64 = 10,
+    }
+}
+
 /// The command line (and environment) of `switchboard serve`.
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct ServeArgs {
-    /// TOML file with any of these settings, in sections named server, history, chat, limits and auth
+    /// TOML file with any of these settings, in sections named server, history, chat, limits, auth and cluster
     /// (keys are the settings' names with underscores, without the section's prefix).
     #[arg(long, env = "SWITCHBOARD_CONFIG")]
     pub config: Option<PathBuf>,
@@ -198,6 +257,8 @@ pub struct ServeArgs {
     pub limits: LimitSettings,
     #[command(flatten)]
     pub auth: AuthSettings,
+    #[command(flatten)]
+    pub cluster: ClusterSettings,
 }
 
 /// The TOML file: the same sections, all optional.
@@ -209,6 +270,7 @@ struct FileConfig {
     chat: ChatSettings,
     limits: LimitSettings,
     auth: AuthSettings,
+    cluster: ClusterSettings,
 }
 
 /// Where tokens are checked against.
@@ -242,6 +304,8 @@ pub struct ServeConfig {
     pub limits: LimitSettings,
     /// `[auth]`.
     pub auth: AuthSettings,
+    /// `[cluster]`.
+    pub cluster: ClusterSettings,
 }
 
 impl ServeConfig {
@@ -257,6 +321,7 @@ impl ServeConfig {
             chat: args.chat.or(file.chat),
             limits: args.limits.or(file.limits),
             auth: args.auth.or(file.auth),
+            cluster: args.cluster.or(file.cluster),
         };
         config.check()?;
         Ok(config)
@@ -272,6 +337,25 @@ impl ServeConfig {
             "connection limits must be at least 1"
         );
         anyhow::ensure!(server.handshake_timeout_secs() > 0, "handshake_timeout_secs must be at least 1");
+        anyhow::ensure!(server.sse_heartbeat_secs() > 0, "sse_heartbeat_secs must be at least 1");
+        anyhow::ensure!(
+            (MIN_REQUEST_HEAD_BYTES..=MAX_REQUEST_HEAD_BYTES).contains(&server.max_request_head_bytes()),
+            "max_request_head_bytes must be {MIN_REQUEST_HEAD_BYTES} to {MAX_REQUEST_HEAD_BYTES}"
+        );
+        anyhow::ensure!((1..=1000).contains(&server.h2_max_streams()), "h2_max_streams must be 1 to 1000");
+        if let Err(reason) = crate::proxied::TrustedProxies::parse(
+            server.trusted_proxies.as_deref().unwrap_or_default(),
+            server.forwarded_header(),
+        ) {
+            anyhow::bail!("trusted_proxies: {reason}");
+        }
+        let cluster = &self.cluster;
+        anyhow::ensure!(
+            !cluster.redis_cluster() || !cluster.redis().is_empty(),
+            "redis_cluster needs the URL of at least one cluster node in redis"
+        );
+        anyhow::ensure!(cluster.redis_timeout_ms() > 0, "redis_timeout_ms must be at least 1");
+        anyhow::ensure!(cluster.presence_lease_secs() > 0, "presence_lease_secs must be at least 1");
         let rate = limits.rate_limit();
         anyhow::ensure!(rate.is_finite() && rate >= 0.0, "rate_limit must be a number of messages per second");
         anyhow::ensure!(server.tls_cert.is_some() == server.tls_key.is_some(), "tls_cert and tls_key go together");
@@ -375,6 +459,32 @@ mod tests {
         std::fs::write(&file, "listen = \"127.0.0.1:1\"\n").unwrap();
         let err = ServeConfig::load(ServeArgs { config: Some(file), ..ServeArgs::default() }).unwrap_err();
         assert!(format!("{err:#}").contains("unknown field `listen`"), "a setting outside its section: {err:#}");
+    }
+
+    #[test]
+    fn cluster_settings_come_from_the_file_and_the_command_line() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let dir = std::env::temp_dir().join(format!("sb-cluster-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("cluster.toml");
+        std::fs::write(
+            &file,
+            "[cluster]\nredis = [\"redis://a:6379/\", \"redis://b:6379/\"]\npresence_lease_secs = 20\n",
+        )
+        .unwrap();
+        let config = ServeConfig::load(ServeArgs { config: Some(file), ..ServeArgs::default() }).unwrap();
+        assert_eq!(config.cluster.redis(), ["redis://a:6379/", "redis://b:6379/"]);
+        assert_eq!((config.cluster.presence_lease_secs(), config.cluster.redis_cluster()), (20, false));
+        let cli = Cli::try_parse_from(["serve", "--redis", "redis://x/,redis://y/", "--redis-cluster"]).unwrap();
+        let config = ServeConfig::load(cli.serve).unwrap();
+        assert_eq!(config.cluster.redis(), ["redis://x/", "redis://y/"], "comma-separated URLs");
+        assert!(config.cluster.redis_cluster(), "--redis-cluster without a value means true");
+        assert!(ServeConfig::load(ServeArgs::default()).unwrap().cluster.redis().is_empty(), "SQLite by default");
     }
 
     #[test]

@@ -2,6 +2,11 @@
 //! the accept loop, admission limits (connections in total and per client address: an IPv4 address
 //! or an IPv6 /64) checked before a byte is read, and TLS with a bounded handshake.
 //!
+//! Behind a proxy ([`crate::proxied`]): with the PROXY protocol the header is read first and the
+//! limits apply to the client it names; a connection from a trusted proxy that forwards HTTP
+//! counts in the total only, and each session on it takes its client's place (see
+//! `transport::http`).
+//!
 //! What runs on an admitted connection is the caller's [`Handler`]; the loop only decides whether the
 //! connection gets one.
 
@@ -14,6 +19,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use switchboard_ws::tls::TlsAcceptor;
+
+use crate::proxied::TrustedProxies;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -46,6 +53,11 @@ pub struct Admission {
     pub limiter: Option<Arc<ConnectionLimiter>>,
     /// Serve TLS on every connection.
     pub tls: Option<TlsAcceptor>,
+    /// Every connection starts with a PROXY protocol header, read within this time.
+    pub proxy_protocol: Option<Duration>,
+    /// Peers that forward for clients (PROXY headers are taken only from them when the list is not
+    /// empty; their HTTP connections count in the total only).
+    pub trusted: Arc<TrustedProxies>,
 }
 
 /// Accepts until `stop` resolves, admitting each connection or refusing it before reading a byte.
@@ -69,26 +81,74 @@ pub async fn accept_loop(
                 }
             },
         };
-        let permit = match &admission.limiter {
+        let _ = stream.set_nodelay(true);
+        let Some(timeout) = admission.proxy_protocol else {
+            let shared = admission.trusted.contains(peer.ip());
+            admit(&admission, &handler, stream, peer, shared);
+            continue;
+        };
+        // The client's address is in the first bytes: read them on the connection's own task.
+        let (admission, handler) = (admission.clone(), handler.clone());
+        // While its header is read the connection holds a place in the total, so unfinished headers
+        // cannot pile up past the limit.
+        let reading = match admission.limiter.as_ref().map(|limiter| limiter.try_acquire_shared()) {
+            Some(Err(refused)) => {
+                tracing::info!(%peer, reason = %refused, "refused a connection");
+                crate::metrics::metrics().refused(crate::metrics::Refusal::Limit);
+                continue;
+            }
+            Some(Ok(place)) => Some(place),
             None => None,
-            Some(limiter) => match limiter.try_acquire(peer.ip()) {
+        };
+        tokio::spawn(async move {
+            let mut stream = stream;
+            if !admission.trusted.is_empty() && !admission.trusted.contains(peer.ip()) {
+                tracing::info!(%peer, reason = "PROXY protocol from a peer not in --trusted-proxies", "refused a connection");
+                crate::metrics::metrics().refused(crate::metrics::Refusal::BadHandshake);
+                return;
+            }
+            let header = crate::proxied::read_proxy_header(&mut stream, timeout).await;
+            drop(reading);
+            match header {
+                Ok(client) => admit(&admission, &handler, stream, client.unwrap_or(peer), false),
+                // A port probe, or a client that gave up: nothing was refused.
+                Err(crate::proxied::ProxyHeaderError::Closed) => {
+                    tracing::debug!(%peer, "closed before its PROXY header")
+                }
+                Err(error) => {
+                    tracing::info!(%peer, reason = %error, "refused a connection");
+                    crate::metrics::metrics().refused(crate::metrics::Refusal::BadHandshake);
+                }
+            }
+        });
+    }
+}
+
+/// Takes the connection's place in the limits (only in the total when it is `shared` by the
+/// clients of a proxy) and hands it to the handler, or refuses it.
+fn admit(admission: &Admission, handler: &impl Handler, stream: TcpStream, peer: SocketAddr, shared: bool) {
+    let permit = match &admission.limiter {
+        None => None,
+        Some(limiter) => {
+            let permit = if shared { limiter.try_acquire_shared() } else { limiter.try_acquire(peer.ip()) };
+            match permit {
                 Ok(permit) => Some(permit),
                 Err(refused) => {
-                    tracing::debug!(%peer, %refused, "connection refused");
+                    tracing::info!(%peer, reason = %refused, "refused a connection");
+                    crate::metrics::metrics().refused(crate::metrics::Refusal::Limit);
                     // An HTTP answer would be plaintext on a TLS port: there, just close.
                     if admission.tls.is_none() {
                         tokio::spawn(answer_refusal(stream, refused));
                     }
-                    continue;
+                    return;
                 }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let stream = Admitted { inner: stream, _permit: permit };
-        match &admission.tls {
-            None => handler.plain(stream, peer),
-            Some(acceptor) => handler.tls(stream, peer, acceptor.clone()),
+            }
         }
+    };
+    let stream = Admitted { inner: stream, _permit: permit };
+    match &admission.tls {
+        None => handler.plain(stream, peer),
+        Some(acceptor) => handler.tls(stream, peer, acceptor.clone()),
     }
 }
 
@@ -111,7 +171,7 @@ pub async fn tls_handshake<S>(
     stream: S,
     peer: SocketAddr,
     timeout: Duration,
-) -> Option<impl AsyncRead + AsyncWrite + Unpin + Send + 'static>
+) -> Option<switchboard_ws::tls::ServerTls<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -181,6 +241,14 @@ pub enum Refused {
 }
 
 impl Refused {
+    /// The status of [`Refused::response`], for an answer written through an HTTP stack.
+    pub fn status(&self) -> axum::http::StatusCode {
+        match self {
+            Refused::Full(_) => axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Refused::PerIp(_) => axum::http::StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+
     /// The HTTP answer, written before the request is even read.
     pub fn response(&self) -> &'static [u8] {
         match self {
@@ -211,7 +279,8 @@ struct Counts {
 #[derive(Debug)]
 pub struct Permit {
     limiter: Arc<ConnectionLimiter>,
-    ip: IpAddr,
+    /// The address it counts against; `None` for a place in the total only.
+    ip: Option<IpAddr>,
 }
 
 impl ConnectionLimiter {
@@ -231,7 +300,18 @@ impl ConnectionLimiter {
         }
         *from_ip += 1;
         counts.total += 1;
-        Ok(Permit { limiter: self.clone(), ip })
+        Ok(Permit { limiter: self.clone(), ip: Some(ip) })
+    }
+
+    /// A place in the total only: a connection from a proxy, whose clients are counted each by
+    /// their own address as their sessions open.
+    pub fn try_acquire_shared(self: &Arc<Self>) -> Result<Permit, Refused> {
+        let mut counts = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if counts.total >= self.max_total {
+            return Err(Refused::Full(self.max_total));
+        }
+        counts.total += 1;
+        Ok(Permit { limiter: self.clone(), ip: None })
     }
 
     pub fn open(&self) -> usize {
@@ -259,10 +339,11 @@ impl Drop for Permit {
     fn drop(&mut self) {
         let mut counts = self.limiter.state.lock().unwrap_or_else(|p| p.into_inner());
         counts.total -= 1;
-        if let Some(n) = counts.per_ip.get_mut(&self.ip) {
+        let Some(ip) = self.ip else { return };
+        if let Some(n) = counts.per_ip.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
-                counts.per_ip.remove(&self.ip);
+                counts.per_ip.remove(&ip);
             }
         }
     }

@@ -11,7 +11,7 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use switchboard::cli::{Cli, Command};
+use switchboard::cli::{Cli, Command, LogFormat};
 use switchboard::config::ServeConfig;
 use switchboard::serve;
 use switchboard::tools::connect::{self, ConnectOptions};
@@ -20,13 +20,8 @@ use switchboard_ws::proto::deflate::DeflateConfig;
 use switchboard_ws::Config;
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SWITCHBOARD_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logs(cli.log_format);
     if let Command::Token(args) = cli.command {
         println!("{}", args.mint()?);
         return Ok(());
@@ -42,8 +37,18 @@ fn main() -> anyhow::Result<()> {
         _ => 0,
     };
     let runtime = runtime(threads)?;
-    if let Command::Connect { url, binary, json, headers, protocols, ping_interval, no_compression, ca_file, proxy } =
-        cli.command
+    if let Command::Connect {
+        url,
+        binary,
+        json,
+        headers,
+        protocols,
+        ping_interval,
+        no_compression,
+        ca_file,
+        proxy,
+        linger,
+    } = cli.command
     {
         let options = ConnectOptions {
             url,
@@ -55,6 +60,7 @@ fn main() -> anyhow::Result<()> {
             compression: !no_compression,
             ca_file,
             proxy,
+            linger: linger.map(Duration::from_secs_f64),
         };
         let stdin = tokio::io::BufReader::new(tokio::io::stdin());
         let code = match runtime.block_on(connect::run(options, stdin, tokio::io::stdout())) {
@@ -92,9 +98,11 @@ fn main() -> anyhow::Result<()> {
                 deflate_mem_level,
                 reuse_port,
                 threads: _,
+                max_request_head_bytes,
                 tls,
             } => {
                 let mut config = Config::default().max_message_size(max_message_size).max_frame_size(max_frame_size);
+                config.max_head_bytes = max_request_head_bytes;
                 if !no_compression {
                     config = config.compression(DeflateConfig {
                         server_max_window_bits: deflate_window_bits,
@@ -150,5 +158,17 @@ fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
         Ok(async {
             let _ = tokio::signal::ctrl_c().await;
         })
+    }
+}
+
+/// Logs go to stderr, filtered by `SWITCHBOARD_LOG` (default `info`): as text, with colour only
+/// when stderr is a terminal (a file or journald would get escape codes), or as JSON lines.
+fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHBOARD_LOG").unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).init(),
     }
 }

@@ -22,10 +22,14 @@ use crate::chat::message::{NodeId, SystemClock};
 use crate::chat::Core;
 use crate::config::{ServeConfig, TokenKey};
 use crate::engine::memory::LocalPresence;
+use crate::engine::redis::{RedisConnector, RedisSettings};
 use crate::engine::sqlite::Store;
 use crate::engine::{Engine, Retention};
 use crate::listen::{self, Admission, ConnectionLimiter};
-use crate::transport::http::{self, AppState, HttpHandler};
+use crate::proxied::TrustedProxies;
+use crate::transport::http::{self, AppState, HttpHandler, HttpSettings};
+use crate::transport::poll::PollPresence;
+use crate::transport::sse::AddressRate;
 use crate::transport::ws::WsState;
 
 /// Binds the configured address and serves until `stop` resolves.
@@ -40,28 +44,41 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> anyhow:
 pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
     let access = Arc::new(access(&config)?);
     let chat = &config.chat;
-    let hub = Hub::new(
-        HubLimits {
-            outbox_messages: config.limits.outbox_messages(),
-            outbox_bytes: config.limits.outbox_bytes(),
-            max_rooms_per_connection: chat.max_rooms_per_connection(),
-            max_presence: chat.max_presence(),
-        },
-        chat.default_room(),
-        NodeId::random(),
-        Arc::new(LocalPresence::default()),
-    );
+    let limits = HubLimits {
+        outbox_messages: config.limits.outbox_messages(),
+        outbox_bytes: config.limits.outbox_bytes(),
+        max_rooms_per_connection: chat.max_rooms_per_connection(),
+        max_presence: chat.max_presence(),
+    };
     let retention = Retention {
         max_messages: config.history.max_messages(),
         max_age: config.history_max_age(),
         max_db_bytes: config.history.db_max_bytes,
     };
-    let db = config.history.db();
-    let store = Store::open(&db, retention, hub.clone())?;
-    let engine: Arc<dyn Engine> = store;
+    let node = NodeId::random();
+    let cluster = &config.cluster;
+    let (hub, engine, store) = if cluster.redis().is_empty() {
+        let hub = Hub::new(limits, chat.default_room(), node, Arc::new(LocalPresence::default()));
+        let db = config.history.db();
+        let engine: Arc<dyn Engine> = Store::open(&db, retention, hub.clone())?;
+        (hub, engine, db.display().to_string())
+    } else {
+        let settings = RedisSettings {
+            urls: cluster.redis(),
+            cluster: cluster.redis_cluster(),
+            lease: Duration::from_secs(cluster.presence_lease_secs()),
+            timeout: Duration::from_millis(cluster.redis_timeout_ms()),
+            node: node.as_str().to_owned(),
+        };
+        let connector = RedisConnector::connect(settings, retention).await?;
+        let hub = Hub::new(limits, chat.default_room(), node, connector.presence());
+        let engine: Arc<dyn Engine> = connector.start(hub.clone());
+        (hub, engine, cluster.redis().join(","))
+    };
     hub.attach(&engine);
     let tls = match config.tls() {
-        Some((cert, key)) => Some(switchboard_ws::tls::acceptor(&cert, &key)?),
+        // HTTP/2 is offered because its one WebSocket route, /ws, takes the extended CONNECT too.
+        Some((cert, key)) => Some(switchboard_ws::tls::acceptor_h2(&cert, &key)?),
         None => None,
     };
 
@@ -93,14 +110,44 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
     });
     let connections = ConnectionLimiter::new(config.server.max_connections(), config.server.max_connections_per_ip());
     let live = Arc::new(AtomicUsize::new(0));
-    let state =
-        AppState { ws: WsState { core, config: ws_config, live: live.clone() }, connections: connections.clone() };
+    let state = AppState {
+        ws: WsState { core, config: ws_config, live: live.clone() },
+        connections: connections.clone(),
+        sse_heartbeat: Duration::from_secs(config.server.sse_heartbeat_secs()),
+        poll_presence: PollPresence::new(
+            Duration::from_secs(config.server.poll_grace_secs()),
+            config.server.max_connections(),
+        ),
+        publish_rate: AddressRate::new(config.rate_limit()),
+        started: std::time::Instant::now(),
+        engine_name: if cluster.redis().is_empty() { "sqlite" } else { "redis" },
+    };
     let app = http::router(state, max_frame);
 
     let scheme = if tls.is_some() { "https" } else { "http" };
-    tracing::info!(db = %db.display(), "switchboard serving {scheme}://{}/", listener.local_addr()?);
-    let handler = HttpHandler::new(app, config.handshake_timeout());
-    listen::accept_loop(&listener, Admission { limiter: Some(connections), tls }, handler, stop).await;
+    tracing::info!(history = %store, "switchboard serving {scheme}://{}/", listener.local_addr()?);
+    let trusted = Arc::new(
+        TrustedProxies::parse(
+            config.server.trusted_proxies.as_deref().unwrap_or_default(),
+            config.server.forwarded_header(),
+        )
+        .map_err(anyhow::Error::msg)?,
+    );
+    let settings = HttpSettings {
+        handshake_timeout: config.handshake_timeout(),
+        max_head: config.server.max_request_head_bytes(),
+        max_streams: config.server.h2_max_streams(),
+        trusted: trusted.clone(),
+    };
+    let (closing, closed) = tokio::sync::watch::channel(false);
+    let handler = HttpHandler::new(app, settings, closed);
+    let admission = Admission {
+        limiter: Some(connections),
+        tls,
+        proxy_protocol: config.server.proxy_protocol().then(|| config.handshake_timeout()),
+        trusted,
+    };
+    listen::accept_loop(&listener, admission, handler, stop).await;
 
     tracing::info!("shutting down: closing connections with 1001");
     drop(listener);
@@ -110,6 +157,9 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
     while live.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Only now, with every WebSocket closed with 1001, do idle HTTP/1.1 connections close and HTTP/2
+    // connections get their GOAWAY.
+    let _ = closing.send(true);
     // The engine commits what it holds and stops; later publishes (from sessions still closing) are
     // refused. Whatever it held was never acknowledged, so a publisher retries it after the restart.
     let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_millis(500));

@@ -83,3 +83,20 @@ fn wss_with_a_private_ca() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("TLS with localhost failed"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn linger_keeps_reading_after_the_input_ends_so_a_piped_publish_gets_its_broadcast() {
+    let (server, _db) = support::start_serve(&[]);
+    let input = "{\"type\":\"join\",\"room\":\"lobby\",\"name\":\"pipe\"}\n\
+                 {\"type\":\"publish\",\"room\":\"lobby\",\"message\":\"piped hello\"}\n";
+    let url = format!("ws://{}/ws", server.addr);
+    let out = connect(&[&url, "--subprotocol", "switchboard.v1", "--linger", "2"], input);
+    let stdout = text(&out.stdout);
+    let broadcast = stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|v| v["type"] == "message" && v["message"] == "piped hello");
+    assert!(broadcast.is_some(), "no broadcast of the piped message in {stdout}");
+    assert!(stdout.contains(r#""type":"ack""#), "and its ack: {stdout}");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+}

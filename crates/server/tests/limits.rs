@@ -227,3 +227,38 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_room_goes_on() {
     assert!(received < total, "it was cut off before the end ({received} of {total})");
     drop(frozen);
 }
+
+/// The status of a request with an extra header of `pad` bytes (a WebSocket upgrade when `upgrade`).
+fn status_with_header_of(addr: &str, path: &str, pad: usize, upgrade: bool) -> u16 {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let upgrade = if upgrade {
+        "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    } else {
+        ""
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{upgrade}X-Pad: {}\r\n\r\n", "a".repeat(pad));
+    // The server may answer and close before it has read everything: a failed write is fine.
+    let _ = stream.write_all(request.as_bytes());
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).unwrap();
+    std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
+}
+
+#[test]
+fn request_heads_are_bounded_alike_on_serve_and_echo_and_the_bound_is_one_setting() {
+    let (serve, _) = start_serve(&[]);
+    assert_eq!(status_with_header_of(&serve.addr, "/healthz", 7_000, false), 200);
+    assert_eq!(status_with_header_of(&serve.addr, "/healthz", 9_000, false), 431);
+    assert_eq!(status_with_header_of(&serve.addr, "/ws", 9_000, true), 431, "no upgrade past the bound");
+    assert_eq!(status_with_header_of(&serve.addr, "/healthz", 300_000, false), 431, "hyper alone took 300 KB");
+    let echo = support::start_echo(&["--no-compression"]);
+    assert_eq!(status_with_header_of(&echo.addr, "/", 7_000, true), 101);
+    assert_eq!(status_with_header_of(&echo.addr, "/", 9_000, true), 431);
+
+    let (wide, _) = start_serve(&["--max-request-head-bytes", "65536"]);
+    assert_eq!(status_with_header_of(&wide.addr, "/ws", 20_000, true), 101);
+    assert_eq!(status_with_header_of(&wide.addr, "/healthz", 70_000, false), 431);
+    let wide_echo = support::start_echo(&["--max-request-head-bytes", "65536"]);
+    assert_eq!(status_with_header_of(&wide_echo.addr, "/", 20_000, true), 101);
+}

@@ -189,13 +189,36 @@ pub struct Access {
     pub api_key: Option<String>,
 }
 
+/// What an anonymous client's name carries on a server that signs users in (see
+/// [`Access::guest_name`]).
+pub const GUEST_SUFFIX: &str = " (guest)";
+
 impl Access {
+    /// The name `identity` is shown under, given the one chosen for it (its token's, else what the
+    /// client asked for). Names of signed-in users are theirs: on a server with a token key, an
+    /// anonymous client's name always ends in [`GUEST_SUFFIX`], so a guest asking for a signed-in
+    /// user's name gets that name marked as a guest's, never the name itself. Without a token key
+    /// everyone is anonymous and names are as asked.
+    pub fn guest_name(&self, identity: &Identity, name: String) -> String {
+        if self.verifier.is_none() || identity.subject.is_some() || name.ends_with(GUEST_SUFFIX) {
+            return name;
+        }
+        let name = if name.trim().is_empty() { "Anonymous".to_owned() } else { name };
+        name + GUEST_SUFFIX
+    }
+
     /// What a token presented at connect time (or in a first message) is worth.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
-        match &self.verifier {
+        let verified = match &self.verifier {
             Some(verifier) => verifier.verify(token),
             None => Err(AuthError::Invalid("this server has no token key configured".into())),
+        };
+        match &verified {
+            Err(AuthError::Expired) => crate::metrics::metrics().auth_failed("expired"),
+            Err(AuthError::Invalid(_)) => crate::metrics::metrics().auth_failed("invalid"),
+            _ => {}
         }
+        verified
     }
 
     /// A refreshed token: valid, and for the same subject as the one it replaces.

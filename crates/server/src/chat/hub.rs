@@ -22,7 +22,7 @@ use switchboard_ws::Utf8Bytes;
 use super::limits::HubLimits;
 use super::message::NodeId;
 use super::wire::{Dialect, Envelope, Member as WireMember, SeedOut};
-use crate::engine::{BoxFuture, Deliver, Engine, EngineError, Presence, PresenceEntry, StoredMessage};
+use crate::engine::{BoxFuture, Deliver, Engine, EngineError, Presence, PresenceEntry, StoredMessage, UserCommand};
 
 /// A connection's number on this node (what clients see is [`Hub::member_id`]).
 pub type ConnId = u64;
@@ -68,6 +68,11 @@ struct Conn {
     outbox: Arc<OutboxShared>,
     dialect: Dialect,
     rooms: Vec<String>,
+    /// The signed-in user (`sub`) and its display name, for the server API's per-user commands.
+    user: Option<Arc<(String, String)>>,
+    /// A listener that is neither listed nor announced (a long poll): it comes and goes with each
+    /// request, and a presence event per poll would be noise.
+    silent: bool,
 }
 
 /// The receiving end of a connection's outbox. It ends (`None`) when the hub drops the connection.
@@ -86,6 +91,10 @@ struct OutboxState {
     items: VecDeque<Utf8Bytes>,
     bytes: usize,
     closed: bool,
+    /// Closed because its room's history was reset, not because the client was slow.
+    reset: bool,
+    /// Closed by the server API (a disconnect), with this close code and reason.
+    ended: Option<(u16, String)>,
     waiting: Option<Waker>,
 }
 
@@ -159,6 +168,17 @@ impl Outbox {
     pub fn queued_bytes(&self) -> usize {
         self.shared.lock().bytes
     }
+
+    /// The close code and reason the server API ended this connection with, if it did.
+    pub fn ended_by_api(&self) -> Option<(u16, String)> {
+        self.shared.lock().ended.clone()
+    }
+
+    /// Whether the hub let go of this connection because a room's history was reset
+    /// ([`Deliver::reset`]) rather than for being slow.
+    pub fn was_reset(&self) -> bool {
+        self.shared.lock().reset
+    }
 }
 
 fn pop(state: &mut OutboxState) -> Option<Utf8Bytes> {
@@ -216,6 +236,51 @@ impl Hub {
         self.engine.get().and_then(Weak::upgrade)
     }
 
+    /// This node's id.
+    pub fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    /// Runs a server-API command for one user's sessions on this node; how many it applied to.
+    async fn run_command(&self, command: &UserCommand) -> usize {
+        match command {
+            UserCommand::Disconnect { sub, code, reason } => self.disconnect_user(sub, *code, reason),
+            UserCommand::Unsubscribe { sub, room } => self.unsubscribe_user(sub, room),
+            UserCommand::Subscribe { sub, room } => {
+                // As a session's join does: held first, then where the room stands and who is
+                // there, then live from that offset.
+                let joins = self.subscribe_user(sub, room);
+                if joins.is_empty() {
+                    return 0;
+                }
+                let top = match self.engine() {
+                    Some(engine) => engine.top(room).await,
+                    None => Err(EngineError::Closed),
+                };
+                let Ok(top) = top else {
+                    for (id, _) in &joins {
+                        self.leave(*id, room);
+                    }
+                    return 0;
+                };
+                let (members, truncated) = self.presence(room).await.unwrap_or_default();
+                let text = Envelope::Joined {
+                    room,
+                    offset: top.offset,
+                    epoch: &top.epoch,
+                    first: top.offset + 1,
+                    recovered: None,
+                    members: members.iter().map(WireMember::from).collect(),
+                    truncated,
+                    req: None,
+                }
+                .encode();
+                self.start_subscribed(room, &joins, &text, top.offset);
+                joins.len()
+            }
+        }
+    }
+
     /// The room of seed-protocol connections.
     pub fn default_room(&self) -> &str {
         &self.default_room
@@ -233,6 +298,16 @@ impl Hub {
     /// A new connection, in no room yet. Its outbox is how the hub reaches it: closed, it ends the
     /// session (see [`Hub::is_closing`] for why).
     pub fn register(&self, dialect: Dialect) -> (ConnId, Outbox) {
+        self.register_as(dialect, false)
+    }
+
+    /// A connection like [`Hub::register`]'s that receives `switchboard.v1` envelopes but is never
+    /// in presence: no join or leave event, not listed.
+    pub fn register_listener(&self) -> (ConnId, Outbox) {
+        self.register_as(Dialect::V1, true)
+    }
+
+    fn register_as(&self, dialect: Dialect, silent: bool) -> (ConnId, Outbox) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(OutboxShared::default());
         let mut inner = self.lock();
@@ -240,7 +315,7 @@ impl Hub {
         if self.closing.load(Ordering::Relaxed) {
             shared.close();
         }
-        inner.conns.insert(id, Conn { outbox: shared.clone(), dialect, rooms: Vec::new() });
+        inner.conns.insert(id, Conn { outbox: shared.clone(), dialect, rooms: Vec::new(), silent, user: None });
         (id, Outbox { shared })
     }
 
@@ -271,6 +346,82 @@ impl Hub {
         self.closing.load(Ordering::Relaxed)
     }
 
+    /// Records who a connection is signed in as (`None`: anonymous), for the per-user commands.
+    pub fn set_user(&self, id: ConnId, user: Option<(String, String)>) {
+        if let Some(conn) = self.lock().conns.get_mut(&id) {
+            conn.user = user.map(Arc::new);
+        }
+    }
+
+    /// The connections of user `sub` that take commands (`switchboard.v1`, not a long poll's).
+    fn user_conns(inner: &Inner, sub: &str) -> Vec<(ConnId, Arc<(String, String)>)> {
+        let conns = inner.conns.iter().filter(|(_, c)| c.dialect == Dialect::V1 && !c.silent);
+        conns.filter_map(|(id, c)| c.user.clone().filter(|u| u.0 == sub).map(|u| (*id, u))).collect()
+    }
+
+    /// Ends every session of user `sub` on this node with `code` and `reason`; how many.
+    pub fn disconnect_user(&self, sub: &str, code: u16, reason: &str) -> usize {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let ids: Vec<ConnId> = inner
+            .conns
+            .iter()
+            .filter(|(_, c)| c.user.as_ref().is_some_and(|u| u.0 == sub))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ids {
+            if let Some(conn) = inner.conns.get(id) {
+                conn.outbox.lock().ended = Some((code, reason.to_owned()));
+            }
+            self.remove_conn(inner, *id);
+        }
+        ids.len()
+    }
+
+    /// Takes user `sub`'s sessions on this node out of `room`, each told with a `left` (reason
+    /// `unsubscribed`); how many were in it.
+    pub fn unsubscribe_user(&self, sub: &str, room: &str) -> usize {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let left = Self::user_conns(inner, sub).into_iter().filter(|(id, _)| self.leave_room(inner, *id, room));
+        let ids: Vec<ConnId> = left.map(|(id, _)| id).collect();
+        let text = Utf8Bytes::from(Envelope::Left { room, reason: Some("unsubscribed"), req: None }.encode());
+        for id in &ids {
+            if let Some(conn) = inner.conns.get(id) {
+                conn.outbox.offer(text.clone(), &self.limits);
+            }
+        }
+        ids.len()
+    }
+
+    /// Makes user `sub`'s sessions on this node members of `room` (under the user's name), held
+    /// until [`Hub::start_subscribed`]; the connections and their joins (already members are left out).
+    pub fn subscribe_user(&self, sub: &str, room: &str) -> Vec<(ConnId, JoinId)> {
+        let users = Self::user_conns(&self.lock(), sub);
+        users.into_iter().filter_map(|(id, user)| Some((id, self.join(id, room, &user.1).ok()??))).collect()
+    }
+
+    /// Sends each subscribed session its `joined` (`text`) and starts live delivery after `top`.
+    pub fn start_subscribed(&self, room: &str, joins: &[(ConnId, JoinId)], text: &str, top: u64) {
+        let bytes = Utf8Bytes::from(text.to_owned());
+        let mut guard = self.lock();
+        for (id, join) in joins {
+            if let Some(conn) = guard.conns.get(id) {
+                conn.outbox.offer(bytes.clone(), &self.limits);
+            }
+            self.start_locked(&mut guard, *id, room, *join, top);
+        }
+    }
+
+    /// Rooms with members on this node, each with how many.
+    pub fn rooms(&self) -> Vec<(String, usize)> {
+        let inner = self.lock();
+        let mut rooms: Vec<(String, usize)> =
+            inner.rooms.iter().map(|(name, r)| (name.clone(), r.members.len())).collect();
+        rooms.sort();
+        rooms
+    }
+
     /// Removes a connection from every room (telling the others it left).
     pub fn unregister(&self, id: ConnId) {
         let mut inner = self.lock();
@@ -290,7 +441,7 @@ impl Hub {
         if new_member && conn.rooms.len() >= self.limits.max_rooms_per_connection {
             return Err(JoinError::TooManyRooms { limit: self.limits.max_rooms_per_connection });
         }
-        let dialect = conn.dialect;
+        let announced = conn.dialect == Dialect::V1 && !conn.silent;
         let (join, previous) = if new_member {
             conn.rooms.push(room.to_owned());
             let join = self.next_join.fetch_add(1, Ordering::Relaxed);
@@ -304,7 +455,7 @@ impl Hub {
             let member = inner.rooms.get_mut(room).and_then(|r| r.members.get_mut(&id)).ok_or(JoinError::Gone)?;
             (None, Some(std::mem::replace(&mut member.name, name.to_owned())))
         };
-        if dialect == Dialect::V1 {
+        if announced {
             let member_id = self.member_id(id);
             let event = match previous {
                 None => Some("join"),
@@ -414,7 +565,7 @@ impl Hub {
         let Some(conn) = inner.conns.get_mut(&id) else { return false };
         let Some(at) = conn.rooms.iter().position(|r| r == room) else { return false };
         conn.rooms.swap_remove(at);
-        let dialect = conn.dialect;
+        let announced = conn.dialect == Dialect::V1 && !conn.silent;
         let mut name = String::new();
         let emptied = inner.rooms.get_mut(room).is_some_and(|r| {
             name = r.members.remove(&id).map(|m| m.name).unwrap_or_default();
@@ -430,7 +581,7 @@ impl Hub {
                 engine.unsubscribe(room);
             }
         }
-        if dialect == Dialect::V1 {
+        if announced {
             let member_id = self.member_id(id);
             self.presence.remove(room, &member_id);
             let text =
@@ -460,7 +611,7 @@ impl Hub {
         // Members still held hear nothing before their `joined` (which lists who is there then).
         let live = room.members.iter().filter(|(id, m)| **id != subject && matches!(m.delivery, Delivery::After(_)));
         for (id, _) in live {
-            if let Some(conn) = inner.conns.get(id).filter(|c| c.dialect == Dialect::V1) {
+            if let Some(conn) = inner.conns.get(id).filter(|c| c.dialect == Dialect::V1 && !c.silent) {
                 // Presence is best effort: an event that does not fit is lost for that member, whose
                 // list can be refreshed with a presence request; a member that far behind is about to
                 // be dropped by the next chat message anyway.
@@ -471,10 +622,49 @@ impl Hub {
 }
 
 impl Deliver for Hub {
+    fn command(&self, command: &UserCommand) -> BoxFuture<'_, usize> {
+        let command = command.clone();
+        Box::pin(async move { self.run_command(&command).await })
+    }
+
+    fn presence(&self, room: &str, event: &str, member: &PresenceEntry) {
+        if self.is_closing() {
+            return;
+        }
+        let inner = self.lock();
+        let wire = WireMember { id: &member.id, name: &member.name };
+        let text = Envelope::PresenceEvent { room, event, member: wire }.encode();
+        // No local member is the subject: the event is another node's.
+        self.broadcast_presence(&inner, room, ConnId::MAX, text);
+        drop(inner);
+    }
+
+    fn reset(&self, room: &str) {
+        let mut guard = self.lock();
+        let members: Vec<ConnId> =
+            guard.rooms.get(room).map(|r| r.members.keys().copied().collect()).unwrap_or_default();
+        for id in members {
+            tracing::info!(conn = id, room, "room history was reset: the client rejoins to learn what it missed");
+            if let Some(conn) = guard.conns.get(&id) {
+                conn.outbox.lock().reset = true;
+            }
+            self.remove_conn(&mut guard, id);
+        }
+        drop(guard);
+    }
+
     fn deliver(&self, batch: &[StoredMessage]) {
         // Shutting down, every outbox is closed: offering would only count everyone as too slow.
         if self.is_closing() {
             return;
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        for message in batch {
+            // Wall clocks: across nodes, as good as their clocks agree.
+            let took_ms = now_ms.saturating_sub(message.ts_ms).max(0);
+            crate::metrics::metrics().publish_delivery_seconds.observe(took_ms as f64 / 1000.0);
         }
         let mut guard = self.lock();
         let Inner { rooms, conns } = &mut *guard;
@@ -684,6 +874,21 @@ mod tests {
         let (members, truncated) = hub.presence("big").await.unwrap();
         assert_eq!((members.len(), truncated), (2, true));
         assert_eq!(members[0].id, "n-1", "ids name the node");
+    }
+
+    #[tokio::test]
+    async fn listeners_get_messages_and_are_never_announced_or_listed() {
+        let hub = hub();
+        let (_member, mut member_rx) = live(&hub, "r");
+        let (listener, mut listener_rx) = hub.register_listener();
+        let join = hub.join(listener, "r", "").unwrap().unwrap();
+        assert!(hub.start(listener, "r", join, 0));
+        hub.deliver(&[message("r", 1)]);
+        assert_eq!(listener_rx.try_recv().map(|b| b.contains("\"offset\":1")), Some(true));
+        assert!(hub.leave(listener, "r"));
+        assert_eq!(member_rx.try_recv().map(|b| b.contains("\"type\":\"message\"")), Some(true));
+        assert_eq!(member_rx.try_recv(), None, "no join or leave event for the listener");
+        assert_eq!(hub.presence("r").await.unwrap().0.len(), 1, "only the member is listed");
     }
 
     #[tokio::test]

@@ -56,6 +56,11 @@ impl NodeId {
         Self(id.into())
     }
 
+    /// The node's id itself.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
     /// The id of this node's `n`th connection, as clients see it: `NODE-n`.
     pub fn member_id(&self, n: u64) -> String {
         format!("{}-{n}", self.0)

@@ -22,6 +22,9 @@ pub struct PublishRequest {
     pub id: Option<String>,
 }
 
+/// Longest idempotency key.
+pub const MAX_ID_CHARS: usize = 128;
+
 /// Checks a publish against the limits; the error names what is wrong.
 pub fn validate_publish(
     limits: &SessionLimits,
@@ -47,8 +50,8 @@ pub fn validate_publish(
     if let Some(name) = &name {
         check_name(name, limits.max_name_chars)?;
     }
-    if id.as_ref().is_some_and(|id| id.is_empty() || id.len() > 128) {
-        return Err((ErrorCode::BadRequest, "id must be 1-128 bytes".into()));
+    if id.as_ref().is_some_and(|id| id.is_empty() || id.chars().count() > MAX_ID_CHARS) {
+        return Err((ErrorCode::BadRequest, format!("id must be 1-{MAX_ID_CHARS} characters")));
     }
     Ok(PublishRequest { rooms, message, name: name.unwrap_or_else(|| "Anonymous".into()), id })
 }

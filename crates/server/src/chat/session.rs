@@ -27,6 +27,7 @@ use super::publish::{self, validate_publish, PublishRequest};
 use super::wire::{error_text, Dialect, Envelope, ErrorCode, Member, Request};
 use super::Core;
 use crate::engine::{EngineError, History, Position, PresenceEntry, Published};
+use crate::metrics::{metrics, Transport};
 
 /// The server is going away (shutdown).
 pub const GOING_AWAY: u16 = 1001;
@@ -40,6 +41,8 @@ pub const POLICY_VIOLATION: u16 = 1008;
 pub const MESSAGE_TOO_BIG: u16 = 1009;
 /// The store refused a seed message.
 pub const TRY_AGAIN_LATER: u16 = 1013;
+/// The room's history was reset under the session (a lost history, a gap past retention).
+pub const SERVICE_RESTART: u16 = 1012;
 /// A missing, invalid or expired token (the 4000s are the application's, RFC 6455 §7.4.2).
 pub const UNAUTHORIZED: u16 = 4001;
 /// A token that does not grant what the session needs.
@@ -123,6 +126,10 @@ pub struct Session {
     rate: Option<RateLimiter>,
     /// Answers waiting for the engine; allocated while there are some (an idle session holds none).
     pending: Option<Box<FuturesOrdered<Pending>>>,
+    /// The client's address, for the log line of a forced close.
+    peer: Option<std::net::SocketAddr>,
+    /// How the client reaches the chat (the metrics' label).
+    transport: Transport,
 }
 
 /// The session's answers waiting for the engine (see [`Session::streams`]).
@@ -158,8 +165,19 @@ impl Session {
     /// A session that has not authenticated yet (registered with the hub, in no room); [`Session::start`]
     /// lets it in.
     pub fn new(core: Arc<Core>, dialect: Dialect) -> Self {
-        let now = core.clock.now();
         let (conn, outbox) = core.hub.register(dialect);
+        Self::registered(core, dialect, conn, outbox)
+    }
+
+    /// A `switchboard.v1` session that is never in presence (see [`super::hub::Hub::register_listener`]): a long
+    /// poll, which lives for one request.
+    pub fn listener(core: Arc<Core>) -> Self {
+        let (conn, outbox) = core.hub.register_listener();
+        Self::registered(core, Dialect::V1, conn, outbox)
+    }
+
+    fn registered(core: Arc<Core>, dialect: Dialect, conn: ConnId, outbox: Outbox) -> Self {
+        let now = core.clock.now();
         let rate = core.limits.rate_limit.map(|limit| RateLimiter::new(limit, now));
         let auth_deadline = now + core.limits.auth_timeout;
         Self {
@@ -173,7 +191,24 @@ impl Session {
             auth_deadline,
             rate,
             pending: None,
+            peer: None,
+            transport: Transport::WebSocket,
         }
+    }
+
+    /// Says how the client reaches the chat (WebSocket unless told otherwise), for the metrics.
+    pub fn set_transport(&mut self, transport: Transport) {
+        self.transport = transport;
+    }
+
+    /// Records the client's address (logged with a forced close).
+    pub fn set_peer(&mut self, peer: Option<std::net::SocketAddr>) {
+        self.peer = peer;
+    }
+
+    /// The client's address, if the transport told it.
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.peer
     }
 
     /// Starts with the identity of the handshake's token (or anonymous access); `None` means the client
@@ -197,9 +232,14 @@ impl Session {
 
     /// Why the hub let go of this session (its deliveries ended).
     pub fn cut_off(&self) -> End {
-        if self.core.hub.is_closing() {
+        if let Some((code, reason)) = self.outbox.ended_by_api() {
+            End::new(code, reason)
+        } else if self.core.hub.is_closing() {
             End::new(GOING_AWAY, "server shutting down")
+        } else if self.outbox.was_reset() {
+            End::new(SERVICE_RESTART, "room history was reset; rejoin to learn what was recovered")
         } else {
+            metrics().slow_consumer_cuts.inc(self.transport);
             End::too_slow("messages were not read in time")
         }
     }
@@ -207,6 +247,28 @@ impl Session {
     /// The answers and the fan-out the transport waits on, borrowed apart so it can wait on both.
     pub fn streams(&mut self) -> (Completions<'_>, Deliveries<'_>) {
         (Completions(&mut self.pending), Deliveries(&mut self.outbox))
+    }
+
+    /// The next answer that waited for the engine, for a transport that polls (an HTTP body);
+    /// pending while none is waiting. The same as [`Completions::next`].
+    pub fn poll_completion(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Completion> {
+        use futures_util::Stream as _;
+        let Some(pending) = self.pending.as_mut() else { return std::task::Poll::Pending };
+        match Pin::new(&mut **pending).poll_next(cx) {
+            std::task::Poll::Ready(Some(done)) => {
+                if pending.is_empty() {
+                    self.pending = None;
+                }
+                std::task::Poll::Ready(done)
+            }
+            std::task::Poll::Ready(None) | std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    /// The next message from the hub, for a transport that polls; `Ready(None)` as for
+    /// [`Deliveries::next`].
+    pub fn poll_delivery(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Utf8Bytes>> {
+        self.outbox.poll_recv(cx)
     }
 
     /// The next delivery if one is queued (to batch deliveries into one write).
@@ -240,7 +302,10 @@ impl Session {
             (None, Some(at)) if at <= now => {
                 Err(End::new(UNAUTHORIZED, "authentication required: no token arrived in time"))
             }
-            (Some(_), Some(at)) if at <= now => Err(End::new(UNAUTHORIZED, "token expired")),
+            (Some(_), Some(at)) if at <= now => {
+                metrics().token_expiries.inc();
+                Err(End::new(UNAUTHORIZED, "token expired"))
+            }
             _ => Ok(()),
         }
     }
@@ -304,6 +369,11 @@ impl Session {
     }
 
     fn set_identity(&mut self, identity: Identity) {
+        let user = identity.subject.clone().map(|sub| {
+            let name = identity.name.clone().unwrap_or_else(|| sub.clone());
+            (sub, name)
+        });
+        self.core.hub.set_user(self.conn, user);
         let clock = &self.core.clock;
         self.expiry =
             identity.expires_at.map(|at| clock.now() + at.duration_since(clock.wall()).unwrap_or(Duration::ZERO));
@@ -346,6 +416,7 @@ impl Session {
         if name.chars().count() > limits.max_name_chars || message.chars().count() > limits.max_message_chars {
             return Err((MESSAGE_TOO_BIG, "name or message too long".into()));
         }
+        let name = self.core.access.guest_name(identity, name);
         let new = NewMessage { room, id: None, name, message, time: now_hms(self.core.clock.wall()) };
         match self.core.engine.publish(new) {
             Ok(pending) => {
@@ -422,19 +493,31 @@ impl Session {
             Request::Publish { room, rooms, message, name, id: message_id, req } => {
                 let rooms: Vec<String> = room.into_iter().chain(rooms.unwrap_or_default()).collect();
                 let name = identity.name.clone().or(name).or_else(|| self.name.clone());
-                match validate_publish(&self.core.limits, rooms, message, name, message_id) {
+                let validated = validate_publish(&self.core.limits, rooms, message, name, message_id);
+                let validated = validated.map(|mut publish| {
+                    publish.name = self.core.access.guest_name(&identity, publish.name);
+                    publish
+                });
+                match validated {
                     // Each room beyond the first is one more message against the rate limit.
                     Ok(publish) if !self.charge(publish.rooms.len() - 1) => {
+                        metrics().message_refused("rate_limit");
                         Err((POLICY_VIOLATION, "message rate limit exceeded".into()))
                     }
                     Ok(publish) => match publish.rooms.iter().find(|room| !identity.may_publish(room)) {
-                        Some(room) => refused(
-                            (ErrorCode::NotAllowed, format!("this token does not allow publishing to {room:?}")),
-                            &req,
-                        ),
+                        Some(room) => {
+                            metrics().message_refused(ErrorCode::NotAllowed.label());
+                            refused(
+                                (ErrorCode::NotAllowed, format!("this token does not allow publishing to {room:?}")),
+                                &req,
+                            )
+                        }
                         None => Ok(self.publish(publish, req)),
                     },
-                    Err(e) => refused(e, &req),
+                    Err(e) => {
+                        metrics().message_refused(e.0.label());
+                        refused(e, &req)
+                    }
                 }
             }
             Request::Presence { room, req } => {
@@ -529,6 +612,7 @@ impl Session {
         }
         // An authenticated member is shown under its token's name, whatever it asks for.
         let display = identity.name.clone().or_else(|| self.name.clone()).unwrap_or_else(|| "Anonymous".into());
+        let display = self.core.access.guest_name(identity, display);
         let join = match self.core.hub.join(id, &room, &display) {
             Ok(join) => join,
             Err(error @ JoinError::TooManyRooms { .. }) => {
@@ -616,12 +700,16 @@ impl Session {
 
     fn publish(&mut self, publish: PublishRequest, req: Option<Value>) -> Vec<String> {
         let mut immediate = Vec::new();
+        let (transport, started) = (self.transport, std::time::Instant::now());
         for (_, queued) in publish::submit(self.core.engine.as_ref(), publish, self.core.clock.wall()) {
             let req = req.clone();
             match queued {
                 Ok(pending) => self.push_pending(Box::pin(async move {
                     let text = match pending.await {
-                        Ok(published) => ack(&published, req.as_ref()),
+                        Ok(published) => {
+                            count_published(&published, transport, started);
+                            ack(&published, req.as_ref())
+                        }
                         Err(error) => unavailable(&error, req.as_ref()),
                     };
                     Completion(Done::Reply(Some(text)))
@@ -663,7 +751,16 @@ fn ack(published: &Published, req: Option<&Value>) -> String {
 }
 
 fn unavailable(error: &EngineError, req: Option<&Value>) -> String {
+    metrics().engine_error(error.kind());
     error_text(ErrorCode::Unavailable, &error.to_string(), req)
+}
+
+/// Counts a publish the engine answered: stored (not a duplicate), and how long the ack took.
+pub(crate) fn count_published(published: &Published, transport: Transport, started: std::time::Instant) {
+    if !published.is_duplicate() {
+        metrics().messages_published.inc(transport);
+    }
+    metrics().publish_acked(transport, started.elapsed());
 }
 
 /// The seed server stored whatever JSON it got; a non-string name or message is kept as its JSON text.

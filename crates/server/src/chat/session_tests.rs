@@ -168,7 +168,8 @@ async fn a_seed_message_reaches_seed_and_v1_members_in_their_own_shapes() {
     let seen = seed.delivered();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].as_object().unwrap().keys().collect::<Vec<_>>(), vec!["name", "message", "time"]);
-    assert_eq!((seen[0]["name"].as_str(), seen[0]["message"].as_str()), (Some("Ann"), Some("<b>hi</b>")));
+    // The test server signs users in, so an anonymous name is marked as a guest's.
+    assert_eq!((seen[0]["name"].as_str(), seen[0]["message"].as_str()), (Some("Ann (guest)"), Some("<b>hi</b>")));
     let envelope = &v1.delivered_messages()[0];
     assert_eq!((envelope["type"].as_str(), envelope["offset"].as_u64()), (Some("message"), Some(1)));
 }
@@ -202,12 +203,12 @@ async fn join_answers_with_the_room_its_members_and_the_recent_backlog() {
     );
     assert_eq!(joined["recovered"], Value::Null, "no since, nothing to recover");
     let names: Vec<&str> = joined["members"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
-    assert_eq!(names, vec!["me", "Bob"]);
+    assert_eq!(names, vec!["me (guest)", "Bob (guest)"]);
     assert!(joined["members"][0]["id"].as_str().unwrap().starts_with("t-"), "ids name the node");
     let backlog: Vec<&str> = answers[1..].iter().map(|m| m["message"].as_str().unwrap()).collect();
     assert_eq!(backlog, vec!["two", "three"], "the last join_backlog (2) messages");
     let event = ann.delivered().into_iter().find(|v| v["type"] == "presence").expect("Ann hears Bob join");
-    assert_eq!((event["event"].as_str(), event["member"]["name"].as_str()), (Some("join"), Some("Bob")));
+    assert_eq!((event["event"].as_str(), event["member"]["name"].as_str()), (Some("join"), Some("Bob (guest)")));
 }
 
 #[tokio::test]
@@ -508,6 +509,15 @@ impl Engine for Flaky {
     fn subscribed(&self, room: &str) -> crate::engine::BoxFuture<'_, Result<(), EngineError>> {
         self.inner.subscribed(room)
     }
+    fn command(
+        &self,
+        command: crate::engine::UserCommand,
+    ) -> crate::engine::BoxFuture<'_, Result<(usize, bool), EngineError>> {
+        self.inner.command(command)
+    }
+    fn remove_history(&self, room: &str) -> crate::engine::BoxFuture<'_, Result<u64, EngineError>> {
+        self.inner.remove_history(room)
+    }
     fn shutdown(&self) -> crate::engine::BoxFuture<'_, ()> {
         self.inner.shutdown()
     }
@@ -545,4 +555,27 @@ fn close_reasons_fit_a_close_frame() {
     let end = End::new(POLICY_VIOLATION, "é".repeat(100));
     assert!(end.reason.len() <= 123 && end.reason.ends_with("..."), "{}", end.reason.len());
     assert_eq!(End::new(1000, "short").reason, "short");
+}
+
+#[tokio::test]
+async fn a_guest_asking_for_a_signed_in_users_name_gets_it_marked_as_a_guests() {
+    let chat = chat(Options::default());
+    let mut ann = chat.v1();
+    ann.send(json!({"type": "auth", "token": token("ann", 60, None)})).await.unwrap();
+    ann.send(json!({"type": "join", "room": "r", "name": "someone"})).await.unwrap();
+    let mut guest = chat.v1();
+    let answers = guest.send(json!({"type": "join", "room": "r", "name": "ann"})).await.unwrap();
+    let names: Vec<&str> =
+        answers[0]["members"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["ann", "ann (guest)"], "the signed-in user keeps its token's name; the guest is marked");
+    guest.publish("r", "it is me").await;
+    let seen = ann.delivered_messages();
+    assert_eq!((seen[0]["name"].as_str(), seen[0]["message"].as_str()), (Some("ann (guest)"), Some("it is me")));
+    let named = guest.send(json!({"type": "publish", "room": "r", "message": "m", "name": "ann"})).await.unwrap();
+    assert_eq!(named[0]["type"], "ack");
+    assert_eq!(ann.delivered_messages()[0]["name"], "ann (guest)", "a name in the publish is marked too");
+    let mut marked = chat.v1();
+    let answers = marked.send(json!({"type": "join", "room": "r", "name": "cy (guest)"})).await.unwrap();
+    let last = answers[0]["members"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["name"], "cy (guest)", "never marked twice");
 }

@@ -121,7 +121,7 @@ pub enum Request {
 }
 
 /// Error codes of `{"type": "error"}` envelopes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The text was not JSON.
@@ -140,6 +140,22 @@ pub enum ErrorCode {
     TooMany,
     /// The history store could not do it; retry.
     Unavailable,
+}
+
+impl ErrorCode {
+    /// The code as it is on the wire (and as a metric's `reason` label).
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::BadJson => "bad_json",
+            Self::BadRequest => "bad_request",
+            Self::UnknownRoom => "unknown_room",
+            Self::TooLong => "too_long",
+            Self::NotAllowed => "not_allowed",
+            Self::BadToken => "bad_token",
+            Self::TooMany => "too_many",
+            Self::Unavailable => "unavailable",
+        }
+    }
 }
 
 /// One member in a presence list or event.
@@ -234,36 +250,6 @@ impl<'a> Envelope<'a> {
     /// As JSON text.
     pub fn encode(&self) -> String {
         serde_json::to_string(self).expect("envelopes serialize")
-    }
-}
-
-/// The answer of the HTTP publish API (`POST /api/publish`).
-#[derive(Debug, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum ApiAnswer<'a> {
-    /// Every room's acknowledgement.
-    Ack { acks: Vec<ApiAck<'a>> },
-    /// Why nothing was published.
-    Error { code: ErrorCode, message: &'a str },
-}
-
-/// One room's acknowledgement in an [`ApiAnswer::Ack`].
-#[derive(Debug, Serialize)]
-pub struct ApiAck<'a> {
-    /// The room.
-    pub room: &'a str,
-    /// The message's offset there.
-    pub offset: u64,
-    /// The idempotency key given.
-    pub id: &'a Option<String>,
-    /// The key was seen before: this is the first publish's offset.
-    pub duplicate: bool,
-}
-
-impl ApiAnswer<'_> {
-    /// As JSON text.
-    pub fn encode(&self) -> String {
-        serde_json::to_string(self).expect("answers serialize")
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
     age_cutoff_ms, new_epoch, now_ms, BoxFuture, Deliver, Engine, EngineError, History, NewMessage, PendingPublish,
-    Position, Presence, PresenceEntry, Published, Retention, StoredMessage,
+    Position, Presence, PresenceEntry, Published, Retention, StoredMessage, UserCommand,
 };
 
 #[derive(Default)]
@@ -107,6 +107,15 @@ impl Engine for MemoryEngine {
     }
 
     // One process sees every commit: the trait's defaults (no subscriptions to make) fit.
+
+    fn command(&self, command: UserCommand) -> BoxFuture<'_, Result<(usize, bool), EngineError>> {
+        Box::pin(async move { Ok((self.sink.command(&command).await, false)) })
+    }
+
+    fn remove_history(&self, room: &str) -> BoxFuture<'_, Result<u64, EngineError>> {
+        let removed = self.lock().rooms.get_mut(room).map_or(0, |log| std::mem::take(&mut log.messages).len());
+        Box::pin(std::future::ready(Ok(removed as u64)))
+    }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         self.lock().closed = true;

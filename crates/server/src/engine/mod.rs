@@ -25,6 +25,7 @@
 //! Errors are [`EngineError`], whatever the backend.
 
 pub mod memory;
+pub mod redis;
 pub mod sqlite;
 
 use std::future::Future;
@@ -56,9 +57,48 @@ pub enum EngineError {
     /// Too many publishes are queued; the client may retry.
     #[error("the store is overloaded; try again")]
     Busy,
+    /// The store cannot be reached (Redis is down or does not answer in time); nothing was done.
+    #[error("the store cannot be reached: {0}")]
+    Unavailable(String),
     /// The engine has shut down (the server is stopping).
     #[error("the store has shut down")]
     Closed,
+}
+
+impl EngineError {
+    /// One word for how it failed: the `kind` label of `switchboard_engine_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Open { .. } => "open",
+            Self::Write(_) => "write",
+            Self::Read(_) => "read",
+            Self::Busy => "busy",
+            Self::Unavailable(_) => "unavailable",
+            Self::Closed => "closed",
+        }
+    }
+}
+
+/// A command of the server API for one user's sessions, run by every node's hub (see
+/// [`Engine::command`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "do", rename_all = "snake_case")]
+pub enum UserCommand {
+    /// Close each session with this code and reason.
+    Disconnect { sub: String, code: u16, reason: String },
+    /// Make each session a member of the room (it gets `joined`, then live messages).
+    Subscribe { sub: String, room: String },
+    /// Take each session out of the room (it gets `left`, reason `unsubscribed`).
+    Unsubscribe { sub: String, room: String },
+}
+
+impl UserCommand {
+    /// The user it is for.
+    pub fn sub(&self) -> &str {
+        match self {
+            Self::Disconnect { sub, .. } | Self::Subscribe { sub, .. } | Self::Unsubscribe { sub, .. } => sub,
+        }
+    }
 }
 
 /// A message to publish, before it has an offset.
@@ -157,6 +197,20 @@ pub struct Retention {
 pub trait Deliver: Send + Sync {
     /// Called with each committed batch, per room in offset order, never with a duplicate.
     fn deliver(&self, batch: &[StoredMessage]);
+
+    /// A member of `room` on another node joined (`"join"`), was renamed (`"update"`) or left
+    /// (`"leave"`). Only a clustered engine calls it; this node's own members are announced by the hub.
+    fn presence(&self, _room: &str, _event: &str, _member: &PresenceEntry) {}
+
+    /// `room`'s delivery cannot go on where it stood: its history was lost (a new epoch) or the
+    /// messages that would close a gap are no longer retained. The hub lets go of the room's members,
+    /// which rejoin with what they last saw and are told what was recovered.
+    fn reset(&self, _room: &str) {}
+
+    /// Runs a server-API command for one user's sessions on this node; how many it applied to.
+    fn command(&self, _command: &UserCommand) -> BoxFuture<'_, usize> {
+        Box::pin(std::future::ready(0))
+    }
 }
 
 /// History, offsets, idempotency and fan-out of committed messages.
@@ -188,6 +242,21 @@ pub trait Engine: Send + Sync + 'static {
     }
 
     /// Commits what is queued and stops; publishes after this fail with [`EngineError::Closed`].
+    /// Runs `command` on every node's hub, this one's included; how many of this node's sessions it
+    /// applied to, and whether it went to other nodes too. One process: the trait's default.
+    fn command(&self, command: UserCommand) -> BoxFuture<'_, Result<(usize, bool), EngineError>>;
+
+    /// The nodes of the chat that are alive (their ids), this one's included; empty when the engine
+    /// serves one process only.
+    fn nodes(&self) -> BoxFuture<'_, Result<Vec<String>, EngineError>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
+
+    /// Removes every retained message of `room` (and with them their idempotency keys); returns how
+    /// many. Offsets go on from where they were, so a client resuming from before the removal is
+    /// told `recovered: false`, as when retention trimmed its messages.
+    fn remove_history(&self, room: &str) -> BoxFuture<'_, Result<u64, EngineError>>;
+
     fn shutdown(&self) -> BoxFuture<'_, ()>;
 }
 

@@ -16,7 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
     age_cutoff_ms, new_epoch, now_ms, BoxFuture, Deliver, Engine, EngineError, History, NewMessage, PendingPublish,
-    Position, Published, Retention, StoredMessage,
+    Position, Published, Retention, StoredMessage, UserCommand,
 };
 
 /// Most publishes taken into one transaction.
@@ -30,6 +30,8 @@ type Reply = tokio::sync::oneshot::Sender<Result<Published, EngineError>>;
 
 enum Command {
     Publish(NewMessage, Reply),
+    /// Delete a room's messages, after what was queued before.
+    RemoveHistory(String, tokio::sync::oneshot::Sender<Result<u64, EngineError>>),
     /// Commit what is queued and stop.
     Shutdown,
 }
@@ -38,14 +40,14 @@ impl Command {
     fn message(&self) -> Option<&NewMessage> {
         match self {
             Command::Publish(message, _) => Some(message),
-            Command::Shutdown => None,
+            Command::Shutdown | Command::RemoveHistory(..) => None,
         }
     }
 
     fn into_reply(self) -> Option<Reply> {
         match self {
             Command::Publish(_, reply) => Some(reply),
-            Command::Shutdown => None,
+            Command::Shutdown | Command::RemoveHistory(..) => None,
         }
     }
 }
@@ -60,6 +62,8 @@ pub struct Store {
     /// Each room's last committed offset, updated by the writer before it delivers.
     tops: Arc<Mutex<HashMap<String, u64>>>,
     epoch: Arc<str>,
+    /// The hub: runs the server API's per-user commands.
+    sink: Arc<dyn Deliver>,
 }
 
 impl Store {
@@ -117,7 +121,7 @@ impl Store {
             conn: writer_conn,
             last_offsets,
             retention,
-            sink,
+            sink: sink.clone(),
             tops: tops.clone(),
             last_age_trim: Instant::now(),
         };
@@ -133,6 +137,7 @@ impl Store {
             path: path.to_owned(),
             tops,
             epoch: epoch.into(),
+            sink,
         }))
     }
 
@@ -222,6 +227,22 @@ impl Engine for Store {
 
     // One process sees every commit: the trait's defaults (no subscriptions to make) fit.
 
+    fn command(&self, command: UserCommand) -> BoxFuture<'_, Result<(usize, bool), EngineError>> {
+        Box::pin(async move { Ok((self.sink.command(&command).await, false)) })
+    }
+
+    fn remove_history(&self, room: &str) -> BoxFuture<'_, Result<u64, EngineError>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let queued = self.queue.try_send(Command::RemoveHistory(room.to_owned(), reply));
+        Box::pin(async move {
+            match queued {
+                Ok(()) => answer.await.unwrap_or(Err(EngineError::Closed)),
+                Err(TrySendError::Full(_)) => Err(EngineError::Busy),
+                Err(TrySendError::Disconnected(_)) => Err(EngineError::Closed),
+            }
+        })
+    }
+
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -264,17 +285,33 @@ impl Writer {
                 }
                 Err(RecvTimeoutError::Disconnected) => return,
             };
+            let first = match first {
+                Command::RemoveHistory(room, reply) => {
+                    let _ = reply.send(self.remove_history(&room));
+                    continue;
+                }
+                other => other,
+            };
             let mut stopping = matches!(first, Command::Shutdown);
             let mut batch: Vec<_> = std::iter::once(first).filter(|c| matches!(c, Command::Publish(..))).collect();
+            // A removal queued behind publishes runs after their batch: in the order they came.
+            let mut removal = None;
             while batch.len() < MAX_BATCH && !stopping {
                 match commands.try_recv() {
                     Ok(Command::Shutdown) => stopping = true,
+                    Ok(Command::RemoveHistory(room, reply)) => {
+                        removal = Some((room, reply));
+                        break;
+                    }
                     Ok(command) => batch.push(command),
                     Err(_) => break,
                 }
             }
             if !batch.is_empty() {
                 self.write_batch(batch);
+            }
+            if let Some((room, reply)) = removal {
+                let _ = reply.send(self.remove_history(&room));
             }
             if stopping {
                 // Whatever was queued behind the shutdown was never acknowledged: refuse it.
@@ -295,22 +332,23 @@ impl Writer {
             let mut touched: Vec<String> = Vec::new();
             for new in batch.iter().filter_map(Command::message) {
                 if let Some(id) = &new.id {
+                    // Every statement of the write path is prepared once and kept: parsing SQL
+                    // cost more than the rest of a publish did.
                     let existing = tx
-                        .query_row(
+                        .prepare_cached(
                             "SELECT offset, name, message, time, ts_ms FROM messages WHERE room = ?1 AND msg_id = ?2",
-                            params![new.room, id],
-                            |row| {
-                                Ok(StoredMessage {
-                                    room: new.room.clone(),
-                                    offset: row.get::<_, i64>(0)? as u64,
-                                    id: Some(id.clone()),
-                                    name: row.get(1)?,
-                                    message: row.get(2)?,
-                                    time: row.get(3)?,
-                                    ts_ms: row.get(4)?,
-                                })
-                            },
-                        )
+                        )?
+                        .query_row(params![new.room, id], |row| {
+                            Ok(StoredMessage {
+                                room: new.room.clone(),
+                                offset: row.get::<_, i64>(0)? as u64,
+                                id: Some(id.clone()),
+                                name: row.get(1)?,
+                                message: row.get(2)?,
+                                time: row.get(3)?,
+                                ts_ms: row.get(4)?,
+                            })
+                        })
                         .optional()?;
                     if let Some(original) = existing {
                         outcomes.push(Published::Duplicate(original));
@@ -318,10 +356,10 @@ impl Writer {
                     }
                 }
                 let offset = self.last_offsets.get(&new.room).copied().unwrap_or(0) + 1;
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT INTO messages (room, offset, msg_id, name, message, time, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![new.room, offset as i64, new.id, new.name, new.message, new.time, now_ms],
-                )?;
+                )?
+                .execute(params![new.room, offset as i64, new.id, new.name, new.message, new.time, now_ms])?;
                 self.last_offsets.insert(new.room.clone(), offset);
                 if !touched.contains(&new.room) {
                     touched.push(new.room.clone());
@@ -338,13 +376,14 @@ impl Writer {
             }
             for room in &touched {
                 let last = self.last_offsets[room];
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT INTO rooms (name, last_offset) VALUES (?1, ?2)
                      ON CONFLICT(name) DO UPDATE SET last_offset = excluded.last_offset",
-                    params![room, last as i64],
-                )?;
+                )?
+                .execute(params![room, last as i64])?;
                 let keep_after = last.saturating_sub(self.retention.max_messages);
-                tx.execute("DELETE FROM messages WHERE room = ?1 AND offset <= ?2", params![room, keep_after as i64])?;
+                tx.prepare_cached("DELETE FROM messages WHERE room = ?1 AND offset <= ?2")?
+                    .execute(params![room, keep_after as i64])?;
             }
             tx.commit()
         })();
@@ -380,6 +419,14 @@ impl Writer {
                 }
             }
         }
+    }
+
+    fn remove_history(&mut self, room: &str) -> Result<u64, EngineError> {
+        let removed = self
+            .conn
+            .execute("DELETE FROM messages WHERE room = ?1", params![room])
+            .map_err(|e| EngineError::Write(e.to_string()))?;
+        Ok(removed as u64)
     }
 
     fn trim_by_age(&mut self) {

@@ -1,6 +1,7 @@
 //! `switchboard connect URL`: an interactive client. Lines typed (or piped) on stdin are sent as
 //! messages; messages that arrive are printed, one per line. Ends with the close handshake when stdin
-//! ends, or when the server closes.
+//! ends (after `--linger` seconds more of reading, for replies still on their way), or when the
+//! server closes.
 //!
 //! Exit status: 0 after a normal close (1000), 1 when the server closed with any other code (printed
 //! with its reason on stderr), 2 when the connection could not be made or failed.
@@ -26,6 +27,8 @@ pub struct ConnectOptions {
     pub compression: bool,
     pub ca_file: Option<PathBuf>,
     pub proxy: Option<String>,
+    /// How long to keep reading after the end of input before closing.
+    pub linger: Option<Duration>,
 }
 
 /// How the session ended.
@@ -88,7 +91,7 @@ where
         "connected"
     );
     let (mut reader, mut writer) = ws.split();
-    let binary = options.binary;
+    let (binary, linger) = (options.binary, options.linger);
     let sender = tokio::spawn(async move {
         let mut lines = input.lines();
         while let Ok(Some(line)) = lines.next_line().await {
@@ -96,6 +99,11 @@ where
             if writer.send(message).await.is_err() {
                 return;
             }
+        }
+        // A pipe ends as soon as its last line is written; what the server answers to it (a
+        // broadcast, an ack) is still on its way.
+        if let Some(linger) = linger {
+            tokio::time::sleep(linger).await;
         }
         let _ = writer.close(CloseCode::NORMAL, "").await;
     });

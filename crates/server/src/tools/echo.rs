@@ -1,4 +1,5 @@
-//! `switchboard echo`: sends every text and binary message back to its sender.
+//! `switchboard echo`: sends every text and binary message back to its sender. On a TLS port it
+//! also takes WebSockets over HTTP/2 (RFC 8441), when ALPN chooses `h2`.
 //!
 //! Replies are queued with `feed` and go out when `recv` runs out of buffered input, so a burst of
 //! pipelined messages is answered in one write.
@@ -9,7 +10,9 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use futures_util::{Sink, Stream};
+use http_body_util::Either;
 use switchboard_ws::tls::TlsAcceptor;
+use switchboard_ws::upgrade::{refusal_response, Upgrade};
 use switchboard_ws::{Config, Message, WebSocket};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -38,7 +41,7 @@ pub async fn run(options: EchoOptions) -> std::io::Result<()> {
 
 /// Serves on an already bound listener (tests bind port 0 and read the address first).
 pub async fn serve(listener: TcpListener, config: Config, tls: Option<TlsAcceptor>) -> std::io::Result<()> {
-    let admission = Admission { limiter: None, tls };
+    let admission = Admission { limiter: None, tls, ..Admission::default() };
     listen::accept_loop(&listener, admission, EchoHandler(config), std::future::pending()).await;
     Ok(())
 }
@@ -57,15 +60,48 @@ impl Handler for EchoHandler {
     fn tls(&self, stream: Admitted<TcpStream>, peer: SocketAddr, acceptor: TlsAcceptor) {
         let config = self.0.clone();
         let (stream, _no_permit) = stream.into_parts();
-        let handshake = async move {
-            let timeout = config.handshake_timeout;
-            match listen::tls_handshake(&acceptor, stream, peer, timeout).await {
-                Some(stream) => switchboard_ws::accept(stream, config).await,
-                // Logged with its cause by `tls_handshake`.
-                None => Err(switchboard_ws::Error::Io(std::io::Error::other("TLS handshake failed or timed out"))),
+        tokio::spawn(async move {
+            // Logged with its cause by `tls_handshake` when it fails.
+            let Some(stream) = listen::tls_handshake(&acceptor, stream, peer, config.handshake_timeout).await else {
+                return;
+            };
+            if switchboard_ws::tls::is_http2(&stream) {
+                echo_http2(stream, config, peer).await;
+            } else {
+                // A task of its own, the size of an echo connection, not of this one's state.
+                tokio::spawn(EchoConnection::new(Box::pin(switchboard_ws::accept(stream, config))));
             }
+        });
+    }
+}
+
+/// Streams per HTTP/2 connection, as `serve`'s default.
+const H2_MAX_STREAMS: u32 = 100;
+
+/// HTTP/2 on a TLS connection: every extended CONNECT with `:protocol = websocket` is an echo
+/// connection on its stream; anything else is refused as a bad handshake.
+async fn echo_http2<S>(stream: S, config: Config, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+        let answer = match Upgrade::new(&mut request) {
+            Ok(upgrade) => {
+                let (response, websocket) = upgrade.config(config.clone()).into_response();
+                tokio::spawn(EchoConnection::new(websocket));
+                response.map(Either::Left)
+            }
+            Err(error) => refusal_response(&error).map(Either::Right),
         };
-        tokio::spawn(EchoConnection::new(Box::pin(handshake)));
+        std::future::ready(Ok::<_, std::convert::Infallible>(answer))
+    });
+    let connection = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .enable_connect_protocol()
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    if let Err(error) = connection.await {
+        tracing::debug!(%peer, %error, "HTTP/2 connection ended with an error");
     }
 }
 

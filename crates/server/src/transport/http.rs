@@ -1,30 +1,33 @@
-//! The HTTP side of `serve`: HTTP/1.1 on each admitted connection ([`HttpHandler`]), and the routes:
+//! The HTTP side of `serve`: HTTP/1.1 on each admitted connection, and HTTP/2 where TLS chose it
+//! ([`HttpHandler`]), and the routes:
 //! the page at `/`, its client module at `/switchboard.js`, the WebSocket
-//! route at `/ws` (see [`super::ws`]), the publish API at `/api/publish`, and `/healthz` and
+//! route at `/ws` (see [`super::ws`]), Server-Sent Events at `/sse` and the client publish at
+//! `/publish` (see [`super::sse`]), long polling at `/poll` (see [`super::poll`]), the publish API at `/api/publish`, and `/healthz` and
 //! `/metrics` for operators. HTTP API errors are JSON bodies with the chat's error codes.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
-use serde_json::Value;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use switchboard_ws::axum::WebSocketUpgrade;
 use switchboard_ws::tls::TlsAcceptor;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use super::ws::{self, WsState};
-use crate::chat::publish::{self, validate_publish};
-use crate::chat::wire::{ApiAck, ApiAnswer, ErrorCode};
-use crate::listen::{self, Admitted, ConnectionLimiter, Handler};
+use super::{api, poll, sse};
+use crate::listen::{self, Admitted, ConnectionLimiter, Handler, Permit, Refused};
+use crate::metrics::{metrics, Refusal};
+use crate::proxied::TrustedProxies;
 
 /// The chat page and the browser client module, built into the binary.
 const INDEX_HTML: &str = include_str!("../../../../web/index.html");
@@ -37,6 +40,16 @@ pub struct AppState {
     pub ws: WsState,
     /// Open connections, for `/metrics`.
     pub connections: Arc<ConnectionLimiter>,
+    /// How often an idle SSE stream sends a comment, so proxies keep it open.
+    pub sse_heartbeat: Duration,
+    /// Long-polling clients counted as present.
+    pub poll_presence: Arc<poll::PollPresence>,
+    /// The message rate of `POST /publish` per client address.
+    pub publish_rate: Arc<sse::AddressRate>,
+    /// When the server started (for `/api/info`).
+    pub started: std::time::Instant,
+    /// Which engine keeps the history: `sqlite`, `memory` or `redis`.
+    pub engine_name: &'static str,
 }
 
 /// Every route of `serve`; request bodies are capped at `max_body` bytes.
@@ -47,15 +60,115 @@ pub fn router(state: AppState, max_body: usize) -> Router {
             "/switchboard.js",
             get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], CLIENT_JS) }),
         )
-        .route("/ws", get(websocket))
-        .route("/api/publish", post(api_publish).layer(DefaultBodyLimit::max(max_body)))
+        // HTTP/1.1 upgrades with GET, HTTP/2 (RFC 8441) with an extended CONNECT.
+        .route("/ws", get(websocket).connect(websocket))
+        .route("/api/publish", post(api::api_publish).layer(DefaultBodyLimit::max(max_body)))
+        .route("/api/openapi.json", get(api::openapi))
+        .route("/api/info", get(api::info))
+        .route("/api/rooms", get(api::rooms))
+        .route("/api/rooms/{room}/presence", get(api::presence))
+        .route("/api/rooms/{room}/presence/count", get(api::presence_count))
+        .route("/api/rooms/{room}/history", get(api::history))
+        .route("/api/rooms/{room}/history/remove", post(api::remove_history))
+        .route("/api/users/{sub}/disconnect", post(api::disconnect).layer(DefaultBodyLimit::max(max_body)))
+        .route("/api/users/{sub}/subscribe", post(api::subscribe).layer(DefaultBodyLimit::max(max_body)))
+        .route("/api/users/{sub}/unsubscribe", post(api::unsubscribe).layer(DefaultBodyLimit::max(max_body)))
+        .route("/sse", get(sse_stream))
+        .route("/poll", get(long_poll))
+        .route("/publish", post(sse_publish).layer(DefaultBodyLimit::max(max_body)))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics_page))
         .with_state(state)
 }
 
-async fn websocket(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
-    ws::upgrade(state.ws, upgrade).await
+async fn websocket(
+    State(state): State<AppState>,
+    peer: Option<axum::Extension<Peer>>,
+    shared: Option<axum::Extension<SharedConnection>>,
+    upgrade: Result<WebSocketUpgrade, switchboard_ws::axum::WebSocketRejection>,
+) -> Response {
+    let peer = peer.map(|axum::Extension(Peer(address))| address);
+    match upgrade {
+        Ok(upgrade) => {
+            let place = match own_place(&state, peer, shared.is_some(), "refused a WebSocket handshake") {
+                Ok(place) => place,
+                Err(refused) => return limit_response(refused),
+            };
+            ws::upgrade(state.ws, upgrade, peer, place).await
+        }
+        Err(rejection) => {
+            metrics().refused(Refusal::BadHandshake);
+            let response = rejection.into_response();
+            tracing::info!(
+                peer = peer.map(tracing::field::display),
+                status = response.status().as_u16(),
+                "refused a bad WebSocket handshake"
+            );
+            response
+        }
+    }
+}
+
+/// A session's own place in the connection limits, when its connection's place does not stand for
+/// its client ([`SharedConnection`]); refused (logged and counted) when there is none left.
+fn own_place(
+    state: &AppState,
+    peer: Option<SocketAddr>,
+    shared: bool,
+    log: &'static str,
+) -> Result<Option<Permit>, Refused> {
+    let Some(address) = peer.filter(|_| shared) else { return Ok(None) };
+    state.connections.try_acquire(address.ip()).map(Some).inspect_err(|refused| {
+        tracing::info!(peer = %address, reason = %refused, "{log}");
+        metrics().refused(Refusal::Limit);
+    })
+}
+
+/// The answer when [`own_place`] found none: 429 (503 at the total), with `Retry-After`.
+fn limit_response(refused: Refused) -> Response {
+    let mut response = refuse(refused.status(), refused.to_string());
+    response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+    response
+}
+
+async fn sse_stream(
+    State(state): State<AppState>,
+    peer: Option<axum::Extension<Peer>>,
+    shared: Option<axum::Extension<SharedConnection>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let peer = peer.map(|axum::Extension(Peer(address))| address);
+    let place = match own_place(&state, peer, shared.is_some(), "refused an SSE stream") {
+        Ok(place) => place,
+        Err(refused) => return limit_response(refused),
+    };
+    let (core, live, heartbeat) = (state.ws.core.clone(), &state.ws.live, state.sse_heartbeat);
+    count_bad_request(sse::stream(core, live, peer, place, headers, query, heartbeat).await)
+}
+
+async fn long_poll(State(state): State<AppState>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+    count_bad_request(poll::poll(state.ws.core.clone(), &state.poll_presence, headers, query).await)
+}
+
+/// A stream or poll refused for its request (no room, a bad cursor): counted as a bad handshake.
+/// (Origin and token refusals are counted where they are decided.)
+fn count_bad_request(response: Response) -> Response {
+    if response.status() == StatusCode::BAD_REQUEST {
+        metrics().refused(Refusal::BadHandshake);
+    }
+    response
+}
+
+async fn sse_publish(
+    State(state): State<AppState>,
+    peer: Option<axum::Extension<Peer>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    let peer = peer.map(|axum::Extension(Peer(address))| address.ip());
+    sse::client_publish(state.ws.core.clone(), &state.publish_rate, peer, headers, query, body).await
 }
 
 /// A plain-text refusal; a 401 names the scheme it wants.
@@ -98,134 +211,203 @@ pub fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `POST /api/publish` with `{"room" | "rooms", "message", "name"?, "id"?}`: stores and delivers as a
-/// WebSocket publish does, and answers with the acknowledgements.
-async fn api_publish(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let core = &state.ws.core;
-    if core.access.api_key.is_none() {
-        return refuse(StatusCode::NOT_FOUND, "the publish API is off: start the server with --api-key".into());
-    }
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer)
-        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
-    if !presented.is_some_and(|key| core.access.api_key_matches(key)) {
-        return refuse(StatusCode::UNAUTHORIZED, "a valid API key is required (Authorization: Bearer KEY)".into());
-    }
-    let error = |status: StatusCode, code: ErrorCode, message: String| {
-        json_response(status, ApiAnswer::Error { code, message: &message }.encode())
-    };
-    let request: Value = match serde_json::from_slice(&body) {
-        Ok(request) => request,
-        Err(e) => return error(StatusCode::BAD_REQUEST, ErrorCode::BadJson, format!("not JSON: {e}")),
-    };
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct ApiPublish {
-        #[serde(default)]
-        room: Option<String>,
-        #[serde(default)]
-        rooms: Option<Vec<String>>,
-        message: String,
-        #[serde(default)]
-        name: Option<String>,
-        #[serde(default)]
-        id: Option<String>,
-    }
-    let request: ApiPublish = match serde_json::from_value(request) {
-        Ok(request) => request,
-        Err(e) => return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.to_string()),
-    };
-    let rooms = request.room.into_iter().chain(request.rooms.unwrap_or_default()).collect();
-    let publish = match validate_publish(&core.limits, rooms, request.message, request.name, request.id) {
-        Ok(publish) => publish,
-        Err((code @ ErrorCode::TooLong, message)) => return error(StatusCode::PAYLOAD_TOO_LARGE, code, message),
-        Err((code, message)) => return error(StatusCode::BAD_REQUEST, code, message),
-    };
-    let mut published = Vec::new();
-    for (_, queued) in publish::submit(core.engine.as_ref(), publish, core.clock.wall()) {
-        let outcome = match queued {
-            Ok(pending) => pending.await,
-            Err(e) => Err(e),
-        };
-        match outcome {
-            Ok(outcome) => published.push(outcome),
-            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, e.to_string()),
-        }
-    }
-    let acks = published
-        .iter()
-        .map(|p| {
-            let m = p.message();
-            ApiAck { room: &m.room, offset: m.offset, id: &m.id, duplicate: p.is_duplicate() }
-        })
-        .collect();
-    json_response(StatusCode::OK, ApiAnswer::Ack { acks }.encode())
-}
-
-fn json_response(status: StatusCode, body: String) -> Response {
-    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
-}
-
-/// Prometheus text format: what an operator (or the soak script) watches.
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+/// `GET /metrics`: OpenMetrics text (see [`crate::metrics`] and `docs/operations.md`).
+async fn metrics_page(State(state): State<AppState>) -> impl IntoResponse {
     let hub = &state.ws.core.hub;
     let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks();
-    let body = format!(
-        "# TYPE switchboard_connections gauge\nswitchboard_connections {}\n\
-         # TYPE switchboard_websockets gauge\nswitchboard_websockets {}\n\
-         # TYPE switchboard_rooms gauge\nswitchboard_rooms {}\n\
-         # TYPE switchboard_tasks gauge\nswitchboard_tasks {}\n",
-        state.connections.open(),
-        hub.connection_count(),
-        hub.room_count(),
-        tasks,
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+    let body = metrics().render(state.connections.open(), hub.connection_count(), hub.room_count(), tasks);
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
 }
 
-/// Runs HTTP/1.1 (with upgrades) on each admitted connection.
+/// An HTTP/2 stream's receive window: what one stream (one WebSocket) may send ahead of our reading.
+/// The connection's window is this times the streams allowed, so streams that stop reading (a
+/// session waiting on its full outbox) can never use up the window the others need: on a proxy's
+/// shared connection, those are other clients.
+const H2_STREAM_WINDOW: u32 = 64 * 1024;
+/// How often a quiet HTTP/2 connection is pinged, and how long the answer may take: a dead peer is
+/// dropped with its places in the limits.
+const H2_KEEPALIVE: Duration = Duration::from_secs(20);
+/// What an HTTP/2 stream may hold of ours before its writes wait (the WebSocket's own outbox bound
+/// comes first; this keeps the HTTP/2 layer from buffering more behind it).
+const H2_SEND_BUFFER: usize = 64 * 1024;
+
+/// How connections are served.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Time to finish TLS and send a request head (HTTP/2: the first request).
+    pub handshake_timeout: Duration,
+    /// Largest request head (HTTP/1.1) or header list (HTTP/2), in bytes: 431 past it.
+    pub max_head: usize,
+    /// Concurrent streams per HTTP/2 connection (each WebSocket is one).
+    pub max_streams: u32,
+    /// Peers whose `X-Forwarded-For` / `Forwarded` name the client.
+    pub trusted: Arc<TrustedProxies>,
+}
+
+/// Runs HTTP/1.1 (with upgrades) on each admitted connection, or HTTP/2 where TLS chose it (ALPN
+/// `h2`, with extended CONNECT enabled, since `/ws` takes both). When `closing` turns true, idle
+/// HTTP/1.1 connections close and HTTP/2 connections get a GOAWAY.
 #[derive(Clone)]
 pub struct HttpHandler {
     app: Router,
-    handshake_timeout: Duration,
+    settings: HttpSettings,
+    closing: watch::Receiver<bool>,
 }
 
 impl HttpHandler {
-    /// Serves `app`; a client has `handshake_timeout` to finish TLS and send its request head.
-    pub fn new(app: Router, handshake_timeout: Duration) -> Self {
-        Self { app, handshake_timeout }
+    pub fn new(app: Router, settings: HttpSettings, closing: watch::Receiver<bool>) -> Self {
+        Self { app, settings, closing }
     }
 }
 
 impl Handler for HttpHandler {
     fn plain(&self, stream: Admitted<TcpStream>, peer: SocketAddr) {
-        tokio::spawn(serve_http(stream, self.app.clone(), peer, self.handshake_timeout));
+        tokio::spawn(serve_http1(stream, self.app.clone(), peer, self.settings.clone(), self.closing.clone()));
     }
 
     fn tls(&self, stream: Admitted<TcpStream>, peer: SocketAddr, acceptor: TlsAcceptor) {
-        let (app, timeout) = (self.app.clone(), self.handshake_timeout);
+        let (app, settings, closing) = (self.app.clone(), self.settings.clone(), self.closing.clone());
         tokio::spawn(async move {
-            if let Some(stream) = listen::tls_handshake(&acceptor, stream, peer, timeout).await {
-                serve_http(stream, app, peer, timeout).await;
+            let Some(stream) = listen::tls_handshake(&acceptor, stream, peer, settings.handshake_timeout).await else {
+                return;
+            };
+            if switchboard_ws::tls::is_http2(&stream) {
+                serve_http2(stream, app, peer, settings, closing).await;
+            } else {
+                serve_http1(stream, app, peer, settings, closing).await;
             }
         });
     }
 }
 
-async fn serve_http<S>(stream: S, app: Router, peer: SocketAddr, handshake_timeout: Duration)
-where
+/// The address of the client a request came from, in each request's extensions: the TCP peer, or the
+/// client a trusted proxy forwarded for ([`crate::proxied`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// In a request's extensions when its connection's place in the limits does not stand for its
+/// client alone: an HTTP/2 connection (many sessions), or a connection from a trusted proxy (many
+/// clients). A WebSocket or SSE session on it takes a place of its own, for its client's address.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedConnection;
+
+/// The router as a hyper service: each request learns the client's address (for per-address limits
+/// of the HTTP routes) and whether its connection is shared, and `on_request` hears of it. The
+/// router is always ready, so it is called without waiting for readiness.
+fn service(
+    app: Router,
+    peer: SocketAddr,
+    settings: &HttpSettings,
+    http2: bool,
+    on_request: impl Fn() + Clone + Send + 'static,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = Response,
+    Error = std::convert::Infallible,
+    Future = impl std::future::Future<Output = Result<Response, std::convert::Infallible>> + Send + 'static,
+> + Clone {
+    let trusted = settings.trusted.clone();
+    let shared = http2 || trusted.contains(peer.ip());
+    hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+        on_request();
+        let client = trusted.client(peer, request.headers()).unwrap_or(peer);
+        request.extensions_mut().insert(Peer(client));
+        if shared {
+            request.extensions_mut().insert(SharedConnection);
+        }
+        let mut app = app.clone();
+        tower_service::Service::call(&mut app, request)
+    })
+}
+
+async fn serve_http1<S>(
+    stream: S,
+    app: Router,
+    peer: SocketAddr,
+    settings: HttpSettings,
+    mut closing: watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = TowerToHyperService::new(app);
     // The header timeout also bounds a client that connects and sends nothing (or a byte at a time).
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(handshake_timeout)
-        .serve_connection(TokioIo::new(stream), service)
+        .header_read_timeout(settings.handshake_timeout)
+        // The request head's bound, as the engine's own handshake has it (without it, only hyper's
+        // 400 KiB read buffer bounds a head).
+        .max_header_size(settings.max_head)
+        .writev(false)
+        .serve_connection(TokioIo::new(stream), service(app, peer, &settings, false, || {}))
         .with_upgrades();
-    if let Err(error) = connection.await {
-        tracing::debug!(%peer, %error, "HTTP connection ended with an error");
+    tokio::pin!(connection);
+    let mut told = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%peer, %error, "HTTP connection ended with an error");
+                }
+                return;
+            }
+            _ = closing.wait_for(|closing| *closing), if !told => {
+                connection.as_mut().graceful_shutdown();
+                told = true;
+            }
+        }
+    }
+}
+
+/// HTTP/2 on a TLS connection that chose it. The header list is bounded as an HTTP/1.1 head is,
+/// streams and flow-control windows as [`HttpSettings`] and the constants above say; a client that
+/// sends no request within the handshake timeout is dropped, as over HTTP/1.1.
+async fn serve_http2<S>(
+    stream: S,
+    app: Router,
+    peer: SocketAddr,
+    settings: HttpSettings,
+    mut closing: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let requested = Arc::new(AtomicBool::new(false));
+    let seen = requested.clone();
+    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_concurrent_streams(settings.max_streams)
+        .max_header_list_size(u32::try_from(settings.max_head).unwrap_or(u32::MAX))
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_STREAM_WINDOW.saturating_mul(settings.max_streams))
+        .keep_alive_interval(H2_KEEPALIVE)
+        .keep_alive_timeout(H2_KEEPALIVE)
+        .max_send_buf_size(H2_SEND_BUFFER)
+        .serve_connection(
+            TokioIo::new(stream),
+            service(app, peer, &settings, true, move || seen.store(true, Ordering::Relaxed)),
+        );
+    tokio::pin!(connection);
+    let first_request = tokio::time::sleep(settings.handshake_timeout);
+    tokio::pin!(first_request);
+    let (mut waiting, mut told) = (true, false);
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%peer, %error, "HTTP/2 connection ended with an error");
+                }
+                return;
+            }
+            _ = &mut first_request, if waiting => {
+                if !requested.load(Ordering::Relaxed) {
+                    tracing::debug!(%peer, "HTTP/2 connection sent no request in time");
+                    return;
+                }
+                waiting = false;
+            }
+            _ = closing.wait_for(|closing| *closing), if !told => {
+                connection.as_mut().graceful_shutdown();
+                told = true;
+            }
+        }
     }
 }

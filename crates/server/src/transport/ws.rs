@@ -2,12 +2,15 @@
 //! select loop per connection between the socket, the session's answers and its fan-out.
 
 use std::future::poll_fn;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use futures_util::{FutureExt, Sink};
+use futures_util::task::AtomicWaker;
+use futures_util::{FutureExt, Sink, Stream};
 
 use axum::response::{IntoResponse, Response};
 use switchboard_ws::axum::WebSocketUpgrade;
@@ -20,6 +23,8 @@ use crate::chat::access::{AuthError, Identity};
 use crate::chat::session::{End, Session};
 use crate::chat::wire::{self, Dialect};
 use crate::chat::Core;
+use crate::listen::Permit;
+use crate::metrics::{metrics, Refusal, Transport};
 
 /// How a closing session waits for the client's side of the close handshake.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -40,8 +45,19 @@ pub struct WsState {
     pub live: Arc<AtomicUsize>,
 }
 
-/// `GET /ws`: checks the origin and a token in the handshake, then upgrades.
-pub async fn upgrade(state: WsState, upgrade: WebSocketUpgrade) -> Response {
+/// `GET /ws` (or an HTTP/2 extended CONNECT to it): checks the origin and a token in the handshake,
+/// then upgrades. `place` is the session's own place in the connection limits, if it has one.
+pub async fn upgrade(
+    state: WsState,
+    upgrade: WebSocketUpgrade,
+    peer: Option<SocketAddr>,
+    place: Option<Permit>,
+) -> Response {
+    let refuse = |status: axum::http::StatusCode, reason: String| {
+        tracing::info!(peer = peer.map(tracing::field::display), status = status.as_u16(), %reason, "refused a WebSocket handshake");
+        metrics().refused(if status == axum::http::StatusCode::FORBIDDEN { Refusal::Origin } else { Refusal::Auth });
+        refuse(status, reason)
+    };
     let access = &state.core.access;
     if !access.origins.allows(upgrade.request().origin()) {
         return refuse(axum::http::StatusCode::FORBIDDEN, "this origin may not open a WebSocket here".into());
@@ -62,14 +78,17 @@ pub async fn upgrade(state: WsState, upgrade: WebSocketUpgrade) -> Response {
         None => None,
     };
     let WsState { core, config, live } = state;
+    metrics().websocket_handshake(upgrade.is_http2());
     upgrade
         .protocols(&[wire::V1])
         .config(config)
         .on_upgrade(move |socket| {
             // The session is made here, outside the connection's future: what that future holds across
             // its awaits is what every idle connection costs.
-            let live = LiveGuard::new(&live);
+            let live = LiveGuard::new(&live).holding(place);
             let mut session = Session::new(core, Dialect::from_subprotocol(socket.protocol()));
+            session.set_peer(peer);
+            metrics().connections_opened.inc(Transport::WebSocket);
             let stop = session.start(identity).err().map(Stop::Close);
             run(session, stop, socket, live)
         })
@@ -85,13 +104,20 @@ fn handshake_token(upgrade: &WebSocketUpgrade) -> Option<String> {
     request.query()?.split('&').find_map(|pair| pair.strip_prefix("token=")).map(percent_decode)
 }
 
-/// Counts a session as live until it is dropped, however the session ends.
-struct LiveGuard(Arc<AtomicUsize>);
+/// Counts a session as live until it is dropped, however the session ends; and holds its place in
+/// the connection limits when it has one of its own (on an HTTP/2 or a proxy's connection; boxed, as
+/// every idle connection carries the field).
+pub(crate) struct LiveGuard(Arc<AtomicUsize>, Option<Box<Permit>>);
 
 impl LiveGuard {
-    fn new(live: &Arc<AtomicUsize>) -> Self {
+    pub(crate) fn new(live: &Arc<AtomicUsize>) -> Self {
         live.fetch_add(1, Ordering::Relaxed);
-        Self(live.clone())
+        Self(live.clone(), None)
+    }
+
+    pub(crate) fn holding(mut self, place: Option<Permit>) -> Self {
+        self.1 = place.map(Box::new);
+        self
     }
 }
 
@@ -126,6 +152,7 @@ fn run<S: Socket>(
     // An `async move` block rather than an `async fn`: an `async fn` moves its arguments into locals
     // and its future keeps room for both (rust-lang/rust#62958); the block uses its captures in place.
     async move {
+        let mut gate = ReadGate::new();
         let mut deadline = session.deadline();
         let mut timer = deadline.map(|at| Box::pin(tokio::time::sleep_until(to_tokio(&session, at))));
         while stop.is_none() {
@@ -143,7 +170,7 @@ fn run<S: Socket>(
                 done = completions.next() => session.complete(done).map(Outgoing::Envelopes).map_err(Stop::Close),
                 // Reading comes before deliveries, so a busy room cannot starve a member's own requests
                 // (and the rate limit bounds how much reading there is).
-                incoming = ws.recv() => match incoming {
+                incoming = poll_fn(|cx| gate.poll_recv(&mut ws, cx)) => match incoming {
                     None => Err(Stop::Dropped),
                     Some(Err(error)) => {
                         tracing::debug!(member = session.member_id(), %error, "protocol error");
@@ -161,9 +188,16 @@ fn run<S: Socket>(
             stop = match out {
                 Err(stop) => Some(stop),
                 Ok(out) => match send_now(&mut ws, &mut session, out) {
-                    Ok(()) => None,
+                    Ok(()) => {
+                        gate.flush(&mut ws);
+                        None
+                    }
                     Err(Blocked::Stop(stop)) => Some(stop),
-                    Err(Blocked::Full(rest)) => Box::pin(send_when_ready(&mut ws, rest)).await.err(),
+                    Err(Blocked::Full(rest)) => {
+                        // That wait polled the socket on this task's waker: look at it next turn.
+                        gate.open();
+                        Box::pin(send_when_ready(&mut ws, rest)).await.err()
+                    }
                 },
             };
             let next = session.deadline();
@@ -172,12 +206,88 @@ fn run<S: Socket>(
                 timer = deadline.map(|at| Box::pin(tokio::time::sleep_until(to_tokio(&session, at))));
             }
         }
+        let peer = session.peer();
         // Leaving the hub now, not after the close handshake: the others hear of it at once.
         drop(session);
         if let Some(Stop::Close(end)) = stop {
+            // Shutting down closes every connection with 1001: one line each would bury the rest.
+            if end.code == 1001 {
+                tracing::debug!(peer = peer.map(tracing::field::display), code = end.code, reason = %end.reason, "closing a WebSocket");
+            } else {
+                tracing::info!(peer = peer.map(tracing::field::display), code = end.code, reason = %end.reason, "closing a WebSocket");
+            }
             Box::pin(close(ws, end)).await;
         }
         drop(live);
+    }
+}
+
+/// Polls the socket's read side only when it can have something: when a waker it registered has
+/// fired, or when it was ready last time (more may be buffered). A delivery wakes the connection's
+/// task too, and without the gate every delivery would also try a read, which finds nothing and
+/// costs more than writing the delivery. The read side gets a waker of its own (which marks the gate
+/// and wakes the task), so the task can tell the two apart.
+struct ReadGate {
+    shared: Arc<GateShared>,
+    /// `shared` as a waker, made once.
+    waker: Waker,
+}
+
+struct GateShared {
+    /// Poll the read side at the next turn: its waker fired, or it was ready last time.
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for GateShared {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl ReadGate {
+    fn new() -> Self {
+        let shared = Arc::new(GateShared { woken: AtomicBool::new(true), task: AtomicWaker::new() });
+        Self { waker: Waker::from(shared.clone()), shared }
+    }
+
+    /// Poll the read side at the next turn whatever happened.
+    fn open(&self) {
+        self.shared.woken.store(true, Ordering::Release);
+    }
+
+    /// The socket's next message, polled with the gate's waker; `Pending` at once while nothing the
+    /// read side waits on has happened.
+    fn poll_recv<S: Socket>(
+        &mut self,
+        ws: &mut WebSocket<S>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<switchboard_ws::Result<Message>>> {
+        self.shared.task.register(cx.waker());
+        // Cleared before the poll, so a wake during it is not lost.
+        if !self.shared.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let polled = Pin::new(ws).poll_next(&mut Context::from_waker(&self.waker));
+        if polled.is_ready() {
+            // More may be buffered.
+            self.open();
+        }
+        polled
+    }
+
+    /// Writes what was queued now (`recv` would, but it is not polled for a delivery). A full socket
+    /// wakes the gate when it drains; a failure is left for `recv` to report.
+    fn flush<S: Socket>(&mut self, ws: &mut WebSocket<S>) {
+        match Pin::new(ws).poll_flush(&mut Context::from_waker(&self.waker)) {
+            Poll::Ready(Ok(())) | Poll::Pending => {}
+            Poll::Ready(Err(_)) => self.open(),
+        }
     }
 }
 
@@ -197,7 +307,6 @@ async fn fire(timer: &mut Option<Pin<Box<Sleep>>>) {
 /// The close handshake, bounded as a whole: a peer that stopped reading never takes the close frame
 /// either.
 async fn close<S: Socket>(mut ws: WebSocket<S>, End { code, reason }: End) {
-    tracing::debug!(code, %reason, "closing");
     let _ = tokio::time::timeout(CLOSE_WAIT, async {
         if ws.close(CloseCode(code), &reason).await.is_ok() {
             while ws.recv().await.is_some() {}
@@ -243,17 +352,20 @@ fn send_now<S: Socket>(ws: &mut WebSocket<S>, session: &mut Session, out: Outgoi
         }
         Outgoing::Delivery(first) => {
             let mut next = Some(first);
-            let mut taken = 0;
+            let mut taken: u64 = 0;
             while let Some(bytes) = next.take() {
                 if !try_send(ws, &bytes)? {
-                    // What else waits stays in the outbox, where the hub counts it against the bounds.
+                    // It goes once the socket drains; what else waits stays in the outbox, where the
+                    // hub counts it against the bounds.
+                    metrics().messages_delivered.by(Transport::WebSocket, taken + 1);
                     return Err(Blocked::Full(vec![bytes]));
                 }
                 taken += 1;
-                if taken < DELIVERY_BATCH {
+                if taken < DELIVERY_BATCH as u64 {
                     next = session.try_delivery();
                 }
             }
+            metrics().messages_delivered.by(Transport::WebSocket, taken);
             Ok(())
         }
     }

@@ -45,6 +45,22 @@ pub async fn next_of(ws: &mut Ws, kind: &str) -> Value {
     }
 }
 
+/// A publisher's own ack and its own copy of the message, which may arrive in either order (the
+/// ack comes from the publish, the copy from the room's fan-out); presence events are skipped.
+pub async fn ack_and_message(ws: &mut Ws) -> (Value, Value) {
+    let (mut ack, mut message) = (None, None);
+    while ack.is_none() || message.is_none() {
+        let envelope = next(ws).await;
+        match envelope["type"].as_str() {
+            Some("ack") if ack.is_none() => ack = Some(envelope),
+            Some("message") if message.is_none() => message = Some(envelope),
+            Some("presence") => {}
+            _ => panic!("expected an ack and a message, got {envelope}"),
+        }
+    }
+    (ack.unwrap(), message.unwrap())
+}
+
 /// Asserts nothing arrives for a while.
 pub async fn quiet(ws: &mut Ws, ms: u64) {
     if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(ms), ws.recv()).await {

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test file uses part of this
 
 pub mod chat;
+pub mod redis;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -88,9 +89,70 @@ pub fn start_serve_at(addr: &str, db: &std::path::Path, extra: &[&str]) -> Serve
     Server { child, addr: addr.to_owned() }
 }
 
-/// Starts `switchboard serve` on a free port with a fresh database.
+/// Starts `switchboard serve` with a fresh database on a port of its own choosing (port 0), read
+/// from its log: a port picked ahead and bound later can be taken meanwhile by another test's
+/// server (or Redis).
 pub fn start_serve(extra: &[&str]) -> (Server, std::path::PathBuf) {
     let db = temp_dir("serve").join("chat.db");
-    let addr = format!("127.0.0.1:{}", free_port());
-    (start_serve_at(&addr, &db, extra), db)
+    (start_serve_with_db(&db, extra), db)
+}
+
+/// [`start_serve`] with the database at `db`.
+pub fn start_serve_with_db(db: &std::path::Path, extra: &[&str]) -> Server {
+    use std::io::{BufRead, BufReader};
+    let mut child = switchboard()
+        .args(["serve", "--listen", "127.0.0.1:0", "--db"])
+        .arg(db)
+        .args(extra)
+        .env("SWITCHBOARD_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start switchboard serve");
+    let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+    let addr = loop {
+        let line = lines.next().and_then(Result::ok).expect("switchboard serve exited before it listened");
+        if let Some((_, url)) = line.split_once("switchboard serving ") {
+            let url = url.split_whitespace().next().unwrap_or_default();
+            break url.split_once("://").map_or(url, |(_, addr)| addr).trim_end_matches('/').to_owned();
+        }
+        eprintln!("{line}");
+    };
+    // Drain the log, passing warnings and errors on, so the server never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if line.contains("WARN") || line.contains("ERROR") {
+                eprintln!("{line}");
+            }
+        }
+    });
+    wait_listening(&addr);
+    Server { child, addr }
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`), with `key` as a Bearer token;
+/// the status and the body, as JSON when it is JSON (else as a JSON string).
+pub fn http_json(
+    addr: &str,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         {auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    (status, serde_json::from_str(body).unwrap_or_else(|_| serde_json::Value::String(body.to_owned())))
 }

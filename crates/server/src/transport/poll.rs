@@ -1,0 +1,276 @@
+//! Long polling at `GET /poll`: every message after a cursor, at once if there are any, else as soon
+//! as one comes (or an empty list when the wait is over). The cursor is the one SSE events carry, so
+//! a client can move between the two; the client publishes with `POST /publish` (see [`super::sse`]).
+//!
+//! Each request is a short chat session that joins its rooms from the cursor, as a listener: it is
+//! not announced or listed in presence (a presence event per poll would be noise). A client that
+//! names itself with `client=ID` counts as present instead through [`PollPresence`], from its first
+//! poll until it stops polling for the grace period. Nothing on the
+//! server advances when a response is sent: a response lost on the way is simply asked for again
+//! with the old cursor, and gets the same messages.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use tokio::sync::watch;
+
+use super::sse::{self, Cursor};
+use crate::chat::access::Identity;
+use crate::chat::session::{End, Session};
+use crate::chat::wire::{Dialect, ErrorCode};
+use crate::chat::Core;
+use crate::metrics::{metrics, Transport};
+
+/// How long a poll waits by default, and at most.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(25);
+/// The longest `wait` a client may ask for.
+pub const MAX_WAIT_SECS: u64 = 60;
+/// Messages one answer carries at most; the cursor says where the next poll goes on.
+const MAX_MESSAGES: usize = 1000;
+
+/// Long-polling clients counted as present: a client that names itself (`client=ID`) is a member of
+/// its rooms, under its `name`, from its first poll until it has not polled for the grace period.
+/// Each such client is a session of its own, kept by a small task, apart from the polls (which come
+/// and go as listeners).
+pub struct PollPresence {
+    clients: Mutex<HashMap<String, Kept>>,
+    grace: Duration,
+    max_clients: usize,
+}
+
+struct Kept {
+    rooms: Vec<String>,
+    name: Option<String>,
+    /// Pushed forward by every poll; the keeping task ends when it passes.
+    until: watch::Sender<Instant>,
+}
+
+impl PollPresence {
+    /// Clients stay present `grace` after their last poll; at most `max_clients` at once.
+    pub fn new(grace: Duration, max_clients: usize) -> Arc<Self> {
+        Arc::new(Self { clients: Mutex::default(), grace, max_clients })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Kept>> {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A poll from `client`: present from now until the grace period after it.
+    fn seen(
+        self: &Arc<Self>,
+        core: &Arc<Core>,
+        client: String,
+        identity: Identity,
+        rooms: &[String],
+        name: Option<String>,
+    ) {
+        let until = Instant::now() + self.grace;
+        let mut clients = self.lock();
+        if let Some(kept) = clients.get(&client) {
+            if kept.rooms == rooms && kept.name == name && !kept.until.is_closed() {
+                kept.until.send_replace(until);
+                return;
+            }
+        }
+        // New, or its rooms or name changed (its old session ends as its task sees the sender go).
+        clients.remove(&client);
+        if clients.len() >= self.max_clients {
+            return;
+        }
+        let mut session = Session::new(core.clone(), Dialect::V1);
+        session.set_transport(Transport::LongPoll);
+        if session.start(Some(identity)).is_err() {
+            return;
+        }
+        // A long-polling client is "connected" while it polls within the grace period: one opening
+        // per client (and per change of its rooms or name), not one per poll.
+        metrics().connections_opened.inc(Transport::LongPoll);
+        for room in rooms {
+            let mut join = json!({"type": "join", "room": room});
+            if let Some(name) = &name {
+                join["name"] = json!(name);
+            }
+            // A join without `since` replays nothing worth keeping: the task discards what comes.
+            join["since"] = json!(u64::MAX);
+            let _ = session.on_text(&join.to_string());
+        }
+        let (until_tx, until_rx) = watch::channel(until);
+        clients.insert(client.clone(), Kept { rooms: rooms.to_vec(), name, until: until_tx });
+        drop(clients);
+        tokio::spawn(keep(self.clone(), client, session, until_rx));
+    }
+}
+
+/// Keeps a polling client's session: completes its joins, discards its deliveries (its polls carry
+/// the messages), and ends it when the grace period after its last poll is over.
+async fn keep(registry: Arc<PollPresence>, client: String, mut session: Session, mut until: watch::Receiver<Instant>) {
+    loop {
+        let deadline = *until.borrow();
+        let (completions, deliveries) = session.streams();
+        tokio::select! {
+            done = completions.next() => {
+                let _ = session.complete(done);
+            }
+            delivery = deliveries.next() => {
+                if delivery.is_none() {
+                    break;
+                }
+                while session.try_delivery().is_some() {}
+            }
+            changed = until.changed() => {
+                if changed.is_err() {
+                    break; // replaced by a session for its new rooms or name
+                }
+            }
+            () = tokio::time::sleep_until(deadline.into()) => {
+                if *until.borrow() <= Instant::now() {
+                    break;
+                }
+            }
+        }
+    }
+    let mut clients = registry.lock();
+    if clients.get(&client).is_some_and(|kept| until.same_channel(&kept.until.subscribe())) {
+        clients.remove(&client);
+    }
+}
+
+/// `GET /poll?room=R[&room=S][&cursor=C][&wait=SECONDS][&client=ID&name=NAME]`.
+pub async fn poll(
+    core: Arc<Core>,
+    presence: &Arc<PollPresence>,
+    headers: HeaderMap,
+    query: Option<String>,
+) -> Response {
+    let params = sse::query_pairs(query.as_deref());
+    let (rooms, cursor) = match (sse::rooms(&params), sse::query_cursor(&params)) {
+        (Ok(rooms), Ok(cursor)) => (rooms, cursor),
+        (Err(refusal), _) | (_, Err(refusal)) => return refusal.into_response(),
+    };
+    let wait = match params.iter().find(|(name, _)| name == "wait").map(|(_, v)| v.parse::<u64>()) {
+        None => DEFAULT_WAIT,
+        Some(Ok(secs)) if secs <= MAX_WAIT_SECS => Duration::from_secs(secs),
+        Some(_) => {
+            let message = format!("wait must be a number of seconds from 0 to {MAX_WAIT_SECS}");
+            return sse::refused(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message).into_response();
+        }
+    };
+    let identity = match sse::identify(&core, &headers, &params) {
+        Ok(identity) => identity,
+        Err(refusal) => return refusal.into_response(),
+    };
+    if let Some(room) = rooms.iter().find(|room| !identity.may_join(room)) {
+        let message = format!("this token does not allow joining {room:?}");
+        return sse::refused(StatusCode::FORBIDDEN, ErrorCode::NotAllowed, message).into_response();
+    }
+    let client = params.iter().find(|(n, _)| n == "client").map(|(_, v)| v.clone()).filter(|c| !c.is_empty());
+    if let Some(client) = client {
+        if client.len() > 128 {
+            let message = "client must be at most 128 bytes";
+            return sse::refused(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message).into_response();
+        }
+        let name = params.iter().find(|(n, _)| n == "name").map(|(_, v)| v.clone());
+        // Keyed by the token's subject too: one user cannot end or rename another's presence.
+        let key = format!("{}\n{client}", identity.subject.as_deref().unwrap_or_default());
+        presence.seen(&core, key, identity.clone(), &rooms, name);
+    }
+    let mut session = Session::listener(core);
+    session.set_transport(Transport::LongPoll);
+    if let Err(end) = session.start(Some(identity)) {
+        return sse::refused(StatusCode::FORBIDDEN, ErrorCode::NotAllowed, end.reason).into_response();
+    }
+    match answer(&mut session, &rooms, cursor, wait).await {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response(),
+        Err(end) => {
+            let message = format!("the poll could not be answered: {}", end.reason);
+            sse::refused(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, message).into_response()
+        }
+    }
+}
+
+/// What one poll collects.
+struct Collected {
+    cursor: Cursor,
+    messages: Vec<Value>,
+    /// `joined` envelopes of rooms whose history could not be recovered from the cursor.
+    notices: Vec<Value>,
+    joined: usize,
+    failed: Option<String>,
+}
+
+impl Collected {
+    fn take(&mut self, envelope: &str) {
+        let Ok(value) = serde_json::from_str::<Value>(envelope) else { return };
+        let room = value["room"].as_str().unwrap_or_default().to_owned();
+        match value["type"].as_str() {
+            Some("message") if self.messages.len() < MAX_MESSAGES => {
+                if let Some(offset) = value["offset"].as_u64() {
+                    if self.cursor.advance(&room, offset) {
+                        self.messages.push(value);
+                    }
+                }
+            }
+            Some("joined") => {
+                self.joined += 1;
+                self.cursor.joined(&room, value["epoch"].as_str().unwrap_or_default());
+                if value["recovered"] == false {
+                    self.notices.push(value);
+                }
+            }
+            Some("error") => {
+                self.joined += 1;
+                self.failed = Some(value["message"].as_str().unwrap_or("join failed").to_owned());
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn answer(session: &mut Session, rooms: &[String], cursor: Cursor, wait: Duration) -> Result<Value, End> {
+    let mut collected = Collected { cursor, messages: Vec::new(), notices: Vec::new(), joined: 0, failed: None };
+    for room in rooms {
+        for reply in session.on_text(&sse::join_request(room, &collected.cursor, None))? {
+            collected.take(&reply);
+        }
+    }
+    // Every room's `joined` and replay first; the wait starts after them.
+    let deadline = tokio::time::Instant::now() + wait.max(Duration::from_secs(1)) + Duration::from_secs(5);
+    while collected.joined < rooms.len() {
+        let (completions, _) = session.streams();
+        match tokio::time::timeout_at(deadline, completions.next()).await {
+            Ok(done) => {
+                for reply in session.complete(done)? {
+                    collected.take(&reply);
+                }
+            }
+            Err(_) => return Err(End::new(1013, "the history did not answer in time")),
+        }
+    }
+    if let Some(failed) = collected.failed {
+        return Err(End::new(1013, failed));
+    }
+    let until = tokio::time::Instant::now() + wait;
+    while collected.messages.is_empty() && collected.notices.is_empty() {
+        let (_, deliveries) = session.streams();
+        match tokio::time::timeout_at(until, deliveries.next()).await {
+            Ok(Some(bytes)) => {
+                collected.take(&bytes);
+                while let Some(bytes) = session.try_delivery() {
+                    collected.take(&bytes);
+                }
+            }
+            Ok(None) => return Err(session.cut_off()),
+            Err(_) => break,
+        }
+    }
+    let epochs: serde_json::Map<String, Value> =
+        rooms.iter().filter_map(|room| Some((room.clone(), json!(collected.cursor.get(room)?.0)))).collect();
+    metrics().messages_delivered.by(Transport::LongPoll, collected.messages.len() as u64);
+    Ok(json!({"messages": collected.messages, "cursor": collected.cursor.encode(), "epochs": epochs,
+        "notices": collected.notices}))
+}

@@ -1,0 +1,824 @@
+//! Server-Sent Events at `GET /sse`, and the client publish beside it at `POST /publish`: the chat
+//! for clients that cannot open a WebSocket (a proxy that strips `Upgrade`) or only listen
+//! (`EventSource`, `curl -N`).
+//!
+//! A stream is a chat session like a WebSocket's: it joins its rooms (with what its cursor says it
+//! saw), counts as present in them while it is open, and is cut off like a slow WebSocket when it
+//! does not read. Each chat message is an `event: message` whose `id:` is the stream's [`Cursor`]
+//! after it, so a reconnect with `Last-Event-ID` (which `EventSource` sends by itself) or `?cursor=`
+//! gets exactly what it missed in every room. Nothing on the server moves when an event is sent:
+//! the client's cursor is its place.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::future::Future as _;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes, HttpBody};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use bytes::BytesMut;
+use hyper::body::Frame;
+use serde_json::{json, Value};
+
+use super::http::{bearer, percent_decode};
+use super::ws::LiveGuard;
+use crate::chat::access::{AuthError, Identity};
+use crate::chat::limits::{RateLimit, RateLimiter};
+use crate::chat::message::check_room;
+use crate::chat::publish::validate_publish;
+use crate::chat::session::{End, Session};
+use crate::chat::wire::{Dialect, ErrorCode};
+use crate::chat::Core;
+use crate::metrics::{metrics, Refusal, Transport};
+
+/// Deliveries written into one chunk at most.
+const DELIVERY_BATCH: usize = 64;
+/// What `retry:` tells `EventSource`: milliseconds before it reconnects.
+const RETRY_MS: u64 = 1000;
+/// Cookie that may carry the token (`EventSource` cannot set headers).
+pub const TOKEN_COOKIE: &str = "switchboard_token";
+
+/// Where a client stands in each of its rooms: the last offset it saw there and that offset's
+/// epoch. On the wire it is opaque (URL-safe base64 of `{"ROOM": ["EPOCH", OFFSET]}`): the SSE event
+/// id and the long-poll cursor are the same string, so a client can change transports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cursor(BTreeMap<String, (String, u64)>);
+
+impl Cursor {
+    /// Reads a cursor; the error says what is wrong with it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("invalid cursor: {why}");
+        let bytes =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text.trim()).map_err(|_| bad("not base64url"))?;
+        let map: BTreeMap<String, (String, u64)> = serde_json::from_slice(&bytes).map_err(|_| bad("not a cursor"))?;
+        if let Some(room) = map.keys().find(|room| check_room(room).is_err()) {
+            return Err(bad(&format!("names an invalid room {room:?}")));
+        }
+        if map.values().any(|(epoch, _)| epoch.len() > 64 || !epoch.bytes().all(|b| b.is_ascii_alphanumeric())) {
+            return Err(bad("an epoch is letters and digits"));
+        }
+        Ok(Self(map))
+    }
+
+    /// The opaque text.
+    pub fn encode(&self) -> String {
+        let mut out = Vec::new();
+        self.encode_into(&mut out, &mut Scratch::default());
+        out.into_iter().map(char::from).collect()
+    }
+
+    /// Appends the opaque text to `out`, with buffers kept between calls (this runs for every
+    /// event of every stream).
+    ///
+    /// Between two events of a stream usually only the last room's offset moves, so the JSON is
+    /// written in two parts: everything before that offset, padded with spaces (JSON allows them)
+    /// to a multiple of 3 bytes so that its base64 stands alone and is kept, then the offset and
+    /// the closing brackets, encoded afresh.
+    pub(crate) fn encode_into(&self, out: &mut impl Out, scratch: &mut Scratch) {
+        // Written by hand: rooms (checked on the way in) and epochs (letters and digits, checked in
+        // `parse`) need no escaping.
+        let json = &mut scratch.json;
+        json.clear();
+        json.push(b'{');
+        let last = self.0.len().saturating_sub(1);
+        let mut tail_offset = None;
+        for (i, (room, (epoch, offset))) in self.0.iter().enumerate() {
+            if i > 0 {
+                json.push(b',');
+            }
+            json.push(b'"');
+            json.put(room.as_bytes());
+            json.put(b"\":[\"");
+            json.put(epoch.as_bytes());
+            json.put(b"\",");
+            if i == last {
+                tail_offset = Some(*offset);
+                break;
+            }
+            push_decimal(json, *offset);
+            json.push(b']');
+        }
+        let Some(offset) = tail_offset else {
+            out.put(b"e30"); // `{}`
+            return;
+        };
+        while json.len() % 3 != 0 {
+            json.push(b' ');
+        }
+        if scratch.prefix_json != *json {
+            scratch.prefix_json.clone_from(json);
+            scratch.prefix_base64.clear();
+            push_base64url(&mut scratch.prefix_base64, json);
+        }
+        out.put(&scratch.prefix_base64);
+        json.clear();
+        push_decimal(json, offset);
+        json.put(b"]}");
+        push_base64url(out, json);
+    }
+
+    /// The offset and epoch it holds for `room`.
+    pub fn get(&self, room: &str) -> Option<(&str, u64)> {
+        self.0.get(room).map(|(epoch, offset)| (epoch.as_str(), *offset))
+    }
+
+    /// After a `joined`: the room's epoch is `epoch`; offsets of another one are void.
+    pub(crate) fn joined(&mut self, room: &str, epoch: &str) {
+        let entry = self.0.entry(room.to_owned()).or_insert_with(|| (epoch.to_owned(), 0));
+        if entry.0 != epoch {
+            *entry = (epoch.to_owned(), 0);
+        }
+    }
+
+    /// After a message: true when it is new for this cursor (replay and live delivery can overlap).
+    pub(crate) fn advance(&mut self, room: &str, offset: u64) -> bool {
+        match self.0.get_mut(room) {
+            Some(entry) if offset > entry.1 => {
+                entry.1 = offset;
+                true
+            }
+            Some(_) => false,
+            None => {
+                self.0.insert(room.to_owned(), (String::new(), offset));
+                true
+            }
+        }
+    }
+}
+
+/// Where events are written: a stream's chunk, or a plain buffer.
+pub(crate) trait Out {
+    fn put(&mut self, bytes: &[u8]);
+    fn room(&mut self, additional: usize);
+}
+
+impl Out for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+    fn room(&mut self, additional: usize) {
+        self.reserve(additional);
+    }
+}
+
+impl Out for BytesMut {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+    fn room(&mut self, additional: usize) {
+        self.reserve(additional);
+    }
+}
+
+/// Buffers a stream keeps for writing its cursor.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    json: Vec<u8>,
+    /// The JSON before the last offset, as last written, and its base64.
+    prefix_json: Vec<u8>,
+    prefix_base64: Vec<u8>,
+}
+
+/// Appends `n` in decimal (without the formatting machinery: this runs for every event).
+fn push_decimal(out: &mut impl Out, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.put(&digits[at..]);
+}
+
+/// Appends `input` as unpadded URL-safe base64 (RFC 4648 §5). By hand for the cursor of every event:
+/// the `base64` crate's string path zeroes a 1 KiB block and checks UTF-8 on each call, which cost
+/// more than the encoding itself.
+fn push_base64url(out: &mut impl Out, input: &[u8]) {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let sextet = |n: u32, shift: u32| ALPHABET[(n >> shift & 63) as usize];
+    out.room(input.len().div_ceil(3) * 4);
+    let mut groups = input.chunks_exact(3);
+    for group in &mut groups {
+        let n = u32::from(group[0]) << 16 | u32::from(group[1]) << 8 | u32::from(group[2]);
+        out.put(&[sextet(n, 18), sextet(n, 12), sextet(n, 6), sextet(n, 0)]);
+    }
+    match *groups.remainder() {
+        [a] => {
+            let n = u32::from(a) << 16;
+            out.put(&[sextet(n, 18), sextet(n, 12)]);
+        }
+        [a, b] => {
+            let n = u32::from(a) << 16 | u32::from(b) << 8;
+            out.put(&[sextet(n, 18), sextet(n, 12), sextet(n, 6)]);
+        }
+        _ => {}
+    }
+}
+
+/// A request refused: its status, and the JSON body naming the problem (the server API's error).
+pub use super::api::Failure as Refused;
+
+pub(crate) fn refused(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Refused {
+    super::api::fail(status, code, message)
+}
+
+/// A JSON error answer naming the problem.
+fn error(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response {
+    refused(status, code, message).into_response()
+}
+
+/// The query's `name=value` pairs, decoded, in order (a name may repeat).
+pub fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+    query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(name), percent_decode(value))
+        })
+        .collect()
+}
+
+/// Who the request is: a token from `Authorization: Bearer`, the `token` parameter or the
+/// `switchboard_token` cookie, checked as `/ws` checks one; anonymous where the server allows it.
+pub fn identify(core: &Core, headers: &HeaderMap, params: &[(String, String)]) -> Result<Identity, Refused> {
+    let access = &core.access;
+    if !access.origins.allows(headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())) {
+        metrics().refused(Refusal::Origin);
+        return Err(refused(StatusCode::FORBIDDEN, ErrorCode::NotAllowed, "this origin may not connect here"));
+    }
+    let header_token = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
+    let param_token = params.iter().find(|(name, _)| name == "token").map(|(_, value)| value.as_str());
+    let cookie_token =
+        headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|cookies| {
+            cookies.split(';').find_map(|c| c.trim().strip_prefix(TOKEN_COOKIE)?.strip_prefix('='))
+        });
+    let token = header_token.or(param_token).or(cookie_token);
+    let identity = match (access.verifier.as_ref(), token) {
+        (Some(_), Some(token)) => access.verify(token).map_err(|e| match e {
+            AuthError::Expired | AuthError::Invalid(_) => {
+                refused(StatusCode::UNAUTHORIZED, ErrorCode::BadToken, e.to_string())
+            }
+            other => refused(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unavailable, other.to_string()),
+        }),
+        _ if access.allow_anonymous => Ok(Identity::anonymous()),
+        _ => Err(refused(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::BadToken,
+            "a token is required (Authorization: Bearer, ?token= or the switchboard_token cookie)",
+        )),
+    };
+    if identity.is_err() {
+        metrics().refused(Refusal::Auth);
+    }
+    identity
+}
+
+/// The rooms of `room=` parameters, each checked; at least one.
+pub(crate) fn rooms(params: &[(String, String)]) -> Result<Vec<String>, Refused> {
+    let mut rooms: Vec<String> = Vec::new();
+    for (_, room) in params.iter().filter(|(name, _)| name == "room") {
+        check_room(room).map_err(|(code, message)| refused(StatusCode::BAD_REQUEST, code, message))?;
+        if !rooms.contains(room) {
+            rooms.push(room.clone());
+        }
+    }
+    if rooms.is_empty() {
+        return Err(refused(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, "name at least one room: ?room=R"));
+    }
+    Ok(rooms)
+}
+
+/// The cursor of `?cursor=`; none is a first visit.
+pub(crate) fn query_cursor(params: &[(String, String)]) -> Result<Cursor, Refused> {
+    cursor(&HeaderMap::new(), params)
+}
+
+/// The cursor of `Last-Event-ID` (a reconnecting `EventSource`), else of `?cursor=`; none is a
+/// first visit.
+fn cursor(headers: &HeaderMap, params: &[(String, String)]) -> Result<Cursor, Refused> {
+    let text = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| params.iter().find(|(name, _)| name == "cursor").map(|(_, value)| value.clone()));
+    match text.filter(|t| !t.trim().is_empty()) {
+        Some(text) => Cursor::parse(&text).map_err(|e| refused(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e)),
+        None => Ok(Cursor::default()),
+    }
+}
+
+/// The join request for `room` (under `name`), resuming from the cursor's place in it.
+pub(crate) fn join_request(room: &str, cursor: &Cursor, name: Option<&str>) -> String {
+    let mut join = json!({"type": "join", "room": room});
+    if let Some(name) = name {
+        join["name"] = json!(name);
+    }
+    if let Some((epoch, offset)) = cursor.get(room) {
+        join["since"] = json!(offset);
+        if !epoch.is_empty() {
+            join["epoch"] = json!(epoch);
+        }
+    }
+    join.to_string()
+}
+
+/// `GET /sse?room=R[&room=S][&cursor=C]`: the rooms' messages as `text/event-stream`.
+pub async fn stream(
+    core: Arc<Core>,
+    live: &Arc<std::sync::atomic::AtomicUsize>,
+    peer: Option<std::net::SocketAddr>,
+    place: Option<crate::listen::Permit>,
+    headers: HeaderMap,
+    query: Option<String>,
+    heartbeat: Duration,
+) -> Response {
+    let params = query_pairs(query.as_deref());
+    let (rooms, cursor) = match (rooms(&params), cursor(&headers, &params)) {
+        (Ok(rooms), Ok(cursor)) => (rooms, cursor),
+        (Err(refusal), _) | (_, Err(refusal)) => return refusal.into_response(),
+    };
+    let identity = match identify(&core, &headers, &params) {
+        Ok(identity) => identity,
+        Err(refusal) => return refusal.into_response(),
+    };
+    if let Some(room) = rooms.iter().find(|room| !identity.may_join(room)) {
+        return error(
+            StatusCode::FORBIDDEN,
+            ErrorCode::NotAllowed,
+            format!("this token does not allow joining {room:?}"),
+        );
+    }
+    let name = params.iter().find(|(n, _)| n == "name").map(|(_, v)| v.clone());
+    let mut session = Session::new(core, Dialect::V1);
+    session.set_peer(peer);
+    session.set_transport(Transport::Sse);
+    metrics().connections_opened.inc(Transport::Sse);
+    if let Err(end) = session.start(Some(identity)) {
+        return error(StatusCode::FORBIDDEN, ErrorCode::NotAllowed, end.reason);
+    }
+    let beat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    let mut state = Stream {
+        session,
+        cursor,
+        beat,
+        deadline: None,
+        first: None,
+        scratch: Scratch::default(),
+        chunk: BytesMut::new(),
+        ended: false,
+        _live: LiveGuard::new(live).holding(place),
+    };
+    state.first = Some(state.open(&rooms, name.as_deref()));
+    state.arm_deadline();
+    let body = Body::new(state);
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        // nginx buffers responses unless told not to.
+        .header("x-accel-buffering", "no")
+        .body(body)
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unavailable, "response"))
+}
+
+/// Appends one SSE event: its lines, with `data:` on one line (envelopes are single-line JSON).
+fn push_event(out: &mut impl Out, kind: &str, id: Option<&str>, data: &str) {
+    if let Some(id) = id {
+        out.put(b"id: ");
+        out.put(id.as_bytes());
+        out.put(b"\n");
+    }
+    out.put(b"event: ");
+    out.put(kind.as_bytes());
+    out.put(b"\ndata: ");
+    out.put(data.as_bytes());
+    out.put(b"\n\n");
+}
+
+/// One SSE event on its own.
+fn event(kind: &str, id: Option<&str>, data: &str) -> Bytes {
+    let mut out = Vec::with_capacity(data.len() + 64);
+    push_event(&mut out, kind, id, data);
+    Bytes::from(out)
+}
+
+/// The room and offset of a message envelope, read from the front of its text (the hub writes
+/// `type`, `room` and `offset` first), without parsing the whole JSON for every event of every stream.
+fn message_place(text: &str) -> Option<(&str, u64)> {
+    let rest = text.strip_prefix(r#"{"type":"message","room":""#)?;
+    // Room names are short: a plain scan beats the general substring search.
+    let end = rest.bytes().position(|b| b == b'"')?;
+    let (room, rest) = (&rest[..end], &rest[end + 1..]);
+    let rest = rest.strip_prefix(r#","offset":"#)?;
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    Some((room, rest[..digits].parse().ok()?))
+}
+
+/// Appends the event of one envelope of the session, keeping the cursor; nothing for what a stream
+/// does not show (a repeat, an envelope of another kind).
+fn push_envelope(out: &mut impl Out, envelope: &str, cursor: &mut Cursor) {
+    push_envelope_with(out, envelope, cursor, &mut Scratch::default());
+}
+
+/// [`push_envelope`], with a buffer kept between events for the cursor's JSON.
+fn push_envelope_with(out: &mut impl Out, envelope: &str, cursor: &mut Cursor, scratch: &mut Scratch) {
+    if let Some((room, offset)) = message_place(envelope) {
+        if cursor.advance(room, offset) {
+            // The message event, its id written straight into the chunk.
+            out.put(b"id: ");
+            cursor.encode_into(out, scratch);
+            out.put(b"\nevent: message\ndata: ");
+            out.put(envelope.as_bytes());
+            out.put(b"\n\n");
+        }
+        return;
+    }
+    // Presence comes N times per join in a room of N: written as it is, never parsed.
+    for kind in ["presence", "error"] {
+        if envelope
+            .strip_prefix(r#"{"type":""#)
+            .and_then(|rest| rest.strip_prefix(kind))
+            .is_some_and(|rest| rest.starts_with('"'))
+        {
+            push_event(out, kind, None, envelope);
+            return;
+        }
+    }
+    let Ok(value) = serde_json::from_str::<Value>(envelope) else { return };
+    let room = value["room"].as_str().unwrap_or_default();
+    match value["type"].as_str() {
+        Some("message") => {
+            if let Some(offset) = value["offset"].as_u64() {
+                if cursor.advance(room, offset) {
+                    push_event(out, "message", Some(&cursor.encode()), envelope);
+                }
+            }
+        }
+        Some("joined") => {
+            cursor.joined(room, value["epoch"].as_str().unwrap_or_default());
+            push_event(out, "joined", Some(&cursor.encode()), envelope);
+        }
+        _ => {}
+    }
+}
+
+/// The event of one envelope, if a stream shows it.
+#[cfg(test)]
+fn to_event(envelope: &str, cursor: &mut Cursor) -> Option<Bytes> {
+    let mut out = Vec::new();
+    push_envelope(&mut out, envelope, cursor);
+    (!out.is_empty()).then(|| Bytes::from(out))
+}
+
+/// A stream's state: the session, the place in each room, and the heartbeat. It is the response
+/// body itself: hyper's connection task polls it for the next chunk, so a delivery goes from the hub
+/// to the socket on one task, as on a WebSocket, with nothing allocated or moved per poll. A client
+/// that does not read stops the polling; its outbox fills and the hub lets it go, as it does a slow
+/// WebSocket.
+struct Stream {
+    session: Session,
+    cursor: Cursor,
+    beat: tokio::time::Interval,
+    /// The session's deadline (its token's expiry), if it has one.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The opening chunk, until it is sent.
+    first: Option<Bytes>,
+    /// Kept between events: the buffers the cursor is written with.
+    scratch: Scratch,
+    /// Where the next chunk is written.
+    chunk: BytesMut,
+    /// Set once the stream's last event (why it ends) is out.
+    ended: bool,
+    _live: LiveGuard,
+}
+
+/// The event that says why a stream ends, as a WebSocket's close frame would.
+fn end_event(end: &End) -> Bytes {
+    let data = json!({"type": "error", "code": "closed", "close": end.code, "message": end.reason});
+    event("error", None, &data.to_string())
+}
+
+impl Stream {
+    /// The first chunk: `retry:`, then each room's join (its `joined` and replay follow as the
+    /// engine answers).
+    fn open(&mut self, rooms: &[String], name: Option<&str>) -> Bytes {
+        let mut out = format!("retry: {RETRY_MS}\n\n").into_bytes();
+        for room in rooms {
+            match self.session.on_text(&join_request(room, &self.cursor, name)) {
+                Ok(replies) => replies.iter().for_each(|reply| push_envelope(&mut out, reply, &mut self.cursor)),
+                Err(end) => {
+                    self.ended = true;
+                    out.put(&end_event(&end));
+                    break;
+                }
+            }
+        }
+        Bytes::from(out)
+    }
+
+    /// Sets the deadline timer to the session's deadline.
+    fn arm_deadline(&mut self) {
+        let Some(at) = self.session.deadline() else {
+            self.deadline = None;
+            return;
+        };
+        let at = tokio::time::Instant::now() + at.saturating_duration_since(self.session.now());
+        match self.deadline.as_mut() {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
+
+    /// Writes into `out` whatever is ready; `Pending` when nothing is.
+    fn poll_events(&mut self, cx: &mut Context<'_>, out: &mut BytesMut) -> Poll<Result<(), End>> {
+        if let Some(sleep) = self.deadline.as_mut() {
+            if sleep.as_mut().poll(cx).is_ready() {
+                self.session.check_deadline()?;
+                self.arm_deadline();
+            }
+        }
+        if let Poll::Ready(done) = self.session.poll_completion(cx) {
+            let replies = self.session.complete(done)?;
+            for reply in &replies {
+                push_envelope_with(out, reply, &mut self.cursor, &mut self.scratch);
+            }
+            return Poll::Ready(Ok(()));
+        }
+        match self.session.poll_delivery(cx) {
+            Poll::Ready(Some(bytes)) => {
+                // Whatever is waiting goes out as one chunk: one write for a burst.
+                out.room(bytes.len() * 2 + 128);
+                push_envelope_with(out, &bytes, &mut self.cursor, &mut self.scratch);
+                let mut taken = 1;
+                while taken < DELIVERY_BATCH {
+                    match self.session.try_delivery() {
+                        Some(bytes) => push_envelope_with(out, &bytes, &mut self.cursor, &mut self.scratch),
+                        None => break,
+                    }
+                    taken += 1;
+                }
+                metrics().messages_delivered.by(Transport::Sse, taken as u64);
+                return Poll::Ready(Ok(()));
+            }
+            Poll::Ready(None) => return Poll::Ready(Err(self.session.cut_off())),
+            Poll::Pending => {}
+        }
+        if self.beat.poll_tick(cx).is_ready() {
+            // A comment: proxies see traffic, EventSource ignores it.
+            out.put(b": keepalive\n\n");
+            return Poll::Ready(Ok(()));
+        }
+        Poll::Pending
+    }
+}
+
+impl HttpBody for Stream {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        loop {
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            // Chunks are cut from one buffer: once hyper has copied a chunk out and dropped it, the
+            // next one reuses the space instead of allocating.
+            let mut out = std::mem::take(&mut this.chunk);
+            let step = this.poll_events(cx, &mut out);
+            let chunk = out.split().freeze();
+            this.chunk = out;
+            match step {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(end)) => {
+                    let peer = this.session.peer();
+                    if end.code == 1001 {
+                        tracing::debug!(peer = peer.map(tracing::field::display), code = end.code, reason = %end.reason, "ending an SSE stream");
+                    } else {
+                        tracing::info!(peer = peer.map(tracing::field::display), code = end.code, reason = %end.reason, "ending an SSE stream");
+                    }
+                    this.ended = true;
+                    return Poll::Ready(Some(Ok(Frame::data(end_event(&end)))));
+                }
+                // Nothing to show (a repeat, an envelope a stream does not show): poll again.
+                Poll::Ready(Ok(())) if chunk.is_empty() => continue,
+                Poll::Ready(Ok(())) => return Poll::Ready(Some(Ok(Frame::data(chunk)))),
+            }
+        }
+    }
+}
+
+/// The message rate of `POST /publish`, per client address: the rate and burst a WebSocket session
+/// has, so moving to HTTP buys no more.
+pub struct AddressRate {
+    limit: Option<RateLimit>,
+    buckets: std::sync::Mutex<HashMap<IpAddr, RateLimiter>>,
+}
+
+/// Addresses remembered at most; past it the table starts again (everyone gets a fresh burst), so
+/// a flood of addresses costs bounded memory.
+const MAX_ADDRESSES: usize = 100_000;
+
+impl AddressRate {
+    /// No limit with `None`.
+    pub fn new(limit: Option<RateLimit>) -> Arc<Self> {
+        Arc::new(Self { limit, buckets: std::sync::Mutex::default() })
+    }
+
+    /// Takes `messages` tokens for `address`; false when it is over its rate.
+    fn allow(&self, address: IpAddr, messages: usize) -> bool {
+        let Some(limit) = self.limit else { return true };
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= MAX_ADDRESSES && !buckets.contains_key(&address) {
+            buckets.clear();
+        }
+        let bucket = buckets.entry(address).or_insert_with(|| RateLimiter::new(limit, now));
+        (0..messages.max(1)).all(|_| bucket.allow(now))
+    }
+}
+
+/// `POST /publish` with the body of a `switchboard.v1` publish (`room` or `rooms`, `message`,
+/// `name`, `id`) and the client's token: the publish of clients on SSE or long polling, answered as
+/// `/api/publish` answers, with the same idempotency as over WebSocket.
+pub async fn client_publish(
+    core: Arc<Core>,
+    rate: &AddressRate,
+    peer: Option<IpAddr>,
+    headers: HeaderMap,
+    query: Option<String>,
+    body: Bytes,
+) -> Response {
+    let params = query_pairs(query.as_deref());
+    let identity = match identify(&core, &headers, &params) {
+        Ok(identity) => identity,
+        Err(refusal) => return refusal.into_response(),
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ClientPublish {
+        #[serde(default, rename = "type")]
+        _kind: Option<String>,
+        #[serde(default)]
+        room: Option<String>,
+        #[serde(default)]
+        rooms: Option<Vec<String>>,
+        message: String,
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        id: Option<String>,
+        #[serde(default)]
+        _req: Option<Value>,
+    }
+    let request: Value = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => return error(StatusCode::BAD_REQUEST, ErrorCode::BadJson, format!("not JSON: {e}")),
+    };
+    let request: ClientPublish = match serde_json::from_value(request) {
+        Ok(request) => request,
+        Err(e) => return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.to_string()),
+    };
+    let rooms: Vec<String> = request.room.into_iter().chain(request.rooms.unwrap_or_default()).collect();
+    // A signed-in user publishes under its token's name, whatever the body says.
+    let name = identity.name.clone().or(request.name);
+    let validated = validate_publish(&core.limits, rooms, request.message, name, request.id);
+    let validated = validated.map(|mut publish| {
+        publish.name = core.access.guest_name(&identity, publish.name);
+        publish
+    });
+    let publish = match validated {
+        Ok(publish) => publish,
+        Err((code, message)) => return error(StatusCode::BAD_REQUEST, code, message),
+    };
+    if let Some(address) = peer {
+        if !rate.allow(address, publish.rooms.len()) {
+            return error(StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooMany, "message rate limit exceeded; slow down");
+        }
+    }
+    if let Some(room) = publish.rooms.iter().find(|room| !identity.may_publish(room)) {
+        return error(
+            StatusCode::FORBIDDEN,
+            ErrorCode::NotAllowed,
+            format!("this token does not allow publishing to {room:?}"),
+        );
+    }
+    super::api::into_response(super::api::submit(&core, publish).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_round_trips_and_bad_ones_are_named() {
+        let mut cursor = Cursor::default();
+        cursor.joined("lobby", "e1");
+        assert!(cursor.advance("lobby", 3));
+        assert!(!cursor.advance("lobby", 2), "an older offset is a repeat");
+        let text = cursor.encode();
+        assert!(text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "URL-safe: {text}");
+        assert_eq!(Cursor::parse(&text).unwrap().get("lobby"), Some(("e1", 3)));
+        cursor.joined("lobby", "e2");
+        assert_eq!(cursor.get("lobby"), Some(("e2", 0)), "a new epoch voids the offset");
+        let extremes =
+            Cursor([("a".to_owned(), ("e1".to_owned(), 0)), ("b".to_owned(), ("e2".to_owned(), u64::MAX))].into());
+        assert_eq!(Cursor::parse(&extremes.encode()), Ok(extremes.clone()), "offsets 0 and u64::MAX round-trip");
+        assert!(Cursor::parse("%%%").unwrap_err().contains("base64"));
+        let bad_room = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"a b":["e",1]}"#);
+        assert!(Cursor::parse(&bad_room).unwrap_err().contains("invalid room"));
+    }
+
+    #[test]
+    fn a_cursor_written_with_kept_buffers_reads_back_after_every_kind_of_change() {
+        let mut cursor = Cursor::default();
+        let mut scratch = Scratch::default();
+        let mut check = |cursor: &Cursor| {
+            let mut kept = Vec::new();
+            cursor.encode_into(&mut kept, &mut scratch);
+            let kept = String::from_utf8(kept).unwrap();
+            assert_eq!(kept, cursor.encode(), "kept buffers write what fresh ones do");
+            assert_eq!(Cursor::parse(&kept).as_ref(), Ok(cursor), "{kept}");
+        };
+        check(&cursor);
+        cursor.joined("b", "e1");
+        check(&cursor);
+        for offset in [1, 9, 10, 99, 100, 12345] {
+            cursor.advance("b", offset);
+            check(&cursor);
+        }
+        cursor.joined("a", "e2"); // a room before the last one
+        check(&cursor);
+        cursor.advance("a", 7);
+        check(&cursor);
+        cursor.joined("c", "epoch3"); // a new last room
+        check(&cursor);
+        cursor.advance("c", u64::MAX);
+        check(&cursor);
+        cursor.joined("c", "other"); // the last room's epoch changes
+        check(&cursor);
+    }
+
+    #[test]
+    fn the_hand_written_base64url_agrees_with_the_base64_crate() {
+        let bytes: Vec<u8> = (0..=255u8).rev().collect();
+        for len in 0..bytes.len() {
+            let mut out = Vec::new();
+            push_base64url(&mut out, &bytes[..len]);
+            assert_eq!(
+                out,
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&bytes[..len]).into_bytes(),
+                "{len} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn the_place_of_a_message_is_read_from_the_hubs_own_encoding() {
+        let stored = crate::engine::StoredMessage {
+            room: "a.b:c".into(),
+            offset: 42,
+            id: Some("x".into()),
+            name: "n".into(),
+            message: "\"quoted\" room\":\"evil".into(),
+            time: "00:00:00".into(),
+            ts_ms: 1,
+        };
+        let text = crate::chat::wire::Envelope::message(&stored).encode();
+        assert_eq!(message_place(&text), Some(("a.b:c", 42)), "{text}");
+        assert_eq!(message_place(r#"{"type":"joined","room":"r","offset":1}"#), None);
+        let epoch_with_quote = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"r":["e\"",1]}"#);
+        assert!(Cursor::parse(&epoch_with_quote).is_err(), "epochs are letters and digits");
+    }
+
+    #[test]
+    fn envelopes_become_events_with_the_cursor_as_id() {
+        let mut cursor = Cursor::default();
+        let joined = to_event(r#"{"type":"joined","room":"r","epoch":"e","offset":0}"#, &mut cursor).unwrap();
+        assert!(std::str::from_utf8(&joined).unwrap().contains("event: joined\n"));
+        let message = r#"{"type":"message","room":"r","offset":1,"message":"hi"}"#;
+        let text = String::from_utf8(to_event(message, &mut cursor).unwrap().to_vec()).unwrap();
+        let id = text.lines().next().unwrap().strip_prefix("id: ").unwrap();
+        assert_eq!(Cursor::parse(id).unwrap().get("r"), Some(("e", 1)));
+        assert!(text.ends_with(&format!("event: message\ndata: {message}\n\n")), "{text}");
+        assert!(to_event(message, &mut cursor).is_none(), "the same offset again is not shown twice");
+        let presence = r#"{"type":"presence","room":"r","event":"join","member":{"id":"n-1","name":"Bo"}}"#;
+        let text = String::from_utf8(to_event(presence, &mut cursor).unwrap().to_vec()).unwrap();
+        assert_eq!(text, format!("event: presence\ndata: {presence}\n\n"));
+        assert!(to_event(r#"{"type":"presenceless"}"#, &mut cursor).is_none(), "a kind is matched whole");
+    }
+}

@@ -1,0 +1,132 @@
+//! `GET /metrics` against the real server: what a client does shows up in the counters and
+//! histograms, and the Grafana dashboard in docs/ uses only metrics the server exports.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::chat::{ack_and_message, next_of, send, v1_client};
+use support::start_serve;
+
+fn metrics_text(addr: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.to_ascii_lowercase().contains("content-type: application/openmetrics-text"), "{response}");
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
+}
+
+/// The value of the sample `name{labels}` (or `name` alone), if it is there.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
+}
+
+/// Waits until `series` reaches at least `at_least` (counters settle as the server answers).
+fn wait_for(addr: &str, series: &str, at_least: f64) -> String {
+    let started = Instant::now();
+    loop {
+        let text = metrics_text(addr);
+        if sample(&text, series).is_some_and(|v| v >= at_least) {
+            return text;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{series} never reached {at_least}:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every sample name the exposition can have, from its `# TYPE` lines.
+fn exported_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else { continue };
+        let mut parts = rest.split_whitespace();
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else { continue };
+        let suffixes: &[&str] = match kind {
+            "counter" => &["_total", "_created"],
+            "histogram" => &["_bucket", "_sum", "_count", "_created"],
+            _ => &[""],
+        };
+        names.extend(suffixes.iter().map(|suffix| format!("{name}{suffix}")));
+    }
+    names
+}
+
+#[tokio::test]
+async fn a_publish_and_its_delivery_a_bad_handshake_and_a_bad_token_are_counted() {
+    let (server, _db) = start_serve(&[]);
+    let addr = &server.addr;
+    let mut ann = v1_client(addr).await;
+    send(&mut ann, json!({"type": "join", "room": "lobby", "name": "Ann"})).await;
+    next_of(&mut ann, "joined").await;
+    send(&mut ann, json!({"type": "publish", "room": "lobby", "message": "hi", "id": "m1"})).await;
+    ack_and_message(&mut ann).await;
+    // The same id again: acknowledged as a duplicate, not counted as a second message.
+    send(&mut ann, json!({"type": "publish", "room": "lobby", "message": "hi", "id": "m1"})).await;
+    assert_eq!(next_of(&mut ann, "ack").await["duplicate"], true);
+    let too_long = "x".repeat(5000);
+    send(&mut ann, json!({"type": "publish", "room": "lobby", "message": too_long})).await;
+    next_of(&mut ann, "error").await;
+
+    // Not an upgrade: refused with 400, counted as a bad handshake.
+    let mut raw = std::net::TcpStream::connect(addr).unwrap();
+    raw.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").unwrap();
+    let mut head = [0u8; 12];
+    raw.read_exact(&mut head).unwrap();
+    assert!(head.ends_with(b"400"), "{}", String::from_utf8_lossy(&head));
+
+    let text = wait_for(addr, r#"switchboard_connections_refused_total{reason="bad_handshake"}"#, 1.0);
+    let ws = |name: &str| sample(&text, &format!(r#"{name}{{transport="websocket"}}"#));
+    assert_eq!(ws("switchboard_connections_opened_total"), Some(1.0), "{text}");
+    assert_eq!(ws("switchboard_messages_published_total"), Some(1.0), "the duplicate is not counted:\n{text}");
+    assert!(ws("switchboard_messages_delivered_total").is_some_and(|n| n >= 1.0), "{text}");
+    assert_eq!(ws("switchboard_publish_ack_seconds_count"), Some(2.0), "both acks are timed:\n{text}");
+    assert_eq!(sample(&text, r#"switchboard_messages_refused_total{reason="too_long"}"#), Some(1.0), "{text}");
+    assert!(sample(&text, "switchboard_publish_delivery_seconds_count").is_some_and(|n| n >= 1.0), "{text}");
+    assert_eq!(sample(&text, "switchboard_sessions"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "switchboard_rooms"), Some(1.0), "{text}");
+}
+
+#[tokio::test]
+async fn a_refused_token_is_an_auth_failure_and_an_auth_refusal() {
+    let (server, _db) = start_serve(&["--jwt-secret", "metrics-test-secret"]);
+    let addr = &server.addr;
+    let url = format!("ws://{addr}/ws?token=not-a-jwt");
+    let refused = switchboard_ws::ClientBuilder::new(url).protocol("switchboard.v1").connect().await;
+    assert!(refused.is_err(), "a bad token in the handshake is refused");
+    let text = wait_for(addr, r#"switchboard_auth_failures_total{reason="invalid"}"#, 1.0);
+    assert_eq!(sample(&text, r#"switchboard_connections_refused_total{reason="auth"}"#), Some(1.0), "{text}");
+}
+
+#[test]
+fn the_grafana_dashboard_is_valid_and_uses_only_exported_metrics() {
+    let (server, _db) = start_serve(&[]);
+    let exported = exported_names(&metrics_text(&server.addr));
+    assert!(exported.contains("switchboard_messages_delivered_total"), "{exported:?}");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/grafana-dashboard.json");
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).expect("valid JSON");
+    assert!(dashboard["title"].is_string() && dashboard["schemaVersion"].is_u64(), "a Grafana dashboard");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 6, "{} panels", panels.len());
+    let mut used = BTreeSet::new();
+    for panel in panels {
+        let targets = panel["targets"].as_array().unwrap_or_else(|| panic!("panel without targets: {panel}"));
+        assert!(!targets.is_empty(), "{panel}");
+        for target in targets {
+            let expr = target["expr"].as_str().expect("a PromQL expression");
+            let mut rest = expr;
+            while let Some(at) = rest.find("switchboard_") {
+                let name: String = rest[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                rest = &rest[at + name.len()..];
+                used.insert(name);
+            }
+        }
+    }
+    let unknown: Vec<&String> = used.iter().filter(|name| !exported.contains(*name)).collect();
+    assert!(unknown.is_empty(), "the dashboard uses metrics the server does not export: {unknown:?}");
+    assert!(used.len() >= 10, "the dashboard covers the metrics: {used:?}");
+}

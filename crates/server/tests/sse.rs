@@ -1,0 +1,397 @@
+//! Server-Sent Events at `/sse` and the client publish at `/publish`, over real sockets against the
+//! real binary.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::chat::{next_of, send, v1_client};
+use support::start_serve;
+
+/// One event of a stream: its `event:`, `id:` and `data:` (comments are kept as event "comment").
+#[derive(Debug, Clone, Default)]
+struct Event {
+    kind: String,
+    id: Option<String>,
+    data: String,
+}
+
+impl Event {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap_or(Value::Null)
+    }
+}
+
+/// An open `GET /sse` response.
+struct Stream {
+    reader: BufReader<TcpStream>,
+    status: u16,
+    headers: String,
+}
+
+impl Stream {
+    fn open(addr: &str, query: &str, extra_headers: &str) -> Self {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        write!(writer, "GET /sse?{query} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n{extra_headers}\r\n")
+            .unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut headers = String::new();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            headers.push_str(&line);
+        }
+        let status = headers[9..12].parse().unwrap();
+        Self { reader, status, headers }
+    }
+
+    /// The body (for an error answer), read to its Content-Length.
+    fn body(mut self) -> Value {
+        let length: usize = self
+            .headers
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+            .expect("a length");
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body).unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    /// The next event (chunked transfer: chunk sizes are skipped as they come on lines of their own).
+    fn next(&mut self) -> Event {
+        let mut event = Event::default();
+        let mut seen = false;
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).expect("an event within 5 s");
+            assert!(n > 0, "the stream ended");
+            let line = line.trim_end_matches(['\r', '\n']);
+            if let Some(rest) = line.strip_prefix("event: ") {
+                event.kind = rest.to_owned();
+                seen = true;
+            } else if let Some(rest) = line.strip_prefix("id: ") {
+                event.id = Some(rest.to_owned());
+                seen = true;
+            } else if let Some(rest) = line.strip_prefix("data: ") {
+                event.data = rest.to_owned();
+                seen = true;
+            } else if let Some(rest) = line.strip_prefix("retry: ") {
+                event.kind = "retry".into();
+                event.data = rest.to_owned();
+                seen = true;
+            } else if line.starts_with(':') {
+                event.kind = "comment".into();
+                seen = true;
+            } else if line.is_empty() && seen {
+                return event;
+            }
+            // Anything else is a chunk size line.
+        }
+    }
+
+    fn next_of(&mut self, kind: &str) -> Event {
+        loop {
+            let event = self.next();
+            if event.kind == kind {
+                return event;
+            }
+        }
+    }
+}
+
+/// `POST /publish`: the status and the JSON answer.
+fn publish(addr: &str, body: &str, extra_headers: &str) -> (u16, Value) {
+    let request = format!(
+        "POST /publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         {extra_headers}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    (status, serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap_or(Value::Null))
+}
+
+#[test]
+fn a_stream_resumes_by_last_event_id_with_exactly_what_it_missed() {
+    let (server, _db) = start_serve(&["--rate-limit", "0"]);
+    let mut stream = Stream::open(&server.addr, "room=news&room=chat", "");
+    assert_eq!(stream.status, 200);
+    assert!(stream.headers.to_ascii_lowercase().contains("content-type: text/event-stream"), "{}", stream.headers);
+    assert_eq!(stream.next().kind, "retry");
+    assert_eq!(stream.next_of("joined").json()["room"], "news");
+    assert_eq!(stream.next_of("joined").json()["room"], "chat");
+    for (i, room) in ["news", "chat", "news"].iter().enumerate() {
+        let (status, ack) = publish(&server.addr, &json!({"room": room, "message": format!("m{i}")}).to_string(), "");
+        assert_eq!(status, 200, "{ack}");
+    }
+    let mut last_id = None;
+    for expected in ["m0", "m1", "m2"] {
+        let event = stream.next_of("message");
+        assert_eq!(event.json()["message"], expected);
+        last_id = event.id;
+    }
+    drop(stream);
+    publish(&server.addr, r#"{"room":"chat","message":"while away 1"}"#, "");
+    publish(&server.addr, r#"{"room":"news","message":"while away 2"}"#, "");
+    let id = last_id.expect("message events carry ids");
+    let mut back = Stream::open(&server.addr, "room=news&room=chat", &format!("Last-Event-ID: {id}\r\n"));
+    // Each room's `joined`, then its replay.
+    let mut missed = Vec::new();
+    while missed.len() < 2 {
+        let event = back.next();
+        match event.kind.as_str() {
+            "joined" => assert_eq!(event.json()["recovered"], true),
+            "message" => missed.push(event.json()["message"].as_str().unwrap().to_owned()),
+            _ => {}
+        }
+    }
+    missed.sort();
+    assert_eq!(missed, ["while away 1", "while away 2"], "exactly the two it missed, once");
+    // The same place as ?cursor= (what a long-polling client or a reload without the header sends).
+    let mut again = Stream::open(&server.addr, &format!("room=chat&cursor={id}"), "");
+    assert_eq!(again.next_of("joined").json()["recovered"], true);
+    assert_eq!(again.next_of("message").json()["message"], "while away 1");
+}
+
+#[test]
+fn a_cursor_from_another_history_is_told_recovered_false() {
+    let (server, _db) = start_serve(&[]);
+    publish(&server.addr, r#"{"room":"r","message":"one"}"#, "");
+    let mut stream = Stream::open(&server.addr, "room=r", "");
+    let joined = stream.next_of("joined");
+    let epoch = joined.json()["epoch"].as_str().unwrap().to_owned();
+    // A cursor that names another epoch for this room.
+    use base64::Engine as _;
+    let stale = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(r#"{{"r":["{epoch}x",1]}}"#));
+    let mut resumed = Stream::open(&server.addr, &format!("room=r&cursor={stale}"), "");
+    let joined = resumed.next_of("joined").json();
+    assert_eq!(joined["recovered"], false, "{joined}");
+    assert_eq!(resumed.next_of("message").json()["message"], "one", "and the recent messages instead");
+}
+
+#[test]
+fn bad_requests_get_a_4xx_naming_the_problem() {
+    let (server, _db) = start_serve(&[]);
+    let cases =
+        [("", "at least one room"), ("room=bad%20room", "invalid room"), ("room=r&cursor=%25%25", "invalid cursor")];
+    for (query, says) in cases {
+        let stream = Stream::open(&server.addr, query, "");
+        assert_eq!(stream.status, 400, "{query}");
+        let body = stream.body();
+        assert!(body["message"].as_str().unwrap().contains(says), "{query}: {body}");
+    }
+    let (status, body) = publish(&server.addr, "{not json", "");
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_json")), "{body}");
+    let (status, body) = publish(&server.addr, r#"{"room":"r"}"#, "");
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")), "{body}");
+    let (status, body) = publish(&server.addr, r#"{"room":"no room","message":"m"}"#, "");
+    assert_eq!(status, 400, "{body}");
+
+    let (closed, _db) = start_serve(&["--jwt-secret", "s3cret", "--allow-anonymous", "false"]);
+    let stream = Stream::open(&closed.addr, "room=r", "");
+    assert_eq!(stream.status, 401);
+    assert!(stream.body()["message"].as_str().unwrap().contains("token is required"));
+    let (status, _) = publish(&closed.addr, r#"{"room":"r","message":"m"}"#, "Authorization: Bearer nonsense\r\n");
+    assert_eq!(status, 401);
+}
+
+#[test]
+fn publishes_are_idempotent_and_tokens_come_from_a_cookie_too() {
+    let (server, _db) = start_serve(&["--jwt-secret", "s3cret", "--allow-anonymous", "false"]);
+    let token = String::from_utf8(
+        support::switchboard().args(["token", "--sub", "ann", "--secret", "s3cret"]).output().unwrap().stdout,
+    )
+    .unwrap();
+    let token = token.trim();
+    let mut stream = Stream::open(&server.addr, "room=r", &format!("Cookie: other=1; switchboard_token={token}\r\n"));
+    assert_eq!(stream.status, 200, "the cookie's token lets it in");
+    stream.next_of("joined");
+    let body = r#"{"room":"r","message":"once","id":"abc"}"#;
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    let (status, first) = publish(&server.addr, body, &auth);
+    assert_eq!(status, 200, "{first}");
+    let (_, second) = publish(&server.addr, body, &auth);
+    assert_eq!(first["acks"][0]["offset"], second["acks"][0]["offset"]);
+    assert_eq!(second["acks"][0]["duplicate"], true);
+    let message = stream.next_of("message").json();
+    assert_eq!((message["message"].as_str(), message["name"].as_str()), (Some("once"), Some("ann")));
+    let mut by_query = Stream::open(&server.addr, &format!("room=r&token={token}"), "");
+    assert_eq!(by_query.status, 200, "and from ?token=");
+    by_query.next_of("joined");
+}
+
+#[tokio::test]
+async fn a_listener_is_present_while_connected_and_idle_streams_hear_a_heartbeat() {
+    let (server, _db) = start_serve(&["--sse-heartbeat-secs", "1"]);
+    let mut watcher = v1_client(&server.addr).await;
+    send(&mut watcher, json!({"type": "join", "room": "p", "name": "watcher"})).await;
+    next_of(&mut watcher, "joined").await;
+    let addr = server.addr.clone();
+    let listening = std::thread::spawn(move || {
+        let mut stream = Stream::open(&addr, "room=p&name=listener", "");
+        stream.next_of("joined");
+        let started = Instant::now();
+        stream.next_of("comment");
+        let waited = started.elapsed();
+        drop(stream);
+        waited
+    });
+    let joined = next_of(&mut watcher, "presence").await;
+    assert_eq!((joined["event"].as_str(), joined["member"]["name"].as_str()), (Some("join"), Some("listener")));
+    let waited = tokio::task::spawn_blocking(move || listening.join().unwrap()).await.unwrap();
+    assert!(waited < Duration::from_millis(2500), "a heartbeat within the 1 s setting: {waited:?}");
+    let left = next_of(&mut watcher, "presence").await;
+    assert_eq!((left["event"].as_str(), left["member"]["name"].as_str()), (Some("leave"), Some("listener")));
+}
+
+#[tokio::test]
+async fn a_stream_that_does_not_read_is_cut_off_like_a_slow_websocket() {
+    let (server, _db) = start_serve(&["--rate-limit", "0", "--outbox-messages", "16", "--max-message-chars", "60000"]);
+    // Opened, and never read again.
+    let mut stalled = Stream::open(&server.addr, "room=slow&name=stalled", "");
+    stalled.next_of("joined");
+    let big = "x".repeat(50_000);
+    let mut writer = v1_client(&server.addr).await;
+    for i in 0..400 {
+        send(&mut writer, json!({"type": "publish", "room": "slow", "message": format!("{i} {big}")})).await;
+    }
+    // The stalled stream is dropped from the room: a member joining now does not see it listed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut probe = v1_client(&server.addr).await;
+        send(&mut probe, json!({"type": "join", "room": "slow", "name": "probe"})).await;
+        let joined = next_of(&mut probe, "joined").await;
+        let names: Vec<&str> =
+            joined["members"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+        if !names.contains(&"stalled") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stalled stream is still a member: {names:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(stalled);
+}
+
+/// `GET /poll?...`: the status and the JSON answer.
+fn poll(addr: &str, query: &str) -> (u16, Value) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(70))).unwrap();
+    write!(stream, "GET /poll?{query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    (status, serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap_or(Value::Null))
+}
+
+fn texts(answer: &Value) -> Vec<&str> {
+    answer["messages"].as_array().unwrap().iter().map(|m| m["message"].as_str().unwrap()).collect()
+}
+
+#[test]
+fn long_polls_answer_at_once_wait_for_a_publish_and_share_the_sse_cursor() {
+    let (server, _db) = start_serve(&["--rate-limit", "0"]);
+    publish(&server.addr, r#"{"room":"lp","message":"one"}"#, "");
+    publish(&server.addr, r#"{"room":"lp","message":"two"}"#, "");
+    let (status, first) = poll(&server.addr, "room=lp");
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(texts(&first), ["one", "two"]);
+    let cursor = first["cursor"].as_str().unwrap().to_owned();
+
+    // Nothing after the cursor: the poll waits until a publish releases it.
+    let addr = server.addr.clone();
+    let query = format!("room=lp&cursor={cursor}&wait=10");
+    let waiting = std::thread::spawn(move || {
+        let started = Instant::now();
+        (poll(&addr, &query), started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    publish(&server.addr, r#"{"room":"lp","message":"three"}"#, "");
+    let ((status, released), took) = waiting.join().unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(texts(&released), ["three"]);
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(5), "released by the publish: {took:?}");
+    let next = released["cursor"].as_str().unwrap().to_owned();
+
+    // The answer got lost: asking again with the old cursor gets the same message.
+    assert_eq!(texts(&poll(&server.addr, &format!("room=lp&cursor={cursor}&wait=0")).1), ["three"]);
+    // Up to date: an empty list once the wait is over, and the cursor stays.
+    let started = Instant::now();
+    let (_, empty) = poll(&server.addr, &format!("room=lp&cursor={next}&wait=1"));
+    assert!(texts(&empty).is_empty() && started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(empty["cursor"], next.as_str());
+    // The same cursor works for SSE: the stream goes on from it.
+    let mut stream = Stream::open(&server.addr, &format!("room=lp&cursor={cursor}"), "");
+    assert_eq!(stream.next_of("message").json()["message"], "three");
+
+    for bad in ["room=lp&wait=soon", "room=lp&wait=61", "room=lp&cursor=nope!", "wait=1"] {
+        let (status, body) = poll(&server.addr, bad);
+        assert_eq!((status, body["type"].as_str()), (400, Some("error")), "{bad}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn a_long_poll_is_not_announced_in_presence() {
+    let (server, _db) = start_serve(&[]);
+    let mut watcher = v1_client(&server.addr).await;
+    send(&mut watcher, json!({"type": "join", "room": "quiet", "name": "watcher"})).await;
+    next_of(&mut watcher, "joined").await;
+    let addr = server.addr.clone();
+    let (status, _) = tokio::task::spawn_blocking(move || poll(&addr, "room=quiet&wait=1")).await.unwrap();
+    assert_eq!(status, 200);
+    support::chat::quiet(&mut watcher, 300).await;
+}
+
+#[tokio::test]
+async fn a_long_polling_client_is_present_while_it_polls_and_leaves_after_the_grace_period() {
+    let (server, _db) = start_serve(&["--poll-grace-secs", "2"]);
+    let mut watcher = v1_client(&server.addr).await;
+    send(&mut watcher, json!({"type": "join", "room": "lpp", "name": "watcher"})).await;
+    next_of(&mut watcher, "joined").await;
+    let addr = server.addr.clone();
+    let poll_once = move || {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || poll(&addr, "room=lpp&client=c1&name=Polly&wait=0"))
+    };
+    assert_eq!(poll_once().await.unwrap().0, 200);
+    let joined = next_of(&mut watcher, "presence").await;
+    assert_eq!((joined["event"].as_str(), joined["member"]["name"].as_str()), (Some("join"), Some("Polly")));
+    let started = Instant::now();
+    for _ in 0..3 {
+        assert_eq!(poll_once().await.unwrap().0, 200);
+    }
+    support::chat::quiet(&mut watcher, 300).await; // polling again announces nothing
+    send(&mut watcher, json!({"type": "presence", "room": "lpp", "req": 1})).await;
+    let listed = next_of(&mut watcher, "presence").await;
+    let names: Vec<&str> = listed["members"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"Polly"), "listed while polling: {names:?}");
+    let left = next_of(&mut watcher, "presence").await;
+    assert_eq!((left["event"].as_str(), left["member"]["name"].as_str()), (Some("leave"), Some("Polly")));
+    let after = started.elapsed();
+    assert!(after >= Duration::from_millis(1500) && after < Duration::from_secs(5), "left after the grace: {after:?}");
+}
+
+#[test]
+fn http_publishes_have_the_rate_limit_of_a_websocket() {
+    let (server, _db) = start_serve(&["--rate-limit", "2", "--rate-burst", "3"]);
+    let statuses: Vec<u16> =
+        (0..6).map(|i| publish(&server.addr, &format!(r#"{{"room":"r","message":"{i}"}}"#), "").0).collect();
+    assert_eq!(&statuses[..3], [200, 200, 200], "the burst: {statuses:?}");
+    assert!(statuses[3..].contains(&429), "then too fast: {statuses:?}");
+    let (status, body) = publish(&server.addr, r#"{"room":"r","message":"again"}"#, "");
+    assert_eq!((status, body["code"].as_str()), (429, Some("too_many")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("rate limit"), "{body}");
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(publish(&server.addr, r#"{"room":"r","message":"later"}"#, "").0, 200, "the bucket refills");
+}
