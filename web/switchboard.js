@@ -2,6 +2,7 @@
 //
 //   import { SwitchboardClient } from "/switchboard.js";
 //   const client = new SwitchboardClient({ url: "ws://localhost:8000/ws", name: "Ann", rooms: ["lobby"] });
+//   // or, for a cluster: { urls: ["wss://node1.example/ws", "wss://node2.example/ws"], ... }
 //   client.addEventListener("message", (e) => console.log(e.detail));   // {room, offset, name, message, time, id}
 //   client.addEventListener("presence", (e) => console.log(e.detail));  // {room, members: [{id, name}]}
 //   client.addEventListener("state", (e) => console.log(e.detail));     // "connecting" | "open" | "reconnecting" | "closed"
@@ -10,7 +11,8 @@
 //   await client.publish("lobby", "hello");                             // resolves with the server's ack
 //
 // What it takes care of:
-// - Reconnects with exponential backoff and full jitter (250 ms doubling to 10 s by default).
+// - Reconnects with exponential backoff and full jitter (250 ms doubling to 10 s by default); with
+//   `urls`, each attempt goes to the next node, so a dead node costs one reconnect.
 // - Resumes: it remembers the last offset it saw in each room and rejoins "since" it, so the server
 //   sends exactly what was missed. Messages at or below that offset are dropped: nothing twice.
 // - Publishes carry a random id; unacknowledged ones are sent again after a reconnect and the server
@@ -30,6 +32,9 @@ const DEFAULTS = {
   storageKey: "switchboard",
   token: null,
   refreshMarginMs: 30000,
+  // Tried in this order; the next one after a transport failed twice without ever opening.
+  transports: ["websocket", "sse", "longpoll"],
+  pollWaitSecs: 25,
 };
 
 function defaultStorage() {
@@ -53,6 +58,13 @@ export class SwitchboardClient extends EventTarget {
       const scheme = location.protocol === "https:" ? "wss" : "ws";
       this.options.url = `${scheme}://${location.host}/ws`;
     }
+    // Several nodes of one cluster: after a connection fails or ends, the next one is tried (each
+    // resumes from the same offsets, so moving costs a reconnect and nothing else).
+    this.urls = this.options.urls?.length ? [...this.options.urls] : [this.options.url];
+    this.urlIndex = 0;
+    this.transports = [...this.options.transports];
+    this.transportIndex = 0;
+    this.failures = 0; // attempts on the current transport that never opened
     this.storage = options.storage === undefined ? defaultStorage() : options.storage;
     this.name = this.options.name;
     this.rooms = new Set(this.options.rooms);
@@ -66,6 +78,7 @@ export class SwitchboardClient extends EventTarget {
     this.socket = null;
     this.stopped = false;
     this.reqCounter = 0;
+    this.clientId = randomId(); // names this client's long polls, so it counts as present between them
     this.restore();
     this.connect();
   }
@@ -78,6 +91,7 @@ export class SwitchboardClient extends EventTarget {
     this.rooms.add(room);
     this.save();
     if (this.state === "open") this.sendJoin(room);
+    this.restartStream();
   }
 
   /** Leaves a room. */
@@ -88,6 +102,7 @@ export class SwitchboardClient extends EventTarget {
     delete this.members[room];
     this.save();
     if (this.state === "open") this.send({ type: "leave", room });
+    this.restartStream();
   }
 
   /** Changes the name used for publishes, and in the presence of every joined room. */
@@ -96,6 +111,15 @@ export class SwitchboardClient extends EventTarget {
     this.name = name;
     // Joining again renames; `since` keeps the rejoin from replaying anything.
     if (this.state === "open") for (const room of this.rooms) this.sendJoin(room);
+    this.restartStream();
+  }
+
+  /** Over SSE or long polling the rooms and the name are in the request: a change opens a new one. */
+  restartStream() {
+    if (this.transport === "websocket" || this.state !== "open" || this.stopped) return;
+    if (this.transport === "sse") this.socket?.close();
+    this.socket = null;
+    this.connect();
   }
 
   /** Publishes a message; resolves with the ack ({room, offset, duplicate}) once the server stored it. */
@@ -118,18 +142,32 @@ export class SwitchboardClient extends EventTarget {
     this.stopped = true;
     clearTimeout(this.retryTimer);
     clearTimeout(this.refreshTimer);
-    if (this.socket) this.socket.close(1000, "bye");
+    if (this.socket instanceof Object && typeof this.socket.close === "function") {
+      if (this.transport === "websocket") this.socket.close(1000, "bye");
+      else this.socket.close();
+    }
+    this.socket = null;
     this.setState("closed");
   }
 
   // ---------------------------------------------------------------- connection
 
+  /** The transport in use or being tried: "websocket", "sse" or "longpoll". */
+  get transport() {
+    return this.transports[this.transportIndex];
+  }
+
   connect() {
     if (this.stopped) return;
     this.setState(this.attempt === 0 ? "connecting" : "reconnecting");
+    const available = { websocket: typeof WebSocket === "function", sse: typeof EventSource === "function", longpoll: typeof fetch === "function" };
+    while (!available[this.transport] && this.transportIndex < this.transports.length - 1) this.transportIndex += 1;
+    this.openedThisTry = false;
+    if (this.transport === "sse") return this.connectSse();
+    if (this.transport === "longpoll") return this.connectPoll();
     let socket;
     try {
-      socket = new WebSocket(this.options.url, PROTOCOL);
+      socket = new WebSocket(this.urls[this.urlIndex], PROTOCOL);
     } catch (error) {
       this.scheduleReconnect();
       return;
@@ -154,9 +192,7 @@ export class SwitchboardClient extends EventTarget {
         if (this.socket !== socket || socket.readyState !== WebSocket.OPEN) return;
         socket.send(JSON.stringify({ type: "auth", token }));
       }
-      this.attempt = 0;
-      this.members = {};
-      this.setState("open");
+      this.opened();
       for (const room of this.rooms) this.sendJoin(room);
       for (const entry of this.pending) this.sendPublish(entry);
     };
@@ -174,8 +210,27 @@ export class SwitchboardClient extends EventTarget {
     socket.onerror = () => {}; // onclose follows; the error event carries no detail
   }
 
+  opened() {
+    this.openedThisTry = true;
+    this.transportWorked = true;
+    this.attempt = 0;
+    this.failures = 0;
+    this.members = {};
+    this.setState("open");
+  }
+
   scheduleReconnect() {
     this.setState("reconnecting");
+    this.urlIndex = (this.urlIndex + 1) % this.urls.length;
+    // A transport that has never opened, tried twice on every URL (a proxy that strips Upgrade, a
+    // network that holds streams), gives way to the next one; the place in each room goes along. One
+    // that worked once stays: its failing now is the server away, not the transport.
+    const giveUp = !this.transportWorked && ++this.failures >= 2 * this.urls.length;
+    if (giveUp && this.transportIndex < this.transports.length - 1) {
+      this.transportIndex += 1;
+      this.failures = 0;
+      this.attempt = 0;
+    }
     const ceiling = Math.min(this.options.maxBackoffMs, this.options.minBackoffMs * 2 ** this.attempt);
     const delay = Math.random() * ceiling; // full jitter: clients restarted together spread out
     this.attempt += 1;
@@ -211,6 +266,7 @@ export class SwitchboardClient extends EventTarget {
   send(envelope) {
     // Not before "open": until then the token may still be on its way, and anything sent ahead of it
     // would end the connection. Joins and unacknowledged publishes are sent on open anyway.
+    if (this.transport !== "websocket") return; // joins go in the stream's query; publishes by POST
     if (this.state === "open" && this.socket?.readyState === WebSocket.OPEN) this.socket.send(JSON.stringify(envelope));
   }
 
@@ -224,7 +280,132 @@ export class SwitchboardClient extends EventTarget {
   }
 
   sendPublish(entry) {
+    if (this.transport !== "websocket") return this.postPublish(entry);
     this.send({ type: "publish", room: entry.room, message: entry.message, name: entry.name, id: entry.id, req: entry.id });
+  }
+
+  // ---------------------------------------------------------------- SSE and long polling
+
+  /** The HTTP base of the current server URL: ws://host/ws -> http://host. */
+  httpBase() {
+    const url = new URL(this.urls[this.urlIndex], globalThis.location?.href);
+    url.protocol = url.protocol === "wss:" ? "https:" : "http:";
+    return `${url.protocol}//${url.host}`;
+  }
+
+  /** Where this client stands in each room, as the server's opaque cursor. */
+  cursor() {
+    const places = {};
+    for (const room of this.rooms) {
+      if (this.offsets[room] !== undefined) places[room] = [this.epochs[room] ?? "", this.offsets[room]];
+    }
+    const bytes = new TextEncoder().encode(JSON.stringify(places));
+    return btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  }
+
+  async query(extra = {}) {
+    const params = new URLSearchParams();
+    for (const room of this.rooms) params.append("room", room);
+    params.set("name", this.name);
+    params.set("cursor", this.cursor());
+    if (this.transport === "longpoll") params.set("client", this.clientId);
+    // EventSource cannot send headers: the token goes in the query.
+    if (this.options.token) params.set("token", await this.currentToken());
+    for (const [key, value] of Object.entries(extra)) params.set(key, value);
+    return params.toString();
+  }
+
+  async connectSse() {
+    let query;
+    try {
+      query = await this.query();
+    } catch (error) {
+      this.emit("error", { code: "token", message: String(error) });
+      return this.scheduleReconnect();
+    }
+    if (this.stopped) return;
+    const source = new EventSource(`${this.httpBase()}/sse?${query}`);
+    this.socket = source;
+    for (const kind of ["message", "joined", "presence", "error"]) {
+      source.addEventListener(kind, (event) => {
+        if (this.socket === source && event.data) this.onEnvelope(event.data);
+      });
+    }
+    source.onopen = () => {
+      if (this.socket !== source) return;
+      this.opened();
+      for (const entry of this.pending) this.postPublish(entry);
+    };
+    source.onerror = (event) => {
+      // The server's own `error` events arrive here too, as messages: they are handled above.
+      if (this.socket !== source || event.data !== undefined) return;
+      // EventSource reconnects by itself (with Last-Event-ID) unless the server refused it; a
+      // stream that never opened is this transport failing.
+      if (source.readyState === EventSource.CLOSED || this.state !== "open") {
+        source.close();
+        this.socket = null;
+        this.scheduleReconnect();
+      } else {
+        this.setState("reconnecting");
+      }
+    };
+  }
+
+  async connectPoll() {
+    const token = this.options.token ? await this.currentToken().catch(() => null) : null;
+    const headers = token ? { Authorization: `Bearer ${token}` } : {};
+    const session = {};
+    this.socket = session;
+    let first = true;
+    while (this.socket === session && !this.stopped) {
+      let answer;
+      try {
+        const wait = first ? 0 : this.options.pollWaitSecs;
+        const response = await fetch(`${this.httpBase()}/poll?${await this.query({ wait })}`, { headers });
+        answer = await response.json();
+        if (!response.ok) throw new Error(answer.message ?? `HTTP ${response.status}`);
+      } catch (error) {
+        if (this.socket !== session) return;
+        this.socket = null;
+        return this.scheduleReconnect();
+      }
+      if (this.socket !== session) return;
+      if (first) {
+        first = false;
+        this.opened();
+        for (const entry of this.pending) this.postPublish(entry);
+      }
+      for (const [room, epoch] of Object.entries(answer.epochs ?? {})) if (this.epochs[room] === undefined) this.epochs[room] = epoch;
+      for (const notice of answer.notices ?? []) this.onEnvelope(JSON.stringify(notice));
+      for (const message of answer.messages ?? []) this.onMessage(message);
+    }
+  }
+
+  /** Publishes over HTTP one after another, so that they are stored in the order they were made. */
+  postPublish(entry) {
+    this.posting = (this.posting ?? Promise.resolve()).then(() => this.postOne(entry));
+    return this.posting;
+  }
+
+  async postOne(entry) {
+    if (!this.pending.some((p) => p.id === entry.id)) return; // acknowledged meanwhile
+    const headers = { "Content-Type": "application/json" };
+    try {
+      if (this.options.token) headers.Authorization = `Bearer ${await this.currentToken()}`;
+      const body = JSON.stringify({ room: entry.room, message: entry.message, name: entry.name, id: entry.id });
+      const response = await fetch(`${this.httpBase()}/publish`, { method: "POST", headers, body });
+      const answer = await response.json();
+      if (response.ok) {
+        for (const ack of answer.acks ?? []) this.onAck({ ...ack, req: entry.id });
+      } else if (response.status >= 400 && response.status < 500) {
+        this.onEnvelope(JSON.stringify({ ...answer, req: entry.id }));
+      } else {
+        await new Promise((r) => setTimeout(r, 1000)); // unavailable: again, before any later one
+        if (this.state === "open") await this.postOne(entry);
+      }
+    } catch {
+      // The connection went: the publish stays pending and goes again when one is open.
+    }
   }
 
   // ---------------------------------------------------------------- incoming
@@ -323,7 +504,7 @@ export class SwitchboardClient extends EventTarget {
 
   save() {
     if (!this.storage) return;
-    const state = { rooms: [...this.rooms], offsets: this.offsets, epochs: this.epochs, pending: this.pending };
+    const state = { rooms: [...this.rooms], offsets: this.offsets, epochs: this.epochs, pending: this.pending, clientId: this.clientId };
     try {
       this.storage.setItem(this.options.storageKey, JSON.stringify(state));
     } catch {
@@ -340,6 +521,7 @@ export class SwitchboardClient extends EventTarget {
       this.offsets = state.offsets ?? {};
       this.epochs = state.epochs ?? {};
       this.pending = state.pending ?? [];
+      if (state.clientId) this.clientId = state.clientId;
     } catch {
       // A corrupt entry is ignored.
     }

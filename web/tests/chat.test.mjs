@@ -6,11 +6,11 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
-import { mkdtempSync, mkdirSync } from "node:fs";
+import { mkdtempSync, mkdirSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
-import { useBrowser, listening, freePort, waitListening } from "./helpers.mjs";
+import { useBrowser, listening, freePort, waitListening, startNginx } from "./helpers.mjs";
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
 const BIN = process.env.SWITCHBOARD_BIN ?? join(ROOT, "target/debug/switchboard");
@@ -281,6 +281,146 @@ test("the module authenticates with a token function and renews the token before
     assert.equal(result.ack.offset, 1);
     assert.equal(result.message.name, "ann", "the token's name, not the typed one");
   } finally {
+    await stop(server);
+  }
+});
+
+test("two pages on different cluster nodes chat; when one node is killed its page carries on through the other", async () => {
+  const redisPort = await freePort();
+  const redisDir = mkdtempSync(join(tmpdir(), "sb-redis-"));
+  const redis = spawn("redis-server", ["--port", String(redisPort), "--bind", "127.0.0.1", "--dir", redisDir, "--save", "", "--appendonly", "no"], { stdio: "ignore" });
+  assert.ok(await waitListening(redisPort), "redis-server listens");
+  const [portA, portB] = [await freePort(), await freePort()];
+  const cluster = ["--redis", `redis://127.0.0.1:${redisPort}/`, "--presence-lease-secs", "2"];
+  const nodeA = await startServer(portA, join(redisDir, "a.db"), cluster);
+  const nodeB = await startServer(portB, join(redisDir, "b.db"), cluster);
+  try {
+    const servers = (first, second) => `servers=ws://127.0.0.1:${first}/ws,ws://127.0.0.1:${second}/ws`;
+    const ann = await openChat(`http://127.0.0.1:${portA}/?${servers(portA, portB)}`, "Ann");
+    const bob = await openChat(`http://127.0.0.1:${portB}/?${servers(portB, portA)}`, "Bob");
+    await say(ann, "Ann on node A");
+    await say(bob, "Bob on node B");
+    await waitForTexts(bob, ["Ann on node A", "Bob on node B"]);
+    await waitForTexts(ann, ["Ann on node A", "Bob on node B"]);
+    await ann.waitForFunction(() => [...document.querySelectorAll("#online li")].map((li) => li.textContent).sort().join() === "Ann,Bob");
+
+    await stop(nodeA, "SIGKILL");
+    // Bob keeps talking while Ann's page moves to node B; it publishes as soon as it can.
+    await say(bob, "Bob while A is down");
+    await ann.waitForSelector("#state.open", { timeout: 15000 });
+    await say(ann, "Ann through node B");
+    const expected = ["Ann on node A", "Bob on node B", "Bob while A is down", "Ann through node B"];
+    const annSees = await waitForTexts(ann, expected);
+    const bobSees = await waitForTexts(bob, expected);
+    assert.deepEqual(annSees, bobSees, "both pages show the same list, once each, in the same order");
+    assert.equal(await ann.evaluate(() => window.switchboard.urls[window.switchboard.urlIndex]), `ws://127.0.0.1:${portB}/ws`);
+    // Ann's old session on the dead node leaves once its lease runs out; Ann herself stays listed.
+    await bob.waitForFunction(() => [...document.querySelectorAll("#online li")].map((li) => li.textContent).sort().join() === "Ann,Bob", null, { timeout: 15000 });
+    await ann.screenshot({ path: join(ARTIFACTS, "chat-cluster-failover.png") });
+  } finally {
+    await stop(nodeB);
+    await stop(redis);
+  }
+});
+
+async function openChatWithout(url, name, missing) {
+  const context = await getBrowser().newContext();
+  const page = await context.newPage();
+  page.on("pageerror", (error) => { throw error; });
+  // Before any script of the page runs: the browser has no such API, as behind a proxy that strips it.
+  await page.addInitScript((names) => { for (const n of names) window[n] = undefined; }, missing);
+  await page.goto(url);
+  await page.fill("#name", name);
+  await page.dispatchEvent("#name", "change");
+  await page.waitForSelector("#state.open", { timeout: 15000 });
+  return page;
+}
+
+test("without WebSocket the page chats over SSE, and without EventSource too, over long polling", async () => {
+  const port = await freePort();
+  const server = await startServer(port, join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db"));
+  try {
+    const url = `http://127.0.0.1:${port}/`;
+    const ann = await openChat(url, "Ann");
+    const sam = await openChatWithout(url, "Sam", ["WebSocket"]);
+    const pat = await openChatWithout(url, "Pat", ["WebSocket", "EventSource"]);
+    assert.equal(await ann.evaluate(() => window.switchboard.transport), "websocket");
+    assert.equal(await sam.evaluate(() => window.switchboard.transport), "sse");
+    assert.equal(await pat.evaluate(() => window.switchboard.transport), "longpoll");
+    assert.match(await sam.textContent("#state"), /sse/, "the page shows its transport");
+    await say(ann, "from Ann over WebSocket");
+    await say(sam, "from Sam over SSE");
+    await say(pat, "from Pat over long polling");
+    const all = ["from Ann over WebSocket", "from Sam over SSE", "from Pat over long polling"];
+    const seen = [];
+    for (const page of [ann, sam, pat]) seen.push(await waitForTexts(page, all));
+    for (const list of seen) assert.deepEqual(list.filter((t) => all.includes(t)).sort(), [...all].sort(), "each once");
+    // An SSE listener counts as present, and so does a long-polling page between its polls.
+    await ann.waitForFunction(() => {
+      const online = [...document.querySelectorAll("#online li")].map((li) => li.textContent);
+      return online.includes("Sam") && online.includes("Pat");
+    });
+    await sam.screenshot({ path: join(ARTIFACTS, "chat-over-sse.png") });
+  } finally {
+    await stop(server);
+  }
+});
+
+test("a page listening over SSE ends with the same complete list as a WebSocket page after kill -9 and restart", async () => {
+  const port = await freePort();
+  const db = join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db");
+  let server = await startServer(port, db);
+  const url = `http://127.0.0.1:${port}/`;
+  const ann = await openChat(url, "Ann");
+  const sam = await openChatWithout(url, "Sam", ["WebSocket"]);
+  const total = 30;
+  const done = ann.evaluate(async (n) => {
+    const acks = [];
+    for (let i = 1; i <= n; i++) {
+      acks.push(window.switchboard.publish("lobby", `sse ${i}`));
+      await new Promise((r) => setTimeout(r, 30));
+    }
+    return (await Promise.all(acks)).map((a) => a.offset);
+  }, total);
+  await new Promise((r) => setTimeout(r, 400));
+  await stop(server, "SIGKILL");
+  await new Promise((r) => setTimeout(r, 500));
+  server = await startServer(port, db);
+  try {
+    const offsets = await done;
+    assert.equal(new Set(offsets).size, total);
+    const expected = Array.from({ length: total }, (_, i) => `sse ${i + 1}`);
+    for (const page of [ann, sam]) {
+      await waitForTexts(page, expected, 30000);
+      assert.deepEqual((await texts(page)).filter((t) => t.startsWith("sse ")), expected, "complete, in order, once");
+    }
+    assert.equal(await sam.evaluate(() => window.switchboard.transport), "sse");
+  } finally {
+    await stop(server);
+  }
+});
+
+// nginx from Debian in front, configured as a plain HTTP proxy that does not forward `Upgrade`
+// (what breaks WebSockets behind many proxies): the page falls back to SSE through it.
+function startPlainNginx(port, backendPort) {
+  return startNginx(port, backendPort, { location: "proxy_http_version 1.1;\n      proxy_read_timeout 60s;" });
+}
+
+test("behind nginx that does not forward Upgrade, the page chats over SSE", async () => {
+  const [port, proxyPort] = [await freePort(), await freePort()];
+  const server = await startServer(port, join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db"));
+  const nginx = await startPlainNginx(proxyPort, port);
+  try {
+    const direct = await openChat(`http://127.0.0.1:${port}/`, "Ann");
+    const proxied = await openChat(`http://127.0.0.1:${proxyPort}/`, "Pia");
+    assert.equal(await proxied.evaluate(() => window.switchboard.transport), "sse", "WebSocket could not pass nginx");
+    await say(proxied, "Pia through nginx");
+    await say(direct, "Ann direct");
+    const both = ["Pia through nginx", "Ann direct"];
+    await waitForTexts(direct, both);
+    await waitForTexts(proxied, both);
+  } finally {
+    await stop(nginx, "SIGTERM");
     await stop(server);
   }
 });

@@ -2,6 +2,10 @@
 
 import { before, after } from "node:test";
 import { createServer, connect } from "node:net";
+import { spawn } from "node:child_process";
+import { mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { chromium } from "playwright-core";
 
 /** Launches headless Chromium for the file's tests and closes it after them; returns a getter. */
@@ -43,4 +47,38 @@ export async function waitListening(port) {
     await new Promise((r) => setTimeout(r, 50));
   }
   return false;
+}
+
+/** Debian's nginx on 127.0.0.1:port in front of 127.0.0.1:backendPort, in a fresh prefix: `http` is
+ * what goes into the `http` block beside the server (maps), `location` the proxying directives
+ * after `proxy_pass`. Stop it with SIGTERM. */
+export async function startNginx(port, backendPort, { http = "", location }) {
+  const prefix = mkdtempSync(join(tmpdir(), "sb-nginx-"));
+  const conf = `worker_processes 1;
+daemon off;
+pid ${prefix}/nginx.pid;
+error_log ${prefix}/error.log warn;
+events { worker_connections 256; }
+http {
+  access_log off;
+  client_body_temp_path ${prefix}/body;
+  proxy_temp_path ${prefix}/proxy;
+  fastcgi_temp_path ${prefix}/fastcgi;
+  uwsgi_temp_path ${prefix}/uwsgi;
+  scgi_temp_path ${prefix}/scgi;
+  ${http}
+  server {
+    listen 127.0.0.1:${port};
+    location / {
+      proxy_pass http://127.0.0.1:${backendPort};
+      ${location}
+    }
+  }
+}
+`;
+  writeFileSync(join(prefix, "nginx.conf"), conf);
+  const child = spawn("nginx", ["-p", prefix, "-c", join(prefix, "nginx.conf")], { stdio: ["ignore", "ignore", "inherit"] });
+  if (await waitListening(port)) return child;
+  child.kill("SIGKILL");
+  throw new Error(`nginx did not listen on ${port}`);
 }

@@ -1,0 +1,127 @@
+// The browser module behind Debian's nginx with its documented WebSocket configuration and a short
+// `proxy_read_timeout` (3 s): the server's keepalive pings hold a quiet connection open for 10 s;
+// without keepalive nginx drops it, and the module reconnects and resumes, missing nothing and
+// getting nothing twice.
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+import { useBrowser, freePort, waitListening, startNginx } from "./helpers.mjs";
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
+const BIN = process.env.SWITCHBOARD_BIN ?? join(ROOT, "target/debug/switchboard");
+const API_KEY = "proxies-test-key";
+
+const getBrowser = useBrowser();
+
+async function started(child, port, what) {
+  if (await waitListening(port)) return child;
+  child.kill("SIGKILL");
+  throw new Error(`${what} did not listen on ${port}`);
+}
+
+function stop(child, signal = "SIGKILL") {
+  return new Promise((done) => { child.once("exit", done); child.kill(signal); });
+}
+
+function startServer(port, keepaliveSecs) {
+  const db = join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db");
+  const child = spawn(BIN, ["serve", "--listen", `127.0.0.1:${port}`, "--db", db, "--api-key", API_KEY,
+    "--keepalive-secs", String(keepaliveSecs)], { stdio: ["ignore", "ignore", "inherit"] });
+  return started(child, port, "switchboard serve");
+}
+
+// nginx's WebSocket proxying as its documentation has it (Upgrade and Connection passed on, HTTP/1.1
+// to the backend), with a 3 s read timeout so an idle connection is dropped quickly.
+function startWebSocketNginx(port, backendPort) {
+  return startNginx(port, backendPort, {
+    http: "map $http_upgrade $connection_upgrade { default upgrade; '' close; }",
+    location: `proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection $connection_upgrade;
+      proxy_read_timeout 3s;
+      proxy_send_timeout 3s;`,
+  });
+}
+
+/** A page running the module against the proxy, recording its states and messages. Jitter is off
+ * and the first reconnect waits 1.5 s, so a message published in that gap must come by resuming. */
+async function listener(proxyPort) {
+  const page = await (await getBrowser().newContext()).newPage();
+  page.on("pageerror", (error) => { throw error; });
+  await page.goto(`http://127.0.0.1:${proxyPort}/healthz`);
+  await page.evaluate(async () => {
+    const { SwitchboardClient } = await import("/switchboard.js");
+    Math.random = () => 1;
+    window.states = [];
+    window.got = [];
+    const client = new SwitchboardClient({ name: "Ann", rooms: ["lobby"], minBackoffMs: 1500, maxBackoffMs: 1500, storage: null });
+    client.addEventListener("state", (e) => window.states.push(e.detail));
+    client.addEventListener("message", (e) => window.got.push(e.detail.message));
+    window.client = client;
+  });
+  await page.waitForFunction(() => window.client.state === "open");
+  assert.equal(await page.evaluate(() => window.client.transport), "websocket", "nginx passes the WebSocket");
+  return page;
+}
+
+async function publish(port, message) {
+  const response = await fetch(`http://127.0.0.1:${port}/api/publish`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${API_KEY}`, "content-type": "application/json" },
+    body: JSON.stringify({ room: "lobby", message, name: "Bob" }),
+  });
+  assert.equal(response.status, 200, await response.text());
+}
+
+const got = (page) => page.evaluate(() => window.got);
+const states = (page) => page.evaluate(() => window.states);
+
+test("behind nginx (proxy_read_timeout 3s) keepalive pings hold a quiet page open for 10 s", async () => {
+  const [port, proxyPort] = [await freePort(), await freePort()];
+  const server = await startServer(port, 1);
+  const nginx = await startWebSocketNginx(proxyPort, port);
+  try {
+    const page = await listener(proxyPort);
+    await publish(port, "first");
+    await page.waitForFunction(() => window.got.includes("first"));
+    const before = (await states(page)).length;
+    await new Promise((r) => setTimeout(r, 10_000));
+    assert.deepEqual((await states(page)).slice(before), [], "no reconnect in 10 quiet seconds");
+    await publish(port, "after ten seconds");
+    await page.waitForFunction(() => window.got.includes("after ten seconds"));
+    assert.deepEqual(await got(page), ["first", "after ten seconds"]);
+  } finally {
+    await stop(nginx, "SIGTERM");
+    await stop(server);
+  }
+});
+
+test("behind nginx without keepalive the quiet page is dropped, reconnects and resumes", async () => {
+  const [port, proxyPort] = [await freePort(), await freePort()];
+  const server = await startServer(port, 0);
+  const nginx = await startWebSocketNginx(proxyPort, port);
+  try {
+    const page = await listener(proxyPort);
+    await publish(port, "before the drop");
+    await page.waitForFunction(() => window.got.includes("before the drop"));
+    const droppedAt = Date.now();
+    await page.waitForFunction(() => window.states.includes("reconnecting"), null, { timeout: 10_000 });
+    const quiet = Date.now() - droppedAt;
+    assert.ok(quiet >= 2000, `dropped by nginx's 3 s read timeout, not at once (${quiet} ms)`);
+    // Published while the page waits 1.5 s to reconnect: it can only arrive by resuming.
+    await publish(port, "while away");
+    assert.equal(await page.evaluate(() => window.client.state), "reconnecting", "published inside the gap");
+    await page.waitForFunction(() => window.got.includes("while away"), null, { timeout: 10_000 });
+    await publish(port, "after");
+    await page.waitForFunction(() => window.got.includes("after"));
+    assert.deepEqual(await got(page), ["before the drop", "while away", "after"], "each once, in order");
+  } finally {
+    await stop(nginx, "SIGTERM");
+    await stop(server);
+  }
+});
