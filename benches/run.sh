@@ -3,7 +3,10 @@
 #
 #   benches/run.sh [echo] [idle] [fanout]      (default: all three; BENCH_SECONDS=5 BENCH_RUNS=3)
 #
-# Every server runs pinned to core 0 and the load generator (`switchboard bench`) to core 1. Each
+# Every server runs pinned to core 0 and the load generator (`switchboard bench`) to core 1, each on
+# the runtime flavour its own example uses (fastwebsockets: current-thread; tokio-tungstenite:
+# multi-threaded; Node and Python: one event loop), and switchboard on both flavours (`--threads 1`
+# is a current-thread runtime), so each ratio compares like with like. Each
 # cell runs BENCH_RUNS times, the servers interleaved within each round, and the tables report
 # medians and switchboard's ratio to each peer. Results: target/bench-matrix/*.json and
 # target/bench-matrix/report.md; each part's tables also replace that part's marked region of
@@ -40,11 +43,13 @@ start_server() {
     local name=$1 port=$2
     case $name in
         switchboard) taskset -c 0 "$sb" echo --listen "127.0.0.1:$port" --no-compression 2>/dev/null & ;;
+        switchboard-1t) taskset -c 0 "$sb" echo --threads 1 --listen "127.0.0.1:$port" --no-compression 2>/dev/null & ;;
         tokio-tungstenite) taskset -c 0 "$peers/tungstenite_echo" "127.0.0.1:$port" & ;;
         fastwebsockets) taskset -c 0 "$peers/fastwebsockets_echo" "127.0.0.1:$port" & ;;
         node-ws) taskset -c 0 node benches/peers/ws_echo.js "127.0.0.1:$port" & ;;
-        switchboard-serve)
-            SWITCHBOARD_LOG=warn taskset -c 0 "$sb" serve --listen "127.0.0.1:$port" --db "$out/serve-$port.db" \
+        switchboard-serve|switchboard-serve-1t)
+            threads=0; [ "$name" = switchboard-serve-1t ] && threads=1
+            SWITCHBOARD_LOG=warn taskset -c 0 "$sb" serve --threads "$threads" --listen "127.0.0.1:$port" --db "$out/serve-$port.db" \
                 --rate-limit 0 --keepalive-secs 0 --compression false & ;;
         seed-fastapi)
             (cd "$out/seed000" && PYTHONPATH="$out/python" exec taskset -c 0 python3 -m uvicorn main:app \
@@ -62,11 +67,11 @@ machine() {
     echo "- Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(uname -sr)"
     echo "- $(rustc --version); node $(node --version); $(python3 --version)"
     echo "- Peers: $(awk '/^name = "(fastwebsockets|tokio-tungstenite|tungstenite)"$/ { n = $3; getline; printf "%s %s, ", n, $3 }' benches/peers/Cargo.lock | tr -d '"')ws $(node -p 'require("./benches/peers/node_modules/ws/package.json").version')"
-    echo "- Rust servers: tokio multi-threaded runtime, pinned by taskset to one core (so one worker); load on the other core"
+    echo "- Every server pinned by taskset to core 0 (a multi-threaded tokio runtime there has one worker), the load on core 1; each table names each server's runtime flavour"
 }
 
 if [[ " ${parts[*]} " == *" echo "* ]]; then
-    servers=(switchboard fastwebsockets tokio-tungstenite node-ws)
+    servers=(switchboard switchboard-1t fastwebsockets tokio-tungstenite node-ws)
     cells=("100 20" "10 16384" "200 16384" "1000 20")
     # What the kernel alone charges core 0 per message: most of every server's time per message.
     taskset -c 0 "$peers/loopback_floor" 26 16392 >"$out/loopback.jsonl"
@@ -86,7 +91,7 @@ fi
 
 if [[ " ${parts[*]} " == *" idle "* ]]; then
     sources=$(seq -s, -f '127.0.0.%g' 2 9)
-    for name in switchboard switchboard-serve fastwebsockets tokio-tungstenite node-ws; do
+    for name in switchboard switchboard-1t switchboard-serve fastwebsockets tokio-tungstenite node-ws; do
         port=$(free_port)
         start_server "$name" "$port"
         sleep 0.5
@@ -116,7 +121,7 @@ EOF
     rates=${FANOUT_RATES:-"100 1000 2000"}
     for run in $(seq "$runs"); do
         for rate in $rates; do
-            for name in switchboard-serve seed-node seed-fastapi; do
+            for name in switchboard-serve switchboard-serve-1t seed-node seed-fastapi; do
                 if [ "$name" = seed-node ]; then port=8080; else port=$(free_port); fi
                 start_server "$name" "$port"
                 echo "fanout run $run: $name 1 -> $subscribers at $rate/s" >&2
@@ -149,6 +154,13 @@ def load(pattern):
         except ValueError:
             pass
     return rows
+# Each server's runtime flavour: a stated column of every table.
+FLAVOUR = {
+    "switchboard": "tokio multi-thread", "switchboard-1t": "tokio current-thread (`--threads 1`)",
+    "switchboard-serve": "tokio multi-thread", "switchboard-serve-1t": "tokio current-thread (`--threads 1`)",
+    "fastwebsockets": "tokio current-thread (its example)", "tokio-tungstenite": "tokio multi-thread (its example)",
+    "node-ws": "Node event loop", "seed-node": "Node event loop", "seed-fastapi": "Python asyncio (uvicorn)",
+}
 def median(rows, key):
     values = [r[key] for r in rows if r.get(key) is not None]
     return statistics.median(values) if values else None
@@ -156,11 +168,14 @@ def median(rows, key):
 echo_files = glob.glob(os.path.join(out, "echo-*.json"))
 if echo_files:
     emit = section("echo")
-    servers = ["switchboard", "fastwebsockets", "tokio-tungstenite", "node-ws"]
+    servers = ["switchboard", "switchboard-1t", "fastwebsockets", "tokio-tungstenite", "node-ws"]
     cells = ["100x20", "10x16384", "200x16384", "1000x20"]
+    # Like with like: each peer beside switchboard on the same flavour.
+    pairs = [("switchboard-1t", "fastwebsockets"), ("switchboard", "tokio-tungstenite"), ("switchboard-1t", "node-ws")]
     emit("\n### Echo (closed loop, msgs/s, median of runs; p99 round trip)\n")
-    emit("| connections x size | " + " | ".join(servers) + " | switchboard / fastwebsockets | switchboard / tokio-tungstenite | switchboard / node-ws |")
-    emit("|---" * (len(servers) + 4) + "|")
+    emit("| connections x size | " + " | ".join(servers) + " | " + " | ".join(f"{a} / {b}" for a, b in pairs) + " |")
+    emit("|---" * (len(servers) + len(pairs) + 1) + "|")
+    emit("| runtime | " + " | ".join(FLAVOUR[s] for s in servers) + " |" + " |" * len(pairs))
     for cell in cells:
         rates, cols = {}, []
         for s in servers:
@@ -168,9 +183,9 @@ if echo_files:
             rate, p99 = median(rows, "msgs_per_s"), median(rows, "p99_us")
             rates[s] = rate
             cols.append("n/a" if rate is None else f"{rate:,.0f} (p99 {p99 / 1000:.2f} ms)")
-        ratio = lambda peer: "n/a" if not rates.get(peer) or not rates.get("switchboard") else f"{rates['switchboard'] / rates[peer]:.2f}"
+        ratio = lambda a, b: "n/a" if not rates.get(a) or not rates.get(b) else f"{rates[a] / rates[b]:.2f}"
         c, s = cell.split("x")
-        emit(f"| {c} x {int(s):,} B | " + " | ".join(cols) + f" | {ratio('fastwebsockets')} | {ratio('tokio-tungstenite')} | {ratio('node-ws')} |")
+        emit(f"| {c} x {int(s):,} B | " + " | ".join(cols) + " | " + " | ".join(ratio(a, b) for a, b in pairs) + " |")
     floor_path = os.path.join(out, "loopback.jsonl")
     if os.path.exists(floor_path):
         floors = [json.loads(line) for line in open(floor_path) if line.strip()]
@@ -183,6 +198,7 @@ if echo_files:
     emit("saturated peer by the peer's busy / (busy - user).\n")
     emit("| connections x size | " + " | ".join(servers) + " |")
     emit("|---" * (len(servers) + 1) + "|")
+    emit("| runtime | " + " | ".join(FLAVOUR[s] for s in servers) + " |")
     def share(rows, side, key):
         values = [r[side][key] for r in rows if isinstance(r.get(side), dict)]
         return statistics.median(values) if values else None
@@ -200,33 +216,33 @@ idle_files = glob.glob(os.path.join(out, "idle-*.json"))
 if idle_files:
     emit = section("idle")
     emit("\n### Idle connections (10,000 held; server RSS growth per connection)\n")
-    emit("| server | opened | KiB per connection |")
-    emit("|---|---|---|")
-    for s in ["switchboard", "switchboard-serve", "fastwebsockets", "tokio-tungstenite", "node-ws"]:
+    emit("| server | runtime | opened | KiB per connection |")
+    emit("|---|---|---|---|")
+    for s in ["switchboard", "switchboard-1t", "switchboard-serve", "fastwebsockets", "tokio-tungstenite", "node-ws"]:
         rows = load(f"idle-{s}.json")
         if rows:
             r = rows[0]
             kib = r.get("server_kib_per_connection")
-            emit(f"| {s} | {r.get('opened')} | {'n/a' if kib is None else f'{kib:.1f}'} |")
+            emit(f"| {s} | {FLAVOUR[s]} | {r.get('opened')} | {'n/a' if kib is None else f'{kib:.1f}'} |")
 
 fan_files = glob.glob(os.path.join(out, "fanout-*.json"))
 if fan_files:
     emit = section("fanout")
     subscribers = sorted({r.get("subscribers") for r in load("fanout-*.json") if r.get("subscribers")})
     emit(f"\n### Chat fan-out (1 publisher -> {', '.join(f'{n:,}' for n in subscribers) or 'N'} subscribers, seed protocol; medians)\n")
-    emit("| server | rate/s | deliveries/s | p50 | p99 | lost | server CPU per delivery |")
-    emit("|---|---|---|---|---|---|---|")
+    emit("| server | runtime | rate/s | deliveries/s | p50 | p99 | lost | server CPU per delivery |")
+    emit("|---|---|---|---|---|---|---|---|")
     rates = sorted({int(os.path.basename(p).split("-")[-2]) for p in fan_files})
     for rate in rates:
-        for s in ["switchboard-serve", "seed-node", "seed-fastapi"]:
+        for s in ["switchboard-serve", "switchboard-serve-1t", "seed-node", "seed-fastapi"]:
             rows = load(f"fanout-{s}-{rate}-*.json")
             d = median(rows, "deliveries_per_s")
             if d is None:
-                emit(f"| {s} | {rate} | n/a | | | | |")
+                emit(f"| {s} | {FLAVOUR[s]} | {rate} | n/a | | | | |")
                 continue
             cpu = median(rows, "server_cpu_us_per_delivery")
             cpu = "n/a" if cpu is None else f"{cpu:.2f} µs"
-            emit(f"| {s} | {rate} | {d:,.0f} | {median(rows, 'p50_us') / 1000:.1f} ms | {median(rows, 'p99_us') / 1000:.1f} ms | {median(rows, 'lost'):,.0f} | {cpu} |")
+            emit(f"| {s} | {FLAVOUR[s]} | {rate} | {d:,.0f} | {median(rows, 'p50_us') / 1000:.1f} ms | {median(rows, 'p99_us') / 1000:.1f} ms | {median(rows, 'lost'):,.0f} | {cpu} |")
 
 header = os.environ["HEADER"]
 print(header)

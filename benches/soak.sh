@@ -38,11 +38,11 @@ metric() { # metric NAME: one gauge from /metrics
     awk -v k="$1" '$1 == k { print $2 }' <&3
     exec 3<&-
 }
-sample() { # elapsed_s rss_kib fds tasks websockets
+sample() { # elapsed_s rss_kib fds tasks sessions
     local rss fds
     rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status")
     fds=$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 | wc -l)
-    echo "$1,$rss,$fds,$(metric switchboard_tasks),$(metric switchboard_websockets)"
+    echo "$1,$rss,$fds,$(metric switchboard_tasks),$(metric switchboard_sessions)"
 }
 
 echo "elapsed_s,rss_kib,fds,tasks,websockets" >"$out/samples.csv"

@@ -1,4 +1,12 @@
-//! tokio-tungstenite's echo server (its examples/echo-server.rs): accept, split, forward data messages.
+//! tokio-tungstenite's echo server, as its `examples/echo-server.rs` (0.28.0) is written:
+//! `#[tokio::main]` (the multi-threaded runtime), `accept_async`, split, and the read half's text
+//! and binary messages forwarded into the write half.
+//!
+//! Differences from the example, each for the benchmark only:
+//! - no `env_logger` and no `info!` per connection (nothing is logged per message either way);
+//! - `TCP_NODELAY` on each accepted stream, as every server in the benchmarks has;
+//! - a failed handshake or forward ends the connection's task quietly instead of `expect`'s panic;
+//! - the accept loop stops at Ctrl-C, so `benches/callgrind.sh` gets an orderly exit and its counts.
 use futures_util::{future, StreamExt, TryStreamExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Instructions counted by callgrind: what a user pays per echoed message, per connection, and per
+# chat delivery. Counts are repeatable on a noisy machine: they are instructions, not time.
+#
+#   benches/callgrind.sh [report]   every measurement, switchboard beside the peers (Markdown)
+#   (CALLGRIND_SERVERS="switchboard fastwebsockets" limits the echo table to those servers)
+#   benches/callgrind.sh guard      switchboard's echo 20 B, echo 16 KiB and serve fan-out per
+#                                   delivery, on the current-thread runtime, against
+#                                   benches/baseline.json: fails if one grew more than 5% (the CI
+#                                   performance guard; about two minutes)
+#
+# Each count runs the server under `valgrind --tool=callgrind` twice, with a LOW and a HIGH amount
+# of work, and divides the difference of the two totals by the difference in work: startup,
+# handshakes and shutdown cancel out. Servers:
+#   switchboard     `switchboard echo`, tokio multi-threaded runtime (the default)
+#   switchboard-1t  `switchboard echo --threads 1`, tokio current-thread runtime
+#   fastwebsockets  its examples/echo_server.rs (current-thread runtime, unconstrained task)
+#   tokio-tungstenite  its examples/echo-server.rs (multi-threaded runtime)
+# (benches/peers; each file lists its differences from the example.) Fan-out: `switchboard serve`
+# (both flavours), 1 publisher and 100 `switchboard.v1` subscribers in a closed loop (each message
+# sent once every subscriber has the one before).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source benches/lib.sh
+mode=${1:-report}
+out=target/callgrind
+mkdir -p "$out"
+true
+sb=target/release/switchboard
+peers=benches/peers/target/release
+if [ "$mode" = report ]; then
+    cargo build --release --locked --manifest-path benches/peers/Cargo.toml >&2
+fi
+
+# start NAME PORT: the server NAME under callgrind, its output in $file; sets $pid.
+start() {
+    local name=$1 port=$2 cmd
+    case $name in
+        switchboard) cmd=("$sb" echo --listen "127.0.0.1:$port" --no-compression) ;;
+        switchboard-1t) cmd=("$sb" echo --threads 1 --listen "127.0.0.1:$port" --no-compression) ;;
+        fastwebsockets) cmd=("$peers/fastwebsockets_echo" "127.0.0.1:$port") ;;
+        tokio-tungstenite) cmd=("$peers/tungstenite_echo" "127.0.0.1:$port") ;;
+        serve|serve-1t)
+            local threads=0 db
+            [ "$name" = serve-1t ] && threads=1
+            db=$(mktemp -d)/chat.db
+            cmd=("$sb" serve --threads "$threads" --listen "127.0.0.1:$port" --db "$db" --rate-limit 0
+                --keepalive-secs 0 --compression false) ;;
+        *) echo "unknown server $name" >&2; exit 2 ;;
+    esac
+    SWITCHBOARD_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$file" "${cmd[@]}" 2>/dev/null &
+    pid=$!
+    wait_port "$port" 120 || { echo "$name did not start" >&2; exit 1; }
+}
+
+# total NAME LOAD...: the server's instructions over a run of `switchboard bench LOAD...` against
+# it (URL inserted as the bench's first argument); the bench's JSON is left in $out/last.json.
+total() {
+    local name=$1 port path
+    shift
+    port=$(free_port)
+    file=$out/$name-$RANDOM.out
+    start "$name" "$port"
+    path=/
+    case $name in serve*) path=/ws ;; esac
+    "$sb" bench "$1" "ws://127.0.0.1:$port$path" "${@:2}" --json >"$out/last.json" 2>/dev/null
+    sleep 0.5
+    kill -INT "$pid"
+    wait "$pid" 2>/dev/null || true
+    callgrind_annotate "$file" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }'
+    [ -n "${KEEP:-}" ] && cp "$file" $out/keep-$KEEP.out; rm -f "$file"
+}
+
+# per_message NAME SIZE LOW HIGH [--binary]: instructions per echoed message (10 connections).
+per_message() {
+    local name=$1 size=$2 low=$3 high=$4 a b
+    a=$(total "$name" echo -c 10 -s "$size" --count "$low" ${5:-})
+    b=$(total "$name" echo -c 10 -s "$size" --count "$high" ${5:-})
+    echo $(( (b - a) / (high - low) ))
+}
+
+# per_connection NAME LOW HIGH: instructions per connection that opens (handshake), echoes one
+# 20-byte message and closes.
+per_connection() {
+    local name=$1 low=$2 high=$3 a b
+    a=$(total "$name" echo -c "$low" -s 20 --count "$low")
+    b=$(total "$name" echo -c "$high" -s 20 --count "$high")
+    echo $(( (b - a) / (high - low) ))
+}
+
+# per_delivery NAME LOW HIGH: instructions per delivered chat message, 1 publisher -> 100 subscribers.
+per_delivery() {
+    local name=$1 low=$2 high=$3 a b da db
+    a=$(total "$name" fanout --protocol v1 --subscribers 100 --count "$low")
+    da=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["delivered"])' "$out/last.json")
+    b=$(total "$name" fanout --protocol v1 --subscribers 100 --count "$high")
+    db=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["delivered"])' "$out/last.json")
+    echo $(( (b - a) / (db - da) ))
+}
+for n in switchboard-1t fastwebsockets; do
+KEEP=$n-low total $n echo -c 10 -s 20 --count 2000 >/dev/null
+KEEP=$n-high total $n echo -c 10 -s 20 --count 12000 >/dev/null
+done
