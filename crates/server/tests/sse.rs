@@ -232,6 +232,51 @@ fn publishes_are_idempotent_and_tokens_come_from_a_cookie_too() {
     by_query.next_of("joined");
 }
 
+#[test]
+fn heartbeats_keep_coming_between_messages_and_an_expiring_token_ends_the_stream() {
+    let (server, _db) =
+        start_serve(&["--jwt-secret", "s3cret", "--allow-anonymous", "false", "--sse-heartbeat-secs", "1"]);
+    let token = |ttl: &str| {
+        let out = support::switchboard()
+            .args(["token", "--sub", "ann", "--secret", "s3cret", "--ttl-secs", ttl])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let (long, short) = (token("600"), token("3"));
+    let auth = format!("Authorization: Bearer {long}\r\n");
+    let mut stream = Stream::open(&server.addr, &format!("room=r&token={short}"), "");
+    assert_eq!(stream.status, 200);
+    stream.next_of("joined");
+    let started = Instant::now();
+    // Messages every 200 ms do not hold back the heartbeat: it comes once a second all the same.
+    let mut comments = 0;
+    for i in 0..10 {
+        let (status, ack) = publish(&server.addr, &format!(r#"{{"room":"r","message":"m{i}"}}"#), &auth);
+        assert_eq!(status, 200, "{ack}");
+        loop {
+            let event = stream.next();
+            match event.kind.as_str() {
+                "comment" => comments += 1,
+                "message" => {
+                    assert_eq!(event.json()["message"], format!("m{i}"));
+                    break;
+                }
+                other => panic!("unexpected {other} event: {event:?}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(comments >= 1, "a heartbeat in {:?} of messages", started.elapsed());
+    // The token runs out 3 s after it was made: the stream says why it ends, then ends.
+    let end = stream.next_of("error").json();
+    assert_eq!((end["code"].as_str(), end["close"].as_u64()), (Some("closed"), Some(4001)), "{end}");
+    assert!(started.elapsed() < Duration::from_secs(5), "ended by its expiry, not later: {:?}", started.elapsed());
+    let mut rest = String::new();
+    let _ = stream.reader.read_to_string(&mut rest);
+    assert!(!rest.contains("event: message"), "nothing after the end: {rest:?}");
+}
+
 #[tokio::test]
 async fn a_listener_is_present_while_connected_and_idle_streams_hear_a_heartbeat() {
     let (server, _db) = start_serve(&["--sse-heartbeat-secs", "1"]);

@@ -5,6 +5,7 @@
 //! `/publish` (see [`super::sse`]), long polling at `/poll` (see [`super::poll`]), the publish API at `/api/publish`, and `/healthz` and
 //! `/metrics` for operators. HTTP API errors are JSON bodies with the chat's error codes.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use super::wake::Gated;
 use super::ws::{self, WsState};
 use super::{api, poll, sse};
 use crate::listen::{self, Admitted, ConnectionLimiter, Handler, Permit, Refused};
@@ -325,10 +327,11 @@ async fn serve_http1<S>(
     app: Router,
     peer: SocketAddr,
     settings: HttpSettings,
-    mut closing: watch::Receiver<bool>,
+    closing: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let mut closing = closing_signal(closing);
     // The header timeout also bounds a client that connects and sends nothing (or a byte at a time).
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -343,18 +346,28 @@ async fn serve_http1<S>(
     let mut told = false;
     loop {
         tokio::select! {
+            biased;
             result = connection.as_mut() => {
                 if let Err(error) = result {
                     tracing::debug!(%peer, %error, "HTTP connection ended with an error");
                 }
                 return;
             }
-            _ = closing.wait_for(|closing| *closing), if !told => {
+            () = &mut closing, if !told => {
                 connection.as_mut().graceful_shutdown();
                 told = true;
             }
         }
     }
+}
+
+/// Ready once `closing` turns true (or the server that sends it is gone). Gated: a connection's
+/// task is woken for every chunk it writes, and a watch polled each time would re-register with
+/// the watch's waiter list every time.
+fn closing_signal(mut closing: watch::Receiver<bool>) -> Gated<impl Future<Output = ()>> {
+    Gated::new(async move {
+        let _ = closing.wait_for(|closing| *closing).await;
+    })
 }
 
 /// HTTP/2 on a TLS connection that chose it. The header list is bounded as an HTTP/1.1 head is,
@@ -365,10 +378,11 @@ async fn serve_http2<S>(
     app: Router,
     peer: SocketAddr,
     settings: HttpSettings,
-    mut closing: watch::Receiver<bool>,
+    closing: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let mut closing = closing_signal(closing);
     let requested = Arc::new(AtomicBool::new(false));
     let seen = requested.clone();
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -391,6 +405,7 @@ async fn serve_http2<S>(
     let (mut waiting, mut told) = (true, false);
     loop {
         tokio::select! {
+            biased;
             result = connection.as_mut() => {
                 if let Err(error) = result {
                     tracing::debug!(%peer, %error, "HTTP/2 connection ended with an error");
@@ -404,7 +419,7 @@ async fn serve_http2<S>(
                 }
                 waiting = false;
             }
-            _ = closing.wait_for(|closing| *closing), if !told => {
+            () = &mut closing, if !told => {
                 connection.as_mut().graceful_shutdown();
                 told = true;
             }

@@ -9,4 +9,5 @@ pub mod api;
 pub mod http;
 pub mod poll;
 pub mod sse;
+mod wake;
 pub mod ws;

@@ -27,6 +27,7 @@ use hyper::body::Frame;
 use serde_json::{json, Value};
 
 use super::http::{bearer, percent_decode};
+use super::wake::WakeFlag;
 use super::ws::LiveGuard;
 use crate::chat::access::{AuthError, Identity};
 use crate::chat::limits::{RateLimit, RateLimiter};
@@ -47,8 +48,21 @@ pub const TOKEN_COOKIE: &str = "switchboard_token";
 /// Where a client stands in each of its rooms: the last offset it saw there and that offset's
 /// epoch. On the wire it is opaque (URL-safe base64 of `{"ROOM": ["EPOCH", OFFSET]}`): the SSE event
 /// id and the long-poll cursor are the same string, so a client can change transports.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Cursor(BTreeMap<String, (String, u64)>);
+#[derive(Debug, Clone, Default)]
+pub struct Cursor {
+    places: BTreeMap<String, (String, u64)>,
+    /// Moves whenever anything but the last room's offset does: what the text holds before that
+    /// offset is kept (in a [`Scratch`]) until it moves.
+    shape: u64,
+}
+
+impl PartialEq for Cursor {
+    fn eq(&self, other: &Self) -> bool {
+        self.places == other.places
+    }
+}
+
+impl Eq for Cursor {}
 
 impl Cursor {
     /// Reads a cursor; the error says what is wrong with it.
@@ -63,7 +77,7 @@ impl Cursor {
         if map.values().any(|(epoch, _)| epoch.len() > 64 || !epoch.bytes().all(|b| b.is_ascii_alphanumeric())) {
             return Err(bad("an epoch is letters and digits"));
         }
-        Ok(Self(map))
+        Ok(Self { places: map, shape: 0 })
     }
 
     /// The opaque text.
@@ -78,77 +92,89 @@ impl Cursor {
     ///
     /// Between two events of a stream usually only the last room's offset moves, so the JSON is
     /// written in two parts: everything before that offset, padded with spaces (JSON allows them)
-    /// to a multiple of 3 bytes so that its base64 stands alone and is kept, then the offset and
-    /// the closing brackets, encoded afresh.
+    /// to a multiple of 3 bytes so that its base64 stands alone and is kept until the cursor's
+    /// shape moves, then the offset and the closing brackets, encoded afresh.
     pub(crate) fn encode_into(&self, out: &mut impl Out, scratch: &mut Scratch) {
-        // Written by hand: rooms (checked on the way in) and epochs (letters and digits, checked in
-        // `parse`) need no escaping.
-        let json = &mut scratch.json;
-        json.clear();
-        json.push(b'{');
-        let last = self.0.len().saturating_sub(1);
-        let mut tail_offset = None;
-        for (i, (room, (epoch, offset))) in self.0.iter().enumerate() {
-            if i > 0 {
-                json.push(b',');
-            }
-            json.push(b'"');
-            json.put(room.as_bytes());
-            json.put(b"\":[\"");
-            json.put(epoch.as_bytes());
-            json.put(b"\",");
-            if i == last {
-                tail_offset = Some(*offset);
-                break;
-            }
-            push_decimal(json, *offset);
-            json.push(b']');
-        }
-        let Some(offset) = tail_offset else {
+        let Some((_, &(_, last_offset))) = self.places.last_key_value() else {
             out.put(b"e30"); // `{}`
             return;
         };
-        while json.len() % 3 != 0 {
-            json.push(b' ');
-        }
-        if scratch.prefix_json != *json {
-            scratch.prefix_json.clone_from(json);
+        let json = &mut scratch.json;
+        if scratch.prefix_shape != Some(self.shape) {
+            // Written by hand: rooms (checked on the way in) and epochs (letters and digits, checked
+            // in `parse`) need no escaping.
+            json.clear();
+            json.push(b'{');
+            let last = self.places.len() - 1;
+            for (i, (room, (epoch, offset))) in self.places.iter().enumerate() {
+                if i > 0 {
+                    json.push(b',');
+                }
+                json.push(b'"');
+                json.put(room.as_bytes());
+                json.put(b"\":[\"");
+                json.put(epoch.as_bytes());
+                json.put(b"\",");
+                if i == last {
+                    break;
+                }
+                push_decimal(json, *offset);
+                json.push(b']');
+            }
+            while json.len() % 3 != 0 {
+                json.push(b' ');
+            }
             scratch.prefix_base64.clear();
             push_base64url(&mut scratch.prefix_base64, json);
+            scratch.prefix_shape = Some(self.shape);
         }
         out.put(&scratch.prefix_base64);
+        // The tail (at most 20 digits and `]}`, so at most 32 characters of base64) is put at once.
         json.clear();
-        push_decimal(json, offset);
+        push_decimal(json, last_offset);
         json.put(b"]}");
-        push_base64url(out, json);
+        let mut tail = [0u8; 32];
+        let written = base64url_into(&mut tail, json);
+        out.put(&tail[..written]);
     }
 
     /// The offset and epoch it holds for `room`.
     pub fn get(&self, room: &str) -> Option<(&str, u64)> {
-        self.0.get(room).map(|(epoch, offset)| (epoch.as_str(), *offset))
+        self.places.get(room).map(|(epoch, offset)| (epoch.as_str(), *offset))
     }
 
     /// After a `joined`: the room's epoch is `epoch`; offsets of another one are void.
     pub(crate) fn joined(&mut self, room: &str, epoch: &str) {
-        let entry = self.0.entry(room.to_owned()).or_insert_with(|| (epoch.to_owned(), 0));
-        if entry.0 != epoch {
-            *entry = (epoch.to_owned(), 0);
+        match self.places.get_mut(room) {
+            Some(entry) if entry.0 == epoch => return,
+            Some(entry) => *entry = (epoch.to_owned(), 0),
+            None => {
+                self.places.insert(room.to_owned(), (epoch.to_owned(), 0));
+            }
         }
+        self.shape += 1;
     }
 
     /// After a message: true when it is new for this cursor (replay and live delivery can overlap).
     pub(crate) fn advance(&mut self, room: &str, offset: u64) -> bool {
-        match self.0.get_mut(room) {
+        let moved: *const (String, u64) = match self.places.get_mut(room) {
             Some(entry) if offset > entry.1 => {
                 entry.1 = offset;
-                true
+                entry
             }
-            Some(_) => false,
+            Some(_) => return false,
             None => {
-                self.0.insert(room.to_owned(), (String::new(), offset));
-                true
+                self.places.insert(room.to_owned(), (String::new(), offset));
+                self.shape += 1;
+                return true;
             }
+        };
+        // Only the last room's offset sits after the kept part of the text. (The entry is told by
+        // its address: comparing the names would compare the strings again.)
+        if self.places.last_key_value().is_none_or(|(_, last)| !std::ptr::eq(last, moved)) {
+            self.shape += 1;
         }
+        true
     }
 }
 
@@ -176,13 +202,14 @@ impl Out for BytesMut {
     }
 }
 
-/// Buffers a stream keeps for writing its cursor.
+/// Buffers a stream keeps for writing its cursor (one cursor: what it keeps is told apart by the
+/// cursor's shape alone).
 #[derive(Default)]
 pub(crate) struct Scratch {
     json: Vec<u8>,
-    /// The JSON before the last offset, as last written, and its base64.
-    prefix_json: Vec<u8>,
+    /// The base64 of the JSON before the last offset, and the cursor's shape it was written for.
     prefix_base64: Vec<u8>,
+    prefix_shape: Option<u64>,
 }
 
 /// Appends `n` in decimal (without the formatting machinery: this runs for every event).
@@ -204,25 +231,40 @@ fn push_decimal(out: &mut impl Out, mut n: u64) {
 /// the `base64` crate's string path zeroes a 1 KiB block and checks UTF-8 on each call, which cost
 /// more than the encoding itself.
 fn push_base64url(out: &mut impl Out, input: &[u8]) {
+    let mut block = [0u8; 64];
+    // 48 bytes of input are 64 of base64.
+    for part in input.chunks(48) {
+        let written = base64url_into(&mut block, part);
+        out.put(&block[..written]);
+    }
+}
+
+/// Writes `input` as unpadded URL-safe base64 into `out`, which holds at least
+/// `input.len().div_ceil(3) * 4` bytes; returns how many it wrote.
+fn base64url_into(out: &mut [u8], input: &[u8]) -> usize {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let sextet = |n: u32, shift: u32| ALPHABET[(n >> shift & 63) as usize];
-    out.room(input.len().div_ceil(3) * 4);
+    let mut at = 0;
     let mut groups = input.chunks_exact(3);
     for group in &mut groups {
         let n = u32::from(group[0]) << 16 | u32::from(group[1]) << 8 | u32::from(group[2]);
-        out.put(&[sextet(n, 18), sextet(n, 12), sextet(n, 6), sextet(n, 0)]);
+        out[at..at + 4].copy_from_slice(&[sextet(n, 18), sextet(n, 12), sextet(n, 6), sextet(n, 0)]);
+        at += 4;
     }
     match *groups.remainder() {
         [a] => {
             let n = u32::from(a) << 16;
-            out.put(&[sextet(n, 18), sextet(n, 12)]);
+            out[at..at + 2].copy_from_slice(&[sextet(n, 18), sextet(n, 12)]);
+            at += 2;
         }
         [a, b] => {
             let n = u32::from(a) << 16 | u32::from(b) << 8;
-            out.put(&[sextet(n, 18), sextet(n, 12), sextet(n, 6)]);
+            out[at..at + 3].copy_from_slice(&[sextet(n, 18), sextet(n, 12), sextet(n, 6)]);
+            at += 3;
         }
         _ => {}
     }
+    at
 }
 
 /// A request refused: its status, and the JSON body naming the problem (the server API's error).
@@ -368,11 +410,12 @@ pub async fn stream(
     if let Err(end) = session.start(Some(identity)) {
         return error(StatusCode::FORBIDDEN, ErrorCode::NotAllowed, end.reason);
     }
-    let beat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     let mut state = Stream {
         session,
         cursor,
-        beat,
+        heartbeat,
+        beat: Box::pin(tokio::time::sleep(heartbeat)),
+        timers: WakeFlag::new(),
         deadline: None,
         first: None,
         scratch: Scratch::default(),
@@ -421,8 +464,12 @@ fn message_place(text: &str) -> Option<(&str, u64)> {
     let end = rest.bytes().position(|b| b == b'"')?;
     let (room, rest) = (&rest[..end], &rest[end + 1..]);
     let rest = rest.strip_prefix(r#","offset":"#)?;
-    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-    Some((room, rest[..digits].parse().ok()?))
+    let (mut offset, mut digits) = (0u64, 0);
+    for digit in rest.bytes().take_while(u8::is_ascii_digit) {
+        offset = offset.checked_mul(10)?.checked_add(u64::from(digit - b'0'))?;
+        digits += 1;
+    }
+    (digits > 0).then_some((room, offset))
 }
 
 /// Appends the event of one envelope of the session, keeping the cursor; nothing for what a stream
@@ -489,9 +536,14 @@ fn to_event(envelope: &str, cursor: &mut Cursor) -> Option<Bytes> {
 struct Stream {
     session: Session,
     cursor: Cursor,
-    beat: tokio::time::Interval,
+    /// How often a heartbeat goes out, and when the next one does.
+    heartbeat: Duration,
+    beat: Pin<Box<tokio::time::Sleep>>,
     /// The session's deadline (its token's expiry), if it has one.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Marked when a timer fired or was set: the timers are polled (with this flag's waker) only
+    /// then, not on every delivery.
+    timers: WakeFlag,
     /// The opening chunk, until it is sent.
     first: Option<Bytes>,
     /// Kept between events: the buffers the cursor is written with.
@@ -538,14 +590,27 @@ impl Stream {
             Some(sleep) => sleep.as_mut().reset(at),
             None => self.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
         }
+        self.timers.mark();
     }
 
     /// Writes into `out` whatever is ready; `Pending` when nothing is.
     fn poll_events(&mut self, cx: &mut Context<'_>, out: &mut BytesMut) -> Poll<Result<(), End>> {
-        if let Some(sleep) = self.deadline.as_mut() {
-            if sleep.as_mut().poll(cx).is_ready() {
-                self.session.check_deadline()?;
-                self.arm_deadline();
+        if self.timers.take(cx) {
+            // Cloned (rarely: only when a timer fired or was set) to leave `self` free.
+            let waker = self.timers.waker().clone();
+            let mut timers = Context::from_waker(&waker);
+            if let Some(sleep) = self.deadline.as_mut() {
+                if sleep.as_mut().poll(&mut timers).is_ready() {
+                    self.session.check_deadline()?;
+                    self.arm_deadline();
+                }
+            }
+            if self.beat.as_mut().poll(&mut timers).is_ready() {
+                // A comment: proxies see traffic, EventSource ignores it.
+                out.put(b": keepalive\n\n");
+                self.beat.as_mut().reset(tokio::time::Instant::now() + self.heartbeat);
+                self.timers.mark();
+                return Poll::Ready(Ok(()));
             }
         }
         if let Poll::Ready(done) = self.session.poll_completion(cx) {
@@ -574,11 +639,6 @@ impl Stream {
             Poll::Ready(None) => return Poll::Ready(Err(self.session.cut_off())),
             Poll::Pending => {}
         }
-        if self.beat.poll_tick(cx).is_ready() {
-            // A comment: proxies see traffic, EventSource ignores it.
-            out.put(b": keepalive\n\n");
-            return Poll::Ready(Ok(()));
-        }
         Poll::Pending
     }
 }
@@ -600,7 +660,7 @@ impl HttpBody for Stream {
             // next one reuses the space instead of allocating.
             let mut out = std::mem::take(&mut this.chunk);
             let step = this.poll_events(cx, &mut out);
-            let chunk = out.split().freeze();
+            let chunk = if out.is_empty() { Bytes::new() } else { out.split().freeze() };
             this.chunk = out;
             match step {
                 Poll::Pending => return Poll::Pending,
@@ -735,8 +795,10 @@ mod tests {
         assert_eq!(Cursor::parse(&text).unwrap().get("lobby"), Some(("e1", 3)));
         cursor.joined("lobby", "e2");
         assert_eq!(cursor.get("lobby"), Some(("e2", 0)), "a new epoch voids the offset");
-        let extremes =
-            Cursor([("a".to_owned(), ("e1".to_owned(), 0)), ("b".to_owned(), ("e2".to_owned(), u64::MAX))].into());
+        let extremes = Cursor {
+            places: [("a".to_owned(), ("e1".to_owned(), 0)), ("b".to_owned(), ("e2".to_owned(), u64::MAX))].into(),
+            shape: 0,
+        };
         assert_eq!(Cursor::parse(&extremes.encode()), Ok(extremes.clone()), "offsets 0 and u64::MAX round-trip");
         assert!(Cursor::parse("%%%").unwrap_err().contains("base64"));
         let bad_room = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"a b":["e",1]}"#);
@@ -770,6 +832,12 @@ mod tests {
         cursor.advance("c", u64::MAX);
         check(&cursor);
         cursor.joined("c", "other"); // the last room's epoch changes
+        check(&cursor);
+        cursor.advance("b", 12346); // a room before the last one, after the last one moved
+        check(&cursor);
+        cursor.advance("d", 4); // a room the cursor did not know: the new last room
+        check(&cursor);
+        cursor.advance("d", 5);
         check(&cursor);
     }
 

@@ -4,12 +4,11 @@
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::task::AtomicWaker;
 use futures_util::{FutureExt, Sink, Stream};
 
 use axum::response::{IntoResponse, Response};
@@ -19,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
 use super::http::{bearer, percent_decode, refuse};
+use super::wake::WakeFlag;
 use crate::chat::access::{AuthError, Identity};
 use crate::chat::session::{End, Session};
 use crate::chat::wire::{self, Dialect};
@@ -228,37 +228,17 @@ fn run<S: Socket>(
 /// costs more than writing the delivery. The read side gets a waker of its own (which marks the gate
 /// and wakes the task), so the task can tell the two apart.
 struct ReadGate {
-    shared: Arc<GateShared>,
-    /// `shared` as a waker, made once.
-    waker: Waker,
-}
-
-struct GateShared {
-    /// Poll the read side at the next turn: its waker fired, or it was ready last time.
-    woken: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl Wake for GateShared {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        self.task.wake();
-    }
+    flag: WakeFlag,
 }
 
 impl ReadGate {
     fn new() -> Self {
-        let shared = Arc::new(GateShared { woken: AtomicBool::new(true), task: AtomicWaker::new() });
-        Self { waker: Waker::from(shared.clone()), shared }
+        Self { flag: WakeFlag::new() }
     }
 
     /// Poll the read side at the next turn whatever happened.
     fn open(&self) {
-        self.shared.woken.store(true, Ordering::Release);
+        self.flag.mark();
     }
 
     /// The socket's next message, polled with the gate's waker; `Pending` at once while nothing the
@@ -268,12 +248,10 @@ impl ReadGate {
         ws: &mut WebSocket<S>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<switchboard_ws::Result<Message>>> {
-        self.shared.task.register(cx.waker());
-        // Cleared before the poll, so a wake during it is not lost.
-        if !self.shared.woken.swap(false, Ordering::AcqRel) {
+        if !self.flag.take(cx) {
             return Poll::Pending;
         }
-        let polled = Pin::new(ws).poll_next(&mut Context::from_waker(&self.waker));
+        let polled = Pin::new(ws).poll_next(&mut Context::from_waker(self.flag.waker()));
         if polled.is_ready() {
             // More may be buffered.
             self.open();
@@ -284,7 +262,7 @@ impl ReadGate {
     /// Writes what was queued now (`recv` would, but it is not polled for a delivery). A full socket
     /// wakes the gate when it drains; a failure is left for `recv` to report.
     fn flush<S: Socket>(&mut self, ws: &mut WebSocket<S>) {
-        match Pin::new(ws).poll_flush(&mut Context::from_waker(&self.waker)) {
+        match Pin::new(ws).poll_flush(&mut Context::from_waker(self.flag.waker())) {
             Poll::Ready(Ok(())) | Poll::Pending => {}
             Poll::Ready(Err(_)) => self.open(),
         }
