@@ -133,8 +133,9 @@ impl ClientBuilder {
 
     /// For `wss://`: offers HTTP/2 in TLS and, when the server picks it, opens the WebSocket as an
     /// HTTP/2 extended CONNECT (RFC 8441) on a connection of its own; a server that picks
-    /// HTTP/1.1 gets the usual upgrade. See [`ClientBuilder::connect_http2`] for several WebSockets
-    /// on one connection. No effect on `ws://`.
+    /// HTTP/1.1 gets the usual upgrade, and so does one that picks HTTP/2 without enabling
+    /// WebSockets on it (on a new connection, offering HTTP/1.1 only). See
+    /// [`ClientBuilder::connect_http2`] for several WebSockets on one connection. No effect on `ws://`.
     #[cfg(feature = "hyper")]
     pub fn http2(mut self, enabled: bool) -> Self {
         self.http2 = enabled;
@@ -143,7 +144,8 @@ impl ClientBuilder {
 
     /// Opens an HTTP/2 connection to this builder's `wss://` server (the URL's path is not used),
     /// for [`ClientBuilder::open_on`] and plain requests. Fails if the server does not pick `h2` or
-    /// does not enable extended CONNECT.
+    /// does not enable extended CONNECT ([`Error::Http2WebSocketsDisabled`], as soon as its SETTINGS
+    /// say so).
     #[cfg(feature = "hyper")]
     pub async fn connect_http2(&self) -> Result<crate::http2::Http2Connection> {
         let url = WsUrl::parse(&self.url)?;
@@ -176,14 +178,19 @@ impl ClientBuilder {
         #[cfg(feature = "hyper")]
         if self.http2 && url.secure {
             let stream = self.open_stream(&url, &[crate::http2::ALPN_H2, tls::ALPN_HTTP1]).await?;
-            return match stream {
+            let stream = match stream {
                 ClientStream::Tls(tls) if tls.get_ref().1.alpn_protocol() == Some(crate::http2::ALPN_H2) => {
-                    let connection =
-                        crate::http2::Http2Connection::handshake(tls, url.host_header(), &self.config).await?;
-                    connection.open(&self.request(&url), self.config).await
+                    match crate::http2::Http2Connection::handshake(tls, url.host_header(), &self.config).await {
+                        Ok(connection) => return connection.open(&self.request(&url), self.config).await,
+                        // HTTP/2 without WebSockets on it (most servers and proxies that speak h2): a
+                        // connection of its own, HTTP/1.1 only.
+                        Err(Error::Http2WebSocketsDisabled) => self.open_stream(&url, &[tls::ALPN_HTTP1]).await?,
+                        Err(error) => return Err(error),
+                    }
                 }
-                stream => client_handshake(stream, self.request(&url), self.config).await,
+                stream => stream,
             };
+            return client_handshake(stream, self.request(&url), self.config).await;
         }
         let stream = self.open_stream(&url, &[tls::ALPN_HTTP1]).await?;
         let request = self.request(&url);

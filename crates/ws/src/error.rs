@@ -83,9 +83,14 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
-    /// The HTTP/2 connection failed, or the server does not take WebSockets over it.
+    /// The HTTP/2 connection failed.
     #[error("HTTP/2: {0}")]
     Http2(String),
+    /// The server speaks HTTP/2 but its SETTINGS did not enable extended CONNECT (RFC 8441), so it
+    /// takes no WebSocket over HTTP/2. [`ClientBuilder::http2`](crate::ClientBuilder::http2) falls
+    /// back to HTTP/1.1 on this.
+    #[error("HTTP/2: the server did not enable WebSockets over HTTP/2 (no SETTINGS_ENABLE_CONNECT_PROTOCOL)")]
+    Http2WebSocketsDisabled,
     /// The HTTP proxy refused or broke the CONNECT tunnel.
     #[error("proxy {proxy}: {reason}")]
     Proxy {

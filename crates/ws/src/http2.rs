@@ -8,8 +8,13 @@
 //!
 //! A client may only send `:protocol` once the server has said `SETTINGS_ENABLE_CONNECT_PROTOCOL`
 //! (RFC 8441 §3). The server's SETTINGS is the first thing it sends, so opening a connection waits
-//! for it, bounded by the handshake timeout.
+//! for it, bounded by the handshake timeout; a server whose first SETTINGS does not enable it is
+//! told at once ([`Error::Http2WebSocketsDisabled`]), and `http2(true)` then uses HTTP/1.1.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,7 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use switchboard_proto::deflate;
 use switchboard_proto::handshake::{self, Accepted, ClientRequest, Head, ResponseError};
 use switchboard_proto::Role;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -54,6 +59,8 @@ impl Http2Connection {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let preface = Arc::new(AtomicU8::new(PREFACE_UNSEEN));
+        let io = SettingsWatch { io, preface: preface.clone(), parser: Some(Box::default()) };
         let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(config.max_head_bytes).unwrap_or(u32::MAX))
@@ -76,6 +83,10 @@ impl Http2Connection {
                     _ = tick.tick() => {
                         if connection.is_extended_connect_protocol_enabled() {
                             return Ok(());
+                        }
+                        // Seen enabled: hyper applies it in a moment. Seen without it: it will not come.
+                        if preface.load(Ordering::Acquire) == PREFACE_WITHOUT {
+                            return Err(Error::Http2WebSocketsDisabled);
                         }
                     }
                 }
@@ -186,6 +197,164 @@ async fn body_prefix(body: hyper::body::Incoming) -> String {
     }
 }
 
+/// What the server's first SETTINGS frame said of extended CONNECT.
+const PREFACE_UNSEEN: u8 = 0;
+const PREFACE_WITH: u8 = 1;
+const PREFACE_WITHOUT: u8 = 2;
+
+/// The connection's stream, reading the server's first frame (its SETTINGS: RFC 9113 §3.4) as hyper
+/// reads it, for whether it enables extended CONNECT: hyper applies it without a word, so this is
+/// how a client learns at once that a server will not take WebSockets, instead of waiting out the
+/// handshake timeout. After that frame it only passes bytes through.
+struct SettingsWatch<S> {
+    io: S,
+    preface: Arc<AtomicU8>,
+    /// Until the first frame is whole.
+    parser: Option<Box<PrefaceParser>>,
+}
+
+/// Reads a SETTINGS frame that arrives in pieces of any size.
+#[derive(Default)]
+struct PrefaceParser {
+    header: [u8; 9],
+    header_len: usize,
+    /// Payload bytes still to come.
+    remaining: usize,
+    entry: [u8; 6],
+    entry_len: usize,
+    enabled: bool,
+}
+
+/// `SETTINGS_ENABLE_CONNECT_PROTOCOL` (RFC 8441 §3).
+const SETTINGS_ENABLE_CONNECT_PROTOCOL: u16 = 0x8;
+/// The SETTINGS frame type.
+const FRAME_SETTINGS: u8 = 0x4;
+
+impl PrefaceParser {
+    /// Takes the next bytes; `Some(enabled)` once the frame is whole (`false` for a first frame
+    /// that is not SETTINGS, which hyper will refuse anyway).
+    fn feed(&mut self, bytes: &[u8]) -> Option<bool> {
+        for &byte in bytes {
+            if self.header_len < self.header.len() {
+                self.header[self.header_len] = byte;
+                self.header_len += 1;
+                if self.header_len == self.header.len() {
+                    if self.header[3] != FRAME_SETTINGS {
+                        return Some(false);
+                    }
+                    self.remaining = usize::from(self.header[0]) << 16
+                        | usize::from(self.header[1]) << 8
+                        | usize::from(self.header[2]);
+                    if self.remaining == 0 {
+                        return Some(false);
+                    }
+                }
+                continue;
+            }
+            self.entry[self.entry_len] = byte;
+            self.entry_len += 1;
+            self.remaining -= 1;
+            if self.entry_len == self.entry.len() {
+                let id = u16::from_be_bytes([self.entry[0], self.entry[1]]);
+                let value = u32::from_be_bytes([self.entry[2], self.entry[3], self.entry[4], self.entry[5]]);
+                if id == SETTINGS_ENABLE_CONNECT_PROTOCOL {
+                    self.enabled = value == 1;
+                }
+                self.entry_len = 0;
+            }
+            if self.remaining == 0 {
+                return Some(self.enabled);
+            }
+        }
+        None
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for SettingsWatch<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let (Some(parser), Poll::Ready(Ok(()))) = (this.parser.as_mut(), &polled) {
+            if let Some(enabled) = parser.feed(&buf.filled()[before..]) {
+                this.preface.store(if enabled { PREFACE_WITH } else { PREFACE_WITHOUT }, Ordering::Release);
+                this.parser = None;
+            }
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for SettingsWatch<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 fn http2_error(error: hyper::Error) -> Error {
     Error::Http2(error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(entries: &[(u16, u32)]) -> Vec<u8> {
+        let len = entries.len() * 6;
+        let mut frame = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, FRAME_SETTINGS, 0, 0, 0, 0, 0];
+        for (id, value) in entries {
+            frame.extend_from_slice(&id.to_be_bytes());
+            frame.extend_from_slice(&value.to_be_bytes());
+        }
+        frame
+    }
+
+    /// Fed in pieces of every size, a frame gives the same answer as whole.
+    fn read_in_pieces(frame: &[u8]) -> Option<bool> {
+        let mut answers = Vec::new();
+        for piece in 1..=frame.len() {
+            let mut parser = PrefaceParser::default();
+            let answer = frame.chunks(piece).find_map(|chunk| parser.feed(chunk));
+            answers.push(answer);
+        }
+        assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
+        answers[0]
+    }
+
+    #[test]
+    fn the_first_settings_frame_says_whether_websockets_are_enabled() {
+        assert_eq!(
+            read_in_pieces(&settings(&[(0x3, 100), (SETTINGS_ENABLE_CONNECT_PROTOCOL, 1), (0x4, 65535)])),
+            Some(true)
+        );
+        assert_eq!(read_in_pieces(&settings(&[(0x3, 100), (0x4, 65535)])), Some(false));
+        assert_eq!(read_in_pieces(&settings(&[(SETTINGS_ENABLE_CONNECT_PROTOCOL, 0)])), Some(false));
+        assert_eq!(read_in_pieces(&settings(&[])), Some(false), "an empty SETTINGS enables nothing");
+        let mut not_settings = settings(&[(SETTINGS_ENABLE_CONNECT_PROTOCOL, 1)]);
+        not_settings[3] = 0x6; // PING
+        assert_eq!(read_in_pieces(&not_settings), Some(false));
+        // Half a frame: no answer yet.
+        let whole = settings(&[(SETTINGS_ENABLE_CONNECT_PROTOCOL, 1)]);
+        assert_eq!(PrefaceParser::default().feed(&whole[..whole.len() - 1]), None);
+    }
 }

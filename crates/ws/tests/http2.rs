@@ -4,8 +4,13 @@
 //! control frames, bad UTF-8, oversized control frames, the close handshake) are sent here as raw
 //! bytes on an HTTP/2 stream.
 
+#[path = "support/test_ca.rs"]
+mod test_ca;
+
 use std::convert::Infallible;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::routing::any;
 use axum::Router;
@@ -16,7 +21,7 @@ use switchboard_ws::axum::WebSocketUpgrade;
 use switchboard_ws::http2::Http2Connection;
 use switchboard_ws::proto::handshake::ClientRequest;
 use switchboard_ws::upgrade::{refusal_response, Upgrade};
-use switchboard_ws::{Config, Message, WebSocket};
+use switchboard_ws::{ClientBuilder, Config, Error, Message, WebSocket};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -214,4 +219,82 @@ async fn unknown_protocols_and_versions_are_refused_on_either_path() {
         assert_eq!(response.status(), 426, "{path}");
         assert_eq!(response.headers()["sec-websocket-version"], "13", "{path}");
     }
+}
+
+/// Serves HTTP/2 on each connection of `listener` without enabling extended CONNECT, as most h2
+/// servers and proxies do: every request gets 404.
+async fn h2_without_websockets<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S) {
+    let service = hyper::service::service_fn(|_request: hyper::Request<hyper::body::Incoming>| async {
+        Ok::<_, Infallible>(hyper::Response::builder().status(404).body(Empty::<Bytes>::new()).unwrap())
+    });
+    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+#[tokio::test]
+async fn a_server_whose_http2_takes_no_websockets_is_told_at_once_not_after_the_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(h2_without_websockets(stream));
+        }
+    });
+    let started = Instant::now();
+    let tcp = TcpStream::connect(&addr).await.unwrap();
+    let config = Config::default().handshake_timeout(Duration::from_secs(10));
+    let error = Http2Connection::handshake(tcp, addr.clone(), &config).await.unwrap_err();
+    assert!(matches!(error, Error::Http2WebSocketsDisabled), "{error:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "told after {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn http2_true_falls_back_to_http1_when_the_servers_http2_takes_no_websockets() {
+    let ca = test_ca::TestCa::generate(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")), "h2-fallback");
+    // ALPN offers h2 and http/1.1: h2 connections get HTTP/2 without WebSockets, http/1.1 ones the
+    // WebSocket upgrade and an echo.
+    let acceptor = switchboard_ws::tls::acceptor_h2(&ca.cert_file, &ca.key_file).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (h2_connections, http1_connections) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let counts = (h2_connections.clone(), http1_connections.clone());
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (acceptor, counts) = (acceptor.clone(), counts.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else { return };
+                if switchboard_ws::tls::is_http2(&stream) {
+                    counts.0.fetch_add(1, Ordering::SeqCst);
+                    h2_without_websockets(stream).await;
+                } else {
+                    counts.1.fetch_add(1, Ordering::SeqCst);
+                    if let Ok(ws) = switchboard_ws::accept(stream, Config::default()).await {
+                        echo(ws).await;
+                    }
+                }
+            });
+        }
+    });
+    let started = Instant::now();
+    let (mut ws, _) = ClientBuilder::new(format!("wss://localhost:{port}/"))
+        .tls_ca_file(&ca.ca_file)
+        .http2(true)
+        .connect()
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2), "connected after {:?}", started.elapsed());
+    assert!(!ws.get_ref().is_http2(), "the WebSocket went over HTTP/1.1");
+    ws.send("over HTTP/1.1").await.unwrap();
+    assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("over HTTP/1.1"));
+    assert_eq!((h2_connections.load(Ordering::SeqCst), http1_connections.load(Ordering::SeqCst)), (1, 1));
+    // Asked for an HTTP/2 connection outright, it says why it cannot have one.
+    let error = ClientBuilder::new(format!("wss://localhost:{port}/"))
+        .tls_ca_file(&ca.ca_file)
+        .connect_http2()
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Http2WebSocketsDisabled), "{error:?}");
 }
