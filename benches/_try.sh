@@ -97,7 +97,7 @@ per_delivery() {
     db=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["delivered"])' "$out/last.json")
     echo $(( (b - a) / (db - da) ))
 }
-for n in switchboard-1t fastwebsockets; do
-KEEP=$n-low total $n echo -c 10 -s 20 --count 2000 >/dev/null
-KEEP=$n-high total $n echo -c 10 -s 20 --count 12000 >/dev/null
+for p in ${PROTOS:-v1 sse}; do
+KEEP=$p-low total serve-1t fanout --protocol $p --subscribers 100 --count 20 >/dev/null
+KEEP=$p-high total serve-1t fanout --protocol $p --subscribers 100 --count 220 >/dev/null
 done
