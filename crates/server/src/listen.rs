@@ -281,6 +281,8 @@ pub struct Permit {
     limiter: Arc<ConnectionLimiter>,
     /// The address it counts against; `None` for a place in the total only.
     ip: Option<IpAddr>,
+    /// False for a place per address only (see [`ConnectionLimiter::try_acquire_address`]).
+    in_total: bool,
 }
 
 impl ConnectionLimiter {
@@ -300,7 +302,21 @@ impl ConnectionLimiter {
         }
         *from_ip += 1;
         counts.total += 1;
-        Ok(Permit { limiter: self.clone(), ip: Some(ip) })
+        Ok(Permit { limiter: self.clone(), ip: Some(ip), in_total: true })
+    }
+
+    /// A place for `ip` that does not count in the total: the session of a proxy's client on an
+    /// HTTP/1.1 connection, which the connection's own place already counts there (that connection
+    /// carries this one session and nothing else until it ends).
+    pub fn try_acquire_address(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refused> {
+        let ip = client_address(ip);
+        let mut counts = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let from_ip = counts.per_ip.entry(ip).or_insert(0);
+        if *from_ip >= self.max_per_ip {
+            return Err(Refused::PerIp(self.max_per_ip));
+        }
+        *from_ip += 1;
+        Ok(Permit { limiter: self.clone(), ip: Some(ip), in_total: false })
     }
 
     /// A place in the total only: a connection from a proxy, whose clients are counted each by
@@ -311,7 +327,7 @@ impl ConnectionLimiter {
             return Err(Refused::Full(self.max_total));
         }
         counts.total += 1;
-        Ok(Permit { limiter: self.clone(), ip: None })
+        Ok(Permit { limiter: self.clone(), ip: None, in_total: true })
     }
 
     pub fn open(&self) -> usize {
@@ -338,7 +354,9 @@ fn client_address(ip: IpAddr) -> IpAddr {
 impl Drop for Permit {
     fn drop(&mut self) {
         let mut counts = self.limiter.state.lock().unwrap_or_else(|p| p.into_inner());
-        counts.total -= 1;
+        if self.in_total {
+            counts.total -= 1;
+        }
         let Some(ip) = self.ip else { return };
         if let Some(n) = counts.per_ip.get_mut(&ip) {
             *n -= 1;
@@ -352,6 +370,23 @@ impl Drop for Permit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn address_places_count_per_address_and_not_in_the_total() {
+        let limiter = ConnectionLimiter::new(2, 1);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        // A proxy's two connections fill the total; each carries one client's session.
+        let _proxy_1 = limiter.try_acquire_shared().unwrap();
+        let _proxy_2 = limiter.try_acquire_shared().unwrap();
+        let session_a = limiter.try_acquire_address(a).expect("the connection holds the total's place");
+        let _session_b = limiter.try_acquire_address(b).unwrap();
+        assert_eq!(limiter.open(), 2);
+        assert_eq!(limiter.try_acquire_address(a).unwrap_err(), Refused::PerIp(1), "a's one place is taken");
+        assert_eq!(limiter.try_acquire_shared().unwrap_err(), Refused::Full(2));
+        drop(session_a);
+        assert_eq!(limiter.open(), 2, "a session's end leaves its connection's place");
+        let _again = limiter.try_acquire_address(a).expect("a's place is free again");
+    }
 
     #[test]
     fn permits_count_in_total_and_per_address() {

@@ -181,6 +181,41 @@ async fn a_trusted_proxys_x_forwarded_for_names_each_client_and_an_untrusted_pee
 }
 
 #[tokio::test]
+async fn behind_a_trusted_proxy_each_websocket_takes_one_place_in_the_total() {
+    // Straight from the trusted peer, as a proxy's HTTP/1.1 connections come: one connection each.
+    let (server, _db) =
+        start_serve(&["--trusted-proxies", "127.0.0.1", "--max-connections", "3", "--max-connections-per-ip", "1"]);
+    let mut clients = Vec::new();
+    for client in ["10.0.0.1", "10.0.0.2", "10.0.0.3"] {
+        let ws = chat_from("127.0.0.1", &server.addr, &[("X-Forwarded-For", client)]).await;
+        let ws = ws.unwrap_or_else(|e| panic!("{client} has a place of the 3: {e}"));
+        clients.push(joined(ws, client).await);
+    }
+    let full = chat_from("127.0.0.1", &server.addr, &[("X-Forwarded-For", "10.0.0.4")]).await.map(|_| ()).unwrap_err();
+    assert!(full.contains("503"), "3 WebSockets are 3 places: {full}");
+    // Per address it is still one each.
+    drop(clients.pop());
+    let again = chat_from("127.0.0.1", &server.addr, &[("X-Forwarded-For", "10.0.0.1")]).await;
+    let again = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut again = again;
+        // The freed place may take a moment to be given back after the close.
+        for _ in 0..50 {
+            match again {
+                Err(e) if e.contains("503") => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    again = chat_from("127.0.0.1", &server.addr, &[("X-Forwarded-For", "10.0.0.1")]).await;
+                }
+                other => return other.map(|_| ()),
+            }
+        }
+        again.map(|_| ())
+    })
+    .await
+    .unwrap();
+    assert!(again.unwrap_err().contains("429"), "10.0.0.1 already has its one place");
+}
+
+#[tokio::test]
 async fn with_the_proxy_protocol_the_limits_see_each_client_and_a_connection_without_it_is_closed() {
     if !haproxy_available() {
         return;

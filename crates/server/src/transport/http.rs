@@ -92,7 +92,7 @@ async fn websocket(
     let peer = peer.map(|axum::Extension(Peer(address))| address);
     match upgrade {
         Ok(upgrade) => {
-            let place = match own_place(&state, peer, shared.is_some(), "refused a WebSocket handshake") {
+            let place = match own_place(&state, peer, shared, "refused a WebSocket handshake") {
                 Ok(place) => place,
                 Err(refused) => return limit_response(refused),
             };
@@ -116,11 +116,16 @@ async fn websocket(
 fn own_place(
     state: &AppState,
     peer: Option<SocketAddr>,
-    shared: bool,
+    shared: Option<axum::Extension<SharedConnection>>,
     log: &'static str,
 ) -> Result<Option<Permit>, Refused> {
-    let Some(address) = peer.filter(|_| shared) else { return Ok(None) };
-    state.connections.try_acquire(address.ip()).map(Some).inspect_err(|refused| {
+    let (Some(address), Some(axum::Extension(shared))) = (peer, shared) else { return Ok(None) };
+    let place = if shared.http2 {
+        state.connections.try_acquire(address.ip())
+    } else {
+        state.connections.try_acquire_address(address.ip())
+    };
+    place.map(Some).inspect_err(|refused| {
         tracing::info!(peer = %address, reason = %refused, "{log}");
         metrics().refused(Refusal::Limit);
     })
@@ -141,7 +146,7 @@ async fn sse_stream(
     RawQuery(query): RawQuery,
 ) -> Response {
     let peer = peer.map(|axum::Extension(Peer(address))| address);
-    let place = match own_place(&state, peer, shared.is_some(), "refused an SSE stream") {
+    let place = match own_place(&state, peer, shared, "refused an SSE stream") {
         Ok(place) => place,
         Err(refused) => return limit_response(refused),
     };
@@ -289,9 +294,13 @@ pub struct Peer(pub SocketAddr);
 
 /// In a request's extensions when its connection's place in the limits does not stand for its
 /// client alone: an HTTP/2 connection (many sessions), or a connection from a trusted proxy (many
-/// clients). A WebSocket or SSE session on it takes a place of its own, for its client's address.
+/// clients). A WebSocket or SSE session on it takes a place of its own, for its client's address:
+/// in the total too on HTTP/2, where one connection carries many sessions; per address only on a
+/// proxy's HTTP/1.1 connection, whose own place in the total stands for the one session it carries.
 #[derive(Debug, Clone, Copy)]
-pub struct SharedConnection;
+pub struct SharedConnection {
+    pub http2: bool,
+}
 
 /// The router as a hyper service: each request learns the client's address (for per-address limits
 /// of the HTTP routes) and whether its connection is shared, and `on_request` hears of it. The
@@ -315,7 +324,7 @@ fn service(
         let client = trusted.client(peer, request.headers()).unwrap_or(peer);
         request.extensions_mut().insert(Peer(client));
         if shared {
-            request.extensions_mut().insert(SharedConnection);
+            request.extensions_mut().insert(SharedConnection { http2 });
         }
         let mut app = app.clone();
         tower_service::Service::call(&mut app, request)
