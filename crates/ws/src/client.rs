@@ -269,6 +269,17 @@ async fn open_tcp(host: &str, port: u16) -> Result<TcpStream> {
     }))
 }
 
+/// The permessage-deflate parameters the server's answer agreed to, if it took our offer; an
+/// extension we did not offer is an error.
+pub(crate) fn accepted_deflate(accepted: &Accepted, config: &Config) -> Result<Option<deflate::DeflateParams>> {
+    match (&accepted.extensions, &config.compression) {
+        (Some(response), Some(settings)) => deflate::accept_response(response, settings)
+            .map(Some)
+            .map_err(|e| Error::Response { error: ResponseError::UnofferedExtension(e.0), body: String::new() }),
+        _ => Ok(None),
+    }
+}
+
 /// Performs the client handshake over a connected stream (TCP, TLS, a proxy tunnel...).
 pub async fn client_handshake<S>(mut io: S, request: ClientRequest, config: Config) -> Result<(WebSocket<S>, Accepted)>
 where
@@ -286,15 +297,7 @@ where
                     let _ = buf.split_to(used);
                     return match handshake::verify_response(&request, head) {
                         Ok(accepted) => {
-                            let deflate = match (&accepted.extensions, &config.compression) {
-                                (Some(response), Some(settings)) => {
-                                    Some(deflate::accept_response(response, settings).map_err(|e| Error::Response {
-                                        error: ResponseError::UnofferedExtension(e.0),
-                                        body: String::new(),
-                                    })?)
-                                }
-                                _ => None,
-                            };
+                            let deflate = accepted_deflate(&accepted, &config)?;
                             Ok((accepted, deflate, buf))
                         }
                         Err(error) => {

@@ -21,7 +21,6 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use switchboard_proto::deflate;
 use switchboard_proto::handshake::{self, Accepted, ClientRequest, Head, ResponseError};
 use switchboard_proto::Role;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -151,15 +150,7 @@ impl Http2Connection {
         };
         let (accepted, upgraded) =
             tokio::time::timeout(limit, exchange).await.map_err(|_| Error::HandshakeTimeout(limit))??;
-        let deflate = match (&accepted.extensions, &config.compression) {
-            (Some(response), Some(settings)) => {
-                Some(deflate::accept_response(response, settings).map_err(|e| Error::Response {
-                    error: ResponseError::UnofferedExtension(e.0),
-                    body: String::new(),
-                })?)
-            }
-            _ => None,
-        };
+        let deflate = crate::client::accepted_deflate(&accepted, &config)?;
         let protocol = accepted.protocol.clone();
         let stream = ClientStream::Http2(Box::new(TokioIo::new(upgraded)));
         let socket = WebSocket::from_raw_with_deflate(stream, Role::Client, config, &[], deflate);
