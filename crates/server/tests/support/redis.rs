@@ -37,23 +37,38 @@ impl Redis {
         Self::start_with(&["--save", "", "--appendonly", "yes", "--appendfsync", "always"])
     }
 
+    /// A server started with `args`. A port picked ahead can be taken before the server binds it
+    /// (the tests' own clients use the same range), so a server that exits at once is started again
+    /// on other ports. A cluster node's bus gets a free port of its own, not port + 10000 (past
+    /// 65535 for a third of the range).
     pub fn start_with(args: &[&str]) -> Self {
-        let mut redis = Self {
-            child: None,
-            port: free_port(),
-            dir: temp_dir("redis"),
-            args: args.iter().map(|a| a.to_string()).collect(),
-        };
-        redis.restart();
-        redis
+        let mut last_failure = String::new();
+        for _ in 0..5 {
+            let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            if args.iter().any(|a| a == "--cluster-enabled") {
+                args.extend(["--cluster-port".to_owned(), free_port().to_string()]);
+            }
+            let mut redis = Self { child: None, port: free_port(), dir: temp_dir("redis"), args };
+            match redis.try_start() {
+                Ok(()) => return redis,
+                Err(failure) => last_failure = failure,
+            }
+        }
+        panic!("redis-server did not start in five tries: {last_failure}");
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    /// Starts it (again, on the same port and directory).
+    /// Starts it again, on the same port and directory.
     pub fn restart(&mut self) {
+        if let Err(failure) = self.try_start() {
+            panic!("{failure}");
+        }
+    }
+
+    fn try_start(&mut self) -> Result<(), String> {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--dir"])
             .arg(&self.dir)
@@ -65,9 +80,17 @@ impl Redis {
         self.child = Some(child);
         let started = Instant::now();
         while self.cli(&["PING"]) != "PONG" {
-            assert!(started.elapsed() < Duration::from_secs(10), "redis-server did not answer on {}", self.port);
+            if let Some(status) = self.child.as_mut().and_then(|child| child.try_wait().ok().flatten()) {
+                self.child = None;
+                return Err(format!("redis-server on {} exited: {status}", self.port));
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                self.kill();
+                return Err(format!("redis-server did not answer on {}", self.port));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     /// kill -9.
