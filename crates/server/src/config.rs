@@ -120,6 +120,11 @@ settings! {
         /// Open connections from one IP address (IPv6: one /64); more get 429 [default: 10000].
         #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP")]
         max_connections_per_ip: usize = 10_000,
+        /// Sessions (WebSocket, SSE, long poll) one signed-in user, by its token's `sub`, may have
+        /// open on this node at once, whatever connections carry them; more get 429 or close 1008.
+        /// 0 turns the limit off [default: 100].
+        #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_USER")]
+        max_connections_per_user: usize = 100,
         /// Seconds to wait, after SIGTERM or Ctrl-C, for clients to close and history to be written
         /// [default: 5].
         #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE_SECS")]

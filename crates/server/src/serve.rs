@@ -49,6 +49,7 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
         outbox_bytes: config.limits.outbox_bytes(),
         max_rooms_per_connection: chat.max_rooms_per_connection(),
         max_presence: chat.max_presence(),
+        max_sessions_per_user: config.server.max_connections_per_user(),
     };
     let retention = Retention {
         max_messages: config.history.max_messages(),

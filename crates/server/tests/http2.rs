@@ -186,6 +186,51 @@ async fn each_websocket_on_an_http2_connection_counts_against_the_per_address_li
 }
 
 #[tokio::test]
+async fn the_per_user_limit_counts_sessions_on_one_http2_connection_and_on_any_transport() {
+    let ca = ca("h2-user");
+    let secret = "h2-user-secret";
+    let server = serve_tls(&ca, &["--jwt-secret", secret, "--max-connections-per-user", "2"]);
+    let minted = support::switchboard().args(["token", "--sub", "ann", "--secret", secret]).output().unwrap();
+    let token = String::from_utf8(minted.stdout).unwrap().trim().to_owned();
+    let ann = chat_client(&server, &ca).header("Authorization", format!("Bearer {token}"));
+    // One TCP connection, two of ann's sessions on it: the limit counts the sessions.
+    let connection = ann.connect_http2().await.unwrap();
+    let first = open(&connection, &ann).await;
+    let _second = open(&connection, &ann).await;
+    match ann.open_on(&connection).await {
+        Err(switchboard_ws::Error::Response { error, body }) => {
+            assert!(error.to_string().contains("429"), "{error}");
+            assert!(body.contains("\"ann\""), "{body}");
+        }
+        other => panic!("expected a 429, got {:?}", other.map(|(_, a)| a.head.status)),
+    }
+    // Over SSE on the same connection, the same count.
+    let (status, body) = get(&connection, &format!("/sse?room=lobby&token={token}")).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("too_many"), "{body}");
+    // A token in the first message is counted as it arrives: the session ends with 1008.
+    let (mut late, _) = chat_client(&server, &ca).open_on(&connection).await.unwrap();
+    send(&mut late, json!({"type": "auth", "token": token})).await;
+    assert_eq!(next_close(&mut late).await.map(|(code, _)| code), Some(1008));
+    // Another user is not held back, and a session that ends gives ann's place back.
+    let minted = support::switchboard().args(["token", "--sub", "bob", "--secret", secret]).output().unwrap();
+    let bob = chat_client(&server, &ca)
+        .header("Authorization", format!("Bearer {}", String::from_utf8(minted.stdout).unwrap().trim()));
+    let _bob = open(&connection, &bob).await;
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while let Err(error) = ann.open_on(&connection).await {
+        assert!(tokio::time::Instant::now() < deadline, "ann's place was not given back: {error}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, metrics) = get(&connection, "/metrics").await;
+    assert!(
+        sample(&metrics, r#"switchboard_connections_refused_total{reason="limit"}"#).unwrap_or(0.0) >= 2.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn sigterm_closes_http2_websockets_with_1001_then_ends_the_connection() {
     let ca = ca("h2-sigterm");
     let server = serve_tls(&ca, &["--shutdown-grace-secs", "2"]);

@@ -207,6 +207,85 @@ fn bad_requests_get_a_4xx_naming_the_problem() {
     assert_eq!(status, 401);
 }
 
+/// `GET {target}` with `extra_headers`: the status and the JSON answer.
+fn get(addr: &str, target: &str, extra_headers: &str) -> (u16, Value) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra_headers}\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    (status, serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap_or(Value::Null))
+}
+
+#[test]
+fn origins_and_room_grants_hold_for_streams_and_polls_as_for_websockets() {
+    let (server, _db) = start_serve(&[
+        "--jwt-secret",
+        "s3cret",
+        "--allow-anonymous",
+        "false",
+        "--allowed-origins",
+        "https://chat.example.com",
+    ]);
+    let minted = support::switchboard()
+        .args(["token", "--sub", "ann", "--room", "lobby", "--secret", "s3cret"])
+        .output()
+        .unwrap();
+    let token = String::from_utf8(minted.stdout).unwrap().trim().to_owned();
+    let good = "Origin: https://chat.example.com\r\n";
+    let evil = "Origin: https://evil.example\r\n";
+    for path in ["/sse", "/poll"] {
+        let wait = if path == "/poll" { "&wait=0" } else { "" };
+        let target = |query: &str| format!("{path}?{query}{wait}");
+        let (status, body) = get(&server.addr, &target(&format!("room=lobby&token={token}")), evil);
+        assert_eq!((status, body["code"].as_str()), (403, Some("not_allowed")), "{path} from another origin: {body}");
+        assert!(body["message"].as_str().unwrap().contains("origin"), "{body}");
+        let (status, body) = get(&server.addr, &target(&format!("room=other&token={token}")), good);
+        assert_eq!((status, body["code"].as_str()), (403, Some("not_allowed")), "{path}, a room not granted: {body}");
+        assert!(body["message"].as_str().unwrap().contains("\"other\""), "{body}");
+        let (status, body) = get(&server.addr, &target("room=lobby"), good);
+        assert_eq!((status, body["code"].as_str()), (401, Some("bad_token")), "{path} without a token: {body}");
+        let (status, body) = get(&server.addr, &target(&format!("room=bad%20room&token={token}")), good);
+        assert_eq!(status, 400, "{path}, an invalid room: {body}");
+        assert!(body["message"].as_str().unwrap().contains("invalid room"), "{body}");
+    }
+    // With the right origin and a granted room, both serve.
+    let mut stream = Stream::open(&server.addr, &format!("room=lobby&token={token}"), good);
+    assert_eq!(stream.status, 200);
+    stream.next_of("joined");
+    let (status, body) = get(&server.addr, &format!("/poll?room=lobby&token={token}&wait=0"), good);
+    assert_eq!(status, 200, "{body}");
+    // Each refusal is counted by its reason.
+    let (_, metrics) = support::http_json(&server.addr, "GET", "/metrics", None, None);
+    let count = |series: &str| {
+        metrics.as_str().unwrap().lines().find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+    };
+    assert_eq!(count(r#"switchboard_connections_refused_total{reason="origin"}"#), Some(2.0), "{metrics}");
+    assert!(count(r#"switchboard_connections_refused_total{reason="auth"}"#) >= Some(2.0), "{metrics}");
+}
+
+#[test]
+fn a_client_address_holds_as_many_streams_as_the_per_address_limit() {
+    let (server, _db) = start_serve(&["--max-connections-per-ip", "2"]);
+    let mut first = Stream::open(&server.addr, "room=r", "");
+    let _second = Stream::open(&server.addr, "room=r", "");
+    assert_eq!(first.status, 200);
+    first.next_of("joined");
+    let third = Stream::open(&server.addr, "room=r", "");
+    assert_eq!(third.status, 429, "{}", third.headers);
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let again = Stream::open(&server.addr, "room=r", "");
+        if again.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a closed stream gives its place back: {}", again.status);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn publishes_are_idempotent_and_tokens_come_from_a_cookie_too() {
     let (server, _db) = start_serve(&["--jwt-secret", "s3cret", "--allow-anonymous", "false"]);

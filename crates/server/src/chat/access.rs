@@ -34,6 +34,9 @@ pub enum AuthError {
     /// A valid token that does not grant what the connection needs (a seed client's default room).
     #[error("{0}")]
     NotGranted(String),
+    /// A valid token whose user has as many sessions here as one user may have.
+    #[error("{0}")]
+    TooManySessions(String),
 }
 
 /// The claims Switchboard reads (and `switchboard token` writes).

@@ -53,6 +53,16 @@ impl std::hash::Hasher for ConnIdHasher {
 
 type ConnMap<V> = HashMap<ConnId, V, std::hash::BuildHasherDefault<ConnIdHasher>>;
 
+/// One session of `sub` fewer; a user with none is forgotten.
+fn forget_user_session(users: &mut HashMap<String, usize>, sub: &str) {
+    if let Some(count) = users.get_mut(sub) {
+        *count -= 1;
+        if *count == 0 {
+            users.remove(sub);
+        }
+    }
+}
+
 /// Why a join was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JoinError {
@@ -220,6 +230,16 @@ fn pop(state: &mut OutboxState) -> Option<Utf8Bytes> {
 struct Inner {
     rooms: HashMap<String, Room>,
     conns: ConnMap<Conn>,
+    /// Sessions signed in as each user (by token subject), for `max_sessions_per_user`.
+    users: HashMap<String, usize>,
+}
+
+/// A session refused because its user has as many on this node as `max_sessions_per_user` allows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{sub:?} has {limit} sessions open here already, the most one user may have")]
+pub struct UserLimit {
+    pub sub: String,
+    pub limit: usize,
 }
 
 /// Rooms and fan-out of one node.
@@ -372,11 +392,35 @@ impl Hub {
         self.closing.load(Ordering::Relaxed)
     }
 
-    /// Records who a connection is signed in as (`None`: anonymous), for the per-user commands.
-    pub fn set_user(&self, id: ConnId, user: Option<(String, String)>) {
-        if let Some(conn) = self.lock().conns.get_mut(&id) {
-            conn.user = user.map(Arc::new);
+    /// Records who a connection is signed in as (`None`: anonymous), for the per-user commands and
+    /// the per-user limit; refused when that user has `max_sessions_per_user` sessions here already.
+    pub fn set_user(&self, id: ConnId, user: Option<(String, String)>) -> Result<(), UserLimit> {
+        let mut guard = self.lock();
+        let Inner { conns, users, .. } = &mut *guard;
+        let Some(conn) = conns.get_mut(&id) else { return Ok(()) };
+        let old = conn.user.as_ref().map(|user| user.0.as_str());
+        let new = user.as_ref().map(|user| user.0.as_str());
+        if old != new {
+            if let Some(sub) = new {
+                let limit = self.limits.max_sessions_per_user;
+                if limit > 0 && users.get(sub).copied().unwrap_or(0) >= limit {
+                    return Err(UserLimit { sub: sub.to_owned(), limit });
+                }
+                *users.entry(sub.to_owned()).or_insert(0) += 1;
+            }
+            if let Some(sub) = old {
+                forget_user_session(users, sub);
+            }
         }
+        conn.user = user.map(Arc::new);
+        Ok(())
+    }
+
+    /// True when user `sub` may not open another session here (a check before a WebSocket
+    /// handshake is answered; [`Hub::set_user`] decides).
+    pub fn user_at_limit(&self, sub: &str) -> bool {
+        let limit = self.limits.max_sessions_per_user;
+        limit > 0 && self.lock().users.get(sub).copied().unwrap_or(0) >= limit
     }
 
     /// The connections of user `sub` that take commands (`switchboard.v1`, not a long poll's).
@@ -626,6 +670,9 @@ impl Hub {
         // Closing ends the session's outbox once it is read: the session then closes the socket.
         if let Some(conn) = inner.conns.remove(&id) {
             conn.outbox.close();
+            if let Some(user) = &conn.user {
+                forget_user_session(&mut inner.users, &user.0);
+            }
         }
     }
 
@@ -693,7 +740,7 @@ impl Deliver for Hub {
             crate::metrics::metrics().publish_delivery_seconds.observe(took_ms as f64 / 1000.0);
         }
         let mut guard = self.lock();
-        let Inner { rooms, conns } = &mut *guard;
+        let Inner { rooms, conns, .. } = &mut *guard;
         let mut stalled = Vec::new();
         for message in batch {
             let Some(room) = rooms.get_mut(&message.room) else { continue };
@@ -756,7 +803,13 @@ mod tests {
     use crate::engine::memory::LocalPresence;
 
     fn hub() -> Arc<Hub> {
-        let limits = HubLimits { outbox_messages: 4, outbox_bytes: 1000, max_rooms_per_connection: 3, max_presence: 2 };
+        let limits = HubLimits {
+            outbox_messages: 4,
+            outbox_bytes: 1000,
+            max_rooms_per_connection: 3,
+            max_presence: 2,
+            max_sessions_per_user: 2,
+        };
         Hub::new(limits, "lobby".into(), NodeId::new("n"), Arc::new(LocalPresence::default()))
     }
 

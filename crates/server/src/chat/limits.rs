@@ -42,6 +42,8 @@ pub struct HubLimits {
     pub max_rooms_per_connection: usize,
     /// Most members listed in one presence answer.
     pub max_presence: usize,
+    /// Sessions one signed-in user (token subject) may have on this node at once; 0 is no limit.
+    pub max_sessions_per_user: usize,
 }
 
 /// A token bucket: `burst` messages at once, refilled at `per_sec`.

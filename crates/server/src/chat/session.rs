@@ -20,7 +20,7 @@ use serde_json::Value;
 use switchboard_ws::Utf8Bytes;
 
 use super::access::{AuthError, Identity};
-use super::hub::{ConnId, JoinError, JoinId, Outbox};
+use super::hub::{ConnId, JoinError, JoinId, Outbox, UserLimit};
 use super::limits::RateLimiter;
 use super::message::{check_name, check_room, now_hms, NewMessage, Refusal};
 use super::publish::{self, validate_publish, PublishRequest};
@@ -215,7 +215,9 @@ impl Session {
     /// must send a token first.
     pub fn start(&mut self, identity: Option<Identity>) -> Result<(), End> {
         match identity {
-            Some(identity) => self.authenticated(identity).map_err(|(code, reason)| End::new(code, reason)),
+            Some(identity) => {
+                self.authenticated(identity).map_err(|error| End::new(close_code(&error), error.to_string()))
+            }
             None => Ok(()),
         }
     }
@@ -356,28 +358,29 @@ impl Session {
     }
 
     /// The connection has an identity now (from its handshake or its first message): join the hub.
-    fn authenticated(&mut self, identity: Identity) -> Result<(), (u16, String)> {
+    fn authenticated(&mut self, identity: Identity) -> Result<(), AuthError> {
         let default_room = self.core.hub.default_room();
         if self.dialect == Dialect::Seed && !identity.may_join(default_room) {
-            return Err((FORBIDDEN, format!("this token does not grant the room {default_room:?}")));
+            return Err(AuthError::NotGranted(format!("this token does not grant the room {default_room:?}")));
         }
-        self.set_identity(identity);
+        self.set_identity(identity).map_err(|limit| AuthError::TooManySessions(limit.to_string()))?;
         if self.dialect == Dialect::Seed {
             self.core.hub.enter_default_room(self.conn);
         }
         Ok(())
     }
 
-    fn set_identity(&mut self, identity: Identity) {
+    fn set_identity(&mut self, identity: Identity) -> Result<(), UserLimit> {
         let user = identity.subject.clone().map(|sub| {
             let name = identity.name.clone().unwrap_or_else(|| sub.clone());
             (sub, name)
         });
-        self.core.hub.set_user(self.conn, user);
+        self.core.hub.set_user(self.conn, user)?;
         let clock = &self.core.clock;
         self.expiry =
             identity.expires_at.map(|at| clock.now() + at.duration_since(clock.wall()).unwrap_or(Duration::ZERO));
         self.identity = Some(if identity == Identity::anonymous() { anonymous() } else { Arc::new(identity) });
+        Ok(())
     }
 
     /// Takes `messages` from the rate limit; false when the connection is over it.
@@ -396,10 +399,7 @@ impl Session {
         let mut parsed: serde_json::Map<String, Value> = serde_json::from_str(text).map_err(|_| bad())?;
         if let Some(token) = parsed.remove("token") {
             let token = token.as_str().ok_or((UNAUTHORIZED, "the token must be a string".to_owned()))?;
-            return self.authenticate(token).map(|_| ()).map_err(|error| match error {
-                AuthError::NotGranted(reason) => (FORBIDDEN, reason),
-                other => (UNAUTHORIZED, other.to_string()),
-            });
+            return self.authenticate(token).map(|_| ()).map_err(|error| (close_code(&error), error.to_string()));
         }
         let Some(identity) = &self.identity else {
             return Err((UNAUTHORIZED, "authentication required: send {\"token\": \"...\"} first".into()));
@@ -438,10 +438,7 @@ impl Session {
         let access = &self.core.access;
         let Some(current) = &self.identity else {
             let identity = access.verify(token)?;
-            return match self.authenticated(identity) {
-                Ok(()) => Ok(Vec::new()),
-                Err((_, reason)) => Err(AuthError::NotGranted(reason)),
-            };
+            return self.authenticated(identity).map(|()| Vec::new());
         };
         let fresh = access.refresh(current, token)?;
         let mut left = Vec::new();
@@ -450,7 +447,8 @@ impl Session {
                 left.push(room);
             }
         }
-        self.set_identity(fresh);
+        // A refresh keeps its subject (`refresh` checks), so the user's count does not move.
+        self.set_identity(fresh).map_err(|limit| AuthError::TooManySessions(limit.to_string()))?;
         Ok(left)
     }
 
@@ -583,7 +581,9 @@ impl Session {
                 );
                 Ok(out)
             }
-            Err(AuthError::NotGranted(reason)) => Err((FORBIDDEN, reason)),
+            Err(error @ (AuthError::NotGranted(_) | AuthError::TooManySessions(_))) => {
+                Err((close_code(&error), error.to_string()))
+            }
             Err(error) if first => Err((UNAUTHORIZED, error.to_string())),
             Err(error) => Ok(vec![error_text(ErrorCode::BadToken, &error.to_string(), req.as_ref())]),
         }
@@ -728,6 +728,16 @@ impl Drop for Session {
 }
 
 /// The identity of every anonymous session, shared.
+/// The close code that ends a session whose token could not be taken: 4003 for a token that does
+/// not grant what the session needs, 1008 for a user at its session limit, 4001 otherwise.
+fn close_code(error: &AuthError) -> u16 {
+    match error {
+        AuthError::NotGranted(_) => FORBIDDEN,
+        AuthError::TooManySessions(_) => POLICY_VIOLATION,
+        _ => UNAUTHORIZED,
+    }
+}
+
 fn anonymous() -> Arc<Identity> {
     static ANONYMOUS: std::sync::OnceLock<Arc<Identity>> = std::sync::OnceLock::new();
     ANONYMOUS.get_or_init(|| Arc::new(Identity::anonymous())).clone()

@@ -49,11 +49,12 @@ struct Options {
     rate: Option<RateLimit>,
     outbox_messages: usize,
     max_replay: usize,
+    max_sessions_per_user: usize,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { anonymous: true, rate: None, outbox_messages: 100, max_replay: 100 }
+        Self { anonymous: true, rate: None, outbox_messages: 100, max_replay: 100, max_sessions_per_user: 0 }
     }
 }
 
@@ -63,6 +64,7 @@ fn chat(options: Options) -> Chat {
         outbox_bytes: 1 << 20,
         max_rooms_per_connection: 4,
         max_presence: 10,
+        max_sessions_per_user: options.max_sessions_per_user,
     };
     let hub = Hub::new(limits, "lobby".into(), NodeId::new("t"), Arc::new(LocalPresence::default()));
     let retention = Retention { max_messages: 1000, max_age: None, max_db_bytes: None };
@@ -578,4 +580,28 @@ async fn a_guest_asking_for_a_signed_in_users_name_gets_it_marked_as_a_guests() 
     let answers = marked.send(json!({"type": "join", "room": "r", "name": "cy (guest)"})).await.unwrap();
     let last = answers[0]["members"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["name"], "cy (guest)", "never marked twice");
+}
+
+#[tokio::test]
+async fn a_user_has_at_most_its_limit_of_sessions_and_a_closed_one_frees_its_place() {
+    let chat = chat(Options { anonymous: false, max_sessions_per_user: 2, ..Options::default() });
+    let sign_in = |sub: &str| {
+        let mut session = Session::new(chat.core.clone(), Dialect::V1);
+        let identity = chat.core.access.verify(&token(sub, 600, None)).unwrap();
+        session.start(Some(identity)).map(|()| session)
+    };
+    let first = sign_in("ann").unwrap();
+    let _second = sign_in("ann").unwrap();
+    let refused = sign_in("ann").map(|_| ()).unwrap_err();
+    assert_eq!(refused.code, POLICY_VIOLATION);
+    assert!(refused.reason.contains("\"ann\" has 2 sessions"), "{}", refused.reason);
+    assert!(chat.core.hub.user_at_limit("ann"));
+    let _bob = sign_in("bob").expect("another user has places of its own");
+    // A token in the first message counts the same way.
+    let mut late = chat.v1();
+    let end = late.session.on_text(&json!({"type": "auth", "token": token("ann", 600, None)}).to_string()).unwrap_err();
+    assert_eq!(end.code, POLICY_VIOLATION, "a first token over the limit ends the session: {}", end.reason);
+    drop(first);
+    assert!(!chat.core.hub.user_at_limit("ann"), "a closed session gives its place back");
+    let _third = sign_in("ann").expect("ann's freed place");
 }

@@ -182,7 +182,7 @@ pub async fn poll(
     let mut session = Session::listener(core);
     session.set_transport(Transport::LongPoll);
     if let Err(end) = session.start(Some(identity)) {
-        return sse::refused(StatusCode::FORBIDDEN, ErrorCode::NotAllowed, end.reason).into_response();
+        return sse::start_refused(end).into_response();
     }
     match answer(&mut session, &rooms, cursor, wait).await {
         Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response(),

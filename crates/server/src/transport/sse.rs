@@ -274,6 +274,16 @@ pub(crate) fn refused(status: StatusCode, code: ErrorCode, message: impl Into<St
     super::api::fail(status, code, message)
 }
 
+/// The answer to a session that could not start with its token: 429 for a user at its session
+/// limit (`--max-connections-per-user`), 403 for a token that does not grant what it needs.
+pub(crate) fn start_refused(end: End) -> Refused {
+    if end.code == crate::chat::session::POLICY_VIOLATION {
+        metrics().refused(Refusal::Limit);
+        return refused(StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooMany, end.reason);
+    }
+    refused(StatusCode::FORBIDDEN, ErrorCode::NotAllowed, end.reason)
+}
+
 /// A JSON error answer naming the problem.
 fn error(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response {
     refused(status, code, message).into_response()
@@ -408,7 +418,7 @@ pub async fn stream(
     session.set_transport(Transport::Sse);
     metrics().connections_opened.inc(Transport::Sse);
     if let Err(end) = session.start(Some(identity)) {
-        return error(StatusCode::FORBIDDEN, ErrorCode::NotAllowed, end.reason);
+        return start_refused(end).into_response();
     }
     let mut state = Stream {
         session,

@@ -77,6 +77,14 @@ pub async fn upgrade(
         None if access.allow_anonymous => Some(Identity::anonymous()),
         None => None,
     };
+    // Answered in HTTP while it can be; the session still decides when it registers its user.
+    if let Some(sub) = identity.as_ref().and_then(|identity| identity.subject.as_deref()) {
+        if state.core.hub.user_at_limit(sub) {
+            tracing::info!(peer = peer.map(tracing::field::display), %sub, "refused a WebSocket handshake: the user's session limit");
+            metrics().refused(Refusal::Limit);
+            return refuse_too_many(sub);
+        }
+    }
     let WsState { core, config, live } = state;
     metrics().websocket_handshake(upgrade.is_http2());
     upgrade
@@ -93,6 +101,16 @@ pub async fn upgrade(
             run(session, stop, socket, live)
         })
         .into_response()
+}
+
+/// 429 for a user with as many sessions as it may have, with `Retry-After`.
+fn refuse_too_many(sub: &str) -> Response {
+    let mut response = refuse(
+        axum::http::StatusCode::TOO_MANY_REQUESTS,
+        format!("{sub:?} has as many sessions open here as one user may have"),
+    );
+    response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
+    response
 }
 
 /// The token of a handshake: `Authorization: Bearer ...`, else the `token` query parameter.
@@ -387,7 +405,13 @@ mod tests {
     /// widens it shows up here before it shows up in `bench idle` against `serve`.
     #[tokio::test]
     async fn an_idle_chat_connection_future_stays_small() {
-        let limits = HubLimits { outbox_messages: 8, outbox_bytes: 1024, max_rooms_per_connection: 1, max_presence: 1 };
+        let limits = HubLimits {
+            outbox_messages: 8,
+            outbox_bytes: 1024,
+            max_rooms_per_connection: 1,
+            max_presence: 1,
+            max_sessions_per_user: 1,
+        };
         let hub = Hub::new(limits, "lobby".into(), NodeId::new("t"), Arc::new(LocalPresence::default()));
         let retention = Retention { max_messages: 1, max_age: None, max_db_bytes: None };
         let engine: Arc<dyn Engine> = MemoryEngine::new(retention, hub.clone());
