@@ -272,6 +272,12 @@ async fn the_echo_server_echoes_over_http2_and_http2_true_picks_it() {
     ws.send(Message::binary(vec![7u8; 100_000])).await.unwrap();
     assert_eq!(ws.recv().await.unwrap().unwrap(), Message::binary(vec![7u8; 100_000]));
     ws.close(1000u16, "done").await.unwrap();
+    // Its header lists are bounded as its HTTP/1.1 heads are (--max-request-head-bytes, 8 KiB).
+    let builder = ClientBuilder::new(wss(&server, "/")).tls_ca_file(&ca.ca_file).no_proxy();
+    let connection = builder.connect_http2().await.unwrap();
+    let big =
+        axum::http::Request::get("/").header("x-padding", "p".repeat(10_000)).body(Empty::<Bytes>::new()).unwrap();
+    assert_eq!(connection.request(big).await.unwrap().status(), 431);
     // Without http2(true), the same server is spoken to over HTTP/1.1.
     let (ws, accepted) =
         ClientBuilder::new(wss(&server, "/")).tls_ca_file(&ca.ca_file).no_proxy().connect().await.unwrap();

@@ -84,6 +84,7 @@ async fn echo_http2<S>(stream: S, config: Config, peer: SocketAddr)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let max_head = u32::try_from(config.max_head_bytes).unwrap_or(u32::MAX);
     let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
         let answer = match Upgrade::new(&mut request) {
             Ok(upgrade) => {
@@ -99,6 +100,8 @@ where
         .timer(hyper_util::rt::TokioTimer::new())
         .enable_connect_protocol()
         .max_concurrent_streams(H2_MAX_STREAMS)
+        // The header list is bounded as an HTTP/1.1 head is (--max-request-head-bytes).
+        .max_header_list_size(max_head)
         .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
     if let Err(error) = connection.await {
         tracing::debug!(%peer, %error, "HTTP/2 connection ended with an error");
