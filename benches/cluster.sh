@@ -125,14 +125,15 @@ def med(rs, key):
     return statistics.median(vals) if vals else None
 def fmt(v, digits=0, unit=""):
     return "-" if v is None else f"{v:,.{digits}f}{unit}"
-print("| msgs/s | setup | deliveries/s | p50 | p99 | lost | server CPU µs/delivery | Redis CPU µs/publish | Redis calls/publish (all) |")
-print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+print("| msgs/s | setup | runtime | deliveries/s | p50 | p99 | lost | server CPU µs/delivery | Redis CPU µs/publish | Redis calls/publish (all) |")
+print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
 for rate in rates:
     for setup in ["serve-1", "switchboard-3", "socketio-3"]:
         rs = cells(setup, rate)
         calls = med(rs, "redis_calls_per_publish")
         every = med(rs, "redis_all_calls_per_publish")
-        print(f"| {rate} | {setup} | {fmt(med(rs, 'deliveries_per_s'))} | {fmt(med(rs, 'p50_us'), 0, ' µs')} | "
+        runtime = "Node event loop" if setup.startswith("socketio") else "tokio multi-thread"
+        print(f"| {rate} | {setup} | {runtime} | {fmt(med(rs, 'deliveries_per_s'))} | {fmt(med(rs, 'p50_us'), 0, ' µs')} | "
               f"{fmt(med(rs, 'p99_us'), 0, ' µs')} | {fmt(med(rs, 'lost'))} | {fmt(med(rs, 'server_cpu_us_per_delivery'), 3)} | "
               f"{fmt(med(rs, 'redis_cpu_us_per_publish'), 1)} | {fmt(calls, 2)} ({fmt(every, 2)}) |")
 print()

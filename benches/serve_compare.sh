@@ -61,16 +61,16 @@ def rows(pattern):
 def median(rs, key):
     values = [r[key] for r in rs if r.get(key) is not None]
     return statistics.median(values) if values else None
-print("| build | idle KiB per connection (10,000) |\n|---|---|")
+print("| build | runtime | idle KiB per connection (10,000) |\n|---|---|---|")
 for which in ["before", "after"]:
     rs = rows(f"idle-{which}-*.json")
     each = ", ".join(f"{r['server_kib_per_connection']:.2f}" for r in rs if r.get("server_kib_per_connection"))
-    print(f"| {which} | {median(rs, 'server_kib_per_connection'):.2f} ({each}) |")
-print("\n| build | rate/s | deliveries/s | p99 | lost | server CPU per delivery |\n|---|---|---|---|---|---|")
+    print(f"| {which} | tokio multi-thread | {median(rs, 'server_kib_per_connection'):.2f} ({each}) |")
+print("\n| build | runtime | rate/s | deliveries/s | p99 | lost | server CPU per delivery |\n|---|---|---|---|---|---|---|")
 for rate in rates:
     for which in ["before", "after"]:
         rs = rows(f"fanout-{which}-{rate}-*.json")
         cpu = ", ".join(f"{r['server_cpu_us_per_delivery']:.3f}" for r in rs if r.get("server_cpu_us_per_delivery"))
-        print(f"| {which} | {rate} | {median(rs, 'deliveries_per_s'):,.0f} | {median(rs, 'p99_us') / 1000:.1f} ms | "
+        print(f"| {which} | tokio multi-thread | {rate} | {median(rs, 'deliveries_per_s'):,.0f} | {median(rs, 'p99_us') / 1000:.1f} ms | "
               f"{median(rs, 'lost'):,.0f} | {median(rs, 'server_cpu_us_per_delivery'):.3f} µs ({cpu}) |")
 PY

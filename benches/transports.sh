@@ -38,15 +38,15 @@ out, rates = sys.argv[1], [int(r) for r in sys.argv[2].split()]
 def med(rs, key):
     vals = [r[key] for r in rs if isinstance(r.get(key), (int, float))]
     return statistics.median(vals) if vals else None
-print("| msgs/s | transport | deliveries/s | p50 | p99 | lost | server CPU µs/delivery |")
-print("|---:|---|---:|---:|---:|---:|---:|")
+print("| msgs/s | transport | runtime | deliveries/s | p50 | p99 | lost | server CPU µs/delivery |")
+print("|---:|---|---|---:|---:|---:|---:|---:|")
 cpu = {}
 for rate in rates:
     for t, label in [("v1", "websocket"), ("sse", "sse"), ("longpoll", "longpoll")]:
         rs = [json.load(open(p)) for p in glob.glob(os.path.join(out, f"{t}-{rate}-*.json"))]
         cpu[(t, rate)] = med(rs, "server_cpu_us_per_delivery")
         f = lambda v, d=0: "-" if v is None else f"{v:,.{d}f}"
-        print(f"| {rate} | {label} | {f(med(rs, 'deliveries_per_s'))} | {f(med(rs, 'p50_us'))} µs | {f(med(rs, 'p99_us'))} µs | {f(med(rs, 'lost'))} | {f(cpu[(t, rate)], 3)} |")
+        print(f"| {rate} | {label} | tokio multi-thread | {f(med(rs, 'deliveries_per_s'))} | {f(med(rs, 'p50_us'))} µs | {f(med(rs, 'p99_us'))} µs | {f(med(rs, 'lost'))} | {f(cpu[(t, rate)], 3)} |")
 print()
 for rate in rates:
     for t in ["sse", "longpoll"]:
