@@ -7,7 +7,7 @@
 #   benches/callgrind.sh guard      switchboard's echo 20 B, echo 16 KiB and serve fan-out per
 #                                   delivery, on the current-thread runtime, against
 #                                   benches/baseline.json: fails if one grew more than 5% (the CI
-#                                   performance guard; about two minutes)
+#                                   performance guard; under a minute, once built)
 #
 # Each count runs the server under `valgrind --tool=callgrind` twice, with a LOW and a HIGH amount
 # of work, and divides the difference of the two totals by the difference in work: startup,
