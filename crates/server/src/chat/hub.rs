@@ -129,6 +129,8 @@ struct OutboxState {
     closed: bool,
     /// Closed because its room's history was reset, not because the client was slow.
     reset: bool,
+    /// Closed because the client did not keep up (its outbox was full).
+    slow: bool,
     /// Closed by the server API (a disconnect), with this close code and reason.
     ended: Option<(u16, String)>,
     waiting: Option<Waker>,
@@ -214,6 +216,11 @@ impl Outbox {
     /// ([`Deliver::reset`]) rather than for being slow.
     pub fn was_reset(&self) -> bool {
         self.shared.lock().reset
+    }
+
+    /// Whether the hub let go of this connection because it did not keep up.
+    pub fn was_too_slow(&self) -> bool {
+        self.shared.lock().slow
     }
 }
 
@@ -779,6 +786,9 @@ impl Deliver for Hub {
         }
         for id in stalled {
             tracing::info!(conn = id, "outbox full: dropping a client that does not keep up");
+            if let Some(conn) = guard.conns.get(&id) {
+                conn.outbox.lock().slow = true;
+            }
             self.remove_conn(&mut guard, id);
         }
         drop(guard);

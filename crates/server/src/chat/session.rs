@@ -241,7 +241,6 @@ impl Session {
         } else if self.outbox.was_reset() {
             End::new(SERVICE_RESTART, "room history was reset; rejoin to learn what was recovered")
         } else {
-            metrics().slow_consumer_cuts.inc(self.transport);
             End::too_slow("messages were not read in time")
         }
     }
@@ -723,11 +722,15 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        // Counted here, once, whether or not the transport got to see its outbox end: a stalled
+        // SSE stream's body is not polled again before its connection is dropped.
+        if self.outbox.was_too_slow() {
+            metrics().slow_consumer_cuts.inc(self.transport);
+        }
         self.core.hub.unregister(self.conn);
     }
 }
 
-/// The identity of every anonymous session, shared.
 /// The close code that ends a session whose token could not be taken: 4003 for a token that does
 /// not grant what the session needs, 1008 for a user at its session limit, 4001 otherwise.
 fn close_code(error: &AuthError) -> u16 {
@@ -738,6 +741,7 @@ fn close_code(error: &AuthError) -> u16 {
     }
 }
 
+/// The identity of every anonymous session, shared.
 fn anonymous() -> Arc<Identity> {
     static ANONYMOUS: std::sync::OnceLock<Arc<Identity>> = std::sync::OnceLock::new();
     ANONYMOUS.get_or_init(|| Arc::new(Identity::anonymous())).clone()
