@@ -97,6 +97,14 @@ async fn json_logs_are_one_object_per_line_and_name_each_refusal_and_forced_clos
     let refusal: Value = serde_json::from_str(refused.last().unwrap()).unwrap();
     assert_eq!(refusal["status"], 400, "{refusal}");
     assert!(refusal["peer"].as_str().is_some_and(|peer| peer.starts_with("127.0.0.1:")), "{refusal}");
+    // Once each: nothing else logs the same refusal or close (a second of quiet to be sure).
+    let mut all: Vec<String> = refused.iter().chain(&closed).cloned().collect();
+    while let Ok(line) = logged.lines.recv_timeout(Duration::from_secs(1)) {
+        all.push(line);
+    }
+    let count = |needle: &str| all.iter().filter(|line| line.contains(needle)).count();
+    assert_eq!(count("refused"), 1, "{all:#?}");
+    assert_eq!(count("closing a WebSocket") + count("closing connection"), 1, "{all:#?}");
     let close: Value = serde_json::from_str(closed.last().unwrap()).unwrap();
     assert_eq!(close["code"], 1003, "{close}");
     assert!(close["reason"].as_str().is_some_and(|reason| reason.contains("binary")), "{close}");
