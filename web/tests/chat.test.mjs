@@ -400,6 +400,42 @@ test("a page listening over SSE ends with the same complete list as a WebSocket 
   }
 });
 
+test("a page that comes back where WebSocket cannot go keeps its place and its unacknowledged publish over SSE", async () => {
+  const port = await freePort();
+  const server = await startServer(port, join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db"));
+  try {
+    const url = `http://127.0.0.1:${port}/`;
+    const ann = await openChat(url, "Ann");
+    const bob = await openChat(url, "Bob");
+    const before = ["m1", "m2", "m3"];
+    for (const text of before) await say(bob, text);
+    await waitForTexts(ann, before);
+    // Ann's next publish never leaves her socket, so it stays unacknowledged (and saved with her place).
+    await ann.evaluate(() => { window.switchboard.socket.send = () => {}; });
+    await say(ann, "Ann's, sent before the switch");
+    await ann.waitForFunction(() => window.switchboard.pending.length === 1);
+    const meanwhile = ["m4", "m5"];
+    for (const text of meanwhile) await say(bob, text);
+    await waitForTexts(bob, meanwhile);
+    // Reloaded where the browser has no WebSocket (as behind a proxy that strips it): SSE, from her cursor.
+    await ann.addInitScript(() => { window.WebSocket = undefined; });
+    await ann.reload();
+    await ann.waitForSelector("#state.open", { timeout: 15000 });
+    assert.equal(await ann.evaluate(() => window.switchboard.transport), "sse");
+    const all = [...before, ...meanwhile, "Ann's, sent before the switch"];
+    await waitForTexts(ann, all);
+    await waitForTexts(bob, ["Ann's, sent before the switch"]);
+    await ann.waitForFunction(() => window.switchboard.pending.length === 0);
+    await new Promise((r) => setTimeout(r, 500)); // room for a repeat to show up
+    for (const page of [ann, bob]) {
+      const shown = (await texts(page)).filter((t) => all.includes(t));
+      assert.deepEqual(shown, all, "every message once, in order, the publish made before the switch included");
+    }
+  } finally {
+    await stop(server);
+  }
+});
+
 // nginx from Debian in front, configured as a plain HTTP proxy that does not forward `Upgrade`
 // (what breaks WebSockets behind many proxies): the page falls back to SSE through it.
 function startPlainNginx(port, backendPort) {
