@@ -42,6 +42,7 @@ pub async fn run(config: ServeConfig, stop: impl Future<Output = ()>) -> anyhow:
 /// Serves on a bound listener until `stop` resolves; then closes every WebSocket with 1001 and
 /// waits (bounded) for the engine to write what it holds.
 pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let mut stop = std::pin::pin!(stop);
     let access = Arc::new(access(&config)?);
     let chat = &config.chat;
     let limits = HubLimits {
@@ -71,7 +72,11 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
             timeout: Duration::from_millis(cluster.redis_timeout_ms()),
             node: node.as_str().to_owned(),
         };
-        let connector = RedisConnector::connect(settings, retention).await?;
+        let connector = tokio::select! {
+            connector = connect_redis(settings, retention) => connector?,
+            // SIGTERM while waiting for Redis: nothing was served yet, nothing to close.
+            () = stop.as_mut() => return Ok(()),
+        };
         let hub = Hub::new(limits, chat.default_room(), node, connector.presence());
         let engine: Arc<dyn Engine> = connector.start(hub.clone());
         (hub, engine, cluster.redis().join(","))
@@ -168,6 +173,31 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
         tracing::warn!("history writer still busy at the end of the grace period; exiting anyway");
     }
     Ok(())
+}
+
+/// How long a node waits at start for Redis to answer: long enough for a Redis started beside it
+/// (a compose file, a pod) to come up. Past it the node exits with the error, for its supervisor to
+/// start it again.
+const REDIS_STARTUP_WAIT: Duration = Duration::from_secs(30);
+
+/// [`RedisConnector::connect`], tried again (logging why) until it works or the startup wait is over.
+async fn connect_redis(settings: RedisSettings, retention: Retention) -> anyhow::Result<RedisConnector> {
+    let deadline = tokio::time::Instant::now() + REDIS_STARTUP_WAIT;
+    let mut pause = Duration::from_millis(250);
+    loop {
+        match RedisConnector::connect(settings.clone(), retention).await {
+            Ok(connector) => return Ok(connector),
+            Err(error) if tokio::time::Instant::now() + pause < deadline => {
+                tracing::warn!(%error, "Redis does not answer yet; trying again in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(4));
+            }
+            Err(error) => {
+                return Err(anyhow::Error::new(error)
+                    .context(format!("Redis did not answer within {}s of starting", REDIS_STARTUP_WAIT.as_secs())))
+            }
+        }
+    }
 }
 
 fn access(config: &ServeConfig) -> anyhow::Result<Access> {

@@ -680,3 +680,24 @@ async fn a_user_disconnected_or_subscribed_through_one_node_is_so_on_every_node(
     assert_eq!(status, 200);
     assert_eq!(next_close(&mut ann).await, Some((4100, "account closed".to_owned())));
 }
+
+#[tokio::test]
+async fn a_node_started_before_its_redis_waits_for_it() {
+    if !redis_support::available() {
+        return;
+    }
+    let mut redis = Redis::start();
+    redis.kill(); // its port, with nothing on it yet
+    let url = redis.url();
+    let starting = std::thread::spawn(move || node(&url, &[]));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!starting.is_finished(), "the node waits for Redis rather than serving without it");
+    redis.restart();
+    let server = tokio::task::spawn_blocking(move || starting.join().expect("the node started once Redis answered"))
+        .await
+        .unwrap();
+    let (mut ws, _) = joined(&server.addr, "late", "Ann").await;
+    let ack = publish(&mut ws, "late", "after-the-wait").await;
+    assert_eq!((ack["type"].as_str(), ack["offset"].as_u64()), (Some("ack"), Some(1)), "{ack}");
+    assert_eq!(redis.cli(&["EXISTS", "sb:{late}:s"]), "1", "the history is in Redis");
+}
