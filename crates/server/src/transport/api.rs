@@ -765,3 +765,20 @@ const ROOM_PATTERN: &str = r"^[A-Za-z0-9_.:-]{1,64}$";
 
 /// The longest room name, as the document's patterns say.
 const _: () = assert!(MAX_ROOM_CHARS == 64, "update the room patterns of the API document");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `openapi` writes this server's limits into `PublishBody`'s fields by name: a field renamed in
+    /// the type and not there would leave the document describing a field that no longer exists.
+    #[test]
+    fn the_publish_fields_the_document_refines_are_the_types_own() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let properties = doc["components"]["schemas"]["PublishBody"]["properties"].as_object().unwrap();
+        let mut names: Vec<&str> = properties.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["id", "message", "name", "room", "rooms"]);
+        assert_eq!(properties["message"]["type"], "string");
+    }
+}
