@@ -182,6 +182,32 @@ fn a_cursor_from_another_history_is_told_recovered_false() {
 }
 
 #[test]
+fn a_cursor_past_retention_is_told_recovered_false_over_sse_and_long_polling() {
+    let (server, _db) = start_serve(&["--history-max-messages", "3", "--rate-limit", "0"]);
+    publish(&server.addr, r#"{"room":"r","message":"m1"}"#, "");
+    let mut stream = Stream::open(&server.addr, "room=r", "");
+    stream.next_of("joined");
+    let first = stream.next_of("message");
+    let place = first.id.expect("a message event carries the cursor");
+    drop(stream);
+    // Six more while away: the history keeps only the last three, so m2..m4 are gone.
+    for i in 2..=7 {
+        publish(&server.addr, &format!(r#"{{"room":"r","message":"m{i}"}}"#), "");
+    }
+    let mut resumed = Stream::open(&server.addr, &format!("room=r&cursor={place}"), "");
+    let joined = resumed.next_of("joined").json();
+    assert_eq!(joined["recovered"], false, "messages were lost to retention: {joined}");
+    let rest: Vec<String> =
+        (0..3).map(|_| resumed.next_of("message").json()["message"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(rest, ["m5", "m6", "m7"], "what is left, once");
+    let (status, answer) = poll(&server.addr, &format!("room=r&cursor={place}&wait=0"));
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(texts(&answer), ["m5", "m6", "m7"]);
+    let told = answer.to_string();
+    assert!(told.contains("\"recovered\":false"), "the poll says so too: {told}");
+}
+
+#[test]
 fn bad_requests_get_a_4xx_naming_the_problem() {
     let (server, _db) = start_serve(&[]);
     let cases =
