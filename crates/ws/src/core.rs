@@ -128,8 +128,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
             if self.conn.pending_output() > 0 && !self.write_failed {
                 // Everything buffered has been handed out: before waiting for input, send what was queued
                 // meanwhile (replies `feed`-ed by the caller, pongs, close echoes) in one batch, without
-                // blocking the reader if the socket is full.
-                if let Poll::Ready(Err(e)) = self.poll_write_output(wcx) {
+                // blocking the reader if the socket is full. A read follows at once, so the output
+                // buffer, once written, becomes the receive buffer instead of going back to the pool.
+                if let Poll::Ready(Err(e)) = self.write_output(wcx, true) {
                     self.write_failed = true;
                     if self.conn.close_state() == CloseState::Open {
                         self.finished = true;
@@ -292,6 +293,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
 
     /// Writes queued output until none is left, batching frames into vectored writes.
     pub(crate) fn poll_write_output(&mut self, wcx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.write_output(wcx, false)
+    }
+
+    /// [`Core::poll_write_output`]; with `reading_next`, a read follows at once, and the output buffer,
+    /// once all is written, is kept as the receive buffer if there is none (the read would take one
+    /// from the pool, and the pool would take this one back). Only then: a buffer kept without a read
+    /// to follow would stay with an idle connection.
+    fn write_output(&mut self, wcx: &mut Context<'_>, reading_next: bool) -> Poll<io::Result<()>> {
         while self.conn.pending_output() > 0 {
             let front = self.conn.output_front();
             let written = if front.len() == self.conn.pending_output() || !self.io.is_write_vectored() {
@@ -309,7 +318,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
             self.conn.consume_output(written);
         }
         if let Some(buffer) = self.conn.take_idle_output_buffer() {
-            buffers::give(buffer);
+            let receive = self.conn.receive_buffer();
+            if reading_next && receive.capacity() == 0 {
+                *receive = buffer;
+            } else {
+                buffers::give(buffer);
+            }
         }
         Pin::new(&mut self.io).poll_flush(wcx)
     }
@@ -334,7 +348,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
         }
         let closing = message.is_close();
         if self.conn.output_capacity() == 0 {
-            if let Some(unneeded) = self.conn.provide_output_buffer(buffers::take()) {
+            // The receive buffer, when it holds nothing unparsed (a reply to what was just read), or
+            // one from the pool. Either way it goes back to the pool once written and read past.
+            let buffer = self.conn.take_idle_receive_buffer().unwrap_or_else(buffers::take);
+            if let Some(unneeded) = self.conn.provide_output_buffer(buffer) {
                 buffers::give(unneeded);
             }
         }

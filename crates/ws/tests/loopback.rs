@@ -93,6 +93,13 @@ async fn an_idle_connection_holds_no_buffers() {
     // And the connection still works.
     ws.send("again").await.unwrap();
     assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("again"));
+    // A reply sent right after a read, with no read after it: the buffer the read left (lent to
+    // the reply) goes back to the pool once the reply is written.
+    ws.send("reply").await.unwrap();
+    assert_eq!(ws.buffer_capacity(), 0, "nothing kept after a send with no read to follow");
+    assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("reply"));
+    assert!(tokio::time::timeout(SECOND / 10, ws.recv()).await.is_err());
+    assert_eq!(ws.buffer_capacity(), 0);
 }
 
 #[tokio::test]
