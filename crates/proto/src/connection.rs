@@ -773,19 +773,26 @@ impl Connection {
     // about 30 instructions of each echoed 20-byte message.
     #[inline(always)]
     fn queue_frame_with_rsv(&mut self, opcode: OpCode, fin: bool, rsv: u8, payload: &[u8]) {
-        if self.role == Role::Server && payload.len() < 126 {
-            // The usual server frame: a two-byte header, written without building a `FrameHeader`.
-            self.out.tail.reserve(2 + payload.len());
+        if self.role == Role::Server && payload.len() <= usize::from(u16::MAX) {
+            // The usual server frame: a two- or four-byte header, written without building a
+            // `FrameHeader`.
             let first = (fin as u8) << 7 | (rsv & 0x7) << 4 | opcode.as_u8();
-            self.out.tail.put_slice(&[first, payload.len() as u8]);
+            let header_len = if payload.len() < 126 { 2 } else { 4 };
+            self.out.tail.reserve(header_len + payload.len());
+            if header_len == 2 {
+                self.out.tail.put_slice(&[first, payload.len() as u8]);
+            } else {
+                let [high, low] = (payload.len() as u16).to_be_bytes();
+                self.out.tail.put_slice(&[first, 126, high, low]);
+            }
             self.out.tail.put_slice(payload);
-            self.out.len += 2 + payload.len();
+            self.out.len += header_len + payload.len();
             return;
         }
         self.queue_long_or_masked_frame(opcode, fin, rsv, payload);
     }
 
-    /// [`Connection::queue_frame_with_rsv`] for a client's frame (masked) or a long one.
+    /// [`Connection::queue_frame_with_rsv`] for a client's frame (masked) or one over 64 KiB.
     fn queue_long_or_masked_frame(&mut self, opcode: OpCode, fin: bool, rsv: u8, payload: &[u8]) {
         let mask = match self.role {
             Role::Client => Some(self.mask_keys.next_key()),

@@ -252,6 +252,33 @@ fn large_server_payloads_are_not_copied() {
 }
 
 #[test]
+fn server_frames_of_every_header_size_are_encoded_as_the_general_encoder_does() {
+    // The send path writes short server headers itself: 2 bytes below 126, 4 up to 65,535.
+    let mut config = Config::default();
+    config.zero_copy_threshold = usize::MAX; // copied, not sent by reference: the one path under test
+    for len in [0, 1, 125, 126, 127, 1000, 65_534, 65_535, 65_536, 70_000] {
+        let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        for (message, opcode) in
+            [(Message::binary(payload.clone()), OpCode::Binary), (Message::text("é".repeat(len / 2)), OpCode::Text)]
+        {
+            let body = match &message {
+                Message::Binary(bytes) => bytes.to_vec(),
+                Message::Text(text) => text.as_bytes().to_vec(),
+                _ => unreachable!(),
+            };
+            let mut s = Connection::new(Role::Server, config.clone());
+            s.send(message).unwrap();
+            let header = FrameHeader { fin: true, rsv: 0, opcode, mask: None, payload_len: body.len() as u64 };
+            let mut expected = [0u8; switchboard_proto::frame::MAX_HEADER_LEN];
+            let n = header.encode(&mut expected);
+            let mut want = expected[..n].to_vec();
+            want.extend_from_slice(&body);
+            assert_eq!(s.take_output(), want, "{opcode:?} of {} bytes", body.len());
+        }
+    }
+}
+
+#[test]
 fn release_idle_buffers_keeps_state() {
     let mut s = server();
     feed(&mut s, &client_frame(OpCode::Text, true, &[b'x'; 5000]));
