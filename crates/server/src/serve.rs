@@ -182,11 +182,16 @@ const REDIS_STARTUP_WAIT: Duration = Duration::from_secs(30);
 
 /// [`RedisConnector::connect`], tried again (logging why) until it works or the startup wait is over.
 async fn connect_redis(settings: RedisSettings, retention: Retention) -> anyhow::Result<RedisConnector> {
+    // What waiting cannot mend is said at once: a URL that does not parse, a refused password.
+    for url in &settings.urls {
+        redis::Client::open(url.as_str()).map_err(|e| anyhow::anyhow!("--redis {url}: {e}"))?;
+    }
     let deadline = tokio::time::Instant::now() + REDIS_STARTUP_WAIT;
     let mut pause = Duration::from_millis(250);
     loop {
         match RedisConnector::connect(settings.clone(), retention).await {
             Ok(connector) => return Ok(connector),
+            Err(error) if is_refused_auth(&error.to_string()) => return Err(error.into()),
             Err(error) if tokio::time::Instant::now() + pause < deadline => {
                 tracing::warn!(%error, "Redis does not answer yet; trying again in {pause:?}");
                 tokio::time::sleep(pause).await;
@@ -198,6 +203,13 @@ async fn connect_redis(settings: RedisSettings, retention: Retention) -> anyhow:
             }
         }
     }
+}
+
+/// Whether Redis refused our credentials (no waiting mends that).
+fn is_refused_auth(error: &str) -> bool {
+    ["NOAUTH", "WRONGPASS", "AuthenticationFailed", "invalid password", "invalid username-password"]
+        .iter()
+        .any(|marker| error.contains(marker))
 }
 
 fn access(config: &ServeConfig) -> anyhow::Result<Access> {

@@ -73,6 +73,7 @@ impl Http2Connection {
         let limit = config.handshake_timeout;
         let settled = tokio::time::timeout(limit, async {
             let mut tick = tokio::time::interval(Duration::from_millis(1));
+            let mut without_since = None;
             loop {
                 tokio::select! {
                     result = connection.as_mut() => {
@@ -83,9 +84,14 @@ impl Http2Connection {
                         if connection.is_extended_connect_protocol_enabled() {
                             return Ok(());
                         }
-                        // Seen enabled: hyper applies it in a moment. Seen without it: it will not come.
+                        // Seen enabled: hyper applies it in a moment. Seen without it: servers say it in
+                        // their first SETTINGS; one more moment for a second SETTINGS that would (RFC
+                        // 8441 allows it), then it will not come.
                         if preface.load(Ordering::Acquire) == PREFACE_WITHOUT {
-                            return Err(Error::Http2WebSocketsDisabled);
+                            let since = *without_since.get_or_insert_with(tokio::time::Instant::now);
+                            if since.elapsed() >= SECOND_SETTINGS_GRACE {
+                                return Err(Error::Http2WebSocketsDisabled);
+                            }
                         }
                     }
                 }
@@ -188,10 +194,17 @@ async fn body_prefix(body: hyper::body::Incoming) -> String {
     }
 }
 
+/// How long, after a first SETTINGS without extended CONNECT, a client waits for a later one to
+/// enable it before it falls back.
+const SECOND_SETTINGS_GRACE: Duration = Duration::from_millis(50);
+
 /// What the server's first SETTINGS frame said of extended CONNECT.
 const PREFACE_UNSEEN: u8 = 0;
 const PREFACE_WITH: u8 = 1;
 const PREFACE_WITHOUT: u8 = 2;
+/// The first frame was not a SETTINGS: not an HTTP/2 server as RFC 9113 §3.4 has it (hyper fails
+/// the connection; this is no reason to fall back).
+const PREFACE_BROKEN: u8 = 3;
 
 /// The connection's stream, reading the server's first frame (its SETTINGS: RFC 9113 §3.4) as hyper
 /// reads it, for whether it enables extended CONNECT: hyper applies it without a word, so this is
@@ -222,22 +235,22 @@ const SETTINGS_ENABLE_CONNECT_PROTOCOL: u16 = 0x8;
 const FRAME_SETTINGS: u8 = 0x4;
 
 impl PrefaceParser {
-    /// Takes the next bytes; `Some(enabled)` once the frame is whole (`false` for a first frame
-    /// that is not SETTINGS, which hyper will refuse anyway).
-    fn feed(&mut self, bytes: &[u8]) -> Option<bool> {
+    /// Takes the next bytes; once the frame is whole, what it says (a `PREFACE_*`).
+    fn feed(&mut self, bytes: &[u8]) -> Option<u8> {
         for &byte in bytes {
             if self.header_len < self.header.len() {
                 self.header[self.header_len] = byte;
                 self.header_len += 1;
                 if self.header_len == self.header.len() {
-                    if self.header[3] != FRAME_SETTINGS {
-                        return Some(false);
+                    // A SETTINGS, and not an acknowledgement (flag 0x1): the server's own.
+                    if self.header[3] != FRAME_SETTINGS || self.header[4] & 0x1 != 0 {
+                        return Some(PREFACE_BROKEN);
                     }
                     self.remaining = usize::from(self.header[0]) << 16
                         | usize::from(self.header[1]) << 8
                         | usize::from(self.header[2]);
                     if self.remaining == 0 {
-                        return Some(false);
+                        return Some(PREFACE_WITHOUT);
                     }
                 }
                 continue;
@@ -254,7 +267,7 @@ impl PrefaceParser {
                 self.entry_len = 0;
             }
             if self.remaining == 0 {
-                return Some(self.enabled);
+                return Some(if self.enabled { PREFACE_WITH } else { PREFACE_WITHOUT });
             }
         }
         None
@@ -267,8 +280,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for SettingsWatch<S> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
         if let (Some(parser), Poll::Ready(Ok(()))) = (this.parser.as_mut(), &polled) {
-            if let Some(enabled) = parser.feed(&buf.filled()[before..]) {
-                this.preface.store(if enabled { PREFACE_WITH } else { PREFACE_WITHOUT }, Ordering::Release);
+            if let Some(said) = parser.feed(&buf.filled()[before..]) {
+                this.preface.store(said, Ordering::Release);
                 this.parser = None;
             }
         }
@@ -321,7 +334,7 @@ mod tests {
     }
 
     /// Fed in pieces of every size, a frame gives the same answer as whole.
-    fn read_in_pieces(frame: &[u8]) -> Option<bool> {
+    fn read_in_pieces(frame: &[u8]) -> Option<u8> {
         let mut answers = Vec::new();
         for piece in 1..=frame.len() {
             let mut parser = PrefaceParser::default();
@@ -334,16 +347,17 @@ mod tests {
 
     #[test]
     fn the_first_settings_frame_says_whether_websockets_are_enabled() {
-        assert_eq!(
-            read_in_pieces(&settings(&[(0x3, 100), (SETTINGS_ENABLE_CONNECT_PROTOCOL, 1), (0x4, 65535)])),
-            Some(true)
-        );
-        assert_eq!(read_in_pieces(&settings(&[(0x3, 100), (0x4, 65535)])), Some(false));
-        assert_eq!(read_in_pieces(&settings(&[(SETTINGS_ENABLE_CONNECT_PROTOCOL, 0)])), Some(false));
-        assert_eq!(read_in_pieces(&settings(&[])), Some(false), "an empty SETTINGS enables nothing");
+        let with = [(0x3, 100), (SETTINGS_ENABLE_CONNECT_PROTOCOL, 1), (0x4, 65535)];
+        assert_eq!(read_in_pieces(&settings(&with)), Some(PREFACE_WITH));
+        assert_eq!(read_in_pieces(&settings(&[(0x3, 100), (0x4, 65535)])), Some(PREFACE_WITHOUT));
+        assert_eq!(read_in_pieces(&settings(&[(SETTINGS_ENABLE_CONNECT_PROTOCOL, 0)])), Some(PREFACE_WITHOUT));
+        assert_eq!(read_in_pieces(&settings(&[])), Some(PREFACE_WITHOUT), "an empty SETTINGS enables nothing");
         let mut not_settings = settings(&[(SETTINGS_ENABLE_CONNECT_PROTOCOL, 1)]);
         not_settings[3] = 0x6; // PING
-        assert_eq!(read_in_pieces(&not_settings), Some(false));
+        assert_eq!(read_in_pieces(&not_settings), Some(PREFACE_BROKEN), "not a server preface");
+        let mut ack = settings(&[]);
+        ack[4] = 0x1;
+        assert_eq!(read_in_pieces(&ack), Some(PREFACE_BROKEN), "an acknowledgement is not the server's SETTINGS");
         // Half a frame: no answer yet.
         let whole = settings(&[(SETTINGS_ENABLE_CONNECT_PROTOCOL, 1)]);
         assert_eq!(PrefaceParser::default().feed(&whole[..whole.len() - 1]), None);

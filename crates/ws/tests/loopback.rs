@@ -100,6 +100,12 @@ async fn an_idle_connection_holds_no_buffers() {
     assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("reply"));
     assert!(tokio::time::timeout(SECOND / 10, ws.recv()).await.is_err());
     assert_eq!(ws.buffer_capacity(), 0);
+    // Queued without a flush, then written by `recv` before it reads: the written buffer is what
+    // that read uses, and it goes back to the pool when the read finds nothing more.
+    ws.feed("fed").await.unwrap();
+    assert_eq!(ws.recv().await.unwrap().unwrap(), Message::text("fed"));
+    assert!(tokio::time::timeout(SECOND / 10, ws.recv()).await.is_err());
+    assert_eq!(ws.buffer_capacity(), 0, "the buffer the reply was written in went back too");
 }
 
 #[tokio::test]

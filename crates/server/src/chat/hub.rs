@@ -574,6 +574,7 @@ impl Hub {
             .all(|(_, bytes)| conn.outbox.offer(bytes, &self.limits));
         if !fits {
             tracing::info!(conn = id, "outbox full while joining: dropping a client that does not keep up");
+            conn.outbox.lock().slow = true;
             self.remove_conn(inner, id);
             return false;
         }
@@ -798,6 +799,7 @@ impl Deliver for Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::memory::LocalPresence;
 
     #[test]
     fn sequential_connection_ids_spread_over_the_bits_the_table_probes_with() {
@@ -810,7 +812,6 @@ mod tests {
         assert_eq!(tags.len(), 128, "every tag is used");
         assert!(buckets.len() > 600, "1,024 ids fall into {} of 1,024 buckets", buckets.len());
     }
-    use crate::engine::memory::LocalPresence;
 
     fn hub() -> Arc<Hub> {
         let limits = HubLimits {
@@ -859,15 +860,31 @@ mod tests {
     #[test]
     fn a_full_outbox_drops_that_member_only() {
         let hub = hub();
-        let (slow, _slow_rx) = live(&hub, "r");
+        let (slow, slow_rx) = live(&hub, "r");
         let (fast, mut fast_rx) = live(&hub, "r");
         for offset in 1..=10 {
             hub.deliver(&[message("r", offset)]);
             while fast_rx.try_recv().is_some() {}
         }
         assert!(!hub.is_member(slow, "r"), "the member that never read was dropped");
+        assert!(slow_rx.was_too_slow(), "marked so, for the slow-consumer count");
         assert!(hub.is_member(fast, "r"));
+        assert!(!fast_rx.was_too_slow());
         assert_eq!(hub.connection_count(), 1);
+    }
+
+    #[test]
+    fn a_join_whose_held_messages_do_not_fit_drops_the_member_as_too_slow() {
+        let hub = hub();
+        let (id, rx) = hub.register(Dialect::V1);
+        let join = hub.join(id, "a", "x").unwrap().unwrap();
+        assert!(hub.start(id, "a", join, 0));
+        hub.deliver(&[message("a", 1), message("a", 2), message("a", 3)]); // not read: 3 of 4 places
+        let join = hub.join(id, "r", "x").unwrap().unwrap();
+        hub.deliver(&[message("r", 1), message("r", 2)]); // held for the join
+        assert!(!hub.start(id, "r", join, 0), "two held messages do not fit the one place left");
+        assert_eq!(hub.connection_count(), 0);
+        assert!(rx.was_too_slow());
     }
 
     #[test]
@@ -925,6 +942,7 @@ mod tests {
         hub.shut_down();
         hub.deliver(&[message("r", 1)]);
         assert!(hub.is_member(member, "r"), "a commit while closing drops nobody as too slow");
+        assert!(!before.was_too_slow(), "closed for the shutdown, not for being slow");
         let (_, mut after) = hub.register(Dialect::V1);
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);

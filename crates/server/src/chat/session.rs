@@ -27,7 +27,7 @@ use super::publish::{self, validate_publish, PublishRequest};
 use super::wire::{error_text, Dialect, Envelope, ErrorCode, Member, Request};
 use super::Core;
 use crate::engine::{EngineError, History, Position, PresenceEntry, Published};
-use crate::metrics::{metrics, Transport};
+use crate::metrics::{metrics, Refusal as ConnectionRefusal, Transport};
 
 /// The server is going away (shutdown).
 pub const GOING_AWAY: u16 = 1001;
@@ -362,7 +362,12 @@ impl Session {
         if self.dialect == Dialect::Seed && !identity.may_join(default_room) {
             return Err(AuthError::NotGranted(format!("this token does not grant the room {default_room:?}")));
         }
-        self.set_identity(identity).map_err(|limit| AuthError::TooManySessions(limit.to_string()))?;
+        self.set_identity(identity).map_err(|limit| {
+            // Counted here for every transport: a token in the first message is refused nowhere else
+            // (a handshake's token over the limit is refused, and counted, before a session exists).
+            metrics().refused(ConnectionRefusal::Limit);
+            AuthError::TooManySessions(limit.to_string())
+        })?;
         if self.dialect == Dialect::Seed {
             self.core.hub.enter_default_room(self.conn);
         }
@@ -446,7 +451,8 @@ impl Session {
                 left.push(room);
             }
         }
-        // A refresh keeps its subject (`refresh` checks), so the user's count does not move.
+        // A refresh keeps its subject, or gives an anonymous session one (`refresh` checks); only the
+        // second moves the user's count, and may find it full.
         self.set_identity(fresh).map_err(|limit| AuthError::TooManySessions(limit.to_string()))?;
         Ok(left)
     }

@@ -278,7 +278,7 @@ pub(crate) fn refused(status: StatusCode, code: ErrorCode, message: impl Into<St
 /// limit (`--max-connections-per-user`), 403 for a token that does not grant what it needs.
 pub(crate) fn start_refused(end: End) -> Refused {
     if end.code == crate::chat::session::POLICY_VIOLATION {
-        metrics().refused(Refusal::Limit);
+        // Counted by the session as it refused the user.
         return refused(StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooMany, end.reason);
     }
     refused(StatusCode::FORBIDDEN, ErrorCode::NotAllowed, end.reason)
@@ -613,13 +613,23 @@ impl Stream {
                 if sleep.as_mut().poll(&mut timers).is_ready() {
                     self.session.check_deadline()?;
                     self.arm_deadline();
+                    // Polled again now, so the new deadline is registered with the flag's waker
+                    // whatever the timer does with a waker on reset.
+                    if let Some(sleep) = self.deadline.as_mut() {
+                        if sleep.as_mut().poll(&mut timers).is_ready() {
+                            waker.wake_by_ref();
+                        }
+                    }
                 }
             }
             if self.beat.as_mut().poll(&mut timers).is_ready() {
                 // A comment: proxies see traffic, EventSource ignores it.
                 out.put(b": keepalive\n\n");
                 self.beat.as_mut().reset(tokio::time::Instant::now() + self.heartbeat);
-                self.timers.mark();
+                // Registered at once, as the deadline above is.
+                if self.beat.as_mut().poll(&mut timers).is_ready() {
+                    waker.wake_by_ref();
+                }
                 return Poll::Ready(Ok(()));
             }
         }
