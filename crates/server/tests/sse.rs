@@ -114,8 +114,14 @@ fn publish(addr: &str, body: &str, extra_headers: &str) -> (u16, Value) {
          {extra_headers}Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
+    exchange(addr, &request, Duration::from_secs(5))
+}
+
+/// Sends one whole request on a fresh connection (`Connection: close`) and reads the answer to its
+/// end: the status and the JSON body (`null` when the body is not JSON).
+fn exchange(addr: &str, request: &str, timeout: Duration) -> (u16, Value) {
     let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.set_read_timeout(Some(timeout)).unwrap();
     stream.write_all(request.as_bytes()).unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
@@ -235,13 +241,8 @@ fn bad_requests_get_a_4xx_naming_the_problem() {
 
 /// `GET {target}` with `extra_headers`: the status and the JSON answer.
 fn get(addr: &str, target: &str, extra_headers: &str) -> (u16, Value) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra_headers}\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response[9..12].parse().unwrap();
-    (status, serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap_or(Value::Null))
+    let request = format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra_headers}\r\n");
+    exchange(addr, &request, Duration::from_secs(10))
 }
 
 #[test]
@@ -454,13 +455,9 @@ fn metric(addr: &str, series: &str) -> Option<f64> {
 
 /// `GET /poll?...`: the status and the JSON answer.
 fn poll(addr: &str, query: &str) -> (u16, Value) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(70))).unwrap();
-    write!(stream, "GET /poll?{query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response[9..12].parse().unwrap();
-    (status, serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap_or(Value::Null))
+    // Long enough for the longest wait a poll may ask for.
+    let request = format!("GET /poll?{query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    exchange(addr, &request, Duration::from_secs(70))
 }
 
 fn texts(answer: &Value) -> Vec<&str> {
