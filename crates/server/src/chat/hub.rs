@@ -300,19 +300,26 @@ impl Hub {
             UserCommand::Disconnect { sub, code, reason } => self.disconnect_user(sub, *code, reason),
             UserCommand::Unsubscribe { sub, room } => self.unsubscribe_user(sub, room),
             UserCommand::Subscribe { sub, room } => {
-                // As a session's join does: held first, then where the room stands and who is
-                // there, then live from that offset.
+                // As a session's join does: held first, then (once the engine delivers the room
+                // here) where the room stands and who is there, then live from that offset. Read
+                // before the subscription is confirmed, the top could miss what is published in
+                // between: the engine would start the room after it.
                 let joins = self.subscribe_user(sub, room);
                 if joins.is_empty() {
                     return 0;
                 }
                 let top = match self.engine() {
-                    Some(engine) => engine.top(room).await,
+                    Some(engine) => match engine.subscribed(room).await {
+                        Ok(()) => engine.top(room).await,
+                        Err(error) => Err(error),
+                    },
                     None => Err(EngineError::Closed),
                 };
                 let Ok(top) = top else {
-                    for (id, _) in &joins {
-                        self.leave(*id, room);
+                    // Only the memberships held for this command: a session may have joined the
+                    // room itself meanwhile.
+                    for (id, join) in &joins {
+                        self.abandon(*id, room, *join);
                     }
                     return 0;
                 };

@@ -12,7 +12,7 @@ use crate::chat::hub::Hub;
 use crate::chat::limits::{HubLimits, RateLimit, SessionLimits};
 use crate::chat::message::{Clock, NodeId};
 use crate::engine::memory::{LocalPresence, MemoryEngine};
-use crate::engine::{Engine, Retention};
+use crate::engine::{Deliver, Engine, Retention, UserCommand};
 
 const SECRET: &[u8] = b"test-secret";
 
@@ -59,6 +59,11 @@ impl Default for Options {
 }
 
 fn chat(options: Options) -> Chat {
+    chat_on(options, |engine| engine)
+}
+
+/// A chat whose engine is the memory engine as `wrap` returns it (the hub is attached to that).
+fn chat_on(options: Options, wrap: impl FnOnce(Arc<dyn Engine>) -> Arc<dyn Engine>) -> Chat {
     let limits = HubLimits {
         outbox_messages: options.outbox_messages,
         outbox_bytes: 1 << 20,
@@ -68,7 +73,7 @@ fn chat(options: Options) -> Chat {
     };
     let hub = Hub::new(limits, "lobby".into(), NodeId::new("t"), Arc::new(LocalPresence::default()));
     let retention = Retention { max_messages: 1000, max_age: None, max_db_bytes: None };
-    let engine: Arc<dyn Engine> = MemoryEngine::new(retention, hub.clone());
+    let engine = wrap(MemoryEngine::new(retention, hub.clone()));
     hub.attach(&engine);
     let access = Access {
         verifier: Some(Verifier::hs256(SECRET)),
@@ -477,10 +482,18 @@ async fn leaving_the_hub_when_a_session_ends() {
     assert_eq!(chat.core.hub.connection_count(), 1);
 }
 
-/// An engine whose reads fail while `failing` is set (a store that went away).
+/// An engine whose reads fail while `failing` is set (a store that went away). It notes the calls
+/// that start a join: `subscribed ROOM` and `top ROOM`, in order.
 struct Flaky {
     inner: Arc<dyn Engine>,
     failing: std::sync::atomic::AtomicBool,
+    calls: Mutex<Vec<String>>,
+}
+
+impl Flaky {
+    fn new(inner: Arc<dyn Engine>) -> Self {
+        Self { inner, failing: Default::default(), calls: Mutex::default() }
+    }
 }
 
 impl Engine for Flaky {
@@ -497,6 +510,7 @@ impl Engine for Flaky {
         self.inner.history(room, after, up_to, limit)
     }
     fn top(&self, room: &str) -> crate::engine::BoxFuture<'_, Result<Position, EngineError>> {
+        self.calls.lock().unwrap().push(format!("top {room}"));
         if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
             return Box::pin(std::future::ready(Err(EngineError::Read("the disk went away".into()))));
         }
@@ -509,6 +523,7 @@ impl Engine for Flaky {
         self.inner.unsubscribe(room)
     }
     fn subscribed(&self, room: &str) -> crate::engine::BoxFuture<'_, Result<(), EngineError>> {
+        self.calls.lock().unwrap().push(format!("subscribed {room}"));
         self.inner.subscribed(room)
     }
     fn command(
@@ -528,7 +543,7 @@ impl Engine for Flaky {
 #[tokio::test]
 async fn a_join_that_cannot_read_its_replay_fails_and_a_live_member_stays() {
     let base = chat(Options::default());
-    let flaky = Arc::new(Flaky { inner: base.core.engine.clone(), failing: Default::default() });
+    let flaky = Arc::new(Flaky::new(base.core.engine.clone()));
     let core = Arc::new(Core {
         hub: base.core.hub.clone(),
         engine: flaky.clone(),
@@ -550,6 +565,29 @@ async fn a_join_that_cannot_read_its_replay_fails_and_a_live_member_stays() {
     flaky.failing.store(false, std::sync::atomic::Ordering::Relaxed);
     ann.publish("r", "still here").await;
     assert_eq!(ann.delivered_messages().len(), 1);
+}
+
+/// The server API's subscribe reads where the room stands only once the engine delivers the room
+/// here, as a session's join does: read before, the top could miss what is published in between
+/// (with Redis, a room new to this node starts at the top its subscription saw).
+#[tokio::test]
+async fn the_apis_subscribe_reads_the_room_once_it_is_delivered_here_and_a_failure_leaves_no_member() {
+    let mut flaky = None;
+    let chat = chat_on(Options { anonymous: false, ..Options::default() }, |inner| {
+        let made = Arc::new(Flaky::new(inner));
+        flaky = Some(made.clone());
+        made
+    });
+    let flaky = flaky.unwrap();
+    let mut session = Session::new(chat.core.clone(), Dialect::V1);
+    session.start(Some(chat.core.access.verify(&token("ann", 600, None)).unwrap())).unwrap();
+    let subscribe = |room: &str| UserCommand::Subscribe { sub: "ann".into(), room: room.into() };
+    assert_eq!(Deliver::command(&*chat.core.hub, &subscribe("r")).await, 1);
+    assert_eq!(*flaky.calls.lock().unwrap(), ["subscribed r", "top r"]);
+    assert!(chat.core.hub.is_member(session.conn, "r"));
+    flaky.failing.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(Deliver::command(&*chat.core.hub, &subscribe("s")).await, 0);
+    assert!(!chat.core.hub.is_member(session.conn, "s"), "a subscribe that cannot read the room leaves no member");
 }
 
 #[test]
