@@ -554,9 +554,9 @@ async fn nodes_announce_their_members_again_when_redis_lost_presence() {
     let (mut observer, _) = joined(&b.addr, "pz", "observer").await;
     let member_id = joined_a["members"][0]["id"].as_str().unwrap().to_owned();
     // Everything gone, leases included (a restart without persistence, in effect): each node finds
-    // its lease missing at its next renewal and says again who it has.
+    // its lease missing at its next renewal and says again who it has. (Not checked empty right
+    // after: a renewal due at that moment may already have put the members back.)
     assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
-    assert_eq!(redis.cli(&["HLEN", "sb:{pz}:p"]), "0");
     let back = next_of(&mut observer, "presence").await;
     assert_eq!((back["event"].as_str(), back["member"]["id"].as_str()), (Some("join"), Some(member_id.as_str())));
     let started = Instant::now();
