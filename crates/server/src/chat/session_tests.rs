@@ -526,11 +526,8 @@ impl Engine for Flaky {
         self.calls.lock().unwrap().push(format!("subscribed {room}"));
         self.inner.subscribed(room)
     }
-    fn command(
-        &self,
-        command: crate::engine::UserCommand,
-    ) -> crate::engine::BoxFuture<'_, Result<(usize, bool), EngineError>> {
-        self.inner.command(command)
+    fn broadcast(&self, command: &UserCommand) -> crate::engine::BoxFuture<'_, Result<bool, EngineError>> {
+        self.inner.broadcast(command)
     }
     fn remove_history(&self, room: &str) -> crate::engine::BoxFuture<'_, Result<u64, EngineError>> {
         self.inner.remove_history(room)

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
     age_cutoff_ms, new_epoch, now_ms, BoxFuture, Deliver, Engine, EngineError, History, NewMessage, PendingPublish,
-    Position, Presence, PresenceEntry, Published, Retention, StoredMessage, UserCommand,
+    Position, Presence, PresenceEntry, Published, Retention, StoredMessage,
 };
 
 #[derive(Default)]
@@ -106,11 +106,8 @@ impl Engine for MemoryEngine {
         Box::pin(std::future::ready(Ok(Position { offset, epoch: self.epoch.clone() })))
     }
 
-    // One process sees every commit: the trait's defaults (no subscriptions to make) fit.
-
-    fn command(&self, command: UserCommand) -> BoxFuture<'_, Result<(usize, bool), EngineError>> {
-        Box::pin(async move { Ok((self.sink.command(&command).await, false)) })
-    }
+    // One process sees every commit: the trait's defaults (no subscriptions to make, no other node
+    // to tell) fit.
 
     fn remove_history(&self, room: &str) -> BoxFuture<'_, Result<u64, EngineError>> {
         let removed = self.lock().rooms.get_mut(room).map_or(0, |log| std::mem::take(&mut log.messages).len());

@@ -241,10 +241,11 @@ pub trait Engine: Send + Sync + 'static {
         Box::pin(std::future::ready(Ok(())))
     }
 
-    /// Commits what is queued and stops; publishes after this fail with [`EngineError::Closed`].
-    /// Runs `command` on every node's hub, this one's included; how many of this node's sessions it
-    /// applied to, and whether it went to other nodes too. One process: the trait's default.
-    fn command(&self, command: UserCommand) -> BoxFuture<'_, Result<(usize, bool), EngineError>>;
+    /// Sends a server-API `command` (already run by this node's hub) to every other node's hub;
+    /// whether there are other nodes to send to. One process: nothing to send, by default.
+    fn broadcast(&self, _command: &UserCommand) -> BoxFuture<'_, Result<bool, EngineError>> {
+        Box::pin(std::future::ready(Ok(false)))
+    }
 
     /// The nodes of the chat that are alive (their ids), this one's included; empty when the engine
     /// serves one process only.
@@ -257,6 +258,7 @@ pub trait Engine: Send + Sync + 'static {
     /// told `recovered: false`, as when retention trimmed its messages.
     fn remove_history(&self, room: &str) -> BoxFuture<'_, Result<u64, EngineError>>;
 
+    /// Commits what is queued and stops; publishes after this fail with [`EngineError::Closed`].
     fn shutdown(&self) -> BoxFuture<'_, ()>;
 }
 
@@ -296,7 +298,17 @@ pub(crate) fn age_cutoff_ms(max_age: Option<Duration>) -> i64 {
 
 /// A fresh epoch: random, so two histories never share one.
 pub(crate) fn new_epoch() -> String {
+    epoch_text(random_u64())
+}
+
+/// 64 random bits (the clock's milliseconds if the system has no randomness to give).
+pub(crate) fn random_u64() -> u64 {
     let mut bytes = [0u8; 8];
     getrandom::fill(&mut bytes).unwrap_or_else(|_| bytes = now_ms().to_le_bytes());
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    u64::from_le_bytes(bytes)
+}
+
+/// An epoch as clients see it: 16 hex digits.
+pub(crate) fn epoch_text(bits: u64) -> String {
+    format!("{bits:016x}")
 }

@@ -40,8 +40,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::{
-    age_cutoff_ms, new_epoch, BoxFuture, Deliver, Engine, EngineError, History, NewMessage, PendingPublish, Position,
-    Presence, PresenceEntry, Published, Retention, StoredMessage, UserCommand,
+    age_cutoff_ms, epoch_text, new_epoch, random_u64, BoxFuture, Deliver, Engine, EngineError, History, NewMessage,
+    PendingPublish, Position, Presence, PresenceEntry, Published, Retention, StoredMessage, UserCommand,
 };
 
 /// How to reach Redis and how long a node's members outlive it.
@@ -59,18 +59,31 @@ pub struct RedisSettings {
     pub node: String,
 }
 
-/// One atomic publish. KEYS: meta, stream, idempotency set. ARGV: a fresh epoch (used if the room has
-/// none), the idempotency key ('' for none), the message body (JSON), the count to keep, the age to
-/// keep in ms (0: no limit), the channel, and the publish command (PUBLISH or SPUBLISH).
-/// Sent with EVAL, not EVALSHA: after a Redis restart EVALSHA fails with NOSCRIPT, and retrying only
-/// the failed calls could reorder one publisher's messages.
-const PUBLISH_SCRIPT: &str = r#"
+/// The start of every script that reads a room's epoch (KEYS: meta, stream, idempotency set;
+/// ARGV[1]: a fresh epoch): a room without one (new, or its history lost with a Redis that kept no
+/// data) draws ARGV[1], and anything left of its stream and keys belongs to no epoch and goes.
+/// Leaves the epoch in `e`.
+macro_rules! room_epoch_lua {
+    () => {
+        r#"
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e then
   e = ARGV[1]
   redis.call('DEL', KEYS[2], KEYS[3])
   redis.call('HSET', KEYS[1], 'e', e, 'o', 0)
 end
+"#
+    };
+}
+
+/// One atomic publish. KEYS: meta, stream, idempotency set. ARGV: a fresh epoch (used if the room has
+/// none), the idempotency key ('' for none), the message body (JSON), the count to keep, the age to
+/// keep in ms (0: no limit), the channel, and the publish command (PUBLISH or SPUBLISH).
+/// Sent with EVAL, not EVALSHA: after a Redis restart EVALSHA fails with NOSCRIPT, and retrying only
+/// the failed calls could reorder one publisher's messages.
+const PUBLISH_SCRIPT: &str = concat!(
+    room_epoch_lua!(),
+    r#"
 if ARGV[2] ~= '' then
   local prev = redis.call('ZSCORE', KEYS[3], ARGV[2])
   if prev then
@@ -92,18 +105,11 @@ if tonumber(ARGV[5]) > 0 then
 end
 redis.call(ARGV[7], ARGV[6], '{"o":' .. off .. ',"e":"' .. e .. '","t":' .. ts .. ',"m":' .. ARGV[3] .. '}')
 return {'ok', e, off, '', ts}
-"#;
+"#
+);
 
 /// The room's top offset and epoch, drawing the epoch (ARGV[1]) if the room has none.
-const TOP_SCRIPT: &str = r#"
-local e = redis.call('HGET', KEYS[1], 'e')
-if not e then
-  e = ARGV[1]
-  redis.call('DEL', KEYS[2], KEYS[3])
-  redis.call('HSET', KEYS[1], 'e', e, 'o', 0)
-end
-return {redis.call('HGET', KEYS[1], 'o'), e}
-"#;
+const TOP_SCRIPT: &str = concat!(room_epoch_lua!(), "return {redis.call('HGET', KEYS[1], 'o'), e}\n");
 
 /// Adds or renames a member (KEYS[1] the presence hash; ARGV: id, node, name, channel, publish
 /// command) and tells the room.
@@ -125,26 +131,12 @@ redis.call(ARGV[3], ARGV[2], cjson.encode({p = 'leave', n = string.sub(v, 1, nl 
 return 1
 "#;
 
-/// Removes every member of a dead node (ARGV: node, channel, publish command), one leave each.
-const REAP_SCRIPT: &str = r#"
-local all = redis.call('HGETALL', KEYS[1])
-local prefix = ARGV[1] .. '\n'
-local n = 0
-for i = 1, #all, 2 do
-  local v = all[i + 1]
-  if string.sub(v, 1, #prefix) == prefix then
-    redis.call('HDEL', KEYS[1], all[i])
-    redis.call(ARGV[3], ARGV[2], cjson.encode({p = 'leave', n = ARGV[1], id = all[i], name = string.sub(v, #prefix + 1)}))
-    n = n + 1
-  end
-end
-return n
-"#;
-
 /// Makes a node's members of a room exactly the given ones (ARGV: node, channel, publish command,
-/// then id and name pairs): the node's others leave, missing or renamed ones join or update.
+/// then id and name pairs): the node's others leave, missing or renamed ones join or update. With
+/// no pairs it removes every member of a dead node, one leave each. Returns how many left.
 const SYNC_SCRIPT: &str = r#"
 local prefix = ARGV[1] .. '\n'
+local left = 0
 local keep = {}
 for i = 4, #ARGV, 2 do keep[ARGV[i]] = ARGV[i + 1] end
 local all = redis.call('HGETALL', KEYS[1])
@@ -153,6 +145,7 @@ for i = 1, #all, 2 do
   if string.sub(v, 1, #prefix) == prefix and keep[id] == nil then
     redis.call('HDEL', KEYS[1], id)
     redis.call(ARGV[3], ARGV[2], cjson.encode({p = 'leave', n = ARGV[1], id = id, name = string.sub(v, #prefix + 1)}))
+    left = left + 1
   end
 end
 for i = 4, #ARGV, 2 do
@@ -163,7 +156,7 @@ for i = 4, #ARGV, 2 do
     redis.call(ARGV[3], ARGV[2], cjson.encode({p = event, n = ARGV[1], id = id, name = name}))
   end
 end
-return 0
+return left
 "#;
 
 /// Removes a room's messages and idempotency keys (KEYS: stream, idempotency set); the offset in
@@ -308,6 +301,21 @@ struct Body {
     time: String,
 }
 
+impl Body {
+    fn of(message: &NewMessage) -> Self {
+        Self {
+            id: message.id.clone(),
+            name: message.name.clone(),
+            message: message.message.clone(),
+            time: message.time.clone(),
+        }
+    }
+
+    fn into_stored(self, room: String, offset: u64, ts_ms: i64) -> StoredMessage {
+        StoredMessage { room, offset, id: self.id, name: self.name, message: self.message, time: self.time, ts_ms }
+    }
+}
+
 /// What arrives on a room's channel: a message (`o`, `e`, `t`, `m`) or a presence event (`p`, `n`,
 /// `id`, `name`).
 #[derive(Deserialize)]
@@ -401,15 +409,7 @@ fn stored(room: &str, (id, fields): (String, Vec<(String, String)>)) -> Result<S
     let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
     let body: Body = serde_json::from_str(field("m").ok_or_else(bad)?).map_err(|_| bad())?;
     let ts_ms = field("t").and_then(|t| t.parse().ok()).unwrap_or(0);
-    Ok(StoredMessage {
-        room: room.to_owned(),
-        offset,
-        id: body.id,
-        name: body.name,
-        message: body.message,
-        time: body.time,
-        ts_ms,
-    })
+    Ok(body.into_stored(room.to_owned(), offset, ts_ms))
 }
 
 /// Connected to Redis, not yet delivering: [`RedisConnector::presence`] is for the hub, which is then
@@ -532,7 +532,7 @@ impl RedisConnector {
         }
         tasks.push(tokio::spawn(presence(Arc::downgrade(&shared), presence_rx)));
         tasks.push(tokio::spawn(leases(Arc::downgrade(&shared))));
-        Arc::new(RedisEngine { shared, tasks: Mutex::new(tasks), sink })
+        Arc::new(RedisEngine { shared, tasks: Mutex::new(tasks) })
     }
 }
 
@@ -540,8 +540,6 @@ impl RedisConnector {
 pub struct RedisEngine {
     shared: Arc<Shared>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    /// The hub: runs the server API's per-user commands given here.
-    sink: Arc<dyn Deliver>,
 }
 
 /// A per-user command on [`CONTROL_CHANNEL`], with the node it came from (which ran it already).
@@ -557,27 +555,25 @@ async fn write(shared: Arc<Shared>, index: usize, mut jobs: mpsc::Receiver<Job>)
     while jobs.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
         let link = shared.shards[index].link.clone();
         let publish = link.publish_command();
-        let retention = shared.retention;
-        let calls = batch.iter().map(|(message, _)| {
+        let keep = shared.retention.max_messages.to_string();
+        let age_ms = shared.retention.max_age.map_or(0, |age| age.as_millis() as u64).to_string();
+        // One random draw per batch, and a different epoch for each publish from it: two publishes
+        // of one batch to the same room may both find it without one (Redis restarted between them,
+        // its history lost), and must not both give it the same.
+        let epochs = random_u64();
+        let calls = batch.iter().enumerate().map(|(i, (message, _))| {
             let mut link = link.clone();
-            let body = Body {
-                id: message.id.clone(),
-                name: message.name.clone(),
-                message: message.message.clone(),
-                time: message.time.clone(),
-            };
-            let body = serde_json::to_string(&body).expect("strings serialize");
+            let body = serde_json::to_string(&Body::of(message)).expect("strings serialize");
             let room = &message.room;
-            let age_ms = retention.max_age.map_or(0, |age| age.as_millis() as u64);
             let cmd = script(
                 PUBLISH_SCRIPT,
                 &[&meta_key(room), &stream_key(room), &idem_key(room)],
                 &[
-                    &new_epoch(),
+                    &epoch_text(epochs.wrapping_add(i as u64)),
                     message.id.as_deref().unwrap_or(""),
                     &body,
-                    &retention.max_messages.to_string(),
-                    &age_ms.to_string(),
+                    &keep,
+                    &age_ms,
                     &channel(room),
                     publish,
                 ],
@@ -592,25 +588,10 @@ async fn write(shared: Arc<Shared>, index: usize, mut jobs: mpsc::Receiver<Job>)
                 if kind == "dup" {
                     let body: Body = serde_json::from_str(&stored_body)
                         .map_err(|e| EngineError::Read(format!("malformed stored message: {e}")))?;
-                    Ok(Published::Duplicate(StoredMessage {
-                        room: message.room,
-                        offset,
-                        id: body.id,
-                        name: body.name,
-                        message: body.message,
-                        time: body.time,
-                        ts_ms,
-                    }))
+                    Ok(Published::Duplicate(body.into_stored(message.room, offset, ts_ms)))
                 } else {
-                    Ok(Published::Stored(StoredMessage {
-                        room: message.room,
-                        offset,
-                        id: message.id,
-                        name: message.name,
-                        message: message.message,
-                        time: message.time,
-                        ts_ms,
-                    }))
+                    let NewMessage { room, id, name, message, time } = message;
+                    Ok(Published::Stored(StoredMessage { room, offset, id, name, message, time, ts_ms }))
                 }
             });
             let _ = reply.send(result);
@@ -804,15 +785,7 @@ impl Subscriber {
         let Some(tracked) = self.tracked.get_mut(room) else { return Ok(()) };
         if tracked.last + 1 == offset {
             tracked.last = offset;
-            let message = StoredMessage {
-                room: room.to_owned(),
-                offset,
-                id: body.id,
-                name: body.name,
-                message: body.message,
-                time: body.time,
-                ts_ms: event.t.unwrap_or(0),
-            };
+            let message = body.into_stored(room.to_owned(), offset, event.t.unwrap_or(0));
             self.sink.deliver(std::slice::from_ref(&message));
         }
         Ok(())
@@ -1022,7 +995,7 @@ async fn reap(shared: &Shared) -> Result<(), EngineError> {
         for room in &rooms {
             let shard = shared.shard(room);
             let cmd =
-                script(REAP_SCRIPT, &[&presence_key(room)], &[&node, &channel(room), shard.link.publish_command()]);
+                script(SYNC_SCRIPT, &[&presence_key(room)], &[&node, &channel(room), shard.link.publish_command()]);
             left += shard.link.clone().query::<i64>(&cmd).await?;
         }
         // Only after every room is done: a reaper that dies halfway leaves the rest to the next one.
@@ -1160,15 +1133,15 @@ impl Engine for RedisEngine {
         Box::pin(async move { self.shared.top(&room).await })
     }
 
-    fn command(&self, command: UserCommand) -> BoxFuture<'_, Result<(usize, bool), EngineError>> {
+    fn broadcast(&self, command: &UserCommand) -> BoxFuture<'_, Result<bool, EngineError>> {
+        let command = command.clone();
         Box::pin(async move {
-            let here = self.sink.command(&command).await;
             let link = self.shared.shards[0].link.clone();
             let message = ControlMessage { from: self.shared.settings.node.clone(), command };
             let mut cmd = redis::cmd(link.publish_command());
             cmd.arg(CONTROL_CHANNEL).arg(serde_json::to_string(&message).unwrap_or_default());
             link.clone().query::<i64>(&cmd).await?;
-            Ok((here, true))
+            Ok(true)
         })
     }
 

@@ -16,7 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
     age_cutoff_ms, new_epoch, now_ms, BoxFuture, Deliver, Engine, EngineError, History, NewMessage, PendingPublish,
-    Position, Published, Retention, StoredMessage, UserCommand,
+    Position, Published, Retention, StoredMessage,
 };
 
 /// Most publishes taken into one transaction.
@@ -62,8 +62,6 @@ pub struct Store {
     /// Each room's last committed offset, updated by the writer before it delivers.
     tops: Arc<Mutex<HashMap<String, u64>>>,
     epoch: Arc<str>,
-    /// The hub: runs the server API's per-user commands.
-    sink: Arc<dyn Deliver>,
 }
 
 impl Store {
@@ -121,7 +119,7 @@ impl Store {
             conn: writer_conn,
             last_offsets,
             retention,
-            sink: sink.clone(),
+            sink,
             tops: tops.clone(),
             last_age_trim: Instant::now(),
         };
@@ -137,7 +135,6 @@ impl Store {
             path: path.to_owned(),
             tops,
             epoch: epoch.into(),
-            sink,
         }))
     }
 
@@ -225,11 +222,8 @@ impl Engine for Store {
         Box::pin(std::future::ready(Ok(Position { offset, epoch: self.epoch.clone() })))
     }
 
-    // One process sees every commit: the trait's defaults (no subscriptions to make) fit.
-
-    fn command(&self, command: UserCommand) -> BoxFuture<'_, Result<(usize, bool), EngineError>> {
-        Box::pin(async move { Ok((self.sink.command(&command).await, false)) })
-    }
+    // One process sees every commit: the trait's defaults (no subscriptions to make, no other node
+    // to tell) fit.
 
     fn remove_history(&self, room: &str) -> BoxFuture<'_, Result<u64, EngineError>> {
         let (reply, answer) = tokio::sync::oneshot::channel();

@@ -26,7 +26,7 @@ use crate::chat::message::{check_room, MAX_ROOM_CHARS};
 use crate::chat::publish::{self, validate_publish, PublishRequest};
 use crate::chat::wire::ErrorCode;
 use crate::chat::Core;
-use crate::engine::{Published, StoredMessage, UserCommand};
+use crate::engine::{Deliver, Published, StoredMessage, UserCommand};
 use crate::metrics::{metrics, Transport};
 
 /// Most messages one history page holds.
@@ -610,7 +610,8 @@ async fn user_command(state: &AppState, headers: &HeaderMap, command: UserComman
     let outcome = async {
         authorize(core, headers)?;
         let sub = command.sub().to_owned();
-        let (sessions_here, all_nodes) = core.engine.command(command).await.map_err(|e| unavailable(&e))?;
+        let sessions_here = Deliver::command(&*core.hub, &command).await;
+        let all_nodes = core.engine.broadcast(&command).await.map_err(|e| unavailable(&e))?;
         Ok::<_, Failure>(Json(UserAnswer { sub, sessions_here, all_nodes }))
     };
     into_response(outcome.await)
