@@ -80,7 +80,7 @@ impl EngineError {
 }
 
 /// A command of the server API for one user's sessions, run by every node's hub (see
-/// [`Engine::command`]).
+/// [`Engine::broadcast`]).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "do", rename_all = "snake_case")]
 pub enum UserCommand {

@@ -8,7 +8,7 @@
 //!
 //! In cluster mode, rooms and presence counts cover every node where the engine knows it (presence,
 //! history), rooms listed are this node's, and the per-user commands reach every node through the
-//! engine ([`crate::engine::Engine::command`]).
+//! engine ([`crate::engine::Engine::broadcast`]).
 
 use std::time::Instant;
 
