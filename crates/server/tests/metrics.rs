@@ -91,6 +91,24 @@ async fn a_publish_and_its_delivery_a_bad_handshake_and_a_bad_token_are_counted(
     assert_eq!(sample(&text, "switchboard_rooms"), Some(1.0), "{text}");
 }
 
+/// The client publish over HTTP (`POST /publish`, for SSE and long polling) and the server API's
+/// publish count their refusals as the WebSocket's do.
+#[tokio::test]
+async fn publishes_refused_over_http_are_counted() {
+    let (server, _db) = start_serve(&["--api-key", "k"]);
+    let addr = &server.addr;
+    let too_long = json!({"room": "lobby", "message": "x".repeat(5000)}).to_string();
+    let (status, answer) = support::http_json(addr, "POST", "/publish", None, Some(&too_long));
+    assert_eq!((status, answer["code"].as_str()), (400, Some("too_long")), "{answer}");
+    let bad_room = json!({"room": "a b", "message": "hi"}).to_string();
+    let (status, answer) = support::http_json(addr, "POST", "/api/publish", Some("k"), Some(&bad_room));
+    assert_eq!(status, 400, "{answer}");
+    let text = wait_for(addr, r#"switchboard_messages_refused_total{reason="too_long"}"#, 1.0);
+    assert_eq!(sample(&text, r#"switchboard_messages_refused_total{reason="too_long"}"#), Some(1.0), "{text}");
+    let code = answer["code"].as_str().unwrap();
+    assert_eq!(sample(&text, &format!(r#"switchboard_messages_refused_total{{reason="{code}"}}"#)), Some(1.0), "{text}");
+}
+
 #[tokio::test]
 async fn a_refused_token_is_an_auth_failure_and_an_auth_refusal() {
     let (server, _db) = start_serve(&["--jwt-secret", "metrics-test-secret"]);

@@ -4,10 +4,13 @@
 use std::collections::HashSet;
 use std::time::SystemTime;
 
+use super::access::Identity;
 use super::limits::SessionLimits;
 use super::message::{check_name, check_room, now_hms, NewMessage, Refusal};
 use super::wire::ErrorCode;
+use super::Core;
 use crate::engine::{Engine, EngineError, PendingPublish};
+use crate::metrics::metrics;
 
 /// A publish that passed validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,8 +28,47 @@ pub struct PublishRequest {
 /// Longest idempotency key.
 pub const MAX_ID_CHARS: usize = 128;
 
-/// Checks a publish against the limits; the error names what is wrong.
+/// Checks a publish against the limits; the error names what is wrong (and is counted in
+/// `messages_refused`, as every refused publish is).
 pub fn validate_publish(
+    limits: &SessionLimits,
+    rooms: Vec<String>,
+    message: String,
+    name: Option<String>,
+    id: Option<String>,
+) -> Result<PublishRequest, Refusal> {
+    validate(limits, rooms, message, name, id).inspect_err(|(code, _)| metrics().message_refused(code.label()))
+}
+
+/// A client's publish (over WebSocket or `POST /publish`) checked against the limits, under the name
+/// it is shown with: a signed-in user's token's, else the one asked for; a guest asking for a
+/// user's name gets it marked. The transport then applies its rate limit and [`check_grants`].
+pub fn prepare_client_publish(
+    core: &Core,
+    identity: &Identity,
+    rooms: Vec<String>,
+    message: String,
+    name: Option<String>,
+    id: Option<String>,
+) -> Result<PublishRequest, Refusal> {
+    let name = identity.name.clone().or(name);
+    let mut publish = validate_publish(&core.limits, rooms, message, name, id)?;
+    publish.name = core.access.guest_name(identity, publish.name);
+    Ok(publish)
+}
+
+/// Refuses (and counts) a publish to a room the token does not allow.
+pub fn check_grants(identity: &Identity, publish: &PublishRequest) -> Result<(), Refusal> {
+    match publish.rooms.iter().find(|room| !identity.may_publish(room)) {
+        Some(room) => {
+            metrics().message_refused(ErrorCode::NotAllowed.label());
+            Err((ErrorCode::NotAllowed, format!("this token does not allow publishing to {room:?}")))
+        }
+        None => Ok(()),
+    }
+}
+
+fn validate(
     limits: &SessionLimits,
     rooms: Vec<String>,
     message: String,

@@ -23,7 +23,7 @@ use super::access::{AuthError, Identity};
 use super::hub::{ConnId, JoinError, JoinId, Outbox, UserLimit};
 use super::limits::RateLimiter;
 use super::message::{check_name, check_room, now_hms, NewMessage, Refusal};
-use super::publish::{self, validate_publish, PublishRequest};
+use super::publish::{self, PublishRequest};
 use super::wire::{error_text, Dialect, Envelope, ErrorCode, Member, Request};
 use super::Core;
 use crate::engine::{EngineError, History, Position, PresenceEntry, Published};
@@ -495,32 +495,18 @@ impl Session {
             }
             Request::Publish { room, rooms, message, name, id: message_id, req } => {
                 let rooms: Vec<String> = room.into_iter().chain(rooms.unwrap_or_default()).collect();
-                let name = identity.name.clone().or(name).or_else(|| self.name.clone());
-                let validated = validate_publish(&self.core.limits, rooms, message, name, message_id);
-                let validated = validated.map(|mut publish| {
-                    publish.name = self.core.access.guest_name(&identity, publish.name);
-                    publish
-                });
-                match validated {
+                let name = name.or_else(|| self.name.clone());
+                match publish::prepare_client_publish(&self.core, &identity, rooms, message, name, message_id) {
                     // Each room beyond the first is one more message against the rate limit.
                     Ok(publish) if !self.charge(publish.rooms.len() - 1) => {
                         metrics().message_refused("rate_limit");
                         Err((POLICY_VIOLATION, "message rate limit exceeded".into()))
                     }
-                    Ok(publish) => match publish.rooms.iter().find(|room| !identity.may_publish(room)) {
-                        Some(room) => {
-                            metrics().message_refused(ErrorCode::NotAllowed.label());
-                            refused(
-                                (ErrorCode::NotAllowed, format!("this token does not allow publishing to {room:?}")),
-                                &req,
-                            )
-                        }
-                        None => Ok(self.publish(publish, req)),
+                    Ok(publish) => match publish::check_grants(&identity, &publish) {
+                        Ok(()) => Ok(self.publish(publish, req)),
+                        Err(e) => refused(e, &req),
                     },
-                    Err(e) => {
-                        metrics().message_refused(e.0.label());
-                        refused(e, &req)
-                    }
+                    Err(e) => refused(e, &req),
                 }
             }
             Request::Presence { room, req } => {

@@ -32,7 +32,7 @@ use super::ws::LiveGuard;
 use crate::chat::access::{AuthError, Identity};
 use crate::chat::limits::{RateLimit, RateLimiter};
 use crate::chat::message::check_room;
-use crate::chat::publish::validate_publish;
+use crate::chat::publish;
 use crate::chat::session::{End, Session};
 use crate::chat::wire::{Dialect, ErrorCode};
 use crate::chat::Core;
@@ -774,28 +774,19 @@ pub async fn client_publish(
         Err(e) => return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.to_string()),
     };
     let rooms: Vec<String> = request.room.into_iter().chain(request.rooms.unwrap_or_default()).collect();
-    // A signed-in user publishes under its token's name, whatever the body says.
-    let name = identity.name.clone().or(request.name);
-    let validated = validate_publish(&core.limits, rooms, request.message, name, request.id);
-    let validated = validated.map(|mut publish| {
-        publish.name = core.access.guest_name(&identity, publish.name);
-        publish
-    });
-    let publish = match validated {
+    let prepared = publish::prepare_client_publish(&core, &identity, rooms, request.message, request.name, request.id);
+    let publish = match prepared {
         Ok(publish) => publish,
         Err((code, message)) => return error(StatusCode::BAD_REQUEST, code, message),
     };
     if let Some(address) = peer {
         if !rate.allow(address, publish.rooms.len()) {
+            metrics().message_refused("rate_limit");
             return error(StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooMany, "message rate limit exceeded; slow down");
         }
     }
-    if let Some(room) = publish.rooms.iter().find(|room| !identity.may_publish(room)) {
-        return error(
-            StatusCode::FORBIDDEN,
-            ErrorCode::NotAllowed,
-            format!("this token does not allow publishing to {room:?}"),
-        );
+    if let Err((code, message)) = publish::check_grants(&identity, &publish) {
+        return error(StatusCode::FORBIDDEN, code, message);
     }
     super::api::into_response(super::api::submit(&core, publish).await)
 }
