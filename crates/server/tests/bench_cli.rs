@@ -39,7 +39,7 @@ fn echo_mode_counts_round_trips_and_latencies() {
 
 #[test]
 fn fanout_mode_delivers_every_message_to_every_subscriber() {
-    for protocol in ["seed", "v1"] {
+    for protocol in ["seed", "v1", "sse", "longpoll"] {
         let (server, _) = start_serve(&[]);
         let url = format!("ws://{}/ws", server.addr);
         let r = bench(&["fanout", &url, "--subscribers", "20", "--rate", "50", "-d", "1", "--protocol", protocol]);

@@ -106,7 +106,11 @@ async fn publishes_refused_over_http_are_counted() {
     let text = wait_for(addr, r#"switchboard_messages_refused_total{reason="too_long"}"#, 1.0);
     assert_eq!(sample(&text, r#"switchboard_messages_refused_total{reason="too_long"}"#), Some(1.0), "{text}");
     let code = answer["code"].as_str().unwrap();
-    assert_eq!(sample(&text, &format!(r#"switchboard_messages_refused_total{{reason="{code}"}}"#)), Some(1.0), "{text}");
+    assert_eq!(
+        sample(&text, &format!(r#"switchboard_messages_refused_total{{reason="{code}"}}"#)),
+        Some(1.0),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -27,8 +27,7 @@ enum Protocol {
 /// that every message published afterwards is after it.
 async fn first_cursor(url: &str, room: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let host = authority(url)?;
-    let mut stream = tokio::net::TcpStream::connect(host).await?;
+    let (mut stream, host) = http_connect(url).await?;
     stream
         .write_all(
             format!("GET /poll?room={room}&wait=0 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
@@ -53,9 +52,7 @@ async fn long_poll(
 ) -> Vec<u32> {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
     let mut latencies = Vec::new();
-    let Ok(host) = authority(&url).map(str::to_owned) else { return latencies };
-    let Ok(stream) = tokio::net::TcpStream::connect(&host).await else { return latencies };
-    let _ = stream.set_nodelay(true);
+    let Ok((stream, host)) = http_connect(&url).await else { return latencies };
     let mut stream = tokio::io::BufReader::new(stream);
     loop {
         let request = format!("GET /poll?room={room}&wait=25&cursor={cursor} HTTP/1.1\r\nHost: {host}\r\n\r\n");
@@ -97,20 +94,23 @@ async fn long_poll(
     latencies
 }
 
-/// `host:port` of a `ws://` URL.
-fn authority(url: &str) -> anyhow::Result<&str> {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let host = rest.split('/').next().unwrap_or_default();
-    anyhow::ensure!(!host.is_empty(), "no host in {url}");
-    Ok(host)
+/// The server of a `ws://` URL, for subscribers that speak plain HTTP to it: a connection to its
+/// host and port (the scheme's default when the URL has none), and the `Host` header naming it.
+async fn http_connect(url: &str) -> anyhow::Result<(tokio::net::TcpStream, String)> {
+    let url = switchboard_ws::WsUrl::parse(url)?;
+    anyhow::ensure!(!url.secure, "SSE and long-poll subscribers speak plain HTTP: give a ws:// URL");
+    let host = url.host_header();
+    let stream = tokio::net::TcpStream::connect((url.host.as_str(), url.port))
+        .await
+        .with_context(|| format!("connecting to {host}"))?;
+    stream.set_nodelay(true)?;
+    Ok((stream, host))
 }
 
 /// Opens `GET /sse?room=ROOM` on the URL's server: the stream, and what came after the head.
 async fn sse_subscribe(url: &str, room: &str) -> anyhow::Result<(tokio::net::TcpStream, Vec<u8>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let host = authority(url)?;
-    let mut stream = tokio::net::TcpStream::connect(host).await.with_context(|| format!("connecting to {host}"))?;
-    stream.set_nodelay(true)?;
+    let (mut stream, host) = http_connect(url).await?;
     stream.write_all(format!("GET /sse?room={room}&name=sub HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).await?;
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];
@@ -168,6 +168,19 @@ async fn read_sse(
         pending.extend_from_slice(&buf[..n]);
     }
     latencies
+}
+
+/// Publisher `p`'s message `text` to `room`, framed for its protocol (SSE and long-poll runs
+/// publish over `switchboard.v1`).
+fn publish_frame(protocol: Protocol, room: &str, text: String, p: usize) -> String {
+    let name = format!("pub{p}");
+    match protocol {
+        Protocol::V1 | Protocol::Sse | Protocol::LongPoll => {
+            json!({"type": "publish", "room": room, "message": text, "name": name}).to_string()
+        }
+        Protocol::Seed => json!({"name": name, "message": text}).to_string(),
+        Protocol::SocketIo => format!("42{}", json!(["publish", {"room": room, "message": text, "name": name}])),
+    }
 }
 
 /// Connects one client and joins the room (seed clients are in the default room already).
@@ -341,13 +354,9 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<serde_json::Value> {
             if let Some(count) = closed_loop {
                 for k in 1..=count {
                     let text = format!("bench:{}{padding}", origin.elapsed().as_micros());
-                    let frame = match publisher_protocol {
-                        Protocol::Seed => json!({"name": format!("pub{p}"), "message": text}).to_string(),
-                        Protocol::SocketIo => format!("42{}", json!(["publish", {"room": room, "message": text}])),
-                        _ => json!({"type": "publish", "room": room, "message": text, "name": format!("pub{p}")})
-                            .to_string(),
-                    };
-                    ws.send(frame).await.with_context(|| format!("publisher {p}"))?;
+                    ws.send(publish_frame(publisher_protocol, &room, text, p))
+                        .await
+                        .with_context(|| format!("publisher {p}"))?;
                     published.fetch_add(1, Ordering::Relaxed);
                     let waited = Instant::now();
                     while delivered.load(Ordering::Relaxed) < k * readers as u64 {
@@ -375,19 +384,7 @@ pub(super) async fn run(args: FanoutArgs) -> anyhow::Result<serde_json::Value> {
                 let before = sent;
                 while sent < due {
                     let text = format!("bench:{}{padding}", origin.elapsed().as_micros());
-                    let frame = match publisher_protocol {
-                        Protocol::V1 | Protocol::Sse | Protocol::LongPoll => {
-                            json!({"type": "publish", "room": room, "message": text, "name": format!("pub{p}")})
-                                .to_string()
-                        }
-                        Protocol::Seed => json!({"name": format!("pub{p}"), "message": text}).to_string(),
-                        Protocol::SocketIo => {
-                            format!(
-                                "42{}",
-                                json!(["publish", {"room": room, "message": text, "name": format!("pub{p}")}])
-                            )
-                        }
-                    };
+                    let frame = publish_frame(publisher_protocol, &room, text, p);
                     // The server cuts off any member that falls behind reading, a publisher reading its
                     // own copies included: say which connection ended.
                     ws.feed(frame).await.with_context(|| format!("publisher {p}"))?;
