@@ -308,8 +308,7 @@ async fn ctrl_c_tells_clients_1001_and_exits_cleanly() {
     let mut ws = v1_client(&server.addr).await;
     send(&mut ws, json!({"type": "join", "room": "lobby"})).await;
     next_of(&mut ws, "joined").await;
-    let status = std::process::Command::new("kill").args(["-INT", &server.child.id().to_string()]).status().unwrap();
-    assert!(status.success());
+    server.signal("INT");
     let close = loop {
         match tokio::time::timeout(Duration::from_secs(5), ws.recv()).await.expect("closed in time") {
             Some(Ok(Message::Close(frame))) => break frame,

@@ -336,16 +336,10 @@ async fn redis_away_for_5_s_refuses_publishes_keeps_clients_and_then_delivers_wi
     // The reader stayed connected; close it by stopping its node gracefully and look at what it saw.
     let last = acked.values().copied().max().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    support_signal(&b, "TERM");
+    b.signal("TERM");
     let seen = reading.await.unwrap();
     let offsets: Vec<u64> = seen.iter().map(|(o, _)| *o).collect();
     assert_eq!(offsets, (1..=last).collect::<Vec<_>>(), "every acknowledged message once, in order, across the outage");
-}
-
-fn support_signal(server: &Server, name: &str) {
-    let status =
-        std::process::Command::new("kill").args(["-s", name, &server.child.id().to_string()]).status().unwrap();
-    assert!(status.success());
 }
 
 #[tokio::test]

@@ -1,6 +1,5 @@
 //! `switchboard echo` as a user runs it: the real binary on a loopback port, driven by our client.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use switchboard_ws::{CloseCode, Message};
@@ -52,8 +51,7 @@ async fn plain_http_gets_a_reason_not_a_hang() {
 #[test]
 fn ctrl_c_exits_cleanly() {
     let mut server = start_echo(&[]);
-    let status = Command::new("kill").args(["-INT", &server.child.id().to_string()]).status().unwrap();
-    assert!(status.success());
+    server.signal("INT");
     let started = Instant::now();
     loop {
         if let Some(status) = server.child.try_wait().unwrap() {

@@ -12,11 +12,6 @@ use support::chat::{next, next_close, next_of, send, v1_client, Ws};
 use support::{start_serve, start_serve_at, Server};
 use switchboard_ws::Message;
 
-fn signal(server: &Server, name: &str) {
-    let status = std::process::Command::new("kill").args([name, &server.child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-}
-
 fn wait_exit(server: &mut Server, within: Duration) -> std::process::ExitStatus {
     let started = Instant::now();
     loop {
@@ -57,7 +52,7 @@ async fn sigterm_says_1001_and_exits_within_the_grace_period_even_with_a_stuck_c
     assert_eq!(&head[9..12], b"101");
 
     let signalled = Instant::now();
-    signal(&server, "-TERM");
+    server.signal("TERM");
     assert_eq!(next_close(&mut ws).await.map(|(code, _)| code), Some(1001));
     let status = wait_exit(&mut server, Duration::from_secs(4));
     assert!(status.success(), "{status}");

@@ -53,10 +53,6 @@ async fn get(connection: &Http2Connection, path: &str) -> (u16, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-}
-
 #[tokio::test]
 async fn two_websockets_and_a_request_share_one_http2_connection() {
     let ca = ca("h2-serve");
@@ -78,8 +74,16 @@ async fn two_websockets_and_a_request_share_one_http2_connection() {
     assert_eq!((got["message"].as_str(), got["name"].as_str()), (Some(long.as_str()), Some("Ann")));
 
     let (_, metrics) = get(&connection, "/metrics").await;
-    assert_eq!(sample(&metrics, r#"switchboard_websocket_handshakes_total{http="2"}"#), Some(2.0), "{metrics}");
-    assert_eq!(sample(&metrics, r#"switchboard_websocket_handshakes_total{http="1.1"}"#), Some(0.0), "{metrics}");
+    assert_eq!(
+        support::metrics::sample(&metrics, r#"switchboard_websocket_handshakes_total{http="2"}"#),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        support::metrics::sample(&metrics, r#"switchboard_websocket_handshakes_total{http="1.1"}"#),
+        Some(0.0),
+        "{metrics}"
+    );
 
     // Server-Sent Events on a stream of the same connection: the history, as events.
     let sse = axum::http::Request::get("/sse?room=lobby&cursor=").body(Empty::<Bytes>::new()).unwrap();
@@ -225,7 +229,8 @@ async fn the_per_user_limit_counts_sessions_on_one_http2_connection_and_on_any_t
     }
     let (_, metrics) = get(&connection, "/metrics").await;
     assert!(
-        sample(&metrics, r#"switchboard_connections_refused_total{reason="limit"}"#).unwrap_or(0.0) >= 2.0,
+        support::metrics::sample(&metrics, r#"switchboard_connections_refused_total{reason="limit"}"#).unwrap_or(0.0)
+            >= 2.0,
         "{metrics}"
     );
 }
@@ -239,8 +244,7 @@ async fn sigterm_closes_http2_websockets_with_1001_then_ends_the_connection() {
     let mut ws = open(&connection, &builder).await;
     send(&mut ws, json!({"type": "join", "room": "lobby"})).await;
     next_of(&mut ws, "joined").await;
-    let status = std::process::Command::new("kill").args(["-TERM", &server.child.id().to_string()]).status();
-    assert!(status.unwrap().success());
+    server.signal("TERM");
     let (code, _) = next_close(&mut ws).await.expect("a close frame, on the stream, before the connection ends");
     assert_eq!(code, 1001);
     // Then the GOAWAY: the connection takes no new requests.

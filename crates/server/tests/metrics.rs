@@ -5,10 +5,10 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::chat::{ack_and_message, next_of, send, v1_client};
+use support::metrics::{sample, wait_for};
 use support::start_serve;
 
 fn metrics_text(addr: &str) -> String {
@@ -19,24 +19,6 @@ fn metrics_text(addr: &str) -> String {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.to_ascii_lowercase().contains("content-type: application/openmetrics-text"), "{response}");
     response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()
-}
-
-/// The value of the sample `name{labels}` (or `name` alone), if it is there.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
-}
-
-/// Waits until `series` reaches at least `at_least` (counters settle as the server answers).
-fn wait_for(addr: &str, series: &str, at_least: f64) -> String {
-    let started = Instant::now();
-    loop {
-        let text = metrics_text(addr);
-        if sample(&text, series).is_some_and(|v| v >= at_least) {
-            return text;
-        }
-        assert!(started.elapsed() < Duration::from_secs(10), "{series} never reached {at_least}:\n{text}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Every sample name the exposition can have, from its `# TYPE` lines.

@@ -232,19 +232,8 @@ async fn with_the_proxy_protocol_the_limits_see_each_client_and_a_connection_wit
     // Without a PROXY header (straight to the server), nothing is served.
     let refused = chat_from("127.0.0.5", &server.addr, &[]).await.map(|_| ()).unwrap_err();
     assert!(!refused.contains("101"), "{refused}");
-    assert_eq!(metric_through(&through, r#"switchboard_connections_refused_total{reason="bad_handshake"}"#), Some(1.0));
-}
-
-/// A metric read through the proxy (the server takes no request without a PROXY header).
-fn metric_through(addr: &str, series: &str) -> Option<f64> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let (_, body) = support::http_json(addr, "GET", "/metrics", None, None);
-        let value =
-            body.as_str().and_then(|text| text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()));
-        if value.is_some() || Instant::now() > deadline {
-            return value;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // Read through the proxy: the server takes no request without a PROXY header.
+    let series = r#"switchboard_connections_refused_total{reason="bad_handshake"}"#;
+    let metrics = support::metrics::wait_for(&through, series, 1.0);
+    assert_eq!(support::metrics::sample(&metrics, series), Some(1.0), "{metrics}");
 }

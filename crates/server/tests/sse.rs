@@ -284,10 +284,8 @@ fn origins_and_room_grants_hold_for_streams_and_polls_as_for_websockets() {
     let (status, body) = get(&server.addr, &format!("/poll?room=lobby&token={token}&wait=0"), good);
     assert_eq!(status, 200, "{body}");
     // Each refusal is counted by its reason.
-    let (_, metrics) = support::http_json(&server.addr, "GET", "/metrics", None, None);
-    let count = |series: &str| {
-        metrics.as_str().unwrap().lines().find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
-    };
+    let metrics = support::metrics::text(&server.addr);
+    let count = |series: &str| support::metrics::sample(&metrics, series);
     assert_eq!(count(r#"switchboard_connections_refused_total{reason="origin"}"#), Some(2.0), "{metrics}");
     assert!(count(r#"switchboard_connections_refused_total{reason="auth"}"#) >= Some(2.0), "{metrics}");
 }
@@ -382,8 +380,11 @@ fn heartbeats_keep_coming_between_messages_and_an_expiring_token_ends_the_stream
     let mut rest = String::new();
     let _ = stream.reader.read_to_string(&mut rest);
     assert!(!rest.contains("event: message"), "nothing after the end: {rest:?}");
-    assert_eq!(metric(&server.addr, "switchboard_token_expiries_total"), Some(1.0));
-    assert_eq!(metric(&server.addr, r#"switchboard_connections_opened_total{transport="sse"}"#), Some(1.0));
+    assert_eq!(support::metrics::metric(&server.addr, "switchboard_token_expiries_total"), Some(1.0));
+    assert_eq!(
+        support::metrics::metric(&server.addr, r#"switchboard_connections_opened_total{transport="sse"}"#),
+        Some(1.0)
+    );
 }
 
 #[tokio::test]
@@ -438,19 +439,19 @@ async fn a_stream_that_does_not_read_is_cut_off_like_a_slow_websocket() {
     drop(stalled);
     // Counted as a slow consumer, by its transport (once the server has seen its connection go); what
     // it did take counts as delivered over SSE.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(&server.addr, r#"switchboard_slow_consumer_cuts_total{transport="sse"}"#) != Some(1.0) {
-        assert!(Instant::now() < deadline, "the cut stream was not counted as a slow consumer");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(metric(&server.addr, r#"switchboard_slow_consumer_cuts_total{transport="websocket"}"#), Some(0.0));
-    assert!(metric(&server.addr, r#"switchboard_messages_delivered_total{transport="sse"}"#) >= Some(1.0));
-}
-
-/// One sample of `/metrics`.
-fn metric(addr: &str, series: &str) -> Option<f64> {
-    let (_, text) = support::http_json(addr, "GET", "/metrics", None, None);
-    text.as_str()?.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+    let metrics =
+        support::metrics::wait_for(&server.addr, r#"switchboard_slow_consumer_cuts_total{transport="sse"}"#, 1.0);
+    assert_eq!(
+        support::metrics::sample(&metrics, r#"switchboard_slow_consumer_cuts_total{transport="sse"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        support::metrics::metric(&server.addr, r#"switchboard_slow_consumer_cuts_total{transport="websocket"}"#),
+        Some(0.0)
+    );
+    assert!(
+        support::metrics::metric(&server.addr, r#"switchboard_messages_delivered_total{transport="sse"}"#) >= Some(1.0)
+    );
 }
 
 /// `GET /poll?...`: the status and the JSON answer.

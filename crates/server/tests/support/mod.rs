@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test file uses part of this
 
 pub mod chat;
+pub mod metrics;
 pub mod redis;
 
 use std::process::{Child, Command, Stdio};
@@ -12,6 +13,15 @@ use std::time::{Duration, Instant};
 pub struct Server {
     pub child: Child,
     pub addr: String,
+}
+
+impl Server {
+    /// Sends the process a signal (`TERM`, `INT`, ...).
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-s", name, &pid]).status().unwrap();
+        assert!(status.success(), "kill -s {name} {pid}");
+    }
 }
 
 impl Drop for Server {
