@@ -142,10 +142,7 @@ export class SwitchboardClient extends EventTarget {
     this.stopped = true;
     clearTimeout(this.retryTimer);
     clearTimeout(this.refreshTimer);
-    if (this.socket instanceof Object && typeof this.socket.close === "function") {
-      if (this.transport === "websocket") this.socket.close(1000, "bye");
-      else this.socket.close();
-    }
+    this.socket?.close?.(1000, "bye"); // an EventSource ignores the code; a long poll has nothing to close
     this.socket = null;
     this.setState("closed");
   }
@@ -162,7 +159,6 @@ export class SwitchboardClient extends EventTarget {
     this.setState(this.attempt === 0 ? "connecting" : "reconnecting");
     const available = { websocket: typeof WebSocket === "function", sse: typeof EventSource === "function", longpoll: typeof fetch === "function" };
     while (!available[this.transport] && this.transportIndex < this.transports.length - 1) this.transportIndex += 1;
-    this.openedThisTry = false;
     if (this.transport === "sse") return this.connectSse();
     if (this.transport === "longpoll") return this.connectPoll();
     let socket;
@@ -211,10 +207,8 @@ export class SwitchboardClient extends EventTarget {
   }
 
   opened() {
-    this.openedThisTry = true;
     this.transportWorked = true;
     this.attempt = 0;
-    this.failures = 0;
     this.members = {};
     this.setState("open");
   }
