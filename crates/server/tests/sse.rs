@@ -299,6 +299,7 @@ fn a_client_address_holds_as_many_streams_as_the_per_address_limit() {
     first.next_of("joined");
     let third = Stream::open(&server.addr, "room=r", "");
     assert_eq!(third.status, 429, "{}", third.headers);
+    assert!(third.headers.to_ascii_lowercase().contains("retry-after: 5"), "{}", third.headers);
     drop(first);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

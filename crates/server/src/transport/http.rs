@@ -133,9 +133,7 @@ fn own_place(
 
 /// The answer when [`own_place`] found none: 429 (503 at the total), with `Retry-After`.
 fn limit_response(refused: Refused) -> Response {
-    let mut response = refuse(refused.status(), refused.to_string());
-    response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
-    response
+    refuse(refused.status(), refused.to_string())
 }
 
 async fn sse_stream(
@@ -183,6 +181,10 @@ pub fn refuse(status: StatusCode, reason: String) -> Response {
     let mut response = (status, format!("{reason}\n")).into_response();
     if status == StatusCode::UNAUTHORIZED {
         response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    }
+    // A limit (429) or a server at its total (503): worth another try, later.
+    if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+        response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
     }
     response
 }

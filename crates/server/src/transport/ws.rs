@@ -103,14 +103,10 @@ pub async fn upgrade(
         .into_response()
 }
 
-/// 429 for a user with as many sessions as it may have, with `Retry-After`.
+/// 429 (with `Retry-After`) for a user with as many sessions as it may have.
 fn refuse_too_many(sub: &str) -> Response {
-    let mut response = refuse(
-        axum::http::StatusCode::TOO_MANY_REQUESTS,
-        format!("{sub:?} has as many sessions open here as one user may have"),
-    );
-    response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
-    response
+    let reason = format!("{sub:?} has as many sessions open here as one user may have");
+    refuse(axum::http::StatusCode::TOO_MANY_REQUESTS, reason)
 }
 
 /// The token of a handshake: `Authorization: Bearer ...`, else the `token` query parameter.
