@@ -168,6 +168,46 @@ async fn publish_loop(
     }
 }
 
+/// A [`publish_loop`] running on its own task.
+struct Load {
+    acked: Arc<Mutex<BTreeMap<String, u64>>>,
+    refused: Arc<Mutex<Vec<String>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    async fn start(addr: &str, tag: &'static str) -> Self {
+        let (acked, refused, stop) = (Arc::default(), Arc::default(), Arc::default());
+        let ws = v1_client(addr).await;
+        let task = tokio::spawn(publish_loop(ws, tag, Arc::clone(&acked), Arc::clone(&refused), Arc::clone(&stop)));
+        Self { acked, refused, stop, task }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits until at least `count` publishes in all are acknowledged (the load is running, rather
+    /// than a guess at how long that takes on a busy machine).
+    async fn until_acked(&self, count: usize) {
+        let started = Instant::now();
+        while self.acked() < count {
+            assert!(started.elapsed() < Duration::from_secs(20), "only {} of {count} acks", self.acked());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops publishing; what was acknowledged (id to offset) and the codes of what was refused.
+    async fn stop(self) -> (BTreeMap<String, u64>, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap();
+        let acked = self.acked.lock().unwrap().clone();
+        let refused = self.refused.lock().unwrap().clone();
+        (acked, refused)
+    }
+}
+
 /// Reads chat messages of room `load` until the connection ends: (offset, id) in arrival order.
 async fn watch(mut ws: Ws) -> Vec<(u64, String)> {
     let mut seen = Vec::new();
@@ -195,12 +235,8 @@ async fn kill_9_of_a_node_costs_its_clients_a_reconnect_and_nothing_else() {
     let (mut observer, _) = joined(&c.addr, "load", "observer").await;
     let reading = tokio::spawn(watch(on_doomed));
 
-    let acked = Arc::new(Mutex::new(BTreeMap::new()));
-    let refused = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let publisher =
-        tokio::spawn(publish_loop(v1_client(&b.addr).await, "p", acked.clone(), refused.clone(), stop.clone()));
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let load = Load::start(&b.addr, "p").await;
+    load.until_acked(20).await;
     doomed.child.kill().unwrap(); // SIGKILL, mid-stream
     doomed.child.wait().unwrap();
     let before = reading.await.unwrap();
@@ -215,10 +251,8 @@ async fn kill_9_of_a_node_costs_its_clients_a_reconnect_and_nothing_else() {
     )
     .await;
     assert_eq!(next_of(&mut resumed, "joined").await["recovered"], true);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    publisher.await.unwrap();
-    let acked = acked.lock().unwrap().clone();
+    load.until_acked(load.acked() + 10).await;
+    let (acked, refused) = load.stop().await;
     let last_acked = acked.values().copied().max().unwrap();
     let mut after = Vec::new();
     while after.last().is_none_or(|(offset, _)| *offset < last_acked) {
@@ -232,7 +266,7 @@ async fn kill_9_of_a_node_costs_its_clients_a_reconnect_and_nothing_else() {
     for (id, offset) in &acked {
         assert_eq!(by_id.get(id.as_str()), Some(offset), "acknowledged {id} was delivered at its offset");
     }
-    assert!(refused.lock().unwrap().is_empty(), "a node's death refuses no publish on another");
+    assert!(refused.is_empty(), "a node's death refuses no publish on another: {refused:?}");
 
     // The dead node's member leaves for everyone once its lease (2 s) runs out, exactly once.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -265,26 +299,15 @@ async fn kill_9_of_redis_with_fsync_always_loses_nothing_acknowledged() {
     }
     let mut redis = Redis::durable();
     let a = node(&redis.url(), &["--history-max-messages", "1000000"]);
-    let acked = Arc::new(Mutex::new(BTreeMap::new()));
-    let refused = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let publisher =
-        tokio::spawn(publish_loop(v1_client(&a.addr).await, "d", acked.clone(), refused.clone(), stop.clone()));
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let load = Load::start(&a.addr, "d").await;
+    load.until_acked(21).await;
     redis.kill();
-    let before_restart = acked.lock().unwrap().len();
+    let before_restart = load.acked();
     tokio::time::sleep(Duration::from_millis(300)).await;
     redis.restart();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    publisher.await.unwrap();
-    let acked = acked.lock().unwrap().clone();
-    assert!(before_restart > 20, "the load ran ({before_restart} acks before the kill)");
-    assert!(
-        acked.len() > before_restart + 5,
-        "publishing went on after the restart ({before_restart} → {})",
-        acked.len()
-    );
+    // Publishing goes on after the restart.
+    load.until_acked(before_restart + 6).await;
+    let (acked, _) = load.stop().await;
 
     let mut reader = v1_client(&a.addr).await;
     send(&mut reader, json!({"type": "history", "room": "load", "limit": 100000})).await;
@@ -312,22 +335,15 @@ async fn redis_away_for_5_s_refuses_publishes_keeps_clients_and_then_delivers_wi
     let (a, b) = (node(&redis.url(), &[]), node(&redis.url(), &[]));
     let (reader, _) = joined(&b.addr, "load", "reader").await;
     let reading = tokio::spawn(watch(reader));
-    let acked = Arc::new(Mutex::new(BTreeMap::new()));
-    let refused = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let publisher =
-        tokio::spawn(publish_loop(v1_client(&a.addr).await, "u", acked.clone(), refused.clone(), stop.clone()));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let load = Load::start(&a.addr, "u").await;
+    load.until_acked(10).await;
     redis.kill();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let during = acked.lock().unwrap().len();
+    let during = load.acked();
     redis.restart();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    publisher.await.unwrap();
-    let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > during, "publishing resumed after redis came back ({during} → {})", acked.len());
-    let refused = refused.lock().unwrap().clone();
+    // Publishing resumes after Redis came back.
+    load.until_acked(during + 10).await;
+    let (acked, refused) = load.stop().await;
     assert!(
         !refused.is_empty() && refused.iter().all(|code| code == "unavailable"),
         "refused as unavailable: {refused:?}"
