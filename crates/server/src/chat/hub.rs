@@ -127,13 +127,20 @@ struct OutboxState {
     items: VecDeque<Utf8Bytes>,
     bytes: usize,
     closed: bool,
-    /// Closed because its room's history was reset, not because the client was slow.
-    reset: bool,
-    /// Closed because the client did not keep up (its outbox was full).
-    slow: bool,
-    /// Closed by the server API (a disconnect), with this close code and reason.
-    ended: Option<(u16, String)>,
+    /// Why the hub let go of the connection, when it did (not for a shutdown: see [`Hub::is_closing`]).
+    cut: Option<Cut>,
     waiting: Option<Waker>,
+}
+
+/// Why the hub let go of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cut {
+    /// The client did not keep up: its outbox was full.
+    Slow,
+    /// A room's history was reset ([`Deliver::reset`]): the client rejoins to learn what it missed.
+    Reset,
+    /// The server API disconnected it, with this close code and reason.
+    Api(u16, String),
 }
 
 /// Capacity an emptied queue keeps; more is given back, so a burst does not stay in memory.
@@ -207,20 +214,9 @@ impl Outbox {
         self.shared.lock().bytes
     }
 
-    /// The close code and reason the server API ended this connection with, if it did.
-    pub fn ended_by_api(&self) -> Option<(u16, String)> {
-        self.shared.lock().ended.clone()
-    }
-
-    /// Whether the hub let go of this connection because a room's history was reset
-    /// ([`Deliver::reset`]) rather than for being slow.
-    pub fn was_reset(&self) -> bool {
-        self.shared.lock().reset
-    }
-
-    /// Whether the hub let go of this connection because it did not keep up.
-    pub fn was_too_slow(&self) -> bool {
-        self.shared.lock().slow
+    /// Why the hub let go of this connection, if it did (and not for a shutdown).
+    pub fn cut(&self) -> Option<Cut> {
+        self.shared.lock().cut.clone()
     }
 }
 
@@ -454,10 +450,7 @@ impl Hub {
             .map(|(id, _)| *id)
             .collect();
         for id in &ids {
-            if let Some(conn) = inner.conns.get(id) {
-                conn.outbox.lock().ended = Some((code, reason.to_owned()));
-            }
-            self.remove_conn(inner, *id);
+            self.cut_conn(inner, *id, Cut::Api(code, reason.to_owned()));
         }
         ids.len()
     }
@@ -581,8 +574,7 @@ impl Hub {
             .all(|(_, bytes)| conn.outbox.offer(bytes, &self.limits));
         if !fits {
             tracing::info!(conn = id, "outbox full while joining: dropping a client that does not keep up");
-            conn.outbox.lock().slow = true;
-            self.remove_conn(inner, id);
+            self.cut_conn(inner, id, Cut::Slow);
             return false;
         }
         true
@@ -677,6 +669,14 @@ impl Hub {
         true
     }
 
+    /// [`Hub::remove_conn`], telling the connection why (its session reads it from the outbox).
+    fn cut_conn(&self, inner: &mut Inner, id: ConnId, why: Cut) {
+        if let Some(conn) = inner.conns.get(&id) {
+            conn.outbox.lock().cut = Some(why);
+        }
+        self.remove_conn(inner, id);
+    }
+
     fn remove_conn(&self, inner: &mut Inner, id: ConnId) {
         let rooms = inner.conns.get(&id).map(|c| c.rooms.clone()).unwrap_or_default();
         for room in rooms {
@@ -733,10 +733,7 @@ impl Deliver for Hub {
             guard.rooms.get(room).map(|r| r.members.keys().copied().collect()).unwrap_or_default();
         for id in members {
             tracing::info!(conn = id, room, "room history was reset: the client rejoins to learn what it missed");
-            if let Some(conn) = guard.conns.get(&id) {
-                conn.outbox.lock().reset = true;
-            }
-            self.remove_conn(&mut guard, id);
+            self.cut_conn(&mut guard, id, Cut::Reset);
         }
         drop(guard);
     }
@@ -794,10 +791,7 @@ impl Deliver for Hub {
         }
         for id in stalled {
             tracing::info!(conn = id, "outbox full: dropping a client that does not keep up");
-            if let Some(conn) = guard.conns.get(&id) {
-                conn.outbox.lock().slow = true;
-            }
-            self.remove_conn(&mut guard, id);
+            self.cut_conn(&mut guard, id, Cut::Slow);
         }
         drop(guard);
     }
@@ -874,9 +868,9 @@ mod tests {
             while fast_rx.try_recv().is_some() {}
         }
         assert!(!hub.is_member(slow, "r"), "the member that never read was dropped");
-        assert!(slow_rx.was_too_slow(), "marked so, for the slow-consumer count");
+        assert_eq!(slow_rx.cut(), Some(Cut::Slow), "marked so, for the slow-consumer count");
         assert!(hub.is_member(fast, "r"));
-        assert!(!fast_rx.was_too_slow());
+        assert_eq!(fast_rx.cut(), None);
         assert_eq!(hub.connection_count(), 1);
     }
 
@@ -891,7 +885,7 @@ mod tests {
         hub.deliver(&[message("r", 1), message("r", 2)]); // held for the join
         assert!(!hub.start(id, "r", join, 0), "two held messages do not fit the one place left");
         assert_eq!(hub.connection_count(), 0);
-        assert!(rx.was_too_slow());
+        assert_eq!(rx.cut(), Some(Cut::Slow));
     }
 
     #[test]
@@ -949,7 +943,7 @@ mod tests {
         hub.shut_down();
         hub.deliver(&[message("r", 1)]);
         assert!(hub.is_member(member, "r"), "a commit while closing drops nobody as too slow");
-        assert!(!before.was_too_slow(), "closed for the shutdown, not for being slow");
+        assert_eq!(before.cut(), None, "closed for the shutdown, not for being slow");
         let (_, mut after) = hub.register(Dialect::V1);
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);

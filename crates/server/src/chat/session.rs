@@ -20,7 +20,7 @@ use serde_json::Value;
 use switchboard_ws::Utf8Bytes;
 
 use super::access::{AuthError, Identity};
-use super::hub::{ConnId, JoinError, JoinId, Outbox, UserLimit};
+use super::hub::{ConnId, Cut, JoinError, JoinId, Outbox, UserLimit};
 use super::limits::RateLimiter;
 use super::message::{check_name, check_room, now_hms, NewMessage, Refusal};
 use super::publish::{self, PublishRequest};
@@ -234,14 +234,11 @@ impl Session {
 
     /// Why the hub let go of this session (its deliveries ended).
     pub fn cut_off(&self) -> End {
-        if let Some((code, reason)) = self.outbox.ended_by_api() {
-            End::new(code, reason)
-        } else if self.core.hub.is_closing() {
-            End::new(GOING_AWAY, "server shutting down")
-        } else if self.outbox.was_reset() {
-            End::new(SERVICE_RESTART, "room history was reset; rejoin to learn what was recovered")
-        } else {
-            End::too_slow("messages were not read in time")
+        match self.outbox.cut() {
+            Some(Cut::Api(code, reason)) => End::new(code, reason),
+            _ if self.core.hub.is_closing() => End::new(GOING_AWAY, "server shutting down"),
+            Some(Cut::Reset) => End::new(SERVICE_RESTART, "room history was reset; rejoin to learn what was recovered"),
+            Some(Cut::Slow) | None => End::too_slow("messages were not read in time"),
         }
     }
 
@@ -716,7 +713,7 @@ impl Drop for Session {
     fn drop(&mut self) {
         // Counted here, once, whether or not the transport got to see its outbox end: a stalled
         // SSE stream's body is not polled again before its connection is dropped.
-        if self.outbox.was_too_slow() {
+        if self.outbox.cut() == Some(Cut::Slow) {
             metrics().slow_consumer_cuts.inc(self.transport);
         }
         self.core.hub.unregister(self.conn);
