@@ -290,44 +290,41 @@ impl ConnectionLimiter {
         Arc::new(Self { max_total, max_per_ip, state: Mutex::new(Counts::default()) })
     }
 
+    /// A place in the total and for `ip`.
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refused> {
-        let ip = client_address(ip);
-        let mut counts = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if counts.total >= self.max_total {
-            return Err(Refused::Full(self.max_total));
-        }
-        let from_ip = counts.per_ip.entry(ip).or_insert(0);
-        if *from_ip >= self.max_per_ip {
-            return Err(Refused::PerIp(self.max_per_ip));
-        }
-        *from_ip += 1;
-        counts.total += 1;
-        Ok(Permit { limiter: self.clone(), ip: Some(ip), in_total: true })
+        self.acquire(Some(ip), true)
     }
 
     /// A place for `ip` that does not count in the total: the session of a proxy's client on an
     /// HTTP/1.1 connection, which the connection's own place already counts there (that connection
     /// carries this one session and nothing else until it ends).
     pub fn try_acquire_address(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refused> {
-        let ip = client_address(ip);
-        let mut counts = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let from_ip = counts.per_ip.entry(ip).or_insert(0);
-        if *from_ip >= self.max_per_ip {
-            return Err(Refused::PerIp(self.max_per_ip));
-        }
-        *from_ip += 1;
-        Ok(Permit { limiter: self.clone(), ip: Some(ip), in_total: false })
+        self.acquire(Some(ip), false)
     }
 
     /// A place in the total only: a connection from a proxy, whose clients are counted each by
     /// their own address as their sessions open.
     pub fn try_acquire_shared(self: &Arc<Self>) -> Result<Permit, Refused> {
+        self.acquire(None, true)
+    }
+
+    fn acquire(self: &Arc<Self>, ip: Option<IpAddr>, in_total: bool) -> Result<Permit, Refused> {
+        let ip = ip.map(client_address);
         let mut counts = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if counts.total >= self.max_total {
+        if in_total && counts.total >= self.max_total {
             return Err(Refused::Full(self.max_total));
         }
-        counts.total += 1;
-        Ok(Permit { limiter: self.clone(), ip: None, in_total: true })
+        if let Some(ip) = ip {
+            let from_ip = counts.per_ip.entry(ip).or_insert(0);
+            if *from_ip >= self.max_per_ip {
+                return Err(Refused::PerIp(self.max_per_ip));
+            }
+            *from_ip += 1;
+        }
+        if in_total {
+            counts.total += 1;
+        }
+        Ok(Permit { limiter: self.clone(), ip, in_total })
     }
 
     pub fn open(&self) -> usize {
