@@ -87,6 +87,11 @@ pub async fn accept_loop(
             admit(&admission, &handler, stream, peer, shared);
             continue;
         };
+        if !admission.trusted.is_empty() && !admission.trusted.contains(peer.ip()) {
+            tracing::info!(%peer, reason = "PROXY protocol from a peer not in --trusted-proxies", "refused a connection");
+            crate::metrics::metrics().refused(crate::metrics::Refusal::BadHandshake);
+            continue;
+        }
         // The client's address is in the first bytes: read them on the connection's own task.
         let (admission, handler) = (admission.clone(), handler.clone());
         // While its header is read the connection holds a place in the total, so unfinished headers
@@ -102,11 +107,6 @@ pub async fn accept_loop(
         };
         tokio::spawn(async move {
             let mut stream = stream;
-            if !admission.trusted.is_empty() && !admission.trusted.contains(peer.ip()) {
-                tracing::info!(%peer, reason = "PROXY protocol from a peer not in --trusted-proxies", "refused a connection");
-                crate::metrics::metrics().refused(crate::metrics::Refusal::BadHandshake);
-                return;
-            }
             let header = crate::proxied::read_proxy_header(&mut stream, timeout).await;
             drop(reading);
             match header {

@@ -237,3 +237,32 @@ async fn with_the_proxy_protocol_the_limits_see_each_client_and_a_connection_wit
     let metrics = support::metrics::wait_for(&through, series, 1.0);
     assert_eq!(support::metrics::sample(&metrics, series), Some(1.0), "{metrics}");
 }
+
+/// With `--trusted-proxies` as well, a PROXY header is taken from those peers only: another peer's
+/// connection is closed unanswered, whatever header it sends, and counted as a bad handshake.
+#[tokio::test]
+async fn a_proxy_header_from_a_peer_not_trusted_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (server, _db) = start_serve(&["--proxy-protocol", "true", "--trusted-proxies", "127.0.0.2/32"]);
+    let ask = |from: &'static str, path: &'static str| {
+        let addr = server.addr.clone();
+        async move {
+            let socket = TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::new(from.parse::<IpAddr>().unwrap(), 0)).unwrap();
+            let mut stream = socket.connect(addr.parse().unwrap()).await.unwrap();
+            let request = format!(
+                "PROXY TCP4 10.1.2.3 127.0.0.1 5000 80\r\nGET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            );
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer)).await;
+            answer
+        }
+    };
+    let series = r#"switchboard_connections_refused_total{reason="bad_handshake"}"#;
+    let refused = |metrics: String| support::metrics::sample(&metrics, series).unwrap_or_else(|| panic!("{metrics}"));
+    // (start_serve's wait for the port is one already: it connected from 127.0.0.1, sending nothing.)
+    let before = refused(ask("127.0.0.2", "/metrics").await);
+    assert_eq!(ask("127.0.0.4", "/healthz").await, "", "a peer not trusted is not served");
+    assert_eq!(refused(ask("127.0.0.2", "/metrics").await), before + 1.0, "and its refusal is counted");
+}
