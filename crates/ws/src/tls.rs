@@ -7,7 +7,7 @@
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use rustls::pki_types::pem::PemObject;
@@ -31,24 +31,42 @@ pub(crate) const ALPN_HTTP1: &[u8] = b"http/1.1";
 
 /// A client TLS configuration trusting the platform's roots (or webpki's) and, optionally, the
 /// certificates in `extra_ca_file` (PEM).
+///
+/// The platform's store is read once per process (it is a few hundred files, read again on every
+/// `wss://` connection otherwise, and twice by an HTTP/2 connection that falls back to HTTP/1.1);
+/// without `extra_ca_file` the configuration itself is shared.
 pub fn client_config(extra_ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, Error> {
-    let mut roots = RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for cert in native.certs {
-        // A platform store can hold certificates rustls does not accept; skip them, keep the rest.
-        let _ = roots.add(cert);
+    static DEFAULT: OnceLock<Arc<ClientConfig>> = OnceLock::new();
+    let Some(path) = extra_ca_file else {
+        return Ok(DEFAULT.get_or_init(|| config_trusting(platform_roots().clone())).clone());
+    };
+    let mut roots = platform_roots().clone();
+    for cert in read_certs(path)? {
+        roots.add(cert).map_err(|e| tls_config_error(path, e))?;
     }
-    if roots.is_empty() {
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    }
-    if let Some(path) = extra_ca_file {
-        for cert in read_certs(path)? {
-            roots.add(cert).map_err(|e| tls_config_error(path, e))?;
+    Ok(config_trusting(roots))
+}
+
+/// The platform's roots, or webpki's when it has none; read on first use.
+fn platform_roots() -> &'static RootCertStore {
+    static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let mut roots = RootCertStore::empty();
+        for cert in rustls_native_certs::load_native_certs().certs {
+            // A platform store can hold certificates rustls does not accept; skip them, keep the rest.
+            let _ = roots.add(cert);
         }
-    }
+        if roots.is_empty() {
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        }
+        roots
+    })
+}
+
+fn config_trusting(roots: RootCertStore) -> Arc<ClientConfig> {
     let mut config = ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
     config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
-    Ok(Arc::new(config))
+    Arc::new(config)
 }
 
 /// A server TLS configuration from a PEM certificate chain and a PEM private key.
