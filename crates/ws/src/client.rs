@@ -24,7 +24,7 @@ use crate::tls::{self, ClientStream};
 use crate::url::WsUrl;
 
 /// How much of a refusal's body is kept for the error message.
-const BODY_PREFIX: usize = 512;
+pub(crate) const BODY_PREFIX: usize = 512;
 
 /// Connects with default settings (proxy from the environment, platform TLS roots).
 pub async fn connect(url: &str) -> Result<(WebSocket<ClientStream>, Accepted)> {

@@ -147,7 +147,11 @@ impl Http2Connection {
             let accepted = match handshake::verify_http2_response(request, head) {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    let body = body_prefix(response.into_body()).await;
+                    // Only a refusal's body says why; any other answer's is not worth waiting for.
+                    let body = match error {
+                        ResponseError::Status { .. } => body_prefix(response.into_body()).await,
+                        _ => String::new(),
+                    };
                     return Err(Error::Response { error, body });
                 }
             };
@@ -180,18 +184,22 @@ fn response_head<B>(response: &http::Response<B>) -> Head {
     }
 }
 
-/// The first bytes of a refusal's body, so the error says why (bounded in size and time).
-async fn body_prefix(body: hyper::body::Incoming) -> String {
+/// The first bytes of a refusal's body, so the error says why: as over HTTP/1.1, up to
+/// [`crate::client::BODY_PREFIX`] bytes, read for at most a second.
+async fn body_prefix(mut body: hyper::body::Incoming) -> String {
     use http_body_util::BodyExt;
-    const PREFIX: usize = 512;
-    let limited = http_body_util::Limited::new(body, 64 * 1024);
-    match tokio::time::timeout(Duration::from_secs(1), limited.collect()).await {
-        Ok(Ok(collected)) => {
-            let bytes = collected.to_bytes();
-            String::from_utf8_lossy(&bytes[..bytes.len().min(PREFIX)]).trim_end().to_owned()
+    let mut prefix = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while prefix.len() < crate::client::BODY_PREFIX {
+            match body.frame().await {
+                Some(Ok(frame)) => prefix.extend_from_slice(frame.data_ref().map_or(&[][..], |data| &data[..])),
+                _ => break,
+            }
         }
-        _ => String::new(),
-    }
+    })
+    .await;
+    prefix.truncate(crate::client::BODY_PREFIX);
+    String::from_utf8_lossy(&prefix).trim_end().to_owned()
 }
 
 /// How long, after a first SETTINGS without extended CONNECT, a client waits for a later one to
