@@ -8,27 +8,13 @@ import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
 import { mkdtempSync, mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join, resolve, dirname } from "node:path";
-import { fileURLToPath } from "node:url";
-import { useBrowser, listening, freePort, waitListening, startNginx } from "./helpers.mjs";
+import { join } from "node:path";
+import { useBrowser, listening, freePort, waitListening, startNginx, ROOT, BIN, tempDb, startServer, stop } from "./helpers.mjs";
 
-const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
-const BIN = process.env.SWITCHBOARD_BIN ?? join(ROOT, "target/debug/switchboard");
 const ARTIFACTS = join(ROOT, "target/browser-artifacts");
 mkdirSync(ARTIFACTS, { recursive: true });
 
 const getBrowser = useBrowser();
-
-async function startServer(port, db, extra = []) {
-  const child = spawn(BIN, ["serve", "--listen", `127.0.0.1:${port}`, "--db", db, ...extra], { stdio: ["ignore", "ignore", "inherit"] });
-  if (await waitListening(port)) return child;
-  child.kill("SIGKILL");
-  throw new Error(`switchboard serve did not listen on ${port}`);
-}
-
-function stop(child, signal = "SIGKILL") {
-  return new Promise((done) => { child.once("exit", done); child.kill(signal); });
-}
 
 async function openChat(url, name) {
   const context = await getBrowser().newContext();
@@ -60,7 +46,7 @@ async function waitForTexts(page, expected, timeout = 15000) {
 
 test("two pages chat with each other, with names, times and presence", async () => {
   const port = await freePort();
-  const server = await startServer(port, join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db"));
+  const server = await startServer(port, tempDb());
   try {
     const url = `http://127.0.0.1:${port}/`;
     const ann = await openChat(url, "Ann");
@@ -89,7 +75,7 @@ test("two pages chat with each other, with names, times and presence", async () 
 
 test("a message containing HTML is shown as text and never runs", async () => {
   const port = await freePort();
-  const server = await startServer(port, join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db"));
+  const server = await startServer(port, tempDb());
   try {
     const url = `http://127.0.0.1:${port}/`;
     const ann = await openChat(url, "<i>Ann</i>");
@@ -107,7 +93,7 @@ test("a message containing HTML is shown as text and never runs", async () => {
 
 test("killing and restarting the server while a third client publishes loses and duplicates nothing", async () => {
   const port = await freePort();
-  const db = join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db");
+  const db = tempDb();
   let server = await startServer(port, db);
   const url = `http://127.0.0.1:${port}/`;
   const ann = await openChat(url, "Ann");
@@ -178,7 +164,7 @@ test("the seed page from seed 000, unmodified, chats through the server", async 
   const seedPort = 8000;
   const port = (await listening(seedPort)) ? await freePort() : seedPort;
   if (port !== seedPort) console.log(`# port ${seedPort} is busy: the seed page is pointed at ${port} instead`);
-  const server = await startServer(port, join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db"));
+  const server = await startServer(port, tempDb());
   try {
     const seedPage = SEED_000_PAGE.replace("ws://localhost:8000/ws", `ws://localhost:${port}/ws`);
     // Served from another origin (about:blank), as "served from anywhere" asks.
@@ -246,7 +232,7 @@ const SEED_000_PAGE = `<!DOCTYPE html>
 
 test("the module authenticates with a token function and renews the token before it expires", async () => {
   const port = await freePort();
-  const server = await startServer(port, join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db"), ["--jwt-secret", "s3cret"]);
+  const server = await startServer(port, tempDb(), ["--jwt-secret", "s3cret"]);
   try {
     const page = await (await getBrowser().newContext()).newPage();
     page.on("pageerror", (error) => { throw error; });
@@ -338,7 +324,7 @@ async function openChatWithout(url, name, missing) {
 
 test("without WebSocket the page chats over SSE, and without EventSource too, over long polling", async () => {
   const port = await freePort();
-  const server = await startServer(port, join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db"));
+  const server = await startServer(port, tempDb());
   try {
     const url = `http://127.0.0.1:${port}/`;
     const ann = await openChat(url, "Ann");
@@ -368,7 +354,7 @@ test("without WebSocket the page chats over SSE, and without EventSource too, ov
 
 test("a page listening over SSE ends with the same complete list as a WebSocket page after kill -9 and restart", async () => {
   const port = await freePort();
-  const db = join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db");
+  const db = tempDb();
   let server = await startServer(port, db);
   const url = `http://127.0.0.1:${port}/`;
   const ann = await openChat(url, "Ann");
@@ -402,7 +388,7 @@ test("a page listening over SSE ends with the same complete list as a WebSocket 
 
 test("a page that comes back where WebSocket cannot go keeps its place and its unacknowledged publish over SSE", async () => {
   const port = await freePort();
-  const server = await startServer(port, join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db"));
+  const server = await startServer(port, tempDb());
   try {
     const url = `http://127.0.0.1:${port}/`;
     const ann = await openChat(url, "Ann");
@@ -444,7 +430,7 @@ function startPlainNginx(port, backendPort) {
 
 test("behind nginx that does not forward Upgrade, the page chats over SSE", async () => {
   const [port, proxyPort] = [await freePort(), await freePort()];
-  const server = await startServer(port, join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db"));
+  const server = await startServer(port, tempDb());
   const nginx = await startPlainNginx(proxyPort, port);
   try {
     const direct = await openChat(`http://127.0.0.1:${port}/`, "Ann");

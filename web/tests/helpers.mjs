@@ -1,12 +1,37 @@
-// Shared by the browser tests: Chromium with the flags this network needs, and port helpers.
+// Shared by the browser tests: Chromium with the flags this network needs, the server under test,
+// and port helpers.
 
 import { before, after } from "node:test";
 import { createServer, connect } from "node:net";
 import { spawn } from "node:child_process";
 import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { join, resolve, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
+
+/** The repository's root. */
+export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
+/** The `switchboard` binary under test (SWITCHBOARD_BIN, default target/debug/switchboard). */
+export const BIN = process.env.SWITCHBOARD_BIN ?? join(ROOT, "target/debug/switchboard");
+
+/** A database path in a fresh directory. */
+export function tempDb() {
+  return join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db");
+}
+
+/** `switchboard serve` on 127.0.0.1:port with its history in `db`, once it listens. */
+export async function startServer(port, db, extra = []) {
+  const child = spawn(BIN, ["serve", "--listen", `127.0.0.1:${port}`, "--db", db, ...extra], { stdio: ["ignore", "ignore", "inherit"] });
+  if (await waitListening(port)) return child;
+  child.kill("SIGKILL");
+  throw new Error(`switchboard serve did not listen on ${port}`);
+}
+
+/** Sends `child` a signal; resolves once it has exited. */
+export function stop(child, signal = "SIGKILL") {
+  return new Promise((done) => { child.once("exit", done); child.kill(signal); });
+}
 
 /** Launches headless Chromium for the file's tests and closes it after them; returns a getter. */
 export function useBrowser() {

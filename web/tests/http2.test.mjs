@@ -5,15 +5,11 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, spawnSync } from "node:child_process";
+import { spawnSync } from "node:child_process";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join, resolve, dirname } from "node:path";
-import { fileURLToPath } from "node:url";
-import { useBrowser, freePort, waitListening } from "./helpers.mjs";
-
-const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
-const BIN = process.env.SWITCHBOARD_BIN ?? join(ROOT, "target/debug/switchboard");
+import { join } from "node:path";
+import { useBrowser, freePort, startServer, stop } from "./helpers.mjs";
 
 const getBrowser = useBrowser();
 
@@ -31,10 +27,8 @@ function certificate() {
 test("over https the page and its WebSocket share one HTTP/2 connection, and two pages chat", async () => {
   const port = await freePort();
   const { cert, key, dir } = certificate();
-  const server = spawn(BIN, ["serve", "--listen", `127.0.0.1:${port}`, "--db", join(dir, "chat.db"),
-    "--tls-cert", cert, "--tls-key", key], { stdio: ["ignore", "ignore", "inherit"] });
+  const server = await startServer(port, join(dir, "chat.db"), ["--tls-cert", cert, "--tls-key", key]);
   try {
-    assert.ok(await waitListening(port), "switchboard serve listens");
     const context = await getBrowser().newContext({ ignoreHTTPSErrors: true });
     const handshakes = [];
     const open = async (name) => {
@@ -65,6 +59,6 @@ test("over https the page and its WebSocket share one HTTP/2 connection, and two
     assert.equal(count("2"), 2, metrics);
     assert.equal(count("1.1"), 0, metrics);
   } finally {
-    await new Promise((done) => { server.once("exit", done); server.kill("SIGKILL"); });
+    await stop(server);
   }
 });

@@ -5,34 +5,14 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { mkdtempSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join, resolve, dirname } from "node:path";
-import { fileURLToPath } from "node:url";
-import { useBrowser, freePort, waitListening, startNginx } from "./helpers.mjs";
+import { useBrowser, freePort, startNginx, tempDb, startServer, stop } from "./helpers.mjs";
 
-const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
-const BIN = process.env.SWITCHBOARD_BIN ?? join(ROOT, "target/debug/switchboard");
 const API_KEY = "proxies-test-key";
 
 const getBrowser = useBrowser();
 
-async function started(child, port, what) {
-  if (await waitListening(port)) return child;
-  child.kill("SIGKILL");
-  throw new Error(`${what} did not listen on ${port}`);
-}
-
-function stop(child, signal = "SIGKILL") {
-  return new Promise((done) => { child.once("exit", done); child.kill(signal); });
-}
-
-function startServer(port, keepaliveSecs) {
-  const db = join(mkdtempSync(join(tmpdir(), "sb-")), "chat.db");
-  const child = spawn(BIN, ["serve", "--listen", `127.0.0.1:${port}`, "--db", db, "--api-key", API_KEY,
-    "--keepalive-secs", String(keepaliveSecs)], { stdio: ["ignore", "ignore", "inherit"] });
-  return started(child, port, "switchboard serve");
+function startChatServer(port, keepaliveSecs) {
+  return startServer(port, tempDb(), ["--api-key", API_KEY, "--keepalive-secs", String(keepaliveSecs)]);
 }
 
 // nginx's WebSocket proxying as its documentation has it (Upgrade and Connection passed on, HTTP/1.1
@@ -83,7 +63,7 @@ const states = (page) => page.evaluate(() => window.states);
 
 test("behind nginx (proxy_read_timeout 3s) keepalive pings hold a quiet page open for 10 s", async () => {
   const [port, proxyPort] = [await freePort(), await freePort()];
-  const server = await startServer(port, 1);
+  const server = await startChatServer(port, 1);
   const nginx = await startWebSocketNginx(proxyPort, port);
   try {
     const page = await listener(proxyPort);
@@ -103,7 +83,7 @@ test("behind nginx (proxy_read_timeout 3s) keepalive pings hold a quiet page ope
 
 test("behind nginx without keepalive the quiet page is dropped, reconnects and resumes", async () => {
   const [port, proxyPort] = [await freePort(), await freePort()];
-  const server = await startServer(port, 0);
+  const server = await startChatServer(port, 0);
   const nginx = await startWebSocketNginx(proxyPort, port);
   try {
     const page = await listener(proxyPort);
