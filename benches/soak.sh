@@ -45,7 +45,7 @@ sample() { # elapsed_s rss_kib fds tasks sessions
     echo "$1,$rss,$fds,$(metric switchboard_tasks),$(metric switchboard_sessions)"
 }
 
-echo "elapsed_s,rss_kib,fds,tasks,websockets" >"$out/samples.csv"
+echo "elapsed_s,rss_kib,fds,tasks,sessions" >"$out/samples.csv"
 sleep 1
 baseline=$(sample 0)
 echo "$baseline" >>"$out/samples.csv"
@@ -73,14 +73,14 @@ rows = [r for r in csv.DictReader(open(f"{out}/samples.csv"))]
 loaded = [r for r in rows[1:-1]]
 warm = seconds / 6
 steady = [int(r["rss_kib"]) for r in loaded if int(r["elapsed_s"]) >= warm]
-b = dict(zip(["elapsed_s", "rss_kib", "fds", "tasks", "websockets"], baseline.split(",")))
-a = dict(zip(["elapsed_s", "rss_kib", "fds", "tasks", "websockets"], after.split(",")))
+b = dict(zip(["elapsed_s", "rss_kib", "fds", "tasks", "sessions"], baseline.split(",")))
+a = dict(zip(["elapsed_s", "rss_kib", "fds", "tasks", "sessions"], after.split(",")))
 churned = json.load(open(f"{out}/churn.json"))
 held = json.load(open(f"{out}/idle.json"))
-peak_ws = max(int(r["websockets"] or 0) for r in loaded) if loaded else 0
+peak_sessions = max(int(r["sessions"] or 0) for r in loaded) if loaded else 0
 ok = True
 print(f"soak: {seconds // 60} min, {held['opened']} idle + {churn} churning clients "
-      f"(peak {peak_ws} WebSockets), {churned['sessions']} churn sessions, {churned['acked']} messages acked, "
+      f"(peak {peak_sessions} sessions), {churned['sessions']} churn sessions, {churned['acked']} messages acked, "
       f"{churned['errors']} churn errors, {held['errors']} idle errors")
 if steady:
     first, low, high = steady[0], min(steady), max(steady)
