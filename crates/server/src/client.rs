@@ -303,11 +303,8 @@ impl State {
                 return Ended::Lost;
             }
         }
-        let frames: Vec<String> = self.pending.iter().map(|p| self.publish_frame(p)).collect();
-        for frame in frames {
-            if ws.send(frame).await.is_err() {
-                return Ended::Lost;
-            }
+        if !self.send_pending(&mut ws).await {
+            return Ended::Lost;
         }
         let mut resend_at: Option<Instant> = None;
         loop {
@@ -343,19 +340,26 @@ impl State {
                 },
                 _ = resend => {
                     resend_at = None;
-                    let frames: Vec<String> = self.pending.iter().map(|p| self.publish_frame(p)).collect();
-                    for frame in frames {
-                        if ws.send(frame).await.is_err() {
-                            return Ended::Lost;
-                        }
+                    if !self.send_pending(&mut ws).await {
+                        return Ended::Lost;
                     }
                 }
             }
         }
     }
 
+    /// Sends every unacknowledged publish again, in order; false if the connection broke.
+    async fn send_pending(&self, ws: &mut WebSocket<ClientStream>) -> bool {
+        for publish in &self.pending {
+            if ws.send(self.publish_frame(publish)).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Handles one envelope; answers when unacknowledged publishes should be sent again.
-    async fn on_envelope(&mut self, envelope: Value) -> Option<Instant> {
+    async fn on_envelope(&mut self, mut envelope: Value) -> Option<Instant> {
         let text = |key: &str| envelope[key].as_str().unwrap_or_default().to_owned();
         match envelope["type"].as_str().unwrap_or_default() {
             "joined" => {
@@ -374,8 +378,10 @@ impl State {
             }
             "message" => self.on_message(&envelope).await,
             "history" => {
-                for message in envelope["messages"].as_array().cloned().unwrap_or_default() {
-                    self.on_message(&message).await;
+                if let Value::Array(messages) = envelope["messages"].take() {
+                    for message in messages {
+                        self.on_message(&message).await;
+                    }
                 }
             }
             "presence" if envelope.get("event").is_some() => {
