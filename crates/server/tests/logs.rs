@@ -4,8 +4,7 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::Stdio;
+use std::io::{Read, Write};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -21,33 +20,17 @@ struct Logged {
 
 fn start(extra: &[&str]) -> Logged {
     let db = support::temp_dir("logs").join("chat.db");
-    let mut child = support::switchboard()
-        .args(["serve", "--listen", "127.0.0.1:0", "--db"])
-        .arg(&db)
-        .args(extra)
-        .env("SWITCHBOARD_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start switchboard serve");
-    let stderr = child.stderr.take().expect("piped");
+    let mut command = support::switchboard();
+    command.args(["serve", "--listen", "127.0.0.1:0", "--db"]).arg(&db).args(extra);
+    let (child, addr, log) = support::spawn_listening(command, "switchboard serving ");
     let (tx, lines) = mpsc::channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in log.map_while(Result::ok) {
             if tx.send(line).is_err() {
                 break;
             }
         }
     });
-    let mut addr = None;
-    while addr.is_none() {
-        let line = lines.recv_timeout(Duration::from_secs(10)).expect("serve logs that it listens");
-        if let Some((_, rest)) = line.split_once("switchboard serving http://") {
-            addr = rest.split(['/', '"', ' ']).next().map(str::to_owned);
-        }
-    }
-    let addr = addr.unwrap();
-    support::wait_listening(&addr);
     Logged { server: support::Server { child, addr }, lines }
 }
 

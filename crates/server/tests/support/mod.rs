@@ -6,7 +6,8 @@ pub mod chat;
 pub mod metrics;
 pub mod redis;
 
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, BufReader, Lines};
+use std::process::{Child, ChildStderr, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A running `switchboard` process; killed on drop.
@@ -39,30 +40,36 @@ pub fn switchboard() -> Command {
     Command::new(env!("CARGO_BIN_EXE_switchboard"))
 }
 
-/// Starts `switchboard echo` with extra arguments on a port of its own choosing (port 0), and reads
-/// the address it took from its log: a port picked ahead and bound later can be taken meanwhile by
-/// another test's server.
-pub fn start_echo(extra: &[&str]) -> Server {
-    use std::io::{BufRead, BufReader};
-    let mut child = switchboard()
-        .args(["echo", "--listen", "127.0.0.1:0"])
-        .args(extra)
+/// Spawns `command`, a `switchboard` listening on port 0, with its log at info on a pipe, and reads
+/// the log up to the line that names its address (`marker`, then a URL; in text or JSON): a port
+/// picked ahead and bound later could be taken meanwhile by another test's server. The child, its
+/// address, and the rest of its log, which the caller must keep reading (a full pipe blocks it).
+pub fn spawn_listening(mut command: Command, marker: &str) -> (Child, String, Lines<BufReader<ChildStderr>>) {
+    let mut child = command
         .env("SWITCHBOARD_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start switchboard echo");
+        .expect("start switchboard");
     let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
     let addr = loop {
-        let line = lines.next().and_then(Result::ok).expect("switchboard echo exited before it listened");
-        if let Some((_, url)) = line.split_once("listening on ") {
-            let url = url.split_whitespace().next().unwrap_or_default();
-            break url.split_once("://").map_or(url, |(_, addr)| addr).trim_end_matches('/').to_owned();
+        let line = lines.next().and_then(Result::ok);
+        let line = line.unwrap_or_else(|| panic!("switchboard exited before it logged {marker:?}"));
+        if let Some((_, url)) = line.split_once(marker).and_then(|(_, rest)| rest.split_once("://")) {
+            break url.split(['/', '"', ' ']).next().unwrap_or_default().to_owned();
         }
+        eprintln!("{line}");
     };
-    // Drain the log, so the server never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
     wait_listening(&addr);
+    (child, addr, lines)
+}
+
+/// Starts `switchboard echo` with extra arguments (see [`spawn_listening`]).
+pub fn start_echo(extra: &[&str]) -> Server {
+    let mut command = switchboard();
+    command.args(["echo", "--listen", "127.0.0.1:0"]).args(extra);
+    let (child, addr, lines) = spawn_listening(command, "listening on ");
+    std::thread::spawn(move || lines.for_each(drop));
     Server { child, addr }
 }
 
@@ -109,26 +116,10 @@ pub fn start_serve(extra: &[&str]) -> (Server, std::path::PathBuf) {
 
 /// [`start_serve`] with the database at `db`.
 pub fn start_serve_with_db(db: &std::path::Path, extra: &[&str]) -> Server {
-    use std::io::{BufRead, BufReader};
-    let mut child = switchboard()
-        .args(["serve", "--listen", "127.0.0.1:0", "--db"])
-        .arg(db)
-        .args(extra)
-        .env("SWITCHBOARD_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start switchboard serve");
-    let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-    let addr = loop {
-        let line = lines.next().and_then(Result::ok).expect("switchboard serve exited before it listened");
-        if let Some((_, url)) = line.split_once("switchboard serving ") {
-            let url = url.split_whitespace().next().unwrap_or_default();
-            break url.split_once("://").map_or(url, |(_, addr)| addr).trim_end_matches('/').to_owned();
-        }
-        eprintln!("{line}");
-    };
-    // Drain the log, passing warnings and errors on, so the server never blocks on a full pipe.
+    let mut command = switchboard();
+    command.args(["serve", "--listen", "127.0.0.1:0", "--db"]).arg(db).args(extra);
+    let (child, addr, lines) = spawn_listening(command, "switchboard serving ");
+    // Drain the log, passing warnings and errors on.
     std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
             if line.contains("WARN") || line.contains("ERROR") {
@@ -136,7 +127,6 @@ pub fn start_serve_with_db(db: &std::path::Path, extra: &[&str]) -> Server {
             }
         }
     });
-    wait_listening(&addr);
     Server { child, addr }
 }
 
