@@ -107,14 +107,9 @@ impl Stream {
     }
 }
 
-/// `POST /publish`: the status and the JSON answer.
-fn publish(addr: &str, body: &str, extra_headers: &str) -> (u16, Value) {
-    let request = format!(
-        "POST /publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\
-         {extra_headers}Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    exchange(addr, &request, Duration::from_secs(5))
+/// `POST /publish` with `token` as a Bearer token: the status and the JSON answer.
+fn publish(addr: &str, body: &str, token: Option<&str>) -> (u16, Value) {
+    support::http_json(addr, "POST", "/publish", token, Some(body))
 }
 
 /// Sends one whole request on a fresh connection (`Connection: close`) and reads the answer to its
@@ -139,7 +134,7 @@ fn a_stream_resumes_by_last_event_id_with_exactly_what_it_missed() {
     assert_eq!(stream.next_of("joined").json()["room"], "news");
     assert_eq!(stream.next_of("joined").json()["room"], "chat");
     for (i, room) in ["news", "chat", "news"].iter().enumerate() {
-        let (status, ack) = publish(&server.addr, &json!({"room": room, "message": format!("m{i}")}).to_string(), "");
+        let (status, ack) = publish(&server.addr, &json!({"room": room, "message": format!("m{i}")}).to_string(), None);
         assert_eq!(status, 200, "{ack}");
     }
     let mut last_id = None;
@@ -149,8 +144,8 @@ fn a_stream_resumes_by_last_event_id_with_exactly_what_it_missed() {
         last_id = event.id;
     }
     drop(stream);
-    publish(&server.addr, r#"{"room":"chat","message":"while away 1"}"#, "");
-    publish(&server.addr, r#"{"room":"news","message":"while away 2"}"#, "");
+    publish(&server.addr, r#"{"room":"chat","message":"while away 1"}"#, None);
+    publish(&server.addr, r#"{"room":"news","message":"while away 2"}"#, None);
     let id = last_id.expect("message events carry ids");
     let mut back = Stream::open(&server.addr, "room=news&room=chat", &format!("Last-Event-ID: {id}\r\n"));
     // Each room's `joined`, then its replay.
@@ -174,7 +169,7 @@ fn a_stream_resumes_by_last_event_id_with_exactly_what_it_missed() {
 #[test]
 fn a_cursor_from_another_history_is_told_recovered_false() {
     let (server, _db) = start_serve(&[]);
-    publish(&server.addr, r#"{"room":"r","message":"one"}"#, "");
+    publish(&server.addr, r#"{"room":"r","message":"one"}"#, None);
     let mut stream = Stream::open(&server.addr, "room=r", "");
     let joined = stream.next_of("joined");
     let epoch = joined.json()["epoch"].as_str().unwrap().to_owned();
@@ -190,7 +185,7 @@ fn a_cursor_from_another_history_is_told_recovered_false() {
 #[test]
 fn a_cursor_past_retention_is_told_recovered_false_over_sse_and_long_polling() {
     let (server, _db) = start_serve(&["--history-max-messages", "3", "--rate-limit", "0"]);
-    publish(&server.addr, r#"{"room":"r","message":"m1"}"#, "");
+    publish(&server.addr, r#"{"room":"r","message":"m1"}"#, None);
     let mut stream = Stream::open(&server.addr, "room=r", "");
     stream.next_of("joined");
     let first = stream.next_of("message");
@@ -198,7 +193,7 @@ fn a_cursor_past_retention_is_told_recovered_false_over_sse_and_long_polling() {
     drop(stream);
     // Six more while away: the history keeps only the last three, so m2..m4 are gone.
     for i in 2..=7 {
-        publish(&server.addr, &format!(r#"{{"room":"r","message":"m{i}"}}"#), "");
+        publish(&server.addr, &format!(r#"{{"room":"r","message":"m{i}"}}"#), None);
     }
     let mut resumed = Stream::open(&server.addr, &format!("room=r&cursor={place}"), "");
     let joined = resumed.next_of("joined").json();
@@ -224,18 +219,18 @@ fn bad_requests_get_a_4xx_naming_the_problem() {
         let body = stream.body();
         assert!(body["message"].as_str().unwrap().contains(says), "{query}: {body}");
     }
-    let (status, body) = publish(&server.addr, "{not json", "");
+    let (status, body) = publish(&server.addr, "{not json", None);
     assert_eq!((status, body["code"].as_str()), (400, Some("bad_json")), "{body}");
-    let (status, body) = publish(&server.addr, r#"{"room":"r"}"#, "");
+    let (status, body) = publish(&server.addr, r#"{"room":"r"}"#, None);
     assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")), "{body}");
-    let (status, body) = publish(&server.addr, r#"{"room":"no room","message":"m"}"#, "");
+    let (status, body) = publish(&server.addr, r#"{"room":"no room","message":"m"}"#, None);
     assert_eq!(status, 400, "{body}");
 
     let (closed, _db) = start_serve(&["--jwt-secret", "s3cret", "--allow-anonymous", "false"]);
     let stream = Stream::open(&closed.addr, "room=r", "");
     assert_eq!(stream.status, 401);
     assert!(stream.body()["message"].as_str().unwrap().contains("token is required"));
-    let (status, _) = publish(&closed.addr, r#"{"room":"r","message":"m"}"#, "Authorization: Bearer nonsense\r\n");
+    let (status, _) = publish(&closed.addr, r#"{"room":"r","message":"m"}"#, Some("nonsense"));
     assert_eq!(status, 401);
 }
 
@@ -324,10 +319,10 @@ fn publishes_are_idempotent_and_tokens_come_from_a_cookie_too() {
     assert_eq!(stream.status, 200, "the cookie's token lets it in");
     stream.next_of("joined");
     let body = r#"{"room":"r","message":"once","id":"abc"}"#;
-    let auth = format!("Authorization: Bearer {token}\r\n");
-    let (status, first) = publish(&server.addr, body, &auth);
+    let auth = Some(token);
+    let (status, first) = publish(&server.addr, body, auth);
     assert_eq!(status, 200, "{first}");
-    let (_, second) = publish(&server.addr, body, &auth);
+    let (_, second) = publish(&server.addr, body, auth);
     assert_eq!(first["acks"][0]["offset"], second["acks"][0]["offset"]);
     assert_eq!(second["acks"][0]["duplicate"], true);
     let message = stream.next_of("message").json();
@@ -349,7 +344,7 @@ fn heartbeats_keep_coming_between_messages_and_an_expiring_token_ends_the_stream
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     };
     let (long, short) = (token("600"), token("6"));
-    let auth = format!("Authorization: Bearer {long}\r\n");
+    let auth = Some(long.as_str());
     let mut stream = Stream::open(&server.addr, &format!("room=r&token={short}"), "");
     assert_eq!(stream.status, 200);
     stream.next_of("joined");
@@ -358,7 +353,7 @@ fn heartbeats_keep_coming_between_messages_and_an_expiring_token_ends_the_stream
     // again after each one (the timer is set anew every time).
     let mut comments = 0;
     for i in 0..20 {
-        let (status, ack) = publish(&server.addr, &format!(r#"{{"room":"r","message":"m{i}"}}"#), &auth);
+        let (status, ack) = publish(&server.addr, &format!(r#"{{"room":"r","message":"m{i}"}}"#), auth);
         assert_eq!(status, 200, "{ack}");
         loop {
             let event = stream.next();
@@ -469,8 +464,8 @@ fn texts(answer: &Value) -> Vec<&str> {
 #[test]
 fn long_polls_answer_at_once_wait_for_a_publish_and_share_the_sse_cursor() {
     let (server, _db) = start_serve(&["--rate-limit", "0"]);
-    publish(&server.addr, r#"{"room":"lp","message":"one"}"#, "");
-    publish(&server.addr, r#"{"room":"lp","message":"two"}"#, "");
+    publish(&server.addr, r#"{"room":"lp","message":"one"}"#, None);
+    publish(&server.addr, r#"{"room":"lp","message":"two"}"#, None);
     let (status, first) = poll(&server.addr, "room=lp");
     assert_eq!(status, 200, "{first}");
     assert_eq!(texts(&first), ["one", "two"]);
@@ -484,7 +479,7 @@ fn long_polls_answer_at_once_wait_for_a_publish_and_share_the_sse_cursor() {
         (poll(&addr, &query), started.elapsed())
     });
     std::thread::sleep(Duration::from_millis(400));
-    publish(&server.addr, r#"{"room":"lp","message":"three"}"#, "");
+    publish(&server.addr, r#"{"room":"lp","message":"three"}"#, None);
     let ((status, released), took) = waiting.join().unwrap();
     assert_eq!(status, 200);
     assert_eq!(texts(&released), ["three"]);
@@ -553,12 +548,12 @@ async fn a_long_polling_client_is_present_while_it_polls_and_leaves_after_the_gr
 fn http_publishes_have_the_rate_limit_of_a_websocket() {
     let (server, _db) = start_serve(&["--rate-limit", "2", "--rate-burst", "3"]);
     let statuses: Vec<u16> =
-        (0..6).map(|i| publish(&server.addr, &format!(r#"{{"room":"r","message":"{i}"}}"#), "").0).collect();
+        (0..6).map(|i| publish(&server.addr, &format!(r#"{{"room":"r","message":"{i}"}}"#), None).0).collect();
     assert_eq!(&statuses[..3], [200, 200, 200], "the burst: {statuses:?}");
     assert!(statuses[3..].contains(&429), "then too fast: {statuses:?}");
-    let (status, body) = publish(&server.addr, r#"{"room":"r","message":"again"}"#, "");
+    let (status, body) = publish(&server.addr, r#"{"room":"r","message":"again"}"#, None);
     assert_eq!((status, body["code"].as_str()), (429, Some("too_many")), "{body}");
     assert!(body["message"].as_str().unwrap().contains("rate limit"), "{body}");
     std::thread::sleep(Duration::from_millis(1100));
-    assert_eq!(publish(&server.addr, r#"{"room":"r","message":"later"}"#, "").0, 200, "the bucket refills");
+    assert_eq!(publish(&server.addr, r#"{"room":"r","message":"later"}"#, None).0, 200, "the bucket refills");
 }
