@@ -717,31 +717,18 @@ async fn sse_and_long_polling_on_one_node_see_what_another_node_publishes() {
     if !redis_support::available() {
         return;
     }
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{Read, Write};
     let redis = Redis::start();
     let (a, b) = (node(&redis.url(), &[]), node(&redis.url(), &[]));
     // An SSE stream on node B.
-    let sse = std::net::TcpStream::connect(&b.addr).unwrap();
-    sse.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    (&sse).write_all(b"GET /sse?room=everywhere HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut lines = BufReader::new(sse).lines();
-    let mut next_data = move |kind: &str| -> Value {
-        let mut in_kind = false;
-        loop {
-            let line = lines.next().expect("the stream goes on").expect("a line within 10 s");
-            if let Some(event) = line.strip_prefix("event: ") {
-                in_kind = event == kind;
-            } else if let Some(data) = line.strip_prefix("data: ").filter(|_| in_kind) {
-                return serde_json::from_str(data).unwrap();
-            }
-        }
-    };
-    next_data("joined");
+    let mut sse = support::sse::Stream::open(&b.addr, "room=everywhere", "");
+    assert_eq!(sse.status, 200, "{}", sse.headers);
+    sse.next_of("joined");
     // A publish through node A.
     let (mut publisher, _) = joined(&a.addr, "everywhere", "Ann").await;
     let ack = publish(&mut publisher, "everywhere", "x1").await;
     assert_eq!(ack["type"], "ack", "{ack}");
-    let seen = tokio::task::spawn_blocking(move || next_data("message")).await.unwrap();
+    let seen = tokio::task::spawn_blocking(move || sse.next_of("message").json()).await.unwrap();
     assert_eq!((seen["message"].as_str(), seen["offset"].as_u64()), (Some("m x1"), Some(1)), "{seen}");
     // A long poll on node B from the start gets it too.
     let mut poll = std::net::TcpStream::connect(&b.addr).unwrap();

@@ -5,6 +5,7 @@
 pub mod chat;
 pub mod metrics;
 pub mod redis;
+pub mod sse;
 
 use std::io::{BufRead, BufReader, Lines};
 use std::process::{Child, ChildStderr, Command, Stdio};
