@@ -7,8 +7,6 @@ mod support;
 use serde_json::{json, Value};
 use support::chat::{ack_and_message, next_close, next_of, quiet, send, v1_client};
 use support::{http_json, start_serve};
-use switchboard::chat::access::{mint, unix_now, Claims};
-use switchboard_ws::ClientBuilder;
 
 const KEY: &str = "api-k3y";
 const SECRET: &str = "api-test-secret";
@@ -21,19 +19,8 @@ fn post(addr: &str, path: &str, body: Value) -> (u16, Value) {
     http_json(addr, "POST", path, Some(KEY), Some(&body.to_string()))
 }
 
-fn token(sub: &str) -> String {
-    let claims = Claims { sub: sub.into(), exp: unix_now() + 600, name: None, rooms: None, join: None, publish: None };
-    mint(SECRET.as_bytes(), &claims).unwrap()
-}
-
 async fn signed_in(addr: &str, sub: &str) -> support::chat::Ws {
-    let (ws, _) = ClientBuilder::new(format!("ws://{addr}/ws"))
-        .protocol("switchboard.v1")
-        .header("Authorization", format!("Bearer {}", token(sub)))
-        .connect()
-        .await
-        .unwrap();
-    ws
+    support::chat::signed_in(addr, &support::chat::token(SECRET, sub, 600)).await
 }
 
 fn offsets(page: &Value) -> Vec<u64> {

@@ -652,21 +652,7 @@ async fn a_user_disconnected_or_subscribed_through_one_node_is_so_on_every_node(
     let secret = "cluster-api-secret";
     let extra = ["--api-key", "k", "--jwt-secret", secret];
     let (a, b) = (node(&redis.url(), &extra), node(&redis.url(), &extra));
-    let claims = switchboard::chat::access::Claims {
-        sub: "ann".into(),
-        exp: switchboard::chat::access::unix_now() + 600,
-        name: None,
-        rooms: None,
-        join: None,
-        publish: None,
-    };
-    let token = switchboard::chat::access::mint(secret.as_bytes(), &claims).unwrap();
-    let (mut ann, _) = switchboard_ws::ClientBuilder::new(format!("ws://{}/ws", b.addr))
-        .protocol("switchboard.v1")
-        .header("Authorization", format!("Bearer {token}"))
-        .connect()
-        .await
-        .unwrap();
+    let mut ann = support::chat::signed_in(&b.addr, &support::chat::token(secret, "ann", 600)).await;
     send(&mut ann, json!({"type": "join", "room": "lobby"})).await;
     next_of(&mut ann, "joined").await;
 

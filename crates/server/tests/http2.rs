@@ -194,8 +194,7 @@ async fn the_per_user_limit_counts_sessions_on_one_http2_connection_and_on_any_t
     let ca = ca("h2-user");
     let secret = "h2-user-secret";
     let server = serve_tls(&ca, &["--jwt-secret", secret, "--max-connections-per-user", "2"]);
-    let minted = support::switchboard().args(["token", "--sub", "ann", "--secret", secret]).output().unwrap();
-    let token = String::from_utf8(minted.stdout).unwrap().trim().to_owned();
+    let token = support::chat::token(secret, "ann", 600);
     let ann = chat_client(&server, &ca).header("Authorization", format!("Bearer {token}"));
     // One TCP connection, two of ann's sessions on it: the limit counts the sessions.
     let connection = ann.connect_http2().await.unwrap();
@@ -217,9 +216,8 @@ async fn the_per_user_limit_counts_sessions_on_one_http2_connection_and_on_any_t
     send(&mut late, json!({"type": "auth", "token": token})).await;
     assert_eq!(next_close(&mut late).await.map(|(code, _)| code), Some(1008));
     // Another user is not held back, and a session that ends gives ann's place back.
-    let minted = support::switchboard().args(["token", "--sub", "bob", "--secret", secret]).output().unwrap();
     let bob = chat_client(&server, &ca)
-        .header("Authorization", format!("Bearer {}", String::from_utf8(minted.stdout).unwrap().trim()));
+        .header("Authorization", format!("Bearer {}", support::chat::token(secret, "bob", 600)));
     let _bob = open(&connection, &bob).await;
     drop(first);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

@@ -215,11 +215,8 @@ fn a_client_address_holds_as_many_streams_as_the_per_address_limit() {
 #[test]
 fn publishes_are_idempotent_and_tokens_come_from_a_cookie_too() {
     let (server, _db) = start_serve(&["--jwt-secret", "s3cret", "--allow-anonymous", "false"]);
-    let token = String::from_utf8(
-        support::switchboard().args(["token", "--sub", "ann", "--secret", "s3cret"]).output().unwrap().stdout,
-    )
-    .unwrap();
-    let token = token.trim();
+    let token = support::chat::token("s3cret", "ann", 600);
+    let token = token.as_str();
     let mut stream = Stream::open(&server.addr, "room=r", &format!("Cookie: other=1; switchboard_token={token}\r\n"));
     assert_eq!(stream.status, 200, "the cookie's token lets it in");
     stream.next_of("joined");
@@ -241,14 +238,8 @@ fn publishes_are_idempotent_and_tokens_come_from_a_cookie_too() {
 fn heartbeats_keep_coming_between_messages_and_an_expiring_token_ends_the_stream() {
     let (server, _db) =
         start_serve(&["--jwt-secret", "s3cret", "--allow-anonymous", "false", "--sse-heartbeat-secs", "1"]);
-    let token = |ttl: &str| {
-        let out = support::switchboard()
-            .args(["token", "--sub", "ann", "--secret", "s3cret", "--ttl-secs", ttl])
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    };
-    let (long, short) = (token("600"), token("6"));
+    let token = |ttl_secs| support::chat::token("s3cret", "ann", ttl_secs);
+    let (long, short) = (token(600), token(6));
     let auth = Some(long.as_str());
     let mut stream = Stream::open(&server.addr, &format!("room=r&token={short}"), "");
     assert_eq!(stream.status, 200);

@@ -13,6 +13,25 @@ pub async fn seed_client(addr: &str) -> Ws {
     ws
 }
 
+/// A token for `sub` signed with `secret` (HS256), valid for `ttl_secs`, with no room grants.
+pub fn token(secret: &str, sub: &str, ttl_secs: u64) -> String {
+    use switchboard::chat::access::{mint, unix_now, Claims};
+    let claims =
+        Claims { sub: sub.into(), exp: unix_now() + ttl_secs, name: None, rooms: None, join: None, publish: None };
+    mint(secret.as_bytes(), &claims).unwrap()
+}
+
+/// A `switchboard.v1` client whose handshake carries `token`.
+pub async fn signed_in(addr: &str, token: &str) -> Ws {
+    let (ws, _) = ClientBuilder::new(format!("ws://{addr}/ws"))
+        .protocol("switchboard.v1")
+        .header("Authorization", format!("Bearer {token}"))
+        .connect()
+        .await
+        .unwrap();
+    ws
+}
+
 pub async fn v1_client(addr: &str) -> Ws {
     let (ws, accepted) =
         ClientBuilder::new(format!("ws://{addr}/ws")).protocol("switchboard.v1").connect().await.unwrap();
