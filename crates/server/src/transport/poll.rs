@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use tokio::sync::watch;
@@ -185,7 +186,7 @@ pub async fn poll(
         return sse::start_refused(end).into_response();
     }
     match answer(&mut session, &rooms, cursor, wait).await {
-        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response(),
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
         Err(end) => {
             let message = format!("the poll could not be answered: {}", end.reason);
             sse::refused(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, message).into_response()
@@ -196,7 +197,8 @@ pub async fn poll(
 /// What one poll collects.
 struct Collected {
     cursor: Cursor,
-    messages: Vec<Value>,
+    /// The hub's envelopes of new messages, as they are: the answer carries them unparsed.
+    messages: Vec<Box<RawValue>>,
     /// `joined` envelopes of rooms whose history could not be recovered from the cursor.
     notices: Vec<Value>,
     joined: usize,
@@ -205,16 +207,19 @@ struct Collected {
 
 impl Collected {
     fn take(&mut self, envelope: &str) {
+        // A message (most of what a poll carries) is placed by its first fields, as SSE places it,
+        // and passed on without being parsed into a tree and written out again.
+        if let Some((room, offset)) = sse::message_place(envelope) {
+            if self.messages.len() < MAX_MESSAGES && self.cursor.advance(room, offset) {
+                if let Ok(raw) = RawValue::from_string(envelope.to_owned()) {
+                    self.messages.push(raw);
+                }
+            }
+            return;
+        }
         let Ok(value) = serde_json::from_str::<Value>(envelope) else { return };
         let room = value["room"].as_str().unwrap_or_default().to_owned();
         match value["type"].as_str() {
-            Some("message") if self.messages.len() < MAX_MESSAGES => {
-                if let Some(offset) = value["offset"].as_u64() {
-                    if self.cursor.advance(&room, offset) {
-                        self.messages.push(value);
-                    }
-                }
-            }
             Some("joined") => {
                 self.joined += 1;
                 self.cursor.joined(&room, value["epoch"].as_str().unwrap_or_default());
@@ -231,7 +236,16 @@ impl Collected {
     }
 }
 
-async fn answer(session: &mut Session, rooms: &[String], cursor: Cursor, wait: Duration) -> Result<Value, End> {
+/// A poll's answer.
+#[derive(serde::Serialize)]
+struct Answer {
+    messages: Vec<Box<RawValue>>,
+    cursor: String,
+    epochs: serde_json::Map<String, Value>,
+    notices: Vec<Value>,
+}
+
+async fn answer(session: &mut Session, rooms: &[String], cursor: Cursor, wait: Duration) -> Result<String, End> {
     let mut collected = Collected { cursor, messages: Vec::new(), notices: Vec::new(), joined: 0, failed: None };
     for room in rooms {
         for reply in session.on_text(&sse::join_request(room, &collected.cursor, None))? {
@@ -271,6 +285,7 @@ async fn answer(session: &mut Session, rooms: &[String], cursor: Cursor, wait: D
     let epochs: serde_json::Map<String, Value> =
         rooms.iter().filter_map(|room| Some((room.clone(), json!(collected.cursor.get(room)?.0)))).collect();
     metrics().messages_delivered.by(Transport::LongPoll, collected.messages.len() as u64);
-    Ok(json!({"messages": collected.messages, "cursor": collected.cursor.encode(), "epochs": epochs,
-        "notices": collected.notices}))
+    let answer =
+        Answer { messages: collected.messages, cursor: collected.cursor.encode(), epochs, notices: collected.notices };
+    Ok(serde_json::to_string(&answer).expect("strings and JSON values serialize"))
 }

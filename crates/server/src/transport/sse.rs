@@ -414,7 +414,7 @@ fn event(kind: &str, id: Option<&str>, data: &str) -> Bytes {
 
 /// The room and offset of a message envelope, read from the front of its text (the hub writes
 /// `type`, `room` and `offset` first), without parsing the whole JSON for every event of every stream.
-fn message_place(text: &str) -> Option<(&str, u64)> {
+pub(crate) fn message_place(text: &str) -> Option<(&str, u64)> {
     let rest = text.strip_prefix(r#"{"type":"message","room":""#)?;
     // Room names are short: a plain scan beats the general substring search.
     let end = rest.bytes().position(|b| b == b'"')?;
