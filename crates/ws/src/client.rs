@@ -152,8 +152,8 @@ impl ClientBuilder {
         if !url.secure {
             return Err(Error::InvalidUrl { url: self.url.clone(), reason: "HTTP/2 needs wss:// (TLS)" });
         }
-        match self.open_stream(&url, &[crate::http2::ALPN_H2]).await? {
-            ClientStream::Tls(tls) if tls.get_ref().1.alpn_protocol() == Some(crate::http2::ALPN_H2) => {
+        match self.open_stream(&url, &[tls::ALPN_H2]).await? {
+            ClientStream::Tls(tls) if tls.get_ref().1.alpn_protocol() == Some(tls::ALPN_H2) => {
                 crate::http2::Http2Connection::handshake(tls, url.host_header(), &self.config).await
             }
             _ => Err(Error::Http2(format!("{} did not choose h2 in TLS", url.host_header()))),
@@ -177,9 +177,9 @@ impl ClientBuilder {
         let url = WsUrl::parse(&self.url)?;
         #[cfg(feature = "hyper")]
         if self.http2 && url.secure {
-            let stream = self.open_stream(&url, &[crate::http2::ALPN_H2, tls::ALPN_HTTP1]).await?;
+            let stream = self.open_stream(&url, &[tls::ALPN_H2, tls::ALPN_HTTP1]).await?;
             let stream = match stream {
-                ClientStream::Tls(tls) if tls.get_ref().1.alpn_protocol() == Some(crate::http2::ALPN_H2) => {
+                ClientStream::Tls(tls) if tls.get_ref().1.alpn_protocol() == Some(tls::ALPN_H2) => {
                     match crate::http2::Http2Connection::handshake(tls, url.host_header(), &self.config).await {
                         Ok(connection) => return connection.open(&self.request(&url), self.config).await,
                         // HTTP/2 without WebSockets on it (most servers and proxies that speak h2): a

@@ -30,9 +30,6 @@ use crate::error::{Error, Result};
 use crate::socket::WebSocket;
 use crate::tls::ClientStream;
 
-/// The ALPN name of HTTP/2 over TLS.
-pub(crate) const ALPN_H2: &[u8] = b"h2";
-
 /// An HTTP/2 connection to a server that accepts WebSockets on it. Cheap to clone: clones share the
 /// connection, which closes when the last clone and the last WebSocket on it are gone.
 #[derive(Clone)]

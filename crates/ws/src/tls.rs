@@ -28,6 +28,8 @@ use crate::error::Error;
 /// HTTP/1.1 is what the WebSocket handshake speaks unless HTTP/2 is asked for; say so, so an
 /// h2-capable server does not pick h2.
 pub(crate) const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// The ALPN name of HTTP/2 over TLS.
+pub(crate) const ALPN_H2: &[u8] = b"h2";
 
 /// A client TLS configuration trusting the platform's roots (or webpki's) and, optionally, the
 /// certificates in `extra_ca_file` (PEM).
@@ -87,13 +89,13 @@ pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConf
 #[cfg(feature = "hyper")]
 pub fn server_config_h2(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig>, Error> {
     let mut config = Arc::unwrap_or_clone(server_config(cert_file, key_file)?);
-    config.alpn_protocols = vec![crate::http2::ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
     Ok(Arc::new(config))
 }
 
 /// True when ALPN chose HTTP/2 on this accepted TLS stream.
 pub fn is_http2<S>(stream: &ServerTls<S>) -> bool {
-    stream.get_ref().1.alpn_protocol() == Some(b"h2")
+    stream.get_ref().1.alpn_protocol() == Some(ALPN_H2)
 }
 
 /// An acceptor for [`server_config`].
