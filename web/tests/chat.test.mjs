@@ -16,6 +16,28 @@ mkdirSync(ARTIFACTS, { recursive: true });
 
 const getBrowser = useBrowser();
 
+/** `page` publishes `${prefix} 1` to `${prefix} ${total}` to the lobby through the module, one every
+ * `everyMs`; resolves with their offsets once every one is acknowledged. */
+function publishEach(page, prefix, total, everyMs) {
+  return page.evaluate(async ([prefix, total, everyMs]) => {
+    const acks = [];
+    for (let i = 1; i <= total; i++) {
+      acks.push(window.switchboard.publish("lobby", `${prefix} ${i}`));
+      await new Promise((r) => setTimeout(r, everyMs));
+    }
+    return (await Promise.all(acks)).map((a) => a.offset);
+  }, [prefix, total, everyMs]);
+}
+
+/** After `afterMs`, kill -9 of `server`; after `downMs` more, the server again on the same port and
+ * database. */
+async function killAndRestart(server, port, db, afterMs, downMs) {
+  await new Promise((r) => setTimeout(r, afterMs));
+  await stop(server, "SIGKILL");
+  await new Promise((r) => setTimeout(r, downMs));
+  return startServer(port, db);
+}
+
 async function openChat(url, name) {
   const context = await getBrowser().newContext();
   const page = await context.newPage();
@@ -100,20 +122,9 @@ test("killing and restarting the server while a third client publishes loses and
   const bob = await openChat(url, "Bob");
   const publisher = await openChat(url, "Pub");
   const total = 60;
-  // The publisher page sends one message every 25 ms through the module; publish() keeps each
-  // message until the server acknowledges it, across reconnects.
-  const done = publisher.evaluate(async (n) => {
-    const acks = [];
-    for (let i = 1; i <= n; i++) {
-      acks.push(window.switchboard.publish("lobby", `msg ${i}`));
-      await new Promise((r) => setTimeout(r, 25));
-    }
-    return (await Promise.all(acks)).map((a) => a.offset);
-  }, total);
-  await new Promise((r) => setTimeout(r, 500));
-  await stop(server, "SIGKILL");
-  await new Promise((r) => setTimeout(r, 700));
-  server = await startServer(port, db);
+  // publish() keeps each message until the server acknowledges it, across reconnects.
+  const done = publishEach(publisher, "msg", total, 25);
+  server = await killAndRestart(server, port, db, 500, 700);
   try {
     const offsets = await done;
     assert.equal(new Set(offsets).size, total, "every publish was acknowledged with its own offset");
@@ -360,18 +371,8 @@ test("a page listening over SSE ends with the same complete list as a WebSocket 
   const ann = await openChat(url, "Ann");
   const sam = await openChatWithout(url, "Sam", ["WebSocket"]);
   const total = 30;
-  const done = ann.evaluate(async (n) => {
-    const acks = [];
-    for (let i = 1; i <= n; i++) {
-      acks.push(window.switchboard.publish("lobby", `sse ${i}`));
-      await new Promise((r) => setTimeout(r, 30));
-    }
-    return (await Promise.all(acks)).map((a) => a.offset);
-  }, total);
-  await new Promise((r) => setTimeout(r, 400));
-  await stop(server, "SIGKILL");
-  await new Promise((r) => setTimeout(r, 500));
-  server = await startServer(port, db);
+  const done = publishEach(ann, "sse", total, 30);
+  server = await killAndRestart(server, port, db, 400, 500);
   try {
     const offsets = await done;
     assert.equal(new Set(offsets).size, total);
