@@ -52,12 +52,13 @@ impl std::hash::Hasher for ConnIdHasher {
 }
 
 type ConnMap<V> = HashMap<ConnId, V, std::hash::BuildHasherDefault<ConnIdHasher>>;
+type ConnSet = std::collections::HashSet<ConnId, std::hash::BuildHasherDefault<ConnIdHasher>>;
 
-/// One session of `sub` fewer; a user with none is forgotten.
-fn forget_user_session(users: &mut HashMap<String, usize>, sub: &str) {
-    if let Some(count) = users.get_mut(sub) {
-        *count -= 1;
-        if *count == 0 {
+/// Session `id` of `sub` has ended or signed in as someone else; a user with none is forgotten.
+fn forget_user_session(users: &mut HashMap<String, ConnSet>, sub: &str, id: ConnId) {
+    if let Some(sessions) = users.get_mut(sub) {
+        sessions.remove(&id);
+        if sessions.is_empty() {
             users.remove(sub);
         }
     }
@@ -233,8 +234,10 @@ fn pop(state: &mut OutboxState) -> Option<Utf8Bytes> {
 struct Inner {
     rooms: HashMap<String, Room>,
     conns: ConnMap<Conn>,
-    /// Sessions signed in as each user (by token subject), for `max_sessions_per_user`.
-    users: HashMap<String, usize>,
+    /// The sessions signed in as each user (by token subject): how many, for
+    /// `max_sessions_per_user`, and which, so a server-API command for one user does not scan every
+    /// connection while holding the hub.
+    users: HashMap<String, ConnSet>,
 }
 
 /// A session refused because its user has as many on this node as `max_sessions_per_user` allows.
@@ -413,13 +416,13 @@ impl Hub {
         if old != new {
             if let Some(sub) = new {
                 let limit = self.limits.max_sessions_per_user;
-                if limit > 0 && users.get(sub).copied().unwrap_or(0) >= limit {
+                if limit > 0 && users.get(sub).map_or(0, ConnSet::len) >= limit {
                     return Err(UserLimit { sub: sub.to_owned(), limit });
                 }
-                *users.entry(sub.to_owned()).or_insert(0) += 1;
+                users.entry(sub.to_owned()).or_default().insert(id);
             }
             if let Some(sub) = old {
-                forget_user_session(users, sub);
+                forget_user_session(users, sub, id);
             }
         }
         conn.user = user.map(Arc::new);
@@ -430,25 +433,27 @@ impl Hub {
     /// handshake is answered; [`Hub::set_user`] decides).
     pub fn user_at_limit(&self, sub: &str) -> bool {
         let limit = self.limits.max_sessions_per_user;
-        limit > 0 && self.lock().users.get(sub).copied().unwrap_or(0) >= limit
+        limit > 0 && self.lock().users.get(sub).map_or(0, ConnSet::len) >= limit
+    }
+
+    /// Every session of user `sub` on this node.
+    fn user_sessions(inner: &Inner, sub: &str) -> Vec<ConnId> {
+        inner.users.get(sub).map(|sessions| sessions.iter().copied().collect()).unwrap_or_default()
     }
 
     /// The connections of user `sub` that take commands (`switchboard.v1`, not a long poll's).
     fn user_conns(inner: &Inner, sub: &str) -> Vec<(ConnId, Arc<(String, String)>)> {
-        let conns = inner.conns.iter().filter(|(_, c)| c.dialect == Dialect::V1 && !c.silent);
-        conns.filter_map(|(id, c)| c.user.clone().filter(|u| u.0 == sub).map(|u| (*id, u))).collect()
+        let sessions = Self::user_sessions(inner, sub).into_iter();
+        let conns = sessions.filter_map(|id| inner.conns.get(&id).map(|conn| (id, conn)));
+        let commanded = conns.filter(|(_, conn)| conn.dialect == Dialect::V1 && !conn.silent);
+        commanded.filter_map(|(id, conn)| conn.user.clone().map(|user| (id, user))).collect()
     }
 
     /// Ends every session of user `sub` on this node with `code` and `reason`; how many.
     pub fn disconnect_user(&self, sub: &str, code: u16, reason: &str) -> usize {
         let mut guard = self.lock();
         let inner = &mut *guard;
-        let ids: Vec<ConnId> = inner
-            .conns
-            .iter()
-            .filter(|(_, c)| c.user.as_ref().is_some_and(|u| u.0 == sub))
-            .map(|(id, _)| *id)
-            .collect();
+        let ids = Self::user_sessions(inner, sub);
         for id in &ids {
             self.cut_conn(inner, *id, Cut::Api(code, reason.to_owned()));
         }
@@ -686,7 +691,7 @@ impl Hub {
         if let Some(conn) = inner.conns.remove(&id) {
             conn.outbox.close();
             if let Some(user) = &conn.user {
-                forget_user_session(&mut inner.users, &user.0);
+                forget_user_session(&mut inner.users, &user.0, id);
             }
         }
     }
@@ -1009,6 +1014,37 @@ mod tests {
         assert_eq!(member_rx.try_recv().map(|b| b.contains("\"type\":\"message\"")), Some(true));
         assert_eq!(member_rx.try_recv(), None, "no join or leave event for the listener");
         assert_eq!(hub.presence("r").await.unwrap().0.len(), 1, "only the member is listed");
+    }
+
+    #[test]
+    fn per_user_commands_reach_that_users_sessions_and_no_others() {
+        let hub = hub();
+        let user = |sub: &str| Some((sub.to_owned(), sub.to_uppercase()));
+        let (ann, mut ann_rx) = live(&hub, "r");
+        let (moved, moved_rx) = live(&hub, "r");
+        let (bob, bob_rx) = live(&hub, "r");
+        hub.set_user(ann, user("ann")).unwrap();
+        hub.set_user(moved, user("ann")).unwrap();
+        hub.set_user(bob, user("bob")).unwrap();
+        assert!(hub.user_at_limit("ann"));
+        // Signing in as someone else moves the session from one user to the other.
+        hub.set_user(moved, user("bob")).unwrap();
+        assert!(!hub.user_at_limit("ann"), "ann has one session left");
+        assert!(hub.user_at_limit("bob"));
+
+        while ann_rx.try_recv().is_some() {}
+        assert_eq!(hub.unsubscribe_user("ann", "r"), 1);
+        assert_eq!(ann_rx.try_recv().map(|b| b.contains("\"reason\":\"unsubscribed\"")), Some(true));
+        assert_eq!(hub.unsubscribe_user("ann", "r"), 0, "no longer a member");
+
+        assert_eq!(hub.disconnect_user("bob", 4000, "bye"), 2);
+        for outbox in [&moved_rx, &bob_rx] {
+            assert_eq!(outbox.cut(), Some(Cut::Api(4000, "bye".into())));
+        }
+        assert_eq!(ann_rx.cut(), None);
+        assert!(!hub.user_at_limit("bob"), "ended sessions give their places back");
+        assert_eq!(hub.disconnect_user("bob", 4000, "bye"), 0);
+        assert_eq!(hub.connection_count(), 1);
     }
 
     #[tokio::test]
