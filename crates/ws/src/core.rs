@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use switchboard_proto::deflate::DeflateParams;
 use switchboard_proto::{CloseCode, CloseFrame, CloseState, Connection, Message, Role, SendError};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -48,6 +49,23 @@ fn jittered(interval: Duration) -> Duration {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let step = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % JITTER_STEPS;
     interval - interval / 10 * step / JITTER_STEPS
+}
+
+/// Reads into `buf`'s spare capacity; how many bytes arrived. `tokio_util::io::poll_read_buf`
+/// written out for `BytesMut`: the compiler kept that call out of line, and every message goes
+/// through here twice (the read that brings it and the one that finds nothing).
+#[inline(always)]
+fn poll_read_spare<S: AsyncRead>(io: Pin<&mut S>, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
+    let mut read = tokio::io::ReadBuf::uninit(buf.spare_capacity_mut());
+    let start = read.filled().as_ptr();
+    ready!(io.poll_read(cx, &mut read))?;
+    // A reader may swap in a buffer of its own; then the count says nothing about ours.
+    assert_eq!(start, read.filled().as_ptr(), "the reader replaced the read buffer");
+    let n = read.filled().len();
+    // SAFETY: `ReadBuf` counts as filled only bytes that were written, and these are the first `n`
+    // bytes of `buf`'s spare capacity (the assertion above rules out a swapped buffer).
+    unsafe { buf.set_len(buf.len() + n) };
+    Poll::Ready(Ok(n))
 }
 
 pub(crate) struct Core<S> {
@@ -197,7 +215,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
         if buf.capacity() - buf.len() < wanted {
             buf.reserve(wanted.max(chunk));
         }
-        let result = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, buf);
+        let result = poll_read_spare(Pin::new(&mut self.io), cx, buf);
         if result.is_pending() {
             // Quiet until the next readiness: keep no buffer meanwhile unless a frame is half read.
             if let Some(buffer) = self.conn.take_idle_receive_buffer() {
@@ -398,5 +416,47 @@ mod tests {
         assert!(spread.iter().all(|d| *d <= interval && *d >= interval - interval / 10), "{spread:?}");
         // Other tests open connections meanwhile, taking steps too; most steps are still seen.
         assert!(spread.len() >= 8, "consecutive connections get different intervals: {spread:?}");
+    }
+
+    /// Answers reads from a buffer of its own; with `swap`, by putting that buffer in place of the
+    /// caller's, which `ReadBuf` allows and which must not be taken for bytes read into ours.
+    struct Reader {
+        swap: bool,
+    }
+
+    impl AsyncRead for Reader {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if self.swap {
+                *buf = tokio::io::ReadBuf::new(Box::leak(Box::new([7u8; 16])));
+            }
+            buf.put_slice(b"abc");
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn read_spare(swap: bool) -> (usize, BytesMut) {
+        let mut buf = BytesMut::with_capacity(64);
+        buf.extend_from_slice(b"x");
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let Poll::Ready(Ok(n)) = poll_read_spare(Pin::new(&mut Reader { swap }), &mut cx, &mut buf) else {
+            panic!("the reader is always ready")
+        };
+        (n, buf)
+    }
+
+    #[test]
+    fn reads_land_after_what_the_buffer_held() {
+        let (n, buf) = read_spare(false);
+        assert_eq!((n, &buf[..]), (3, &b"xabc"[..]));
+    }
+
+    #[test]
+    #[should_panic(expected = "the reader replaced the read buffer")]
+    fn a_reader_that_swaps_the_buffer_is_not_believed() {
+        read_spare(true);
     }
 }
