@@ -56,6 +56,11 @@ fn jittered(interval: Duration) -> Duration {
 /// through here twice (the read that brings it and the one that finds nothing).
 #[inline(always)]
 fn poll_read_spare<S: AsyncRead>(io: Pin<&mut S>, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
+    if buf.len() == buf.capacity() {
+        // A full buffer would make an empty read, taken for the end of the stream (a `read_chunk`
+        // of 0 or 1 allows it). `poll_read_buf` made room the same way (`BytesMut::chunk_mut`).
+        buf.reserve(64);
+    }
     let mut read = tokio::io::ReadBuf::uninit(buf.spare_capacity_mut());
     let start = read.filled().as_ptr();
     ready!(io.poll_read(cx, &mut read))?;
@@ -438,8 +443,8 @@ mod tests {
         }
     }
 
-    fn read_spare(swap: bool) -> (usize, BytesMut) {
-        let mut buf = BytesMut::with_capacity(64);
+    fn read_spare(swap: bool, capacity: usize) -> (usize, BytesMut) {
+        let mut buf = BytesMut::with_capacity(capacity);
         buf.extend_from_slice(b"x");
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let Poll::Ready(Ok(n)) = poll_read_spare(Pin::new(&mut Reader { swap }), &mut cx, &mut buf) else {
@@ -450,13 +455,19 @@ mod tests {
 
     #[test]
     fn reads_land_after_what_the_buffer_held() {
-        let (n, buf) = read_spare(false);
+        let (n, buf) = read_spare(false, 64);
+        assert_eq!((n, &buf[..]), (3, &b"xabc"[..]));
+    }
+
+    #[test]
+    fn a_full_buffer_grows_rather_than_reading_nothing() {
+        let (n, buf) = read_spare(false, 1);
         assert_eq!((n, &buf[..]), (3, &b"xabc"[..]));
     }
 
     #[test]
     #[should_panic(expected = "the reader replaced the read buffer")]
     fn a_reader_that_swaps_the_buffer_is_not_believed() {
-        read_spare(true);
+        read_spare(true, 64);
     }
 }
