@@ -436,15 +436,14 @@ impl Hub {
         limit > 0 && self.lock().users.get(sub).map_or(0, ConnSet::len) >= limit
     }
 
-    /// Every session of user `sub` on this node.
-    fn user_sessions(inner: &Inner, sub: &str) -> Vec<ConnId> {
-        inner.users.get(sub).map(|sessions| sessions.iter().copied().collect()).unwrap_or_default()
+    /// The sessions of user `sub` on this node.
+    fn user_sessions<'a>(inner: &'a Inner, sub: &str) -> impl Iterator<Item = ConnId> + 'a {
+        inner.users.get(sub).into_iter().flatten().copied()
     }
 
     /// The connections of user `sub` that take commands (`switchboard.v1`, not a long poll's).
     fn user_conns(inner: &Inner, sub: &str) -> Vec<(ConnId, Arc<(String, String)>)> {
-        let sessions = Self::user_sessions(inner, sub).into_iter();
-        let conns = sessions.filter_map(|id| inner.conns.get(&id).map(|conn| (id, conn)));
+        let conns = Self::user_sessions(inner, sub).filter_map(|id| inner.conns.get(&id).map(|conn| (id, conn)));
         let commanded = conns.filter(|(_, conn)| conn.dialect == Dialect::V1 && !conn.silent);
         commanded.filter_map(|(id, conn)| conn.user.clone().map(|user| (id, user))).collect()
     }
@@ -453,7 +452,8 @@ impl Hub {
     pub fn disconnect_user(&self, sub: &str, code: u16, reason: &str) -> usize {
         let mut guard = self.lock();
         let inner = &mut *guard;
-        let ids = Self::user_sessions(inner, sub);
+        // Collected first: each cut takes the session out of the set.
+        let ids: Vec<ConnId> = Self::user_sessions(inner, sub).collect();
         for id in &ids {
             self.cut_conn(inner, *id, Cut::Api(code, reason.to_owned()));
         }
