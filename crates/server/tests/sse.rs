@@ -232,6 +232,55 @@ fn publishes_are_idempotent_and_tokens_come_from_a_cookie_too() {
     let mut by_query = Stream::open(&server.addr, &format!("room=r&token={token}"), "");
     assert_eq!(by_query.status, 200, "and from ?token=");
     by_query.next_of("joined");
+    // Another site's page can make the browser send the cookie, but not read or add a token: the
+    // cookie does not count then (its browser says so), and nothing is published.
+    let cookie = format!("Cookie: switchboard_token={token}\r\n");
+    let foreign = format!("{cookie}Origin: https://evil.example\r\nSec-Fetch-Site: cross-site\r\n");
+    let forged = format!(
+        "POST /publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: text/plain\r\n\
+         Content-Length: {}\r\n{foreign}\r\n{}",
+        r#"{"room":"r","message":"forged"}"#.len(),
+        r#"{"room":"r","message":"forged"}"#
+    );
+    let (status, body) = exchange(&server.addr, &forged, Duration::from_secs(10));
+    assert_eq!((status, body["code"].as_str()), (401, Some("bad_token")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("Sec-Fetch-Site"), "the answer says why: {body}");
+    for target in ["/sse?room=r", "/poll?room=r&wait=0"] {
+        let (status, body) = get(&server.addr, target, &foreign);
+        assert_eq!(status, 401, "{target} from another site with the cookie: {body}");
+    }
+    // The same cookie from the server's own page (or a browser that does not say) still counts.
+    for site in ["Sec-Fetch-Site: same-origin\r\n", ""] {
+        let (status, body) = get(&server.addr, "/poll?room=r&wait=0", &format!("{cookie}{site}"));
+        assert_eq!(status, 200, "{site:?}: {body}");
+    }
+    let (status, body) =
+        get(&server.addr, "/poll?room=r&wait=0", &format!("{foreign}Authorization: Bearer {token}\r\n"));
+    assert_eq!(status, 200, "a token the page put in a header counts from any allowed origin: {body}");
+    let (status, _) = publish(&server.addr, r#"{"room":"r","message":"after"}"#, auth);
+    assert_eq!(status, 200);
+    let next = stream.next_of("message").json();
+    assert_eq!(next["message"], "after", "the forged publish reached no one: {next}");
+}
+
+#[test]
+fn a_cookie_from_another_site_counts_when_allowed_origins_names_that_site() {
+    let (server, _db) = start_serve(&[
+        "--jwt-secret",
+        "s3cret",
+        "--allow-anonymous",
+        "false",
+        "--allowed-origins",
+        "https://app.example.com,*",
+    ]);
+    let token = support::chat::token("s3cret", "ann", 600);
+    let cookie = format!("Cookie: switchboard_token={token}\r\nSec-Fetch-Site: cross-site\r\n");
+    let (status, body) =
+        get(&server.addr, "/poll?room=r&wait=0", &format!("{cookie}Origin: https://app.example.com\r\n"));
+    assert_eq!(status, 200, "named: {body}");
+    let (status, body) =
+        get(&server.addr, "/poll?room=r&wait=0", &format!("{cookie}Origin: https://other.example\r\n"));
+    assert_eq!(status, 401, "allowed only by `*`: {body}");
 }
 
 #[test]
@@ -314,6 +363,11 @@ async fn a_stream_that_does_not_read_is_cut_off_like_a_slow_websocket() {
     for i in 0..400 {
         send(&mut writer, json!({"type": "publish", "room": "slow", "message": format!("{i} {big}")})).await;
     }
+    // Every publish stored before the probes join: a probe that joined during the fan-out and did
+    // not read would be a slow consumer too.
+    for _ in 0..400 {
+        next_of(&mut writer, "ack").await;
+    }
     // The stalled stream is dropped from the room: a member joining now does not see it listed.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -325,6 +379,7 @@ async fn a_stream_that_does_not_read_is_cut_off_like_a_slow_websocket() {
         if !names.contains(&"stalled") {
             break;
         }
+        drop(probe);
         assert!(Instant::now() < deadline, "the stalled stream is still a member: {names:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

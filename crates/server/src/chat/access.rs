@@ -274,6 +274,20 @@ impl OriginPolicy {
         let origin = origin.trim().to_ascii_lowercase();
         allowed.iter().any(|pattern| origin_matches(pattern, &origin))
     }
+
+    /// Whether a credential the browser attaches by itself (a cookie) may be used for this request.
+    /// `fetch_site` is the browser's `Sec-Fetch-Site`: a page of another site can make the browser
+    /// send the cookie (a form's POST, an `EventSource`), and acting on it would be cross-site request
+    /// forgery. Such a request is taken only from an origin this policy lists by name; without
+    /// `Sec-Fetch-Site` (not a browser, or one too old to say) the origin check is all there is.
+    pub fn allows_ambient_credentials(&self, origin: Option<&str>, fetch_site: Option<&str>) -> bool {
+        if !fetch_site.is_some_and(|site| site.trim().eq_ignore_ascii_case("cross-site")) {
+            return true;
+        }
+        let (Some(allowed), Some(origin)) = (&self.allowed, origin) else { return false };
+        let origin = origin.trim().to_ascii_lowercase();
+        allowed.iter().any(|pattern| pattern != "*" && origin_matches(pattern, &origin))
+    }
 }
 
 fn origin_matches(pattern: &str, origin: &str) -> bool {
@@ -391,6 +405,22 @@ mod tests {
         assert!(!policy.allows(Some("null")));
         assert!(policy.allows(None), "no Origin: not a browser page");
         assert!(OriginPolicy::any().allows(Some("https://anything")));
+    }
+
+    #[test]
+    fn cookies_count_from_other_sites_only_for_origins_listed_by_name() {
+        let listed = OriginPolicy::only(vec!["https://app.example.com".into(), "https://*.example.org".into()]);
+        let cross = Some("cross-site");
+        for site in [None, Some("same-origin"), Some("same-site"), Some("none")] {
+            assert!(OriginPolicy::any().allows_ambient_credentials(Some("https://evil.example"), site), "{site:?}");
+        }
+        assert!(!OriginPolicy::any().allows_ambient_credentials(Some("https://evil.example"), cross));
+        assert!(!OriginPolicy::any().allows_ambient_credentials(None, Some(" Cross-Site ")));
+        assert!(listed.allows_ambient_credentials(Some("https://app.example.com"), cross));
+        assert!(listed.allows_ambient_credentials(Some("https://a.example.org"), cross));
+        assert!(!listed.allows_ambient_credentials(Some("https://evil.example"), cross));
+        let everyone = OriginPolicy::only(vec!["*".into()]);
+        assert!(!everyone.allows_ambient_credentials(Some("https://evil.example"), cross), "`*` names no one");
     }
 
     #[test]

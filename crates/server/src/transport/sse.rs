@@ -250,6 +250,8 @@ pub fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
 
 /// Who the request is: a token from `Authorization: Bearer`, the `token` parameter or the
 /// `switchboard_token` cookie, checked as `/ws` checks one; anonymous where the server allows it.
+/// The cookie is not taken from another site's page unless its origin is listed by name (see
+/// [`OriginPolicy::allows_ambient_credentials`](crate::chat::access::OriginPolicy::allows_ambient_credentials)).
 pub fn identify(core: &Core, headers: &HeaderMap, params: &[(String, String)]) -> Result<Identity, Refused> {
     let access = &core.access;
     if !access.origins.allows(headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())) {
@@ -262,7 +264,14 @@ pub fn identify(core: &Core, headers: &HeaderMap, params: &[(String, String)]) -
         headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|cookies| {
             cookies.split(';').find_map(|c| c.trim().strip_prefix(TOKEN_COOKIE)?.strip_prefix('='))
         });
-    let token = header_token.or(param_token).or(cookie_token);
+    // The browser sends the cookie by itself, also for another site's page; a header or `?token=`
+    // is only there if the page put it there.
+    let fetch_site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+    let cookie_refused = cookie_token.is_some()
+        && !access
+            .origins
+            .allows_ambient_credentials(headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()), fetch_site);
+    let token = header_token.or(param_token).or(cookie_token.filter(|_| !cookie_refused));
     let identity = match (access.verifier.as_ref(), token) {
         (Some(_), Some(token)) => access.verify(token).map_err(|e| match e {
             AuthError::Expired | AuthError::Invalid(_) => {
@@ -271,6 +280,13 @@ pub fn identify(core: &Core, headers: &HeaderMap, params: &[(String, String)]) -
             other => refused(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unavailable, other.to_string()),
         }),
         _ if access.allow_anonymous => Ok(Identity::anonymous()),
+        _ if cookie_refused => Err(refused(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::BadToken,
+            "the switchboard_token cookie is not taken from another site's page (Sec-Fetch-Site: \
+             cross-site) unless --allowed-origins names its origin; send the token as Authorization: \
+             Bearer or ?token=",
+        )),
         _ => Err(refused(
             StatusCode::UNAUTHORIZED,
             ErrorCode::BadToken,

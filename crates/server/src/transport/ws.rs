@@ -109,7 +109,9 @@ fn refuse_too_many(sub: &str) -> Response {
     refuse(axum::http::StatusCode::TOO_MANY_REQUESTS, reason)
 }
 
-/// The token of a handshake: `Authorization: Bearer ...`, else the `token` query parameter.
+/// The token of a handshake: `Authorization: Bearer ...`, else the `token` query parameter. Not the
+/// cookie `/sse` takes: a browser sends cookies with another site's WebSocket handshake too, and no
+/// CORS stands between that page and the answers (cross-site WebSocket hijacking).
 fn handshake_token(upgrade: &WebSocketUpgrade) -> Option<String> {
     let request = upgrade.request();
     if let Some(token) = request.header("Authorization").and_then(bearer) {
