@@ -65,7 +65,7 @@ impl Refusal {
     }
 }
 
-type Labels = Vec<(&'static str, &'static str)>;
+type Labels = [(&'static str, &'static str); 1];
 
 /// Every `reason` of `switchboard_messages_refused_total`: the chat's error codes, and the rate limit.
 const MESSAGE_REFUSALS: [&str; 9] = [
@@ -86,7 +86,7 @@ const ENGINE_ERRORS: [&str; 6] = ["open", "write", "read", "busy", "unavailable"
 /// alerts on `rate()` see it begin) before the first event.
 fn precreate(family: &Family<Labels, Counter>, key: &'static str, values: &[&'static str]) {
     for value in values {
-        drop(family.get_or_create(&vec![(key, *value)]));
+        drop(family.get_or_create(&[(key, *value)]));
     }
 }
 
@@ -95,7 +95,7 @@ pub struct ByTransport([Counter; 4]);
 
 impl ByTransport {
     fn new(family: &Family<Labels, Counter>) -> Self {
-        Self(Transport::ALL.map(|t| family.get_or_create(&vec![("transport", t.label())]).clone()))
+        Self(Transport::ALL.map(|t| family.get_or_create(&[("transport", t.label())]).clone()))
     }
 
     pub fn inc(&self, transport: Transport) {
@@ -157,7 +157,7 @@ impl Metrics {
             "websocket_handshakes",
             "WebSocket handshakes accepted, by HTTP version (1.1: Upgrade, 2: extended CONNECT)",
         );
-        let websocket_handshakes = ["1.1", "2"].map(|v| handshakes.get_or_create(&vec![("http", v)]).clone());
+        let websocket_handshakes = ["1.1", "2"].map(|v| handshakes.get_or_create(&[("http", v)]).clone());
         let auth_failures = counters(&mut registry, "auth_failures", "Tokens refused, by reason (invalid, expired)");
         let engine_errors = counters(
             &mut registry,
@@ -172,8 +172,7 @@ impl Metrics {
             "From a publish received to its ack sent (the history's write), by transport",
             ack_family.clone(),
         );
-        let publish_ack_seconds =
-            Transport::ALL.map(|t| ack_family.get_or_create(&vec![("transport", t.label())]).clone());
+        let publish_ack_seconds = Transport::ALL.map(|t| ack_family.get_or_create(&[("transport", t.label())]).clone());
         let publish_delivery_seconds = latency();
         registry.register(
             "publish_delivery_seconds",
@@ -215,7 +214,7 @@ impl Metrics {
     }
 
     pub fn refused(&self, reason: Refusal) {
-        self.connections_refused.get_or_create(&vec![("reason", reason.label())]).inc();
+        self.connections_refused.get_or_create(&[("reason", reason.label())]).inc();
     }
 
     /// A WebSocket handshake accepted, over HTTP/2 or HTTP/1.1.
@@ -225,17 +224,17 @@ impl Metrics {
 
     /// A publish answered with an error; `reason` is its error code.
     pub fn message_refused(&self, reason: &'static str) {
-        self.messages_refused.get_or_create(&vec![("reason", reason)]).inc();
+        self.messages_refused.get_or_create(&[("reason", reason)]).inc();
     }
 
     /// A token refused: `invalid` or `expired`.
     pub fn auth_failed(&self, reason: &'static str) {
-        self.auth_failures.get_or_create(&vec![("reason", reason)]).inc();
+        self.auth_failures.get_or_create(&[("reason", reason)]).inc();
     }
 
     /// The engine failed a publish or a read; `kind` names how (its error code).
     pub fn engine_error(&self, kind: &'static str) {
-        self.engine_errors.get_or_create(&vec![("kind", kind)]).inc();
+        self.engine_errors.get_or_create(&[("kind", kind)]).inc();
     }
 
     pub fn publish_acked(&self, transport: Transport, took: Duration) {
