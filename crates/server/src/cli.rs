@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use crate::chat::access::{self, Claims};
+use crate::chat::message::check_room;
 use crate::config::ServeArgs;
 use switchboard_ws::tls::TlsAcceptor;
 
@@ -131,10 +132,10 @@ pub struct TokenArgs {
     /// A room the holder may publish to without joining (repeatable).
     #[arg(long = "publish")]
     publish: Vec<String>,
-    /// Seconds until the token expires.
-    #[arg(long, default_value_t = 3600)]
+    /// Seconds until the token expires (at most ten years).
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=MAX_TOKEN_TTL_SECS))]
     ttl_secs: u64,
-    /// HS256 shared secret (the server's --jwt-secret).
+    /// HS256 shared secret (the server's --jwt-secret); or give --private-key instead.
     #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true, required_unless_present = "private_key")]
     secret: Option<String>,
     /// PEM private key (RSA gives RS256, P-256 gives ES256) instead of a secret.
@@ -142,8 +143,26 @@ pub struct TokenArgs {
     private_key: Option<PathBuf>,
 }
 
+/// Longest lifetime `switchboard token` gives: far past any sensible use, and well inside what a
+/// server can represent as a time.
+const MAX_TOKEN_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+
 impl TokenArgs {
     pub fn mint(self) -> anyhow::Result<String> {
+        anyhow::ensure!(!self.sub.is_empty(), "--sub is empty: a token names its user");
+        anyhow::ensure!(
+            !self.secret.as_ref().is_some_and(String::is_empty),
+            "--secret is empty (is the variable it came from set?)"
+        );
+        for grant in self.rooms.iter().chain(&self.join).chain(&self.publish) {
+            // A room, a prefix ending in `*`, or `*`: anything else could never match a room.
+            let prefix = grant.strip_suffix('*').unwrap_or(grant);
+            if !prefix.is_empty() {
+                if let Err((_, reason)) = check_room(prefix) {
+                    anyhow::bail!("room grant {grant:?}: {reason}, optionally ending in *");
+                }
+            }
+        }
         let list = |l: Vec<String>| (!l.is_empty()).then_some(l);
         let claims = Claims {
             sub: self.sub,
@@ -156,7 +175,7 @@ impl TokenArgs {
         Ok(match (&self.secret, &self.private_key) {
             (_, Some(path)) => {
                 let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-                access::mint_with_key(&pem, &claims)?
+                access::mint_with_key(&pem, &claims).with_context(|| format!("signing with {}", path.display()))?
             }
             (Some(secret), None) => access::mint(secret.as_bytes(), &claims)?,
             (None, None) => anyhow::bail!("give --secret or --private-key"),

@@ -218,7 +218,8 @@ settings! {
         /// wildcard (https://*.example.com); others get 403 [default: any].
         #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',')]
         allowed_origins: Vec<String>,
-        /// Key for POST /api/publish (header "Authorization: Bearer KEY"); the endpoint is off without it.
+        /// Key of the server API under /api (publish, history, users, nodes), sent as
+        /// "Authorization: Bearer KEY" or "X-Api-Key: KEY"; the API is off without it.
         #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
         api_key: String,
     }
@@ -368,6 +369,27 @@ impl ServeConfig {
             !(self.auth.jwt_secret.is_some() && self.auth.jwt_public_key.is_some()),
             "jwt_secret and jwt_public_key exclude each other"
         );
+        // An empty secret usually comes from an unset variable (`--jwt-secret "$SECRET"`): taken as
+        // it is, anyone could sign tokens, or call the server API with an empty key.
+        anyhow::ensure!(
+            !self.auth.jwt_secret.as_ref().is_some_and(String::is_empty),
+            "jwt_secret is empty: anyone could sign tokens with it (is the variable it came from set?)"
+        );
+        anyhow::ensure!(
+            !self.auth.api_key.as_ref().is_some_and(String::is_empty),
+            "api_key is empty: it would let anyone into /api (is the variable it came from set?)"
+        );
+        for origin in self.auth.allowed_origins.iter().flatten() {
+            let origin = origin.trim();
+            anyhow::ensure!(
+                origin == "*" || origin.starts_with("https://") || origin.starts_with("http://"),
+                "allowed_origins: {origin:?} is not an origin: scheme and host, as a browser sends it \
+                 (https://chat.example.com, https://*.example.com), or *"
+            );
+        }
+        if let Err((_, reason)) = crate::chat::message::check_room(&self.chat.default_room()) {
+            anyhow::bail!("default_room: {reason}");
+        }
         anyhow::ensure!(
             self.allow_anonymous() || self.token_key().is_some(),
             "allow_anonymous = false needs jwt_secret or jwt_public_key, or nobody could connect"
@@ -500,5 +522,23 @@ mod tests {
         assert!(err.to_string().contains("needs jwt_secret"), "{err}");
         args.auth.jwt_secret = Some("s".into());
         assert!(!ServeConfig::load(args).unwrap().allow_anonymous());
+    }
+
+    #[test]
+    fn empty_secrets_and_what_cannot_match_are_refused_at_startup() {
+        let refused = |change: &dyn Fn(&mut ServeArgs), words: &str| {
+            let mut args = ServeArgs::default();
+            change(&mut args);
+            let err = format!("{:#}", ServeConfig::load(args).unwrap_err());
+            assert!(err.contains(words), "{err}");
+        };
+        refused(&|a| a.auth.jwt_secret = Some(String::new()), "jwt_secret is empty");
+        refused(&|a| a.auth.api_key = Some(String::new()), "api_key is empty");
+        refused(&|a| a.auth.allowed_origins = Some(vec!["chat.example.com".into()]), "is not an origin");
+        refused(&|a| a.chat.default_room = Some("bad room".into()), "default_room: invalid room name");
+        let mut args = ServeArgs::default();
+        args.auth.allowed_origins = Some(vec!["https://chat.example.com".into(), "*".into()]);
+        args.auth.api_key = Some("k".into());
+        assert!(ServeConfig::load(args).is_ok());
     }
 }

@@ -25,6 +25,9 @@ pub enum AuthError {
     ReadKey { path: String, source: std::io::Error },
     #[error("{path} holds neither an RSA nor an EC (P-256) public key in PEM")]
     BadKey { path: String },
+    /// A key to sign with that cannot sign (`switchboard token --private-key`).
+    #[error("{0}")]
+    BadSigningKey(String),
     #[error("token expired")]
     Expired,
     #[error("invalid token: {0}")]
@@ -316,7 +319,7 @@ pub fn mint_with_key(pem: &[u8], claims: &Claims) -> Result<String, AuthError> {
         Ok(key) => (key, Algorithm::RS256),
         Err(_) => (
             EncodingKey::from_ec_pem(pem)
-                .map_err(|_| AuthError::Invalid("the private key is neither RSA nor EC (P-256) PEM".into()))?,
+                .map_err(|_| AuthError::BadSigningKey("the private key is neither RSA nor EC (P-256) PEM".into()))?,
             Algorithm::ES256,
         ),
     };
