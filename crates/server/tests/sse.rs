@@ -130,6 +130,16 @@ fn bad_requests_get_a_4xx_naming_the_problem() {
     assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")), "{body}");
     let (status, body) = publish(&server.addr, r#"{"room":"no room","message":"m"}"#, None);
     assert_eq!(status, 400, "{body}");
+    // What could only be served in part is refused whole: more rooms than one connection may be
+    // in, a name over the limit (a stream without its `joined`, or a poll left out of presence).
+    let many: Vec<String> = (0..65).map(|i| format!("room=r{i}")).collect();
+    let long_name = format!("room=r&name={}", "n".repeat(65));
+    for (query, code) in [(many.join("&"), "too_many"), (long_name, "too_long")] {
+        let stream = Stream::open(&server.addr, &query, "");
+        assert_eq!((stream.status, stream.body()["code"].as_str()), (400, Some(code)), "/sse {code}");
+        let (status, body) = poll(&server.addr, &format!("{query}&client=c1&wait=0"));
+        assert_eq!((status, body["code"].as_str()), (400, Some(code)), "/poll {code}: {body}");
+    }
 
     let (closed, _db) = start_serve(&["--jwt-secret", "s3cret", "--allow-anonymous", "false"]);
     let stream = Stream::open(&closed.addr, "room=r", "");
@@ -507,4 +517,36 @@ fn http_publishes_have_the_rate_limit_of_a_websocket() {
     assert!(body["message"].as_str().unwrap().contains("rate limit"), "{body}");
     std::thread::sleep(Duration::from_millis(1100));
     assert_eq!(publish(&server.addr, r#"{"room":"r","message":"later"}"#, None).0, 200, "the bucket refills");
+}
+
+#[test]
+fn a_long_polling_client_takes_one_of_its_users_sessions_and_a_refused_poll_takes_none() {
+    let (server, _db) = start_serve(&["--jwt-secret", "s3cret", "--max-connections-per-user", "1"]);
+    let token = support::chat::token("s3cret", "kim", 600);
+    let poll_as = |client: &str| poll(&server.addr, &format!("room=r&wait=0&client={client}&token={token}"));
+    // The client's kept presence is kim's one session; its polls do not count a second.
+    for _ in 0..2 {
+        let (status, body) = poll_as("c1");
+        assert_eq!(status, 200, "{body}");
+    }
+    // Another client of kim's is over the limit, and is told so.
+    let (status, body) = poll_as("c2");
+    assert_eq!((status, body["code"].as_str()), (429, Some("too_many")), "{body}");
+    // A refused poll holds no place for the grace period (35 s by default): once the stream that
+    // holds kim's one place ends, kim gets in again at once.
+    let (server, _db) = start_serve(&["--jwt-secret", "s3cret", "--max-connections-per-user", "1"]);
+    let stream = Stream::open(&server.addr, &format!("room=r&token={token}"), "");
+    assert_eq!(stream.status, 200);
+    let (status, body) = poll(&server.addr, &format!("room=r&wait=0&client=c3&token={token}"));
+    assert_eq!((status, body["code"].as_str()), (429, Some("too_many")), "{body}");
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let again = Stream::open(&server.addr, &format!("room=r&token={token}"), "");
+        if again.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stream's place came back and the refused poll took none");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -371,17 +371,28 @@ impl Session {
         Ok(())
     }
 
+    /// Like [`Session::start`] with an identity, for a session that stands for a client another
+    /// session already counts (one poll of a long-polling client whose presence session is kept): the
+    /// user's session limit is not applied twice, and the user's commands reach that other session.
+    pub fn start_counted_elsewhere(&mut self, identity: Identity) {
+        self.keep_identity(identity);
+    }
+
     fn set_identity(&mut self, identity: Identity) -> Result<(), UserLimit> {
         let user = identity.subject.clone().map(|sub| {
             let name = identity.name.clone().unwrap_or_else(|| sub.clone());
             (sub, name)
         });
         self.core.hub.set_user(self.conn, user)?;
+        self.keep_identity(identity);
+        Ok(())
+    }
+
+    fn keep_identity(&mut self, identity: Identity) {
         let clock = &self.core.clock;
         self.expiry =
             identity.expires_at.map(|at| clock.now() + at.duration_since(clock.wall()).unwrap_or(Duration::ZERO));
         self.identity = Some(if identity == Identity::anonymous() { anonymous() } else { Arc::new(identity) });
-        Ok(())
     }
 
     /// Takes `messages` from the rate limit; false when the connection is over it.

@@ -69,25 +69,23 @@ impl PollPresence {
         identity: Identity,
         rooms: &[String],
         name: Option<String>,
-    ) {
+    ) -> Result<bool, End> {
         let until = Instant::now() + self.grace;
         let mut clients = self.lock();
         if let Some(kept) = clients.get(&client) {
             if kept.rooms == rooms && kept.name == name && !kept.until.is_closed() {
                 kept.until.send_replace(until);
-                return;
+                return Ok(true);
             }
         }
         // New, or its rooms or name changed (its old session ends as its task sees the sender go).
         clients.remove(&client);
         if clients.len() >= self.max_clients {
-            return;
+            return Ok(false);
         }
         let mut session = Session::new(core.clone(), Dialect::V1);
         session.set_transport(Transport::LongPoll);
-        if session.start(Some(identity)).is_err() {
-            return;
-        }
+        session.start(Some(identity))?;
         // A long-polling client is "connected" while it polls within the grace period: one opening
         // per client (and per change of its rooms or name), not one per poll.
         metrics().connections_opened.inc(Transport::LongPoll);
@@ -104,6 +102,7 @@ impl PollPresence {
         clients.insert(client.clone(), Kept { rooms: rooms.to_vec(), name, until: until_tx });
         drop(clients);
         tokio::spawn(keep(self.clone(), client, session, until_rx));
+        Ok(true)
     }
 }
 
@@ -169,20 +168,30 @@ pub async fn poll(
         let message = format!("this token does not allow joining {room:?}");
         return sse::refused(StatusCode::FORBIDDEN, ErrorCode::NotAllowed, message).into_response();
     }
+    let name = params.iter().find(|(n, _)| n == "name").map(|(_, v)| v.clone());
+    if let Err(refusal) = sse::check_request(&core, &rooms, name.as_deref()) {
+        return refusal.into_response();
+    }
     let client = params.iter().find(|(n, _)| n == "client").map(|(_, v)| v.clone()).filter(|c| !c.is_empty());
+    let mut present = false;
     if let Some(client) = client {
         if client.len() > 128 {
             let message = "client must be at most 128 bytes";
             return sse::refused(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message).into_response();
         }
-        let name = params.iter().find(|(n, _)| n == "name").map(|(_, v)| v.clone());
         // Keyed by the token's subject too: one user cannot end or rename another's presence.
         let key = format!("{}\n{client}", identity.subject.as_deref().unwrap_or_default());
-        presence.seen(&core, key, identity.clone(), &rooms, name);
+        present = match presence.seen(&core, key, identity.clone(), &rooms, name) {
+            Ok(present) => present,
+            Err(end) => return sse::start_refused(end).into_response(),
+        };
     }
     let mut session = Session::listener(core);
     session.set_transport(Transport::LongPoll);
-    if let Err(end) = session.start(Some(identity)) {
+    if present {
+        // The client's kept session is its place among the user's sessions; this poll takes none.
+        session.start_counted_elsewhere(identity);
+    } else if let Err(end) = session.start(Some(identity)) {
         return sse::start_refused(end).into_response();
     }
     match answer(&mut session, &rooms, cursor, wait).await {

@@ -32,7 +32,7 @@ use super::wake::WakeFlag;
 use super::ws::LiveGuard;
 use crate::chat::access::{AuthError, Identity};
 use crate::chat::limits::{RateLimit, RateLimiter};
-use crate::chat::message::check_room;
+use crate::chat::message::{check_name, check_room};
 use crate::chat::publish;
 use crate::chat::session::{End, Session};
 use crate::chat::wire::{Dialect, ErrorCode};
@@ -314,6 +314,22 @@ pub(crate) fn rooms(params: &[(String, String)]) -> Result<Vec<String>, Refused>
     Ok(rooms)
 }
 
+/// What a stream or a poll asks for, checked before anything is joined, so that a request that
+/// cannot be served whole is a 400 rather than a stream or a presence that is silently short: its
+/// rooms fit one connection, its name the name limit.
+pub(crate) fn check_request(core: &Core, rooms: &[String], name: Option<&str>) -> Result<(), Refused> {
+    let max_rooms = core.hub.max_rooms_per_connection();
+    if rooms.len() > max_rooms {
+        let message = format!("{} rooms asked for; one stream or poll may be in {max_rooms}", rooms.len());
+        return Err(refused(StatusCode::BAD_REQUEST, ErrorCode::TooMany, message));
+    }
+    if let Some(name) = name {
+        check_name(name, core.limits.max_name_chars)
+            .map_err(|(code, message)| refused(StatusCode::BAD_REQUEST, code, message))?;
+    }
+    Ok(())
+}
+
 /// The cursor of `?cursor=`; none is a first visit.
 pub(crate) fn query_cursor(params: &[(String, String)]) -> Result<Cursor, Refused> {
     cursor(&HeaderMap::new(), params)
@@ -375,6 +391,9 @@ pub async fn stream(
         );
     }
     let name = params.iter().find(|(n, _)| n == "name").map(|(_, v)| v.clone());
+    if let Err(refusal) = check_request(&core, &rooms, name.as_deref()) {
+        return refusal.into_response();
+    }
     let mut session = Session::new(core, Dialect::V1);
     session.set_peer(peer);
     session.set_transport(Transport::Sse);
