@@ -422,9 +422,10 @@ export class SwitchboardClient extends EventTarget {
           this.emit("gap", { room: envelope.room, since: this.offsets[envelope.room] ?? 0, first: envelope.first });
         }
         const known = this.epochs[envelope.room];
-        if (envelope.epoch !== undefined && known !== undefined && envelope.epoch !== known) {
-          // A new history (the server's was lost): its offsets start again, so the old ones would hide
-          // every message as already seen.
+        const ahead = this.offsets[envelope.room] !== undefined && this.offsets[envelope.room] > envelope.offset;
+        if ((envelope.epoch !== undefined && known !== undefined && envelope.epoch !== known) || ahead) {
+          // A new history (the server's was lost), or one restored from a backup (our offset is past
+          // its last): its offsets are given out again, so ours would hide every message as seen.
           delete this.offsets[envelope.room];
         }
         if (envelope.epoch !== undefined) this.epochs[envelope.room] = envelope.epoch;

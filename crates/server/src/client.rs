@@ -367,8 +367,11 @@ impl State {
                 let epoch = text("epoch");
                 let since = self.offsets.get(&room).copied();
                 let changed = self.epochs.get(&room).is_some_and(|old| *old != epoch);
-                if changed {
-                    // Offsets of another history say nothing about this one.
+                // An offset past the room's last is one of a history restored from a backup.
+                let ahead = since.zip(envelope["offset"].as_u64()).is_some_and(|(since, last)| since > last);
+                if changed || ahead {
+                    // Offsets of another history say nothing about this one; kept, they would hide
+                    // the messages that take the same offsets now as already seen.
                     self.offsets.insert(room.clone(), 0);
                 }
                 self.epochs.insert(room.clone(), epoch);

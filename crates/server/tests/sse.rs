@@ -87,6 +87,40 @@ fn a_cursor_from_another_history_is_told_recovered_false() {
     assert_eq!(resumed.next_of("message").json()["message"], "one", "and the recent messages instead");
 }
 
+#[tokio::test]
+async fn a_place_past_the_rooms_last_offset_gets_the_recent_messages_and_then_every_new_one() {
+    // As after a restore from a backup that kept its epoch: the client has seen offsets the room
+    // has not given out (again) yet.
+    let (server, _db) = start_serve(&["--rate-limit", "0"]);
+    publish(&server.addr, r#"{"room":"r","message":"one"}"#, None);
+    let mut stream = Stream::open(&server.addr, "room=r", "");
+    let epoch = stream.next_of("joined").json()["epoch"].as_str().unwrap().to_owned();
+    use base64::Engine as _;
+    let ahead = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(r#"{{"r":["{epoch}",999]}}"#));
+    let mut resumed = Stream::open(&server.addr, &format!("room=r&cursor={ahead}"), "");
+    let joined = resumed.next_of("joined").json();
+    assert_eq!((joined["recovered"].as_bool(), joined["offset"].as_u64()), (Some(false), Some(1)), "{joined}");
+    assert_eq!(resumed.next_of("message").json()["message"], "one", "the recent messages");
+    let (status, answer) = poll(&server.addr, &format!("room=r&cursor={ahead}&wait=0"));
+    assert_eq!((status, texts(&answer)), (200, vec!["one"]), "{answer}");
+    let mut ws = v1_client(&server.addr).await;
+    send(&mut ws, json!({"type": "join", "room": "r", "since": 999, "epoch": epoch})).await;
+    let joined = next_of(&mut ws, "joined").await;
+    assert_eq!(joined["recovered"], false, "{joined}");
+    assert_eq!(next_of(&mut ws, "message").await["message"], "one");
+    // The next poll, from the cursor it was given, waits for what comes next and gets it.
+    let cursor = answer["cursor"].as_str().unwrap().to_owned();
+    let addr = server.addr.clone();
+    let waiting = std::thread::spawn(move || poll(&addr, &format!("room=r&cursor={cursor}&wait=10")));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!waiting.is_finished(), "a poll that is up to date waits");
+    publish(&server.addr, r#"{"room":"r","message":"two"}"#, None);
+    let (status, answer) = waiting.join().unwrap();
+    assert_eq!((status, texts(&answer)), (200, vec!["two"]), "{answer}");
+    assert_eq!(resumed.next_of("message").json()["message"], "two", "the stream delivers it too");
+    assert_eq!(next_of(&mut ws, "message").await["message"], "two");
+}
+
 #[test]
 fn a_cursor_past_retention_is_told_recovered_false_over_sse_and_long_polling() {
     let (server, _db) = start_serve(&["--history-max-messages", "3", "--rate-limit", "0"]);

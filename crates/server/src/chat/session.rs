@@ -629,11 +629,14 @@ impl Session {
                 let last = top.offset;
                 let same_epoch = epoch.as_deref().is_none_or(|e| e == &*top.epoch);
                 let history = match since {
-                    Some(since) if since >= last && same_epoch => {
+                    Some(since) if since == last && same_epoch => {
                         History { first_retained: last + 1, last_offset: last, ..History::default() }
                     }
-                    Some(since) if same_epoch => engine.history(&room, since, last, limits.max_replay).await?,
-                    // A new page, or offsets of a history that is gone: the recent conversation.
+                    Some(since) if since < last && same_epoch => {
+                        engine.history(&room, since, last, limits.max_replay).await?
+                    }
+                    // A new page, offsets of a history that is gone, or offsets past the room's last
+                    // (a history restored from a backup): the recent conversation.
                     _ => {
                         let backlog = limits.join_backlog;
                         engine.history(&room, last.saturating_sub(backlog as u64), last, backlog).await?

@@ -144,8 +144,11 @@ impl Cursor {
     }
 
     /// After a `joined`: the room's epoch is `epoch`; offsets of another one are void.
-    pub(crate) fn joined(&mut self, room: &str, epoch: &str) {
+    pub(crate) fn joined(&mut self, room: &str, epoch: &str, last: u64) {
         match self.places.get_mut(room) {
+            // A place past the room's last offset is not in this history (one restored from a
+            // backup): kept, it would take every message to come for a repeat.
+            Some(entry) if entry.0 == epoch && entry.1 > last => entry.1 = 0,
             Some(entry) if entry.0 == epoch => return,
             Some(entry) => *entry = (epoch.to_owned(), 0),
             None => {
@@ -504,7 +507,7 @@ fn push_envelope_with(out: &mut impl BufMut, envelope: &str, cursor: &mut Cursor
             }
         }
         Some("joined") => {
-            cursor.joined(room, value["epoch"].as_str().unwrap_or_default());
+            cursor.joined(room, value["epoch"].as_str().unwrap_or_default(), value["offset"].as_u64().unwrap_or(0));
             push_event(out, "joined", Some(&cursor.encode()), envelope);
         }
         _ => {}
@@ -779,13 +782,13 @@ mod tests {
     #[test]
     fn a_cursor_round_trips_and_bad_ones_are_named() {
         let mut cursor = Cursor::default();
-        cursor.joined("lobby", "e1");
+        cursor.joined("lobby", "e1", u64::MAX);
         assert!(cursor.advance("lobby", 3));
         assert!(!cursor.advance("lobby", 2), "an older offset is a repeat");
         let text = cursor.encode();
         assert!(text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "URL-safe: {text}");
         assert_eq!(Cursor::parse(&text).unwrap().get("lobby"), Some(("e1", 3)));
-        cursor.joined("lobby", "e2");
+        cursor.joined("lobby", "e2", u64::MAX);
         assert_eq!(cursor.get("lobby"), Some(("e2", 0)), "a new epoch voids the offset");
         let extremes = Cursor {
             places: [("a".to_owned(), ("e1".to_owned(), 0)), ("b".to_owned(), ("e2".to_owned(), u64::MAX))].into(),
@@ -809,21 +812,21 @@ mod tests {
             assert_eq!(Cursor::parse(&kept).as_ref(), Ok(cursor), "{kept}");
         };
         check(&cursor);
-        cursor.joined("b", "e1");
+        cursor.joined("b", "e1", u64::MAX);
         check(&cursor);
         for offset in [1, 9, 10, 99, 100, 12345] {
             cursor.advance("b", offset);
             check(&cursor);
         }
-        cursor.joined("a", "e2"); // a room before the last one
+        cursor.joined("a", "e2", u64::MAX); // a room before the last one
         check(&cursor);
         cursor.advance("a", 7);
         check(&cursor);
-        cursor.joined("c", "epoch3"); // a new last room
+        cursor.joined("c", "epoch3", u64::MAX); // a new last room
         check(&cursor);
         cursor.advance("c", u64::MAX);
         check(&cursor);
-        cursor.joined("c", "other"); // the last room's epoch changes
+        cursor.joined("c", "other", u64::MAX); // the last room's epoch changes
         check(&cursor);
         cursor.advance("b", 12346); // a room before the last one, after the last one moved
         check(&cursor);
