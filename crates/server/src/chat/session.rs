@@ -88,6 +88,9 @@ enum Done {
     Reply(Option<String>),
     /// A join's replay was read.
     Joined(Box<JoinRead>),
+    /// The session must end: a seed client's message was not stored, and the seed protocol has no
+    /// other way to say so.
+    End(End),
 }
 
 struct JoinRead {
@@ -338,6 +341,7 @@ impl Session {
         match completion.0 {
             Done::Reply(reply) => Ok(reply.into_iter().collect()),
             Done::Joined(read) => Ok(self.joined(*read)),
+            Done::End(end) => Err(end),
         }
     }
 
@@ -433,10 +437,17 @@ impl Session {
         match self.core.engine.publish(new) {
             Ok(pending) => {
                 self.push_pending(Box::pin(async move {
-                    if let Err(error) = pending.await {
-                        tracing::warn!(%error, "a seed client's message was not stored");
+                    match pending.await {
+                        Ok(_) => Completion(Done::Reply(None)),
+                        Err(error) => {
+                            // Closed with 1013 as when the engine refuses it at once: never a silent loss.
+                            tracing::warn!(%error, "a seed client's message was not stored");
+                            Completion(Done::End(End::new(
+                                TRY_AGAIN_LATER,
+                                "message could not be stored; try again later",
+                            )))
+                        }
                     }
-                    Completion(Done::Reply(None))
                 }));
                 Ok(())
             }

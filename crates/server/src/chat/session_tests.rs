@@ -487,17 +487,22 @@ async fn leaving_the_hub_when_a_session_ends() {
 struct Flaky {
     inner: Arc<dyn Engine>,
     failing: std::sync::atomic::AtomicBool,
+    /// Publishes are taken, then fail as they are written (a full disk).
+    failing_writes: std::sync::atomic::AtomicBool,
     calls: Mutex<Vec<String>>,
 }
 
 impl Flaky {
     fn new(inner: Arc<dyn Engine>) -> Self {
-        Self { inner, failing: Default::default(), calls: Mutex::default() }
+        Self { inner, failing: Default::default(), failing_writes: Default::default(), calls: Mutex::default() }
     }
 }
 
 impl Engine for Flaky {
     fn publish(&self, message: NewMessage) -> Result<crate::engine::PendingPublish, EngineError> {
+        if self.failing_writes.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(Box::pin(std::future::ready(Err(EngineError::Write("database or disk is full".into())))));
+        }
         self.inner.publish(message)
     }
     fn history(
@@ -537,8 +542,8 @@ impl Engine for Flaky {
     }
 }
 
-#[tokio::test]
-async fn a_join_that_cannot_read_its_replay_fails_and_a_live_member_stays() {
+/// A chat whose engine is `Flaky`, and the switches.
+fn flaky_chat() -> (Chat, Arc<Flaky>) {
     let base = chat(Options::default());
     let flaky = Arc::new(Flaky::new(base.core.engine.clone()));
     let core = Arc::new(Core {
@@ -548,7 +553,24 @@ async fn a_join_that_cannot_read_its_replay_fails_and_a_live_member_stays() {
         limits: base.core.limits.clone(),
         clock: base.clock.clone(),
     });
-    let chat = Chat { core, clock: base.clock.clone() };
+    (Chat { core, clock: base.clock.clone() }, flaky)
+}
+
+#[tokio::test]
+async fn a_seed_message_that_could_not_be_written_ends_the_session_with_1013() {
+    let (chat, flaky) = flaky_chat();
+    let mut seed = chat.client(Dialect::Seed);
+    flaky.failing_writes.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(seed.session.on_text(r#"{"name": "Ann", "message": "lost?"}"#).unwrap().is_empty());
+    let outcome: Vec<Replies> = seed.session.settle().await;
+    let end = outcome.into_iter().find_map(Result::err).expect("the seed client is told, by its close");
+    assert_eq!(end.code, TRY_AGAIN_LATER);
+    assert!(end.reason.contains("could not be stored"), "{}", end.reason);
+}
+
+#[tokio::test]
+async fn a_join_that_cannot_read_its_replay_fails_and_a_live_member_stays() {
+    let (chat, flaky) = flaky_chat();
     let mut ann = chat.v1();
     ann.join("r").await;
     flaky.failing.store(true, std::sync::atomic::Ordering::Relaxed);
