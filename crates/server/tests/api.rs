@@ -107,10 +107,15 @@ async fn a_users_sessions_are_subscribed_unsubscribed_and_disconnected_and_no_on
         send(ws, json!({"type": "join", "room": "lobby"})).await;
         next_of(ws, "joined").await;
     }
+    // And an SSE stream of ann's.
+    let token = support::chat::token(SECRET, "ann", 600);
+    let mut stream = support::sse::Stream::open(addr, &format!("room=lobby&token={token}"), "");
+    stream.next_of("joined");
 
     let (status, answer) = post(addr, "/api/users/ann/subscribe", json!({"room": "news"}));
     assert_eq!(status, 200, "{answer}");
-    assert_eq!((answer["sessions_here"].as_u64(), answer["all_nodes"].as_bool()), (Some(2), Some(false)));
+    assert_eq!((answer["sessions_here"].as_u64(), answer["all_nodes"].as_bool()), (Some(3), Some(false)));
+    assert_eq!(stream.next_of("joined").json()["room"], "news");
     for ann in [&mut ann1, &mut ann2] {
         let joined = next_of(ann, "joined").await;
         assert_eq!(joined["room"], "news");
@@ -122,8 +127,10 @@ async fn a_users_sessions_are_subscribed_unsubscribed_and_disconnected_and_no_on
         assert_eq!((message["room"].as_str(), message["message"].as_str()), (Some("news"), Some("extra")));
     }
 
+    assert_eq!(stream.next_of("message").json()["message"], "extra");
     let (_, answer) = post(addr, "/api/users/ann/unsubscribe", json!({"room": "news"}));
-    assert_eq!(answer["sessions_here"], 2);
+    assert_eq!(answer["sessions_here"], 3);
+    assert_eq!(stream.next_of("left").json()["reason"], "unsubscribed", "the stream is told too");
     for ann in [&mut ann1, &mut ann2] {
         assert_eq!(
             next_of(ann, "left").await,
@@ -132,10 +139,12 @@ async fn a_users_sessions_are_subscribed_unsubscribed_and_disconnected_and_no_on
     }
 
     let (status, answer) = post(addr, "/api/users/ann/disconnect", json!({"code": 4100, "reason": "account closed"}));
-    assert_eq!((status, answer["sessions_here"].as_u64()), (200, Some(2)), "{answer}");
+    assert_eq!((status, answer["sessions_here"].as_u64()), (200, Some(3)), "{answer}");
     for ann in [&mut ann1, &mut ann2] {
         assert_eq!(next_close(ann).await, Some((4100, "account closed".to_owned())));
     }
+    let last = stream.next_of("error").json();
+    assert_eq!((last["close"].as_u64(), last["message"].as_str()), (Some(4100), Some("account closed")), "{last}");
     // Bob saw none of it, and is still there.
     send(&mut bob, json!({"type": "publish", "room": "lobby", "message": "still here"})).await;
     // Its ack and its own message, in either order; ann's sessions leaving are presence events.

@@ -485,8 +485,9 @@ fn push_envelope_with(out: &mut impl BufMut, envelope: &str, cursor: &mut Cursor
         }
         return;
     }
-    // Presence comes N times per join in a room of N: written as it is, never parsed.
-    for kind in ["presence", "error"] {
+    // Presence comes N times per join in a room of N: written as it is, never parsed. (`left`: the
+    // server API unsubscribed the user.)
+    for kind in ["presence", "error", "left"] {
         if envelope
             .strip_prefix(r#"{"type":""#)
             .and_then(|rest| rest.strip_prefix(kind))
