@@ -726,3 +726,33 @@ async fn sse_and_long_polling_on_one_node_see_what_another_node_publishes() {
     let texts: Vec<&str> = body["messages"].as_array().unwrap().iter().filter_map(|m| m["message"].as_str()).collect();
     assert_eq!(texts, ["m x1"], "{body}");
 }
+
+/// What the start's log says a Redis server keeps when it is killed, read from its own settings.
+#[test]
+fn the_log_at_start_says_what_redis_keeps_through_a_crash() {
+    if !redis_support::available() {
+        return;
+    }
+    for (redis, says) in [
+        (Redis::start(), "appendonly no: a restart of Redis loses history"),
+        (Redis::durable(), "appendfsync always: every acknowledged message survives"),
+    ] {
+        let db = temp_dir("durability").join("unused.db");
+        let mut command = support::switchboard();
+        command.args(["serve", "--listen", "127.0.0.1:0", "--db"]).arg(&db).args(["--redis", &redis.url()]);
+        let mut child = command
+            .env("SWITCHBOARD_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+        let connected = lines
+            .map_while(Result::ok)
+            .find(|line| line.contains("connected to redis"))
+            .expect("the start logs its Redis");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(connected.contains(says), "{connected}");
+    }
+}

@@ -429,11 +429,12 @@ async fn durability(link: &mut Link) -> String {
         cmd.arg("GET").arg(name);
         cmd
     };
-    let appendonly: Result<Vec<String>, _> = link.query(&get("appendonly")).await;
-    let fsync: Result<Vec<String>, _> = link.query(&get("appendfsync")).await;
+    // A map in RESP3 (what the links speak), pairs in RESP2: a map reads both.
+    let appendonly: Result<HashMap<String, String>, _> = link.query(&get("appendonly")).await;
+    let fsync: Result<HashMap<String, String>, _> = link.query(&get("appendfsync")).await;
     match (appendonly, fsync) {
-        (Ok(a), Ok(f)) if a.get(1).map(String::as_str) == Some("yes") => {
-            let f = f.get(1).cloned().unwrap_or_default();
+        (Ok(a), Ok(f)) if a.get("appendonly").map(String::as_str) == Some("yes") => {
+            let f = f.get("appendfsync").cloned().unwrap_or_default();
             if f == "always" {
                 "appendonly yes, appendfsync always: every acknowledged message survives a crash of Redis".into()
             } else {
