@@ -158,3 +158,21 @@ async fn a_users_sessions_are_subscribed_unsubscribed_and_disconnected_and_no_on
     let (status, bad) = post(addr, "/api/users/bob/disconnect", json!({"code": 1006}));
     assert_eq!((status, bad["code"].as_str()), (400, Some("bad_request")), "{bad}");
 }
+
+#[test]
+fn the_routers_own_refusals_are_json_errors_too() {
+    let (server, _db) = start_serve(&["--api-key", KEY, "--max-message-chars", "100"]);
+    let addr = &server.addr;
+    let (status, body) = get(addr, "/api/nothing");
+    assert_eq!((status, body["code"].as_str()), (404, Some("bad_request")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("/api/nothing"), "{body}");
+    let (status, body) = get(addr, "/api/rooms/lobby/history/remove");
+    assert_eq!((status, body["code"].as_str()), (405, Some("bad_request")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("does not take GET"), "{body}");
+    // Past the body limit (64 KiB and four bytes a character).
+    let big = json!({"room": "lobby", "message": "x".repeat(70_000)});
+    for path in ["/api/publish", "/publish"] {
+        let (status, body) = post(addr, path, big.clone());
+        assert_eq!((status, body["code"].as_str()), (413, Some("too_long")), "{path}: {body}");
+    }
+}

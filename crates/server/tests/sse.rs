@@ -160,6 +160,14 @@ fn bad_requests_get_a_4xx_naming_the_problem() {
     }
     let (status, body) = publish(&server.addr, "{not json", None);
     assert_eq!((status, body["code"].as_str()), (400, Some("bad_json")), "{body}");
+    let refused = |reason: &str| {
+        support::metrics::metric(&server.addr, &format!(r#"switchboard_messages_refused_total{{reason="{reason}"}}"#))
+    };
+    assert_eq!(refused("bad_json"), Some(1.0), "a publish refused as it is read counts");
+    let (status, body) = publish(&server.addr, r#"{"type":"join","room":"r","message":"m"}"#, None);
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")), "only a publish: {body}");
+    let (status, body) = publish(&server.addr, r#"{"type":"publish","room":"r","message":"m","req":7}"#, None);
+    assert_eq!(status, 200, "a WebSocket publish's fields are taken as they are: {body}");
     let (status, body) = publish(&server.addr, r#"{"room":"r"}"#, None);
     assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")), "{body}");
     let (status, body) = publish(&server.addr, r#"{"room":"no room","message":"m"}"#, None);

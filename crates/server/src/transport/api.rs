@@ -193,18 +193,24 @@ pub async fn api_publish(State(state): State<AppState>, headers: HeaderMap, byte
     let core = &state.ws.core;
     let outcome = async {
         authorize(core, &headers)?;
-        let request: PublishBody = body(&bytes)?;
+        // A publish refused before its fields are checked is counted here (the checks count theirs).
+        let counted = |failure: Failure| {
+            metrics().message_refused(failure.1.label());
+            failure
+        };
+        let request: PublishBody = body(&bytes).map_err(counted)?;
         let rooms = match (request.room, request.rooms) {
-            (Some(_), Some(_)) => return Err(bad_request("give \"room\" or \"rooms\", not both")),
+            (Some(_), Some(_)) => return Err(counted(bad_request("give \"room\" or \"rooms\", not both"))),
             (Some(room), None) => vec![room],
-            (None, Some(rooms)) if rooms.is_empty() => return Err(bad_request("\"rooms\" is empty")),
+            (None, Some(rooms)) if rooms.is_empty() => return Err(counted(bad_request("\"rooms\" is empty"))),
             (None, Some(rooms)) => rooms,
-            (None, None) => return Err(bad_request("publish needs \"room\" or \"rooms\"")),
+            (None, None) => return Err(counted(bad_request("publish needs \"room\" or \"rooms\""))),
         };
         // Counted as given, repeats included, as the document's `maxItems` counts them.
         let most = core.limits.max_publish_rooms;
         if rooms.len() > most {
-            return Err(bad_request_code(ErrorCode::TooMany, format!("a publish may name at most {most} rooms")));
+            let too_many = bad_request_code(ErrorCode::TooMany, format!("a publish may name at most {most} rooms"));
+            return Err(counted(too_many));
         }
         let publish = validate_publish(&core.limits, rooms, request.message, request.name, request.id)
             .map_err(|(code, message)| fail(StatusCode::BAD_REQUEST, code, message))?;

@@ -27,6 +27,7 @@ use tokio::sync::watch;
 use super::wake::Gated;
 use super::ws::{self, WsState};
 use super::{api, poll, sse};
+use crate::chat::wire::ErrorCode;
 use crate::listen::{self, Admitted, ConnectionLimiter, Handler, Permit, Refused};
 use crate::metrics::{metrics, Refusal};
 use crate::proxied::TrustedProxies;
@@ -80,7 +81,44 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/publish", post(sse_publish).layer(DefaultBodyLimit::max(max_body)))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics_page))
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(state)
+}
+
+/// Paths whose answers are JSON, errors included.
+fn answers_in_json(path: &str) -> bool {
+    path.starts_with("/api/") || matches!(path, "/api" | "/publish" | "/poll" | "/sse")
+}
+
+/// Gives the router's own refusals on the JSON paths (no such path, a method the path does not take,
+/// a body over the limit: axum answers them with an empty or a plain-text body) the JSON error body
+/// the handlers' refusals have.
+async fn json_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if !answers_in_json(request.uri().path()) {
+        return next.run(request).await;
+    }
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json =
+        response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !status.is_client_error() || is_json {
+        return response;
+    }
+    let (code, message) = match status {
+        StatusCode::NOT_FOUND => (ErrorCode::BadRequest, format!("no such endpoint: {path}")),
+        StatusCode::METHOD_NOT_ALLOWED => (ErrorCode::BadRequest, format!("{path} does not take {method}")),
+        StatusCode::PAYLOAD_TOO_LARGE => (ErrorCode::TooLong, "the request body is over the size limit".to_owned()),
+        other => (ErrorCode::BadRequest, other.canonical_reason().unwrap_or("bad request").to_owned()),
+    };
+    let mut answer = api::fail(status, code, message).into_response();
+    // What the router said stays: a 405's `Allow`, above all.
+    for (name, value) in response.headers() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            answer.headers_mut().insert(name, value.clone());
+        }
+    }
+    answer
 }
 
 async fn websocket(

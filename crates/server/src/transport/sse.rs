@@ -737,7 +737,7 @@ pub async fn client_publish(
     #[serde(deny_unknown_fields)]
     struct ClientPublish {
         #[serde(default, rename = "type")]
-        _kind: Option<String>,
+        kind: Option<String>,
         #[serde(default)]
         room: Option<String>,
         #[serde(default)]
@@ -747,17 +747,26 @@ pub async fn client_publish(
         name: Option<String>,
         #[serde(default)]
         id: Option<String>,
-        #[serde(default)]
+        /// Taken and ignored: the answer is the HTTP response itself.
+        #[serde(default, rename = "req")]
         _req: Option<Value>,
     }
+    // Refused before its fields are checked: counted here (the checks count theirs).
+    let refused_body = |code: ErrorCode, message: String| {
+        metrics().message_refused(code.label());
+        error(StatusCode::BAD_REQUEST, code, message)
+    };
     let request: Value = match serde_json::from_slice(&body) {
         Ok(request) => request,
-        Err(e) => return error(StatusCode::BAD_REQUEST, ErrorCode::BadJson, format!("not JSON: {e}")),
+        Err(e) => return refused_body(ErrorCode::BadJson, format!("not JSON: {e}")),
     };
     let request: ClientPublish = match serde_json::from_value(request) {
         Ok(request) => request,
-        Err(e) => return error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.to_string()),
+        Err(e) => return refused_body(ErrorCode::BadRequest, e.to_string()),
     };
+    if request.kind.as_deref().is_some_and(|kind| kind != "publish") {
+        return refused_body(ErrorCode::BadRequest, "\"type\" may only be \"publish\" here".to_owned());
+    }
     let rooms: Vec<String> = request.room.into_iter().chain(request.rooms.unwrap_or_default()).collect();
     let prepared = publish::prepare_client_publish(&core, &identity, rooms, request.message, request.name, request.id);
     let publish = match prepared {
