@@ -550,12 +550,17 @@ impl Session {
                     return refused(e, &req);
                 }
                 let max_replay = self.core.limits.max_replay;
+                if limit == Some(0) {
+                    return refused((ErrorCode::BadRequest, format!("limit must be 1 to {max_replay}")), &req);
+                }
                 let limit = limit.unwrap_or(max_replay).min(max_replay);
                 let engine = self.core.engine.clone();
                 self.push_pending(Box::pin(async move {
                     let read = async {
                         let top = engine.top(&room).await?;
-                        let history = engine.history(&room, since.unwrap_or(0), top.offset, limit).await?;
+                        // After the last offset there is nothing (an offset past it is no wrap-around).
+                        let after = since.unwrap_or(0).min(top.offset);
+                        let history = engine.history(&room, after, top.offset, limit).await?;
                         Ok::<_, EngineError>((top, history))
                     };
                     let text = match read.await {

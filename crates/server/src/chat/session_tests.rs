@@ -344,6 +344,10 @@ async fn history_reads_a_room_after_an_offset() {
     let offsets: Vec<u64> =
         history["messages"].as_array().unwrap().iter().map(|m| m["offset"].as_u64().unwrap()).collect();
     assert_eq!(offsets, vec![3, 4], "the newest two after offset 1");
+    let past = ann.send(json!({"type": "history", "room": "r", "since": u64::MAX})).await.unwrap();
+    assert_eq!(past[0]["messages"], json!([]), "nothing after an offset past the last: {}", past[0]);
+    let none = ann.send(json!({"type": "history", "room": "r", "limit": 0, "req": 5})).await.unwrap();
+    assert_eq!((none[0]["code"].as_str(), none[0]["req"].as_u64()), (Some("bad_request"), Some(5)), "{}", none[0]);
 }
 
 #[tokio::test]
