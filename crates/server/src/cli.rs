@@ -33,7 +33,7 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the chat server: the page at /, the WebSocket at /ws (seed protocol, or switchboard.v1).
     Serve(Box<ServeArgs>),
-    /// Load generator for any WebSocket server: echo, fanout, connect and idle modes.
+    /// Load generator for any WebSocket server: echo, fanout, connect, idle and churn modes.
     Bench {
         #[command(subcommand)]
         mode: BenchMode,

@@ -35,6 +35,12 @@ fn echo_mode_counts_round_trips_and_latencies() {
     }
     let binary = bench(&["echo", &url, "-c", "2", "-s", "2000", "--binary", "-d", "0.5", "--warmup", "0"]);
     assert_eq!((binary["frame"].as_str(), binary["errors"].as_u64()), (Some("binary"), Some(0)));
+    // Nothing listening: every connection fails, and so does the run.
+    let closed = format!("ws://127.0.0.1:{}/", support::free_port());
+    let out = switchboard().args(["bench", "echo", &closed, "-c", "2", "-d", "0.2", "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((report["messages"].as_u64(), report["errors"].as_u64()), (Some(0), Some(2)), "{report}");
 }
 
 #[test]

@@ -48,6 +48,11 @@ pub async fn run(mode: BenchMode) -> anyhow::Result<()> {
     } else {
         print_table(&report);
     }
+    // A run that measured nothing but failures is a failed run (exit 1), as other modes' are.
+    let errors = report["errors"].as_u64().unwrap_or(0);
+    if errors > 0 && report["messages"].as_u64() == Some(0) {
+        anyhow::bail!("nothing was measured: {errors} connections failed (the log says why)");
+    }
     Ok(())
 }
 
