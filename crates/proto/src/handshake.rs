@@ -167,6 +167,10 @@ impl HandshakeError {
             }
             _ => {}
         }
+        if response.status == 426 {
+            // RFC 9110 §15.5.22: a 426 names the protocol to upgrade to.
+            response.push_header("Upgrade", "websocket");
+        }
         response.body = format!("{self}\n");
         response
     }
@@ -799,6 +803,7 @@ Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSoc
             assert!(resp.contains(&err.to_string()), "reason in body: {resp}");
             if status == 426 {
                 assert!(resp.contains("Sec-WebSocket-Version: 13\r\n"));
+                assert!(resp.contains("Upgrade: websocket\r\n"), "a 426 names what to upgrade to: {resp}");
             }
         }
     }

@@ -253,6 +253,7 @@ mod tests {
         let response = refusal_response(&error);
         assert_eq!(response.status(), StatusCode::UPGRADE_REQUIRED);
         assert_eq!(response.headers()["sec-websocket-version"], "13");
+        assert_eq!(response.headers()[http::header::UPGRADE], "websocket");
         assert_eq!(response.headers()[http::header::CONTENT_TYPE], "text/plain; charset=utf-8");
         let body = response.into_body();
         let bytes = futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(body)).unwrap().unwrap();
