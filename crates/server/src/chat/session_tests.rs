@@ -452,6 +452,13 @@ async fn the_rate_limit_closes_a_client_that_sends_too_fast() {
     let three_rooms = json!({"type": "publish", "rooms": ["a", "b", "c"], "message": "hi"}).to_string();
     multi.session.on_text(&three_rooms).expect("three rooms: the whole burst");
     assert_eq!(multi.session.on_text(&three_rooms).unwrap_err().code, POLICY_VIOLATION, "each room counts");
+    // More rooms than a burst holds could never pass: refused as too many, not as too fast.
+    let narrow = chat_on(Options { rate: Some(RateLimit { per_sec: 1.0, burst: 2 }), ..Options::default() }, |e| e);
+    let mut wide = narrow.v1();
+    let answer = wide.send(json!({"type": "publish", "rooms": ["a", "b", "c"], "message": "hi", "req": 1})).await;
+    let answer = &answer.expect("the connection stays")[0];
+    assert_eq!((answer["code"].as_str(), answer["req"].as_u64()), (Some("too_many"), Some(1)), "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("--rate-burst"), "{answer}");
 }
 
 #[tokio::test]
