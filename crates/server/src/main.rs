@@ -75,6 +75,13 @@ fn main() -> anyhow::Result<()> {
             }
             Err(error) => {
                 eprintln!("switchboard connect: {error}");
+                if error.to_string().contains("CaUsedAsEndEntity") {
+                    eprintln!(
+                        "  the server presents a CA certificate as its own (what `openssl req -x509` makes by \
+                         default): give the server a certificate that CA issued, or one made with \
+                         -addext basicConstraints=critical,CA:FALSE -addext subjectAltName=DNS:HOST"
+                    );
+                }
                 2
             }
         };
