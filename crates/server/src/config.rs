@@ -149,7 +149,8 @@ settings! {
         #[arg(long = "history-max-age-secs", env = "SWITCHBOARD_HISTORY_MAX_AGE_SECS")]
         max_age_secs: u64 = 7 * 24 * 3600,
         /// Largest size of the history database in bytes; publishes past it are refused with
-        /// `unavailable`, as on a full disk [default: no limit but the disk's].
+        /// `unavailable`, as on a full disk. SQLite's write-ahead log (up to about 4 MiB between
+        /// checkpoints) comes on top [default: no limit but the disk's].
         #[arg(long = "db-max-bytes", env = "SWITCHBOARD_DB_MAX_BYTES")]
         db_max_bytes: u64,
     }
