@@ -172,7 +172,14 @@ fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 /// when stderr is a terminal (a file or journald would get escape codes), or as JSON lines.
 fn init_logs(format: LogFormat) {
     use std::io::IsTerminal as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHBOARD_LOG").unwrap_or_else(|_| "info".into());
+    let filter = match std::env::var("SWITCHBOARD_LOG") {
+        Ok(directives) => tracing_subscriber::EnvFilter::try_new(&directives).unwrap_or_else(|error| {
+            // Said before the logs start, so a typo is not mistaken for a quiet server.
+            eprintln!("switchboard: SWITCHBOARD_LOG={directives:?} is not a log filter ({error}); logging at info");
+            "info".into()
+        }),
+        Err(_) => "info".into(),
+    };
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
