@@ -197,16 +197,14 @@ fn get(addr: &str, target: &str, extra_headers: &str) -> (u16, Value) {
     exchange(addr, &request, Duration::from_secs(10))
 }
 
+/// A server that lets in only tokens signed with `s3cret`, and pages of `origins`.
+fn closed_serve_for(origins: &str) -> (support::Server, std::path::PathBuf) {
+    start_serve(&["--jwt-secret", "s3cret", "--allow-anonymous", "false", "--allowed-origins", origins])
+}
+
 #[test]
 fn origins_and_room_grants_hold_for_streams_and_polls_as_for_websockets() {
-    let (server, _db) = start_serve(&[
-        "--jwt-secret",
-        "s3cret",
-        "--allow-anonymous",
-        "false",
-        "--allowed-origins",
-        "https://chat.example.com",
-    ]);
+    let (server, _db) = closed_serve_for("https://chat.example.com");
     let minted = support::switchboard()
         .args(["token", "--sub", "ann", "--room", "lobby", "--secret", "s3cret"])
         .output()
@@ -317,14 +315,7 @@ fn publishes_are_idempotent_and_tokens_come_from_a_cookie_too() {
 
 #[test]
 fn a_cookie_from_another_site_counts_when_allowed_origins_names_that_site() {
-    let (server, _db) = start_serve(&[
-        "--jwt-secret",
-        "s3cret",
-        "--allow-anonymous",
-        "false",
-        "--allowed-origins",
-        "https://app.example.com,*",
-    ]);
+    let (server, _db) = closed_serve_for("https://app.example.com,*");
     let token = support::chat::token("s3cret", "ann", 600);
     let cookie = format!("Cookie: switchboard_token={token}\r\nSec-Fetch-Site: cross-site\r\n");
     let (status, body) =
