@@ -422,7 +422,9 @@ export class SwitchboardClient extends EventTarget {
           this.emit("gap", { room: envelope.room, since: this.offsets[envelope.room] ?? 0, first: envelope.first });
         }
         const known = this.epochs[envelope.room];
-        const ahead = this.offsets[envelope.room] !== undefined && this.offsets[envelope.room] > envelope.offset;
+        // Only when the server says so: a rejoin while connected (a new name) may see live messages
+        // past `joined.offset` arrive before its `joined`.
+        const ahead = envelope.recovered === false && this.offsets[envelope.room] > envelope.offset;
         if ((envelope.epoch !== undefined && known !== undefined && envelope.epoch !== known) || ahead) {
           // A new history (the server's was lost), or one restored from a backup (our offset is past
           // its last): its offsets are given out again, so ours would hide every message as seen.

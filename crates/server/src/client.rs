@@ -368,7 +368,8 @@ impl State {
                 let since = self.offsets.get(&room).copied();
                 let changed = self.epochs.get(&room).is_some_and(|old| *old != epoch);
                 // An offset past the room's last is one of a history restored from a backup.
-                let ahead = since.zip(envelope["offset"].as_u64()).is_some_and(|(since, last)| since > last);
+                let ahead = envelope["recovered"] == false
+                    && since.zip(envelope["offset"].as_u64()).is_some_and(|(since, last)| since > last);
                 if changed || ahead {
                     // Offsets of another history say nothing about this one; kept, they would hide
                     // the messages that take the same offsets now as already seen.

@@ -380,10 +380,10 @@ impl ServeConfig {
             !self.auth.api_key.as_ref().is_some_and(String::is_empty),
             "api_key is empty: it would let anyone into /api (is the variable it came from set?)"
         );
-        for origin in self.auth.allowed_origins.iter().flatten() {
-            let origin = origin.trim();
+        // Empty entries (a trailing comma) match nothing and are let be.
+        for origin in self.auth.allowed_origins.iter().flatten().map(|o| o.trim().to_ascii_lowercase()) {
             anyhow::ensure!(
-                origin == "*" || origin.starts_with("https://") || origin.starts_with("http://"),
+                origin.is_empty() || origin == "*" || origin.starts_with("https://") || origin.starts_with("http://"),
                 "allowed_origins: {origin:?} is not an origin: scheme and host, as a browser sends it \
                  (https://chat.example.com, https://*.example.com), or *"
             );
@@ -538,7 +538,7 @@ mod tests {
         refused(&|a| a.auth.allowed_origins = Some(vec!["chat.example.com".into()]), "is not an origin");
         refused(&|a| a.chat.default_room = Some("bad room".into()), "default_room: invalid room name");
         let mut args = ServeArgs::default();
-        args.auth.allowed_origins = Some(vec!["https://chat.example.com".into(), "*".into()]);
+        args.auth.allowed_origins = Some(vec!["HTTPS://Chat.example.com".into(), "*".into(), String::new()]);
         args.auth.api_key = Some("k".into());
         assert!(ServeConfig::load(args).is_ok());
     }

@@ -340,12 +340,12 @@ impl Hub {
         }
     }
 
-    /// The room of seed-protocol connections.
     /// How many rooms one connection may be in at once.
     pub fn max_rooms_per_connection(&self) -> usize {
         self.limits.max_rooms_per_connection
     }
 
+    /// The room of seed-protocol connections.
     pub fn default_room(&self) -> &str {
         &self.default_room
     }

@@ -51,18 +51,16 @@ pub fn prepare_client_publish(
     name: Option<String>,
     id: Option<String>,
 ) -> Result<PublishRequest, Refusal> {
-    // Each room counts against the client's message rate: more than a burst holds could never pass,
-    // and "slow down" would be the wrong advice.
-    if let Some(rate) = core.limits.rate_limit.filter(|rate| rooms.len() > rate.burst as usize) {
-        metrics().message_refused(ErrorCode::TooMany.label());
-        let burst = rate.burst;
-        return Err((
-            ErrorCode::TooMany,
-            format!("a publish may name at most {burst} rooms here (each counts against --rate-burst)"),
-        ));
-    }
     let name = identity.name.clone().or(name);
     let mut publish = validate_publish(&core.limits, rooms, message, name, id)?;
+    // Each room counts against the client's message rate: more than a burst holds could never pass,
+    // and "slow down" would be the wrong advice.
+    if let Some(rate) = core.limits.rate_limit.filter(|rate| publish.rooms.len() > rate.burst as usize) {
+        metrics().message_refused(ErrorCode::TooMany.label());
+        let burst = rate.burst;
+        let message = format!("a publish may name at most {burst} rooms here (each counts against --rate-burst)");
+        return Err((ErrorCode::TooMany, message));
+    }
     publish.name = core.access.guest_name(identity, publish.name);
     Ok(publish)
 }

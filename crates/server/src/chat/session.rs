@@ -89,8 +89,9 @@ enum Done {
     /// A join's replay was read.
     Joined(Box<JoinRead>),
     /// The session must end: a seed client's message was not stored, and the seed protocol has no
-    /// other way to say so.
-    End(End),
+    /// other way to say so. (Boxed: a rare answer should not grow the common ones, which every
+    /// connection's future holds.)
+    End(Box<End>),
 }
 
 struct JoinRead {
@@ -200,6 +201,11 @@ impl Session {
     }
 
     /// Says how the client reaches the chat (WebSocket unless told otherwise), for the metrics.
+    /// The session's connection in the hub.
+    pub fn id(&self) -> ConnId {
+        self.conn
+    }
+
     pub fn set_transport(&mut self, transport: Transport) {
         self.transport = transport;
     }
@@ -341,7 +347,7 @@ impl Session {
         match completion.0 {
             Done::Reply(reply) => Ok(reply.into_iter().collect()),
             Done::Joined(read) => Ok(self.joined(*read)),
-            Done::End(end) => Err(end),
+            Done::End(end) => Err(*end),
         }
     }
 
@@ -377,7 +383,8 @@ impl Session {
 
     /// Like [`Session::start`] with an identity, for a session that stands for a client another
     /// session already counts (one poll of a long-polling client whose presence session is kept): the
-    /// user's session limit is not applied twice, and the user's commands reach that other session.
+    /// user's session limit is not applied twice. The user's server-API commands reach that other
+    /// session; this one ends with its poll's wait.
     pub fn start_counted_elsewhere(&mut self, identity: Identity) {
         self.keep_identity(identity);
     }
@@ -442,10 +449,8 @@ impl Session {
                         Err(error) => {
                             // Closed with 1013 as when the engine refuses it at once: never a silent loss.
                             tracing::warn!(%error, "a seed client's message was not stored");
-                            Completion(Done::End(End::new(
-                                TRY_AGAIN_LATER,
-                                "message could not be stored; try again later",
-                            )))
+                            let end = End::new(TRY_AGAIN_LATER, "message could not be stored; try again later");
+                            Completion(Done::End(Box::new(end)))
                         }
                     }
                 }));
@@ -645,7 +650,9 @@ impl Session {
                 let last = top.offset;
                 let same_epoch = epoch.as_deref().is_none_or(|e| e == &*top.epoch);
                 let history = match since {
-                    Some(since) if since == last && same_epoch => {
+                    // Up to date, or `u64::MAX`, past any offset a room gives out: a member from
+                    // now on (a long-polling client's kept presence), with nothing to read.
+                    Some(since) if (since == last && same_epoch) || since == u64::MAX => {
                         History { first_retained: last + 1, last_offset: last, ..History::default() }
                     }
                     Some(since) if since < last && same_epoch => {

@@ -102,20 +102,26 @@ async fn json_errors(request: axum::extract::Request, next: axum::middleware::Ne
     let status = response.status();
     let is_json =
         response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if !status.is_client_error() || is_json {
+    if !(status.is_client_error() || status == StatusCode::SERVICE_UNAVAILABLE) || is_json {
         return response;
     }
+    let (parts, body) = response.into_parts();
+    // A refusal's words (a connection limit's, say) are short; past this, they are not kept.
+    let said = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let said = String::from_utf8_lossy(&said).trim().to_owned();
     let (code, message) = match status {
         StatusCode::NOT_FOUND => (ErrorCode::BadRequest, format!("no such endpoint: {path}")),
         StatusCode::METHOD_NOT_ALLOWED => (ErrorCode::BadRequest, format!("{path} does not take {method}")),
         StatusCode::PAYLOAD_TOO_LARGE => (ErrorCode::TooLong, "the request body is over the size limit".to_owned()),
-        other => (ErrorCode::BadRequest, other.canonical_reason().unwrap_or("bad request").to_owned()),
+        StatusCode::TOO_MANY_REQUESTS => (ErrorCode::TooMany, said),
+        StatusCode::SERVICE_UNAVAILABLE => (ErrorCode::Unavailable, said),
+        other => (ErrorCode::BadRequest, if said.is_empty() { other.to_string() } else { said }),
     };
     let mut answer = api::fail(status, code, message).into_response();
-    // What the router said stays: a 405's `Allow`, above all.
-    for (name, value) in response.headers() {
+    // What the router said stays: a 405's `Allow`, a 429's `Retry-After`.
+    for (name, value) in &parts.headers {
         if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
-            answer.headers_mut().insert(name, value.clone());
+            answer.headers_mut().append(name, value.clone());
         }
     }
     answer

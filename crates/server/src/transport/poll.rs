@@ -10,6 +10,7 @@
 //! with the old cursor, and gets the same messages.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use tokio::sync::watch;
 
 use super::sse::{self, Cursor};
 use crate::chat::access::Identity;
+use crate::chat::hub::ConnId;
 use crate::chat::session::{End, Session};
 use crate::chat::wire::{Dialect, ErrorCode};
 use crate::chat::Core;
@@ -49,6 +51,28 @@ struct Kept {
     name: Option<String>,
     /// Pushed forward by every poll; the keeping task ends when it passes.
     until: watch::Sender<Instant>,
+    /// The kept session, whose place among its user's sessions is given back at once when it is
+    /// replaced (its task ends it later).
+    conn: ConnId,
+    /// Set while one poll of the client is answered in the kept session's place (see [`Polling`]).
+    polling: Arc<AtomicBool>,
+}
+
+/// One poll of a kept client, standing in the kept session's place among the user's sessions, so
+/// that polling does not count the client twice. Only one at a time: further polls of the same
+/// client at once count as sessions of their own, so a client id does not let a user past its limit.
+struct Polling(Arc<AtomicBool>);
+
+impl Polling {
+    fn claim(flag: &Arc<AtomicBool>) -> Option<Self> {
+        (!flag.swap(true, Ordering::AcqRel)).then(|| Self(flag.clone()))
+    }
+}
+
+impl Drop for Polling {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl PollPresence {
@@ -69,19 +93,22 @@ impl PollPresence {
         identity: Identity,
         rooms: &[String],
         name: Option<String>,
-    ) -> Result<bool, End> {
+    ) -> Result<Option<Arc<AtomicBool>>, End> {
         let until = Instant::now() + self.grace;
         let mut clients = self.lock();
         if let Some(kept) = clients.get(&client) {
             if kept.rooms == rooms && kept.name == name && !kept.until.is_closed() {
                 kept.until.send_replace(until);
-                return Ok(true);
+                return Ok(Some(kept.polling.clone()));
             }
         }
-        // New, or its rooms or name changed (its old session ends as its task sees the sender go).
-        clients.remove(&client);
+        // New, or its rooms or name changed: its old session ends as its task sees the sender go,
+        // and gives its user's place back now, for the session that replaces it.
+        if let Some(old) = clients.remove(&client) {
+            let _ = core.hub.set_user(old.conn, None);
+        }
         if clients.len() >= self.max_clients {
-            return Ok(false);
+            return Ok(None);
         }
         let mut session = Session::new(core.clone(), Dialect::V1);
         session.set_transport(Transport::LongPoll);
@@ -94,15 +121,17 @@ impl PollPresence {
             if let Some(name) = &name {
                 join["name"] = json!(name);
             }
-            // A join without `since` replays nothing worth keeping: the task discards what comes.
+            // Past every offset: a member from now on, with nothing read (the polls carry messages).
             join["since"] = json!(u64::MAX);
             let _ = session.on_text(&join.to_string());
         }
         let (until_tx, until_rx) = watch::channel(until);
-        clients.insert(client.clone(), Kept { rooms: rooms.to_vec(), name, until: until_tx });
+        let polling = Arc::new(AtomicBool::new(false));
+        let kept = Kept { rooms: rooms.to_vec(), name, until: until_tx, conn: session.id(), polling: polling.clone() };
+        clients.insert(client.clone(), kept);
         drop(clients);
         tokio::spawn(keep(self.clone(), client, session, until_rx));
-        Ok(true)
+        Ok(Some(polling))
     }
 }
 
@@ -173,7 +202,8 @@ pub async fn poll(
         return refusal.into_response();
     }
     let client = params.iter().find(|(n, _)| n == "client").map(|(_, v)| v.clone()).filter(|c| !c.is_empty());
-    let mut present = false;
+    // Held until the poll is answered (the end of this function).
+    let mut in_kept_place = None;
     if let Some(client) = client {
         if client.len() > 128 {
             let message = "client must be at most 128 bytes";
@@ -181,14 +211,14 @@ pub async fn poll(
         }
         // Keyed by the token's subject too: one user cannot end or rename another's presence.
         let key = format!("{}\n{client}", identity.subject.as_deref().unwrap_or_default());
-        present = match presence.seen(&core, key, identity.clone(), &rooms, name) {
-            Ok(present) => present,
+        in_kept_place = match presence.seen(&core, key, identity.clone(), &rooms, name) {
+            Ok(kept) => kept.as_ref().and_then(Polling::claim),
             Err(end) => return sse::start_refused(end).into_response(),
         };
     }
     let mut session = Session::listener(core);
     session.set_transport(Transport::LongPoll);
-    if present {
+    if in_kept_place.is_some() {
         // The client's kept session is its place among the user's sessions; this poll takes none.
         session.start_counted_elsewhere(identity);
     } else if let Err(end) = session.start(Some(identity)) {
