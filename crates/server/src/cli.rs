@@ -7,7 +7,6 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use crate::chat::access::{self, Claims};
-use crate::chat::message::check_room;
 use crate::config::ServeArgs;
 use switchboard_ws::tls::TlsAcceptor;
 
@@ -155,13 +154,7 @@ impl TokenArgs {
             "--secret is empty (is the variable it came from set?)"
         );
         for grant in self.rooms.iter().chain(&self.join).chain(&self.publish) {
-            // A room, a prefix ending in `*`, or `*`: anything else could never match a room.
-            let prefix = grant.strip_suffix('*').unwrap_or(grant);
-            if !prefix.is_empty() {
-                if let Err((_, reason)) = check_room(prefix) {
-                    anyhow::bail!("room grant {grant:?}: {reason}, optionally ending in *");
-                }
-            }
+            access::check_grant(grant).map_err(|reason| anyhow::anyhow!("room grant {grant:?}: {reason}"))?;
         }
         let list = |l: Vec<String>| (!l.is_empty()).then_some(l);
         let claims = Claims {

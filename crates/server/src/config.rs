@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::Deserialize;
 
+use crate::chat::access::OriginPolicy;
 use crate::chat::limits::RateLimit;
 
 /// One component's settings: a struct whose fields are all optional (so flags, the environment and
@@ -380,13 +381,8 @@ impl ServeConfig {
             !self.auth.api_key.as_ref().is_some_and(String::is_empty),
             "api_key is empty: it would let anyone into /api (is the variable it came from set?)"
         );
-        // Empty entries (a trailing comma) match nothing and are let be.
-        for origin in self.auth.allowed_origins.iter().flatten().map(|o| o.trim().to_ascii_lowercase()) {
-            anyhow::ensure!(
-                origin.is_empty() || origin == "*" || origin.starts_with("https://") || origin.starts_with("http://"),
-                "allowed_origins: {origin:?} is not an origin: scheme and host, as a browser sends it \
-                 (https://chat.example.com, https://*.example.com), or *"
-            );
+        for origin in self.auth.allowed_origins.iter().flatten() {
+            OriginPolicy::check_pattern(origin).map_err(|reason| anyhow::anyhow!("allowed_origins: {reason}"))?;
         }
         if let Err((_, reason)) = crate::chat::message::check_room(&self.chat.default_room()) {
             anyhow::bail!("default_room: {reason}");

@@ -110,6 +110,16 @@ fn allowed(patterns: Option<&[String]>, room: &str) -> bool {
     patterns.is_none_or(|patterns| patterns.iter().any(|p| pattern_matches(p, room)))
 }
 
+/// Checks a token's room grant: a room, a prefix of rooms ending in `*`, or `*`; anything else could
+/// never match a room.
+pub fn check_grant(pattern: &str) -> Result<(), String> {
+    let prefix = pattern.strip_suffix('*').unwrap_or(pattern);
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    super::message::check_room(prefix).map_err(|(_, reason)| format!("{reason}, optionally ending in *"))
+}
+
 fn pattern_matches(pattern: &str, value: &str) -> bool {
     match pattern.strip_suffix('*') {
         Some(prefix) => value.starts_with(prefix),
@@ -268,14 +278,25 @@ impl OriginPolicy {
     }
 
     pub fn only(patterns: Vec<String>) -> Self {
-        let patterns = patterns.into_iter().map(|p| p.trim().trim_end_matches('/').to_ascii_lowercase()).collect();
-        Self { allowed: Some(patterns) }
+        Self { allowed: Some(patterns.iter().map(|p| normalized(p)).collect()) }
+    }
+
+    /// Checks one pattern as [`OriginPolicy::only`] takes it: an origin as a browser sends it (scheme
+    /// and host), a wildcard, or `*`. An empty one (a trailing comma) matches nothing and passes.
+    pub fn check_pattern(pattern: &str) -> Result<(), String> {
+        let pattern = normalized(pattern);
+        if pattern.is_empty() || pattern == "*" || pattern.starts_with("https://") || pattern.starts_with("http://") {
+            return Ok(());
+        }
+        Err(format!(
+            "{pattern:?} is not an origin: scheme and host, as a browser sends it (https://chat.example.com, \
+             https://*.example.com), or *"
+        ))
     }
 
     pub fn allows(&self, origin: Option<&str>) -> bool {
-        let (Some(allowed), Some(origin)) = (&self.allowed, origin) else { return true };
-        let origin = origin.trim().to_ascii_lowercase();
-        allowed.iter().any(|pattern| origin_matches(pattern, &origin))
+        let (Some(_), Some(origin)) = (&self.allowed, origin) else { return true };
+        self.lists(origin, true)
     }
 
     /// Whether a credential the browser attaches by itself (a cookie) may be used for this request.
@@ -287,10 +308,20 @@ impl OriginPolicy {
         if !fetch_site.is_some_and(|site| site.trim().eq_ignore_ascii_case("cross-site")) {
             return true;
         }
-        let (Some(allowed), Some(origin)) = (&self.allowed, origin) else { return false };
-        let origin = origin.trim().to_ascii_lowercase();
-        allowed.iter().any(|pattern| pattern != "*" && origin_matches(pattern, &origin))
+        origin.is_some_and(|origin| self.lists(origin, false))
     }
+
+    /// Whether a pattern of the list matches `origin` (`*` counting only with `star`).
+    fn lists(&self, origin: &str, star: bool) -> bool {
+        let origin = origin.trim().to_ascii_lowercase();
+        let patterns = self.allowed.iter().flatten();
+        patterns.filter(|pattern| star || *pattern != "*").any(|pattern| origin_matches(pattern, &origin))
+    }
+}
+
+/// An origin pattern as it is compared: trimmed, without a trailing `/`, in lower case.
+fn normalized(pattern: &str) -> String {
+    pattern.trim().trim_end_matches('/').to_ascii_lowercase()
 }
 
 fn origin_matches(pattern: &str, origin: &str) -> bool {
@@ -408,6 +439,18 @@ mod tests {
         assert!(!policy.allows(Some("null")));
         assert!(policy.allows(None), "no Origin: not a browser page");
         assert!(OriginPolicy::any().allows(Some("https://anything")));
+    }
+
+    #[test]
+    fn grants_are_rooms_prefixes_or_everything() {
+        for good in ["lobby", "team-*", "*"] {
+            assert_eq!(check_grant(good), Ok(()), "{good}");
+        }
+        for bad in ["bad room", "a b*", "**"] {
+            assert!(check_grant(bad).unwrap_err().contains("invalid room name"), "{bad}");
+        }
+        assert_eq!(OriginPolicy::check_pattern(" HTTPS://Chat.example.com/ "), Ok(()));
+        assert!(OriginPolicy::check_pattern("chat.example.com").unwrap_err().contains("not an origin"));
     }
 
     #[test]

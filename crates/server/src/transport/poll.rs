@@ -261,11 +261,7 @@ impl Collected {
         match value["type"].as_str() {
             Some("joined") => {
                 self.joined += 1;
-                self.cursor.joined(
-                    &room,
-                    value["epoch"].as_str().unwrap_or_default(),
-                    value["offset"].as_u64().unwrap_or(0),
-                );
+                self.cursor.joined_envelope(&room, &value);
                 if value["recovered"] == false {
                     self.notices.push(value);
                 }

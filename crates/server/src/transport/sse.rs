@@ -144,6 +144,11 @@ impl Cursor {
     }
 
     /// After a `joined`: the room's epoch is `epoch`; offsets of another one are void.
+    /// After a `joined` envelope (`value`, of room `room`): its epoch and last offset.
+    pub(crate) fn joined_envelope(&mut self, room: &str, value: &Value) {
+        self.joined(room, value["epoch"].as_str().unwrap_or_default(), value["offset"].as_u64().unwrap_or(0));
+    }
+
     pub(crate) fn joined(&mut self, room: &str, epoch: &str, last: u64) {
         match self.places.get_mut(room) {
             // A place past the room's last offset is not in this history (one restored from a
@@ -508,7 +513,7 @@ fn push_envelope_with(out: &mut impl BufMut, envelope: &str, cursor: &mut Cursor
             }
         }
         Some("joined") => {
-            cursor.joined(room, value["epoch"].as_str().unwrap_or_default(), value["offset"].as_u64().unwrap_or(0));
+            cursor.joined_envelope(room, &value);
             push_event(out, "joined", Some(&cursor.encode()), envelope);
         }
         _ => {}
