@@ -580,3 +580,28 @@ fn a_long_polling_client_takes_one_of_its_users_sessions_and_no_more() {
     let (status, body) = poll_as("c1", "room=s&wait=0");
     assert_eq!(status, 200, "the place is free again once the poll is answered: {body}");
 }
+
+#[test]
+fn the_server_api_disconnects_a_poll_that_stands_in_its_clients_place() {
+    let (server, _db) = start_serve(&["--jwt-secret", "s3cret", "--api-key", "k"]);
+    let token = support::chat::token("s3cret", "kim", 600);
+    let query = format!("room=r&client=c1&token={token}");
+    assert_eq!(poll(&server.addr, &format!("{query}&wait=0")).0, 200, "the client's presence is kept");
+    std::thread::scope(|scope| {
+        // This poll is in the kept session's place, counted through it.
+        let waiting = scope.spawn(|| {
+            let started = Instant::now();
+            (poll(&server.addr, &format!("{query}&wait=30")), started.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let body = r#"{"code": 4100, "reason": "account closed"}"#;
+        let (status, answer) =
+            support::http_json(&server.addr, "POST", "/api/users/kim/disconnect", Some("k"), Some(body));
+        assert_eq!(status, 200, "{answer}");
+        let ((status, body), took) = waiting.join().unwrap();
+        assert!(took < Duration::from_secs(10), "the poll ended with the disconnect, not its wait: {took:?}");
+        assert_eq!((status, body["code"].as_str()), (503, Some("unavailable")), "{body}");
+        assert!(body["message"].as_str().unwrap().contains("account closed"), "{body}");
+        assert_eq!(answer["sessions_here"], 2, "the kept presence and the poll: {answer}");
+    });
+}

@@ -238,6 +238,9 @@ struct Inner {
     /// `max_sessions_per_user`, and which, so a server-API command for one user does not scan every
     /// connection while holding the hub.
     users: HashMap<String, ConnSet>,
+    /// Sessions standing in for one their user already has here (a poll in a kept long-polling
+    /// client's place, see [`Hub::set_stand_in`]): ended with the user's others, counted nowhere.
+    stand_ins: HashMap<String, ConnSet>,
 }
 
 /// A session refused because its user has as many on this node as `max_sessions_per_user` allows.
@@ -434,6 +437,19 @@ impl Hub {
         Ok(())
     }
 
+    /// Records `id` as signed in as `sub` in the place of a session of that user that is counted
+    /// already (a long poll standing in for its client's kept presence): `max_sessions_per_user` does
+    /// not count it a second time, and [`Hub::disconnect_user`] still ends it.
+    pub fn set_stand_in(&self, id: ConnId, sub: &str) {
+        let mut guard = self.lock();
+        let Inner { conns, stand_ins, .. } = &mut *guard;
+        let Some(conn) = conns.get_mut(&id) else { return };
+        if conn.user.is_none() {
+            conn.user = Some(Arc::new((sub.to_owned(), sub.to_owned())));
+            stand_ins.entry(sub.to_owned()).or_default().insert(id);
+        }
+    }
+
     /// True when user `sub` may not open another session here (a check before a WebSocket
     /// handshake is answered; [`Hub::set_user`] decides).
     pub fn user_at_limit(&self, sub: &str) -> bool {
@@ -457,8 +473,9 @@ impl Hub {
     pub fn disconnect_user(&self, sub: &str, code: u16, reason: &str) -> usize {
         let mut guard = self.lock();
         let inner = &mut *guard;
-        // Collected first: each cut takes the session out of the set.
-        let ids: Vec<ConnId> = Self::user_sessions(inner, sub).collect();
+        // Collected first: each cut takes the session out of its set.
+        let stand_ins = inner.stand_ins.get(sub).into_iter().flatten().copied();
+        let ids: Vec<ConnId> = Self::user_sessions(inner, sub).chain(stand_ins).collect();
         for id in &ids {
             self.cut_conn(inner, *id, Cut::Api(code, reason.to_owned()));
         }
@@ -697,6 +714,7 @@ impl Hub {
             conn.outbox.close();
             if let Some(user) = &conn.user {
                 forget_user_session(&mut inner.users, &user.0, id);
+                forget_user_session(&mut inner.stand_ins, &user.0, id);
             }
         }
     }

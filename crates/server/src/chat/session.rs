@@ -383,9 +383,12 @@ impl Session {
 
     /// Like [`Session::start`] with an identity, for a session that stands for a client another
     /// session already counts (one poll of a long-polling client whose presence session is kept): the
-    /// user's session limit is not applied twice. The user's server-API commands reach that other
-    /// session; this one ends with its poll's wait.
+    /// user's session limit is not applied twice. The server API's `disconnect` of the user ends it
+    /// with the others.
     pub fn start_counted_elsewhere(&mut self, identity: Identity) {
+        if let Some(sub) = &identity.subject {
+            self.core.hub.set_stand_in(self.conn, sub);
+        }
         self.keep_identity(identity);
     }
 
