@@ -179,7 +179,9 @@ impl HandshakeError {
     /// afterwards (`Connection: close`).
     pub fn to_response(&self) -> Vec<u8> {
         let mut response = self.response();
-        response.push_header("Connection", "close");
+        // RFC 9110 §7.8: a message that carries `Upgrade` lists it in `Connection` too.
+        let connection = if response.status == 426 { "upgrade, close" } else { "close" };
+        response.push_header("Connection", connection);
         response.to_http1()
     }
 }
@@ -804,6 +806,9 @@ Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSoc
             if status == 426 {
                 assert!(resp.contains("Sec-WebSocket-Version: 13\r\n"));
                 assert!(resp.contains("Upgrade: websocket\r\n"), "a 426 names what to upgrade to: {resp}");
+                assert!(resp.contains("Connection: upgrade, close\r\n"), "and lists it in Connection: {resp}");
+            } else {
+                assert!(resp.contains("Connection: close\r\n"), "{resp}");
             }
         }
     }
