@@ -72,7 +72,8 @@ settings! {
         /// PEM private key for --tls-cert.
         #[arg(long, env = "SWITCHBOARD_TLS_KEY", requires = "tls_cert")]
         tls_key: PathBuf,
-        /// Seconds a client has to send its request head (and finish TLS) [default: 10].
+        /// Seconds a client has to send its request head (and finish TLS), and a POST its body
+        /// [default: 10].
         #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_SECS")]
         handshake_timeout_secs: u64 = 10,
         /// Largest request head (request line and headers) of any request, the WebSocket handshake

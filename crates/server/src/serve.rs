@@ -127,6 +127,7 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
         publish_rate: AddressRate::new(config.rate_limit()),
         started: std::time::Instant::now(),
         engine_name: if cluster.redis().is_empty() { "sqlite" } else { "redis" },
+        body_timeout: config.handshake_timeout(),
     };
     let app = http::router(state, max_frame);
 

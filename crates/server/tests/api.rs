@@ -176,3 +176,45 @@ fn the_routers_own_refusals_are_json_errors_too() {
         assert_eq!((status, body["code"].as_str()), (413, Some("too_long")), "{path}: {body}");
     }
 }
+
+#[test]
+fn a_request_body_sent_a_byte_at_a_time_is_cut_off_at_the_handshake_timeout() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let (server, _db) = start_serve(&["--api-key", KEY, "--handshake-timeout-secs", "1"]);
+    for path in ["/publish", "/api/publish"] {
+        let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n\
+             Content-Length: 1000\r\n\r\n{{"
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let started = Instant::now();
+        let mut response = Vec::new();
+        // A byte of whitespace every 200 ms: never a pause the head's timeout would see.
+        while started.elapsed() < Duration::from_secs(10) {
+            if stream.write_all(b" ").is_err() {
+                break;
+            }
+            let mut chunk = [0u8; 1024];
+            match stream.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => response.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => break,
+            }
+        }
+        let took = started.elapsed();
+        let response = String::from_utf8_lossy(&response).into_owned();
+        assert!(response.starts_with("HTTP/1.1 408 "), "{path}: {response:?} after {took:?}");
+        assert!(took < Duration::from_secs(5), "{path}: answered after {took:?}");
+        let body: Value = serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap();
+        assert_eq!(body["code"], "bad_request", "{body}");
+        assert!(body["message"].as_str().unwrap().contains("did not arrive within 1 s"), "{body}");
+        assert!(response.to_ascii_lowercase().contains("connection: close"), "{response}");
+    }
+    // A body that comes at once is unaffected.
+    let (status, answer) = post(&server.addr, "/api/publish", json!({"room": "lobby", "message": "on time"}));
+    assert_eq!(status, 200, "{answer}");
+}

@@ -53,6 +53,9 @@ pub struct AppState {
     pub started: std::time::Instant,
     /// Which engine keeps the history: `sqlite`, `memory` or `redis`.
     pub engine_name: &'static str,
+    /// Time a request body has to arrive once its head is in (the handshake timeout): the head's
+    /// own timeout does not bound a body sent a byte at a time.
+    pub body_timeout: Duration,
 }
 
 /// Every route of `serve`; request bodies are capped at `max_body` bytes.
@@ -81,8 +84,46 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/publish", post(sse_publish).layer(DefaultBodyLimit::max(max_body)))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics_page))
+        .layer(axum::middleware::from_fn_with_state((state.body_timeout, max_body), body_in_time))
         .layer(axum::middleware::from_fn(json_errors))
         .with_state(state)
+}
+
+/// Reads a POST's body (at most `max_body` bytes) before its handler runs, within `deadline` of the
+/// head: a client that trickles its body, or stops sending it, would otherwise hold its connection
+/// and its place in the connection limits for as long as it likes. Late: 408, and the connection is
+/// closed. Only POST routes take bodies; the others (the upgrade, streams, polls) pass untouched.
+async fn body_in_time(
+    State((deadline, max_body)): State<(Duration, usize)>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use http_body_util::BodyExt;
+    if request.method() != axum::http::Method::POST {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let body = http_body_util::Limited::new(body, max_body);
+    let Ok(read) = tokio::time::timeout(deadline, body.collect()).await else {
+        tracing::debug!(path = parts.uri.path(), "a request body did not arrive in time");
+        let message = format!("the request body did not arrive within {} s", deadline.as_secs());
+        let mut answer = api::fail(StatusCode::REQUEST_TIMEOUT, ErrorCode::BadRequest, message).into_response();
+        answer.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        return answer;
+    };
+    match read {
+        Ok(collected) => {
+            next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(collected.to_bytes()))).await
+        }
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+            let message = format!("the request body is over the size limit ({max_body} bytes)");
+            api::fail(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLong, message).into_response()
+        }
+        Err(error) => {
+            let message = format!("the request body could not be read: {error}");
+            api::fail(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message).into_response()
+        }
+    }
 }
 
 /// Paths whose answers are JSON, errors included.
