@@ -31,7 +31,11 @@ pub struct Config {
     /// Optional ping keepalive (off by default: a library should not surprise its user with traffic).
     pub keepalive: Option<Keepalive>,
     /// How long to wait for the peer's part of the close handshake (its close frame, or, for a client,
-    /// the server closing TCP) before dropping the connection.
+    /// the server closing TCP), and for our close frame to be written to a peer that does not read,
+    /// before dropping the connection. Past it, `close` and `recv` report [`Error::CloseTimeout`]
+    /// (once; `recv` then ends).
+    ///
+    /// [`Error::CloseTimeout`]: crate::Error::CloseTimeout
     pub close_timeout: Duration,
     /// permessage-deflate (RFC 7692): offered by a client, accepted by a server, when set. Off by
     /// default: it costs memory per connection (see `switchboard_proto::deflate`).
@@ -68,7 +72,10 @@ impl Config {
 
     /// Pings after `interval` of silence and gives up `timeout` after that ping. Each connection's
     /// interval is shortened by up to a tenth, differently for consecutive connections, so that
-    /// connections opened together do not ping together.
+    /// connections opened together do not ping together. The timer runs while the connection is
+    /// read (`recv`, or the reader half): giving up, `recv` reports
+    /// [`Error::KeepaliveTimeout`](crate::Error::KeepaliveTimeout), the peer is sent a 1001 close
+    /// frame if its socket takes it at once, and a writer half's waiting or next send fails.
     pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
         self.keepalive = Some(Keepalive { interval, timeout });
         self

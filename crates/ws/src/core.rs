@@ -166,13 +166,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
                 CloseState::CloseSent => {
                     if self.close_deadline_passed(cx) {
                         self.finished = true;
-                        return Poll::Ready(None);
+                        self.write_failed = true;
+                        wcx.waker().wake_by_ref();
+                        return Poll::Ready(Some(Err(Error::CloseTimeout(self.close_timeout))));
                     }
                 }
                 CloseState::Open => {
                     let queued = self.conn.pending_output();
                     if let Some(error) = self.poll_keepalive(cx) {
+                        // The peer is probably gone, but is told why if its socket takes the close
+                        // frame now; nothing waits for it. A writer half waiting for room is woken
+                        // to learn that the connection is over.
+                        if !self.write_failed {
+                            let _ = self.poll_write_output(wcx);
+                        }
+                        self.write_failed = true;
                         self.finished = true;
+                        wcx.waker().wake_by_ref();
                         return Poll::Ready(Some(Err(error)));
                     }
                     if self.conn.pending_output() > queued {
@@ -247,7 +257,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
             }
             self.write_shut = true;
         }
-        // Drain until the peer's FIN so our close frame is not lost to a reset.
+        // Read past what the peer sent after its close frame: closing a socket with unread bytes
+        // resets the connection, and a reset can cost the peer our close frame. A client waits
+        // (bounded) for the server to close TCP first, as RFC 6455 §7.1.1 asks; a server, which has
+        // closed its side, is done once nothing more is there: waiting for the client's FIN would
+        // hold the connection for a client that keeps its socket.
         loop {
             if self.close_deadline_passed(cx) {
                 break;
@@ -255,10 +269,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
             let buf = self.conn.receive_buffer();
             buf.clear();
             match self.poll_read(cx) {
+                Poll::Pending if self.write_shut && self.conn.should_close_transport() => break,
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => break,
                 Poll::Ready(Ok(_)) => {}
             }
+        }
+        if !self.write_shut && !self.write_failed {
+            // The server has closed TCP: close ours too rather than when the socket is dropped (one
+            // try; the connection is over either way).
+            let _ = Pin::new(&mut self.io).poll_shutdown(wcx);
+            self.write_shut = true;
         }
         self.conn.receive_buffer().clear();
         self.finished = true;
@@ -289,9 +310,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
             match keepalive.ping_sent {
                 Some(sent) if keepalive.last_activity <= sent => {
                     tracing::debug!(timeout = ?settings.timeout, "keepalive: no answer, dropping connection");
-                    // Best effort: the peer is probably gone, but tell it why if it is not.
                     let _ = self.conn.close(Some(CloseFrame::new(CloseCode::GOING_AWAY, "keepalive timeout")));
-                    self.write_failed = true;
                     return Some(Error::KeepaliveTimeout(settings.timeout));
                 }
                 Some(_) => {
@@ -392,12 +411,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
         if self.write_failed {
             return Poll::Ready(if self.conn.pending_output() == 0 { Ok(()) } else { Err(Error::ConnectionClosed) });
         }
-        match ready!(self.poll_write_output(wcx)) {
-            Ok(()) => Poll::Ready(Ok(())),
-            Err(e) => {
+        match self.poll_write_output(wcx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(e)) => {
                 self.write_failed = true;
                 Poll::Ready(Err(Error::Io(e)))
             }
+            // Closing, and the peer does not read what we send, our close frame included: give up
+            // at the close deadline rather than wait for room that may never come.
+            Poll::Pending if self.close_deadline.is_some() && self.close_deadline_passed(wcx) => {
+                self.write_failed = true;
+                Poll::Ready(Err(Error::CloseTimeout(self.close_timeout)))
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 

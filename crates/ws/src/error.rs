@@ -37,6 +37,10 @@ pub enum Error {
     /// Keepalive: the peer did not answer a ping in time.
     #[error("no answer to keepalive ping within {0:?}")]
     KeepaliveTimeout(std::time::Duration),
+    /// The close handshake did not finish within [`Config::close_timeout`](crate::Config): the peer
+    /// did not answer our close frame, or did not read it.
+    #[error("close handshake did not finish within {0:?}")]
+    CloseTimeout(std::time::Duration),
     /// The opening handshake took longer than [`Config::handshake_timeout`](crate::Config).
     #[error("opening handshake did not finish within {0:?}")]
     HandshakeTimeout(std::time::Duration),

@@ -316,8 +316,153 @@ async fn unanswered_close_gives_up_after_close_timeout() {
     let (mut ws, _) = ClientBuilder::new(format!("ws://{addr}")).config(config).connect().await.unwrap();
     ws.close(1000, "").await.unwrap();
     let started = tokio::time::Instant::now();
-    assert!(tokio::time::timeout(2 * SECOND, ws.recv()).await.unwrap().is_none());
+    // Told apart from a clean close: an error, then the end.
+    let outcome = tokio::time::timeout(2 * SECOND, ws.recv()).await.unwrap();
+    assert!(matches!(outcome, Some(Err(Error::CloseTimeout(_)))), "{outcome:?}");
     assert!(started.elapsed() >= Duration::from_millis(190));
+    assert!(ws.recv().await.is_none());
+}
+
+/// A raw client that completes the handshake and then neither reads nor answers.
+async fn silent_client(addr: std::net::SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(format!("{HANDSHAKE}\r\n").as_bytes()).await.unwrap();
+    stream
+}
+
+#[tokio::test]
+async fn a_keepalive_timeout_ends_the_writer_half_too() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let config = Config::default().keepalive(Duration::from_millis(200), Duration::from_millis(200));
+        let (mut reader, mut writer) = accept(stream, config).await.unwrap().split();
+        // The writer fills the socket of a peer that reads nothing, and waits for room.
+        let writing = tokio::spawn(async move {
+            let big = Bytes::from(vec![1u8; 64 * 1024]);
+            loop {
+                if let Err(error) = writer.send(Message::Binary(big.clone())).await {
+                    return error;
+                }
+            }
+        });
+        let read = reader.recv().await;
+        let written = tokio::time::timeout(2 * SECOND, writing).await;
+        (read, written)
+    });
+    let _peer = silent_client(addr).await;
+    let (read, written) = tokio::time::timeout(5 * SECOND, server).await.unwrap().unwrap();
+    assert!(matches!(read, Some(Err(Error::KeepaliveTimeout(_)))), "{read:?}");
+    let error = written.expect("the waiting writer is woken, not left waiting").unwrap();
+    assert!(matches!(error, Error::ConnectionClosed), "{error:?}");
+}
+
+#[tokio::test]
+async fn a_keepalive_timeout_tells_the_peer_why_when_its_socket_has_room() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let config = Config::default().keepalive(Duration::from_millis(100), Duration::from_millis(100));
+        let mut ws = accept(stream, config).await.unwrap();
+        while ws.recv().await.is_some() {}
+    });
+    // Reads everything, answers no ping.
+    let mut peer = silent_client(addr).await;
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(3 * SECOND, peer.read(&mut chunk)).await.unwrap() {
+            Ok(0) | Err(_) => break,
+            Ok(n) => received.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let response_end = received.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let mut conn = switchboard_ws::proto::Connection::new(switchboard_ws::Role::Client, Default::default());
+    conn.receive_data(&received[response_end..]);
+    let mut messages = Vec::new();
+    while let Ok(Some(message)) = conn.next_message() {
+        messages.push(message);
+    }
+    assert_eq!(
+        messages.last(),
+        Some(&Message::Close(Some(CloseFrame::new(CloseCode::GOING_AWAY, "keepalive timeout")))),
+        "{messages:?}"
+    );
+}
+
+#[tokio::test]
+async fn close_gives_up_at_the_close_timeout_when_the_peer_does_not_read() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let config = Config::default().close_timeout(Duration::from_millis(300));
+        let mut ws = accept(stream, config).await.unwrap();
+        // Fill the socket of a peer that reads nothing.
+        let big = Bytes::from(vec![1u8; 64 * 1024]);
+        while tokio::time::timeout(Duration::from_millis(300), ws.send(Message::Binary(big.clone()))).await.is_ok() {}
+        let started = tokio::time::Instant::now();
+        let closed = tokio::time::timeout(5 * SECOND, ws.close(CloseCode::POLICY_VIOLATION, "too slow")).await;
+        (closed, started.elapsed())
+    });
+    let _peer = silent_client(addr).await;
+    let (closed, took) = tokio::time::timeout(30 * SECOND, server).await.unwrap().unwrap();
+    let outcome = closed.expect("close() ends at the close timeout");
+    assert!(matches!(outcome, Err(Error::CloseTimeout(_))), "{outcome:?}");
+    assert!(took >= Duration::from_millis(250) && took < 2 * SECOND, "{took:?}");
+}
+
+#[tokio::test]
+async fn a_server_is_done_once_the_close_handshake_is_over_though_the_client_keeps_its_socket() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut ws = accept(stream, Config::default()).await.unwrap();
+        let close = ws.recv().await;
+        let started = tokio::time::Instant::now();
+        let end = ws.recv().await;
+        (close, end, started.elapsed())
+    });
+    let mut peer = silent_client(addr).await;
+    let mut conn = switchboard_ws::proto::Connection::new(switchboard_ws::Role::Client, Default::default());
+    conn.close(Some(CloseFrame::new(CloseCode::NORMAL, "bye"))).unwrap();
+    peer.write_all(&conn.take_output()).await.unwrap();
+    let (close, end, took) = tokio::time::timeout(3 * SECOND, server).await.unwrap().unwrap();
+    assert!(matches!(close, Some(Ok(Message::Close(_)))), "{close:?}");
+    assert!(end.is_none());
+    // Not the 5 s close timeout: the server closed its side and has nothing to wait for.
+    assert!(took < SECOND, "{took:?}");
+    // The peer gets the server's close frame and its FIN.
+    let mut received = Vec::new();
+    tokio::time::timeout(2 * SECOND, peer.read_to_end(&mut received)).await.unwrap().unwrap();
+    let response_end = received.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    conn.receive_data(&received[response_end..]);
+    assert_eq!(conn.next_message().unwrap(), Some(Message::Close(Some(CloseFrame::new(1000, "")))));
+}
+
+#[tokio::test]
+async fn a_client_closes_its_socket_when_the_server_has_closed_tcp() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        raw_server_handshake(&mut stream).await;
+        let mut conn = switchboard_ws::proto::Connection::new(switchboard_ws::Role::Server, Default::default());
+        conn.close(Some(CloseFrame::new(CloseCode::NORMAL, ""))).unwrap();
+        stream.write_all(&conn.take_output()).await.unwrap();
+        stream.shutdown().await.unwrap();
+        // The client's close frame, then its FIN, while the client still holds its WebSocket.
+        let mut rest = Vec::new();
+        tokio::time::timeout(2 * SECOND, stream.read_to_end(&mut rest)).await.is_ok()
+    });
+    let (mut ws, _) = switchboard_ws::connect(&format!("ws://{addr}")).await.unwrap();
+    assert!(matches!(ws.recv().await, Some(Ok(Message::Close(_)))));
+    assert!(ws.recv().await.is_none());
+    assert!(server.await.unwrap(), "the client's FIN came while it still held the socket");
+    drop(ws);
 }
 
 #[tokio::test]
