@@ -30,9 +30,10 @@ pub struct DeflateConfig {
     pub server_no_context_takeover: bool,
     /// Ask (server) or promise (client) that the client resets its compressor after each message.
     pub client_no_context_takeover: bool,
-    /// Largest window the server may compress with (8-15).
+    /// Largest window the server may compress with (8-15; a value outside is taken as the nearest).
     pub server_max_window_bits: u8,
-    /// Largest window the client may compress with (8-15); only enforceable if the client offered it.
+    /// Largest window the client may compress with (8-15, as above); only enforceable if the client
+    /// offered it.
     pub client_max_window_bits: u8,
     /// zlib compression level, 0-9 (1 is fastest with real compression).
     pub level: u8,
@@ -52,6 +53,17 @@ impl Default for DeflateConfig {
             level: 1,
             mem_level: 8,
             threshold: 64,
+        }
+    }
+}
+
+impl DeflateConfig {
+    /// The window sizes within what RFC 7692 allows (and zlib takes): 8 to 15 bits.
+    fn within_limits(&self) -> Self {
+        Self {
+            server_max_window_bits: self.server_max_window_bits.clamp(8, 15),
+            client_max_window_bits: self.client_max_window_bits.clamp(8, 15),
+            ..self.clone()
         }
     }
 }
@@ -146,6 +158,7 @@ impl DeflateParams {
 /// returns the agreed parameters with the response header value. Offers that cannot be honoured are
 /// skipped; if none can, the extension is simply not used.
 pub fn negotiate_server(offers: &[String], config: &DeflateConfig) -> Option<(DeflateParams, String)> {
+    let config = &config.within_limits();
     // The first offer that parses is the one we take: every valid offer can be honoured.
     offers
         .iter()
@@ -179,6 +192,7 @@ pub fn negotiate_server(offers: &[String], config: &DeflateConfig) -> Option<(De
 
 /// Client side: the offer to send.
 pub fn client_offer(config: &DeflateConfig) -> String {
+    let config = &config.within_limits();
     let mut offer = String::from("permessage-deflate");
     if config.server_no_context_takeover {
         offer.push_str("; server_no_context_takeover");
@@ -205,6 +219,7 @@ pub struct InvalidResponse(pub String);
 
 /// Client side: checks the server's response against our offer; returns the agreed parameters.
 pub fn accept_response(response: &str, config: &DeflateConfig) -> Result<DeflateParams, InvalidResponse> {
+    let config = &config.within_limits();
     let bad = || InvalidResponse(response.to_owned());
     let mut elements = response.split(',').map(str::trim).filter(|e| !e.is_empty());
     let params = elements.next().and_then(parse_element).ok_or_else(bad)?;
@@ -441,6 +456,30 @@ mod tests {
 
     fn offers(s: &str) -> Vec<String> {
         s.split(',').map(|t| t.trim().to_owned()).collect()
+    }
+
+    #[test]
+    fn window_sizes_outside_8_to_15_bits_are_taken_as_the_nearest() {
+        for (configured, used) in [(16, 15), (255, 15), (7, 8), (0, 8)] {
+            let config = DeflateConfig {
+                server_max_window_bits: configured,
+                client_max_window_bits: configured,
+                ..Default::default()
+            };
+            let offer = client_offer(&config);
+            let (params, header) = negotiate_server(&offers(&offer), &config).unwrap();
+            assert_eq!((params.server_max_window_bits, params.client_max_window_bits), (used, used), "{configured}");
+            assert_eq!(accept_response(&header, &config), Ok(params), "{header}");
+            // Both ends compress and inflate with what was agreed (zlib refused 16 bits with a panic).
+            let mut server = crate::Connection::new(crate::Role::Server, Default::default());
+            let mut client = crate::Connection::new(crate::Role::Client, Default::default());
+            server.enable_deflate(params, &config);
+            client.enable_deflate(params, &config);
+            let text = "compressible ".repeat(100);
+            server.send(crate::Message::text(text.clone())).unwrap();
+            client.receive_data(&server.take_output());
+            assert_eq!(client.next_message().unwrap(), Some(crate::Message::text(text)));
+        }
     }
 
     #[test]

@@ -134,7 +134,8 @@ pub enum HandshakeError {
     /// Refused by the application (origin, authentication, path...).
     #[error("{reason}")]
     Rejected {
-        /// The HTTP status to answer with.
+        /// The HTTP status to answer with: an error status (400 to 599); any other is answered as
+        /// 500, since a refusal that said 101 or 200 would tell the client it was accepted.
         status: u16,
         /// Why, for the response body.
         reason: String,
@@ -148,7 +149,8 @@ impl HandshakeError {
             Self::HeadTooLarge { .. } => 431,
             Self::Method(_) => 405,
             Self::UnsupportedVersion(_) => 426,
-            Self::Rejected { status, .. } => *status,
+            Self::Rejected { status, .. } if (400..=599).contains(status) => *status,
+            Self::Rejected { .. } => 500,
             _ => 400,
         }
     }
@@ -781,6 +783,16 @@ Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSoc
         assert!(validate(&req).is_ok());
         let req = request_with("Connection: Upgrade", "Connection: keep-alive\r\nConnection: upgrade");
         assert!(validate(&req).is_ok());
+    }
+
+    #[test]
+    fn an_application_refusal_is_an_error_status_whatever_it_asked_for() {
+        for (asked, answered) in [(403, 403), (599, 599), (101, 500), (200, 500), (1000, 500), (0, 500)] {
+            let refusal = HandshakeError::Rejected { status: asked, reason: "no".into() };
+            assert_eq!(refusal.status(), answered, "{asked}");
+            let response = String::from_utf8(refusal.to_response()).unwrap();
+            assert!(response.starts_with(&format!("HTTP/1.1 {answered} ")), "{response}");
+        }
     }
 
     #[test]

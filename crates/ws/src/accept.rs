@@ -27,7 +27,8 @@ impl Accept {
     }
 }
 
-/// A refusal with an HTTP status and a reason the client will see in the body.
+/// A refusal with an HTTP error status (400 to 599; any other is answered as 500) and a reason the
+/// client will see in the body.
 pub fn reject(status: u16, reason: impl Into<String>) -> HandshakeError {
     HandshakeError::Rejected { status, reason: reason.into() }
 }
