@@ -159,6 +159,26 @@ impl Message {
             _ => None,
         }
     }
+
+    /// The payload bytes, without a copy (a close frame's reason for `Close`).
+    pub fn into_data(self) -> Bytes {
+        match self {
+            Self::Text(t) => t.into_bytes(),
+            Self::Binary(b) | Self::Ping(b) | Self::Pong(b) => b,
+            Self::Close(Some(frame)) => Bytes::from(frame.reason.into_bytes()),
+            Self::Close(None) => Bytes::new(),
+        }
+    }
+
+    /// The payload's length in bytes (see [`Message::payload`]).
+    pub fn len(&self) -> usize {
+        self.payload().len()
+    }
+
+    /// True when the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.payload().is_empty()
+    }
 }
 
 impl From<String> for Message {
@@ -179,6 +199,12 @@ impl From<Vec<u8>> for Message {
     }
 }
 
+impl From<&[u8]> for Message {
+    fn from(b: &[u8]) -> Self {
+        Self::Binary(Bytes::copy_from_slice(b))
+    }
+}
+
 impl From<Bytes> for Message {
     fn from(b: Bytes) -> Self {
         Self::Binary(b)
@@ -195,5 +221,13 @@ mod tests {
         let ok = Utf8Bytes::try_from_bytes(Bytes::from_static("héllo".as_bytes())).unwrap();
         assert_eq!(ok.as_str(), "héllo");
         assert_eq!(Utf8Bytes::from(String::from("x")), "x");
+    }
+
+    #[test]
+    fn payloads_come_out_as_bytes() {
+        assert_eq!(Message::text("héllo").into_data(), Bytes::from_static("héllo".as_bytes()));
+        assert_eq!(Message::from(&b"\x00\x01"[..]).into_data(), Bytes::from_static(b"\x00\x01"));
+        assert_eq!(Message::Close(Some(CloseFrame::new(1000, "bye"))).into_data(), Bytes::from_static(b"bye"));
+        assert_eq!((Message::text("héllo").len(), Message::Close(None).is_empty()), (6, true));
     }
 }

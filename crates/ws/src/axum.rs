@@ -7,8 +7,11 @@
 //!
 //! let app: Router = Router::new().route("/ws", get(|ws: WebSocketUpgrade| async move {
 //!     ws.on_upgrade(|mut socket| async move {
+//!         // Pings are answered and the close handshake is finished by `recv` itself: echo data only.
 //!         while let Some(Ok(message)) = socket.recv().await {
-//!             if socket.send(message).await.is_err() { break; }
+//!             if (message.is_text() || message.is_binary()) && socket.send(message).await.is_err() {
+//!                 break;
+//!             }
 //!         }
 //!     })
 //! }));

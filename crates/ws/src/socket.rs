@@ -83,6 +83,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         &self.core.io
     }
 
+    /// The underlying stream, to set socket options say. Reading from it or writing to it directly
+    /// corrupts the WebSocket's byte stream.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.core.io
+    }
+
     /// The next message. Pings are answered automatically and still reported; the peer's close frame is
     /// reported as [`Message::Close`], after which `recv` returns `None` once the connection has ended.
     /// An `Err` ends the connection too (the next call returns `None`).
@@ -94,7 +100,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         .await
     }
 
-    /// Sends a message and flushes it. Waits while too much is queued (backpressure).
+    /// Sends a message and flushes it: waits until everything queued is written to the socket.
     pub async fn send(&mut self, message: impl Into<Message>) -> Result<()> {
         self.feed(message).await?;
         self.flush().await
@@ -258,13 +264,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsReader<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsWriter<S> {
+    /// The subprotocol agreed on in the handshake.
+    pub fn protocol(&self) -> Option<&str> {
+        self.shared.protocol.as_deref()
+    }
+
     fn with_write_context<T>(&self, cx: &mut Context<'_>, f: impl FnOnce(&mut Core<S>, &mut Context<'_>) -> T) -> T {
         WriteWakers::register(&self.shared.wakers.writer, cx.waker());
         let mut wcx = Context::from_waker(&self.shared.proxy);
         f(&mut self.shared.lock(), &mut wcx)
     }
 
-    /// Sends a message and flushes it; waits while too much is queued.
+    /// Sends a message and flushes it: waits until everything queued is written to the socket.
     pub async fn send(&mut self, message: impl Into<Message>) -> Result<()> {
         self.feed(message).await?;
         self.flush().await
