@@ -216,3 +216,17 @@ fn an_unusable_database_path_stops_serve_with_the_reason() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("no/such/dir/chat.db"), "{stderr}");
 }
+
+#[test]
+fn a_second_server_on_the_same_database_is_refused_and_the_first_keeps_it() {
+    let (first, db) = support::start_serve(&[]);
+    let addr = format!("127.0.0.1:{}", support::free_port());
+    let output = support::switchboard().args(["serve", "--listen", &addr, "--db"]).arg(&db).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("another switchboard process has this database open"), "{stderr}");
+    // The first one is untouched, and once it is gone the file opens again.
+    assert_eq!(support::http_json(&first.addr, "GET", "/healthz", None, None).0, 200);
+    drop(first);
+    let _again = support::start_serve_with_db(&db, &[]);
+}

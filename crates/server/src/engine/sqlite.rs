@@ -62,6 +62,23 @@ pub struct Store {
     /// Each room's last committed offset, updated by the writer before it delivers.
     tops: Arc<Mutex<HashMap<String, u64>>>,
     epoch: Arc<str>,
+    /// Held while the store is open: see [`lock_database`].
+    _lock: std::fs::File,
+}
+
+/// One server per database file: a second process would count offsets from what it read at its
+/// start, and give the first one's numbers to other messages. An advisory lock (`flock`, which does
+/// not meet SQLite's own POSIX locks) that the kernel lets go of when the process ends, however.
+fn lock_database(path: &Path) -> Result<std::fs::File, String> {
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path);
+    let file = file.map_err(|e| e.to_string())?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err("another switchboard process has this database open \
+             (one server per database file: stop the other one first; nodes of a cluster share Redis, not a file)"
+            .to_owned()),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("could not lock it: {e}")),
+    }
 }
 
 impl Store {
@@ -71,6 +88,8 @@ impl Store {
             path: path.display().to_string(),
             reason: source.to_string(),
         };
+        let lock =
+            lock_database(path).map_err(|reason| EngineError::Open { path: path.display().to_string(), reason })?;
         let writer_conn = Connection::open(path).map_err(open_err)?;
         writer_conn
             .execute_batch(
@@ -135,6 +154,7 @@ impl Store {
             path: path.to_owned(),
             tops,
             epoch: epoch.into(),
+            _lock: lock,
         }))
     }
 
