@@ -386,11 +386,8 @@ async fn rooms_spread_over_two_redis_shards_and_still_cross_nodes() {
     assert!(on_one > 0 && on_two > 0, "both shards hold rooms ({on_one} and {on_two})");
 }
 
-#[tokio::test]
-async fn a_redis_cluster_of_three_masters_serves_rooms_from_every_slot() {
-    if !redis_support::available() {
-        return;
-    }
+/// A Redis Cluster of three masters (no replicas), up.
+fn three_masters() -> Vec<Redis> {
     let masters: Vec<Redis> =
         (0..3).map(|_| Redis::start_with(&["--save", "", "--appendonly", "no", "--cluster-enabled", "yes"])).collect();
     let addrs: Vec<String> = masters.iter().map(|m| format!("127.0.0.1:{}", m.port)).collect();
@@ -402,10 +399,19 @@ async fn a_redis_cluster_of_three_masters_serves_rooms_from_every_slot() {
         .unwrap();
     assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stdout));
     let started = Instant::now();
-    while !masters[0].cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+    while !masters.iter().all(|m| m.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")) {
         assert!(started.elapsed() < Duration::from_secs(20), "the cluster did not come up");
         std::thread::sleep(Duration::from_millis(100));
     }
+    masters
+}
+
+#[tokio::test]
+async fn a_redis_cluster_of_three_masters_serves_rooms_from_every_slot() {
+    if !redis_support::available() {
+        return;
+    }
+    let masters = three_masters();
     let url = masters[0].url();
     let (a, b) = (node(&url, &["--redis-cluster"]), node(&url, &["--redis-cluster"]));
     let rooms: Vec<String> = (0..6).map(|i| format!("slot{i}")).collect();
@@ -425,6 +431,44 @@ async fn a_redis_cluster_of_three_masters_serves_rooms_from_every_slot() {
     }
     let holding = masters.iter().filter(|m| m.cli(&["DBSIZE"]).parse::<u64>().unwrap_or(0) > 0).count();
     assert!(holding >= 2, "rooms landed on several masters ({holding})");
+}
+
+#[tokio::test]
+async fn live_delivery_follows_a_room_whose_slot_moves_to_another_master() {
+    if !redis_support::available() {
+        return;
+    }
+    let masters = three_masters();
+    let url = masters[0].url();
+    let (a, b) = (node(&url, &["--redis-cluster"]), node(&url, &["--redis-cluster"]));
+    let (mut reader, _) = joined(&b.addr, "moving", "reader").await;
+    let mut writer = v1_client(&a.addr).await;
+    for i in 0..3 {
+        assert_eq!(publish(&mut writer, "moving", &format!("before{i}")).await["type"], "ack");
+    }
+    assert_eq!(offsets(&mut reader, 3).await, vec![1, 2, 3]);
+    // Move the room's slot to another master, as `redis-cli --cluster reshard` does: Redis takes the
+    // room's channel subscribers off the old owner.
+    let slot = masters[0].cli(&["CLUSTER", "KEYSLOT", "{moving}"]);
+    let id = |m: &Redis| m.cli(&["CLUSTER", "MYID"]);
+    let owner = masters.iter().find(|m| m.cli(&["CLUSTER", "COUNTKEYSINSLOT", &slot]) != "0").unwrap();
+    let target = masters.iter().find(|m| m.port != owner.port).unwrap();
+    assert_eq!(target.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &id(owner)]), "OK");
+    assert_eq!(owner.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &id(target)]), "OK");
+    let keys = owner.cli(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+    let keys: Vec<&str> = keys.lines().collect();
+    let port = target.port.to_string();
+    let mut migrate = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+    migrate.extend(&keys);
+    assert_eq!(owner.cli(&migrate), "OK");
+    for master in &masters {
+        assert_eq!(master.cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &id(target)]), "OK");
+    }
+    for i in 0..3 {
+        let ack = publish(&mut writer, "moving", &format!("after{i}")).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+    assert_eq!(offsets(&mut reader, 3).await, vec![4, 5, 6], "live delivery goes on from the new owner");
 }
 
 #[tokio::test]

@@ -757,6 +757,15 @@ impl Subscriber {
                 };
                 self.on_event(&room, event).await?;
             }
+            PushKind::Unsubscribe | PushKind::SUnsubscribe => {
+                // Not asked for when the room is still wanted: Redis Cluster takes a shard channel's
+                // subscribers off when its slot moves to another master (a failover, a reshard).
+                // Subscribing again reaches the new owner, and its confirmation catches the room up.
+                if self.shard().wanted().contains_key(&room) {
+                    tracing::info!(room, "redis ended a room's subscription (its slot moved): subscribing again");
+                    self.shard().link.clone().subscribe(&channel(&room)).await?;
+                }
+            }
             _ => {}
         }
         Ok(())
