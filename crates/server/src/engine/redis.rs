@@ -757,14 +757,12 @@ impl Subscriber {
                 };
                 self.on_event(&room, event).await?;
             }
-            PushKind::Unsubscribe | PushKind::SUnsubscribe => {
-                // Not asked for when the room is still wanted: Redis Cluster takes a shard channel's
-                // subscribers off when its slot moves to another master (a failover, a reshard).
-                // Subscribing again reaches the new owner, and its confirmation catches the room up.
-                if self.shard().wanted().contains_key(&room) {
-                    tracing::info!(room, "redis ended a room's subscription (its slot moved): subscribing again");
-                    self.shard().link.clone().subscribe(&channel(&room)).await?;
-                }
+            // Not asked for when the room is still wanted: Redis Cluster takes a shard channel's
+            // subscribers off when its slot moves to another master (a failover, a reshard).
+            // Subscribing again reaches the new owner, and its confirmation catches the room up.
+            PushKind::Unsubscribe | PushKind::SUnsubscribe if self.shard().wanted().contains_key(&room) => {
+                tracing::info!(room, "redis ended a room's subscription (its slot moved): subscribing again");
+                self.shard().link.clone().subscribe(&channel(&room)).await?;
             }
             _ => {}
         }
@@ -1243,7 +1241,7 @@ mod tests {
     fn the_shard_of_a_room_is_stable() {
         // FNV-1a's published test vector: every node and every version agrees on it.
         assert_eq!(shard_hash("a"), 0xaf63_dc4c_8601_ec8c);
-        let on_first = (0..1000).filter(|i| shard_hash(&format!("room{i}")) % 2 == 0).count();
+        let on_first = (0..1000).filter(|i| shard_hash(&format!("room{i}")).is_multiple_of(2)).count();
         assert!((400..600).contains(&on_first), "rooms spread evenly over two shards: {on_first} of 1000");
     }
 

@@ -121,7 +121,7 @@ impl Cursor {
                 push_decimal(json, *offset);
                 json.push(b']');
             }
-            while json.len() % 3 != 0 {
+            while !json.len().is_multiple_of(3) {
                 json.push(b' ');
             }
             scratch.prefix_base64.clear();
