@@ -493,6 +493,71 @@ async fn a_message_pub_sub_never_brought_is_read_from_the_stream_before_the_next
     assert_eq!(next_of(&mut reader, "message").await["offset"], 3, "then the one that showed the gap");
 }
 
+/// After Redis went back to an older copy of room `room` (whose reader on node `b` had seen offsets
+/// up to `seen` under `old_epoch`): the reader is let go, a publish gets a new epoch, and a client
+/// resuming from what it saw is told `recovered: false`, not given the reused offsets as news.
+async fn told_of_the_rollback(reader: &mut Ws, writer: &mut Ws, b: &Server, room: &str, old_epoch: &str, seen: u64) {
+    assert_eq!(next_close(reader).await.map(|(code, _)| code), Some(1012), "members are let go");
+    let ack = publish(writer, room, "after").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let mut back = v1_client(&b.addr).await;
+    send(&mut back, json!({"type": "join", "room": room, "since": seen, "epoch": old_epoch})).await;
+    let rejoined = next_of(&mut back, "joined").await;
+    assert_eq!(rejoined["recovered"], false, "{rejoined}");
+    assert_ne!(rejoined["epoch"], old_epoch, "the reused offsets are under a new epoch");
+    let newest = next_of(&mut back, "message").await;
+    assert!(newest["offset"].as_u64() <= ack["offset"].as_u64(), "the recent messages follow: {newest}");
+}
+
+#[tokio::test]
+async fn a_redis_restarted_from_an_older_snapshot_starts_a_new_epoch_rather_than_reuse_offsets() {
+    if !redis_support::available() {
+        return;
+    }
+    // Snapshots only (Redis's own default is snapshots on a timer): a restart loads the last one.
+    let mut redis = Redis::start_with(&["--save", "", "--appendonly", "no"]);
+    let (a, b) = (node(&redis.url(), &[]), node(&redis.url(), &[]));
+    let (mut reader, first) = joined(&b.addr, "snap", "reader").await;
+    let old_epoch = first["epoch"].as_str().unwrap().to_owned();
+    let mut writer = v1_client(&a.addr).await;
+    for i in 0..3 {
+        publish(&mut writer, "snap", &format!("kept{i}")).await;
+    }
+    assert_eq!(redis.cli(&["SAVE"]), "OK");
+    for i in 0..3 {
+        publish(&mut writer, "snap", &format!("lost{i}")).await;
+    }
+    assert_eq!(offsets(&mut reader, 6).await, vec![1, 2, 3, 4, 5, 6]);
+    redis.kill();
+    redis.restart();
+    assert_eq!(redis.cli(&["HGET", "sb:{snap}:m", "o"]), "3", "Redis went back to the snapshot");
+    told_of_the_rollback(&mut reader, &mut writer, &b, "snap", &old_epoch, 6).await;
+}
+
+#[tokio::test]
+async fn a_room_that_goes_back_without_a_restart_is_caught_by_the_offsets_it_gives_out_again() {
+    if !redis_support::available() {
+        return;
+    }
+    let redis = Redis::start_with(&["--save", "", "--appendonly", "no", "--enable-debug-command", "yes"]);
+    let (a, b) = (node(&redis.url(), &[]), node(&redis.url(), &[]));
+    let (mut reader, first) = joined(&b.addr, "back", "reader").await;
+    let old_epoch = first["epoch"].as_str().unwrap().to_owned();
+    let mut writer = v1_client(&a.addr).await;
+    publish(&mut writer, "back", "kept").await;
+    assert_eq!(redis.cli(&["SAVE"]), "OK");
+    for i in 0..3 {
+        publish(&mut writer, "back", &format!("lost{i}")).await;
+    }
+    assert_eq!(offsets(&mut reader, 4).await, vec![1, 2, 3, 4]);
+    // The snapshot loaded again in place: same process, connections kept.
+    assert_eq!(redis.cli(&["DEBUG", "RELOAD", "NOSAVE"]), "OK");
+    // The next publish is given offset 2 again; the reader's node has delivered 4.
+    let reused = publish(&mut writer, "back", "reused").await;
+    assert_eq!(reused["offset"], 2, "{reused}");
+    told_of_the_rollback(&mut reader, &mut writer, &b, "back", &old_epoch, 4).await;
+}
+
 #[tokio::test]
 async fn when_redis_loses_a_room_its_members_are_told_recovered_false_not_a_wrong_range() {
     if !redis_support::available() {
@@ -779,6 +844,10 @@ fn the_log_at_start_says_what_redis_keeps_through_a_crash() {
     }
     for (redis, says) in [
         (Redis::start(), "appendonly no: a restart of Redis loses history"),
+        (
+            Redis::start_with(&["--save", "60 1", "--appendonly", "no"]),
+            "snapshots (save 60 1): a restart of Redis goes back",
+        ),
         (Redis::durable(), "appendfsync always: every acknowledged message survives"),
     ] {
         let db = temp_dir("durability").join("unused.db");

@@ -111,6 +111,19 @@ return {'ok', e, off, '', ts}
 /// The room's top offset and epoch, drawing the epoch (ARGV[1]) if the room has none.
 const TOP_SCRIPT: &str = concat!(room_epoch_lua!(), "return {redis.call('HGET', KEYS[1], 'o'), e}\n");
 
+/// A new epoch for a room whose history went back under its old one (ARGV[2]; ARGV[1]: the new
+/// one); a room whose epoch changed already keeps the one it has. Returns the top and the epoch.
+const NEW_EPOCH_SCRIPT: &str = concat!(
+    room_epoch_lua!(),
+    r#"
+if e == ARGV[2] then
+  e = ARGV[1]
+  redis.call('HSET', KEYS[1], 'e', e)
+end
+return {redis.call('HGET', KEYS[1], 'o'), e}
+"#
+);
+
 /// Adds or renames a member (KEYS[1] the presence hash; ARGV: id, node, name, channel, publish
 /// command) and tells the room.
 const PRESENCE_ADD_SCRIPT: &str = r#"
@@ -441,9 +454,43 @@ async fn durability(link: &mut Link) -> String {
                 format!("appendonly yes, appendfsync {f}: a crash of Redis can lose the last second of messages")
             }
         }
-        (Ok(_), Ok(_)) => "appendonly no: a restart of Redis loses history (rooms get a new epoch)".into(),
+        (Ok(_), Ok(_)) => {
+            let save: Result<HashMap<String, String>, _> = link.query(&get("save")).await;
+            match save.ok().and_then(|s| s.get("save").cloned()).filter(|s| !s.is_empty()) {
+                Some(save) => format!(
+                    "appendonly no, snapshots (save {save}): a restart of Redis goes back to the last snapshot \
+                     (rooms get a new epoch)"
+                ),
+                None => "appendonly no: a restart of Redis loses history (rooms get a new epoch)".into(),
+            }
+        }
         _ => "unknown (CONFIG GET refused)".into(),
     }
+}
+
+/// Whether a restart of this Redis keeps every acknowledged write (`appendfsync always`).
+async fn keeps_every_write(link: &mut Link) -> bool {
+    let get = |name: &str| {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg(name);
+        cmd
+    };
+    let appendonly: Result<HashMap<String, String>, _> = link.query(&get("appendonly")).await;
+    let fsync: Result<HashMap<String, String>, _> = link.query(&get("appendfsync")).await;
+    matches!((appendonly, fsync), (Ok(a), Ok(f))
+        if a.get("appendonly").map(String::as_str) == Some("yes") && f.get("appendfsync").map(String::as_str) == Some("always"))
+}
+
+/// The Redis server's `run_id`: new at every start of the process. `None` from a Redis Cluster
+/// (which node would answer is the client's choice) or when INFO is refused.
+async fn run_id(link: &mut Link) -> Option<String> {
+    if matches!(link, Link::Cluster(_)) {
+        return None;
+    }
+    let mut cmd = redis::cmd("INFO");
+    cmd.arg("server");
+    let info: String = link.query(&cmd).await.ok()?;
+    info.lines().find_map(|line| line.strip_prefix("run_id:")).map(|id| id.trim().to_owned())
 }
 
 impl RedisConnector {
@@ -528,7 +575,8 @@ impl RedisConnector {
         let mut tasks = Vec::new();
         for (index, ((pushes, jobs), controls)) in pushes.into_iter().zip(jobs).zip(controls).enumerate() {
             tasks.push(tokio::spawn(write(shared.clone(), index, jobs)));
-            let subscriber = Subscriber { shared: shared.clone(), index, sink: sink.clone(), tracked: HashMap::new() };
+            let subscriber =
+                Subscriber { shared: shared.clone(), index, sink: sink.clone(), tracked: HashMap::new(), run_id: None };
             tasks.push(tokio::spawn(subscriber.run(pushes, controls)));
         }
         tasks.push(tokio::spawn(presence(Arc::downgrade(&shared), presence_rx)));
@@ -613,6 +661,8 @@ struct Subscriber {
     index: usize,
     sink: Arc<dyn Deliver>,
     tracked: HashMap<String, Tracked>,
+    /// The shard's Redis process as last seen (see [`Subscriber::recover`]).
+    run_id: Option<String>,
 }
 
 impl Subscriber {
@@ -623,6 +673,7 @@ impl Subscriber {
     async fn run(mut self, mut pushes: mpsc::Receiver<PushInfo>, mut controls: mpsc::UnboundedReceiver<Control>) {
         let mut health = tokio::time::interval(Duration::from_millis(250));
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.run_id = run_id(&mut self.shard().link.clone()).await;
         // The first shard's subscriber also takes the per-user commands of other nodes.
         let mut down = self.index == 0 && self.shard().link.clone().subscribe(CONTROL_CHANNEL).await.is_err();
         loop {
@@ -683,6 +734,24 @@ impl Subscriber {
         if self.index == 0 && link.subscribe(CONTROL_CHANNEL).await.is_err() {
             return false;
         }
+        // A Redis that restarted without keeping every write (snapshots, `appendfsync everysec`) may
+        // have gone back to an older copy, and would give the lost messages' offsets to new ones
+        // under the same epoch: a room's top below what was delivered shows it, unless new messages
+        // have passed that top meanwhile. Each room this node delivers gets a new epoch, once (the
+        // first node to get there changes it; the others find it changed).
+        let now = run_id(&mut link).await;
+        if now.is_some() && self.run_id.is_some() && now != self.run_id && !keeps_every_write(&mut link).await {
+            let rooms: Vec<(String, String)> =
+                self.tracked.iter().map(|(room, tracked)| (room.clone(), tracked.epoch.clone())).collect();
+            tracing::warn!(rooms = rooms.len(), "redis restarted and may have lost its last writes: new epochs");
+            for (room, stale) in rooms {
+                if let Err(error) = self.start_new_epoch(&room, &stale).await {
+                    tracing::warn!(%error, room, "starting a new epoch after a redis restart");
+                    return false;
+                }
+            }
+        }
+        self.run_id = now.or(self.run_id.take());
         let rooms: Vec<String> = self.shard().wanted().keys().cloned().collect();
         for room in &rooms {
             if let Err(error) = link.subscribe(&channel(room)).await {
@@ -785,6 +854,14 @@ impl Subscriber {
             return self.catch_up(room).await;
         }
         if offset <= tracked.last {
+            // Most often a message a fill delivered already. Or Redis went back to an older copy of
+            // the room without a restart this node saw, and gives delivered offsets out again: then
+            // its top is below what was delivered.
+            let last = tracked.last;
+            if self.shared.top(room).await?.offset < last {
+                let stale = tracked.epoch.clone();
+                self.start_new_epoch(room, &stale).await?;
+            }
             return Ok(());
         }
         if offset > tracked.last + 1 {
@@ -813,8 +890,34 @@ impl Subscriber {
                 tracked.last = top.offset;
                 self.sink.reset(room);
             }
+            Some(tracked) if top.offset < tracked.last => {
+                // Delivered offsets that Redis no longer has, under the same epoch: it went back to
+                // an older copy of the room, and the next messages would reuse those offsets.
+                let stale = tracked.epoch.clone();
+                self.start_new_epoch(room, &stale).await?;
+            }
             Some(_) => self.fill(room, top.offset).await?,
         }
+        Ok(())
+    }
+
+    /// Gives `room` a new epoch in Redis unless it has left `stale` already, delivers from its top
+    /// and lets its members go, to resume with `recovered: false`.
+    async fn start_new_epoch(&mut self, room: &str, stale: &str) -> Result<(), EngineError> {
+        let mut link = self.shard().link.clone();
+        let keys = [meta_key(room), stream_key(room), idem_key(room)];
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let cmd = script(NEW_EPOCH_SCRIPT, &keys, &[&new_epoch(), stale]);
+        let (offset, epoch): (u64, String) = link.query(&cmd).await?;
+        tracing::warn!(
+            room,
+            "room history went back in redis (an older copy after a restart): new epoch, its members rejoin"
+        );
+        if let Some(tracked) = self.tracked.get_mut(room) {
+            tracked.epoch = epoch;
+            tracked.last = offset;
+        }
+        self.sink.reset(room);
         Ok(())
     }
 
