@@ -294,6 +294,7 @@ mod tests {
             EngineError::Read(String::new()),
             EngineError::Busy,
             EngineError::Unavailable(String::new()),
+            EngineError::Unanswered(String::new()),
             EngineError::Closed,
         ];
         for error in errors {

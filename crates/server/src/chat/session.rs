@@ -452,8 +452,14 @@ impl Session {
                         Err(error) => {
                             // Closed with 1013 as when the engine refuses it at once: never a silent loss.
                             tracing::warn!(%error, "a seed client's message was not stored");
-                            let end = End::new(TRY_AGAIN_LATER, "message could not be stored; try again later");
-                            Completion(Done::End(Box::new(end)))
+                            let reason = match error {
+                                // The seed protocol has no ids to send it again safely with.
+                                EngineError::Unanswered(_) => {
+                                    "the store did not answer in time; the message may have been stored"
+                                }
+                                _ => "message could not be stored; try again later",
+                            };
+                            Completion(Done::End(Box::new(End::new(TRY_AGAIN_LATER, reason))))
                         }
                     }
                 }));

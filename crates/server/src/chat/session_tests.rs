@@ -500,12 +500,20 @@ struct Flaky {
     failing: std::sync::atomic::AtomicBool,
     /// Publishes are taken, then fail as they are written (a full disk).
     failing_writes: std::sync::atomic::AtomicBool,
+    /// Publishes get no answer in time (Redis stalled): they may have been stored.
+    unanswered_writes: std::sync::atomic::AtomicBool,
     calls: Mutex<Vec<String>>,
 }
 
 impl Flaky {
     fn new(inner: Arc<dyn Engine>) -> Self {
-        Self { inner, failing: Default::default(), failing_writes: Default::default(), calls: Mutex::default() }
+        Self {
+            inner,
+            failing: Default::default(),
+            failing_writes: Default::default(),
+            unanswered_writes: Default::default(),
+            calls: Mutex::default(),
+        }
     }
 }
 
@@ -513,6 +521,9 @@ impl Engine for Flaky {
     fn publish(&self, message: NewMessage) -> Result<crate::engine::PendingPublish, EngineError> {
         if self.failing_writes.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(Box::pin(std::future::ready(Err(EngineError::Write("database or disk is full".into())))));
+        }
+        if self.unanswered_writes.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(Box::pin(std::future::ready(Err(EngineError::Unanswered("redis: timed out".into())))));
         }
         self.inner.publish(message)
     }
@@ -577,6 +588,25 @@ async fn a_seed_message_that_could_not_be_written_ends_the_session_with_1013() {
     let end = outcome.into_iter().find_map(Result::err).expect("the seed client is told, by its close");
     assert_eq!(end.code, TRY_AGAIN_LATER);
     assert!(end.reason.contains("could not be stored"), "{}", end.reason);
+}
+
+#[tokio::test]
+async fn a_publish_the_store_did_not_answer_in_time_is_not_said_to_be_lost() {
+    let (chat, flaky) = flaky_chat();
+    flaky.unanswered_writes.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut seed = chat.client(Dialect::Seed);
+    assert!(seed.session.on_text(r#"{"name": "Ann", "message": "stored?"}"#).unwrap().is_empty());
+    let outcome: Vec<Replies> = seed.session.settle().await;
+    let end = outcome.into_iter().find_map(Result::err).expect("the seed client is told, by its close");
+    assert_eq!(end.code, TRY_AGAIN_LATER);
+    assert!(end.reason.contains("may have been stored"), "{}", end.reason);
+    let mut ann = chat.v1();
+    ann.join("r").await;
+    let publish = json!({"type": "publish", "room": "r", "message": "stored?", "id": "m1", "req": 2});
+    let replies = ann.send(publish).await.unwrap();
+    let error = replies.iter().find(|r| r["type"] == "error").expect("an error");
+    assert_eq!((error["code"].as_str(), error["req"].as_u64()), (Some("unavailable"), Some(2)), "{error}");
+    assert!(error["message"].as_str().unwrap().contains("send it again with the same id"), "{error}");
 }
 
 #[tokio::test]

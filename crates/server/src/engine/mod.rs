@@ -57,9 +57,15 @@ pub enum EngineError {
     /// Too many publishes are queued; the client may retry.
     #[error("the store is overloaded; try again")]
     Busy,
-    /// The store cannot be reached (Redis is down or does not answer in time); nothing was done.
+    /// The store cannot be reached (Redis is down); nothing was done.
     #[error("the store cannot be reached: {0}")]
     Unavailable(String),
+    /// The store did not answer in time: what was asked may have been done all the same (a publish
+    /// stored and delivered). A publish with an idempotency id is safe to send again.
+    #[error(
+        "the store did not answer in time ({0}): the message may have been stored; send it again with the same id"
+    )]
+    Unanswered(String),
     /// The engine has shut down (the server is stopping).
     #[error("the store has shut down")]
     Closed,
@@ -73,7 +79,7 @@ impl EngineError {
             Self::Write(_) => "write",
             Self::Read(_) => "read",
             Self::Busy => "busy",
-            Self::Unavailable(_) => "unavailable",
+            Self::Unavailable(_) | Self::Unanswered(_) => "unavailable",
             Self::Closed => "closed",
         }
     }

@@ -289,6 +289,10 @@ impl Link {
 }
 
 fn unavailable(error: redis::RedisError) -> EngineError {
+    if error.is_timeout() {
+        // Sent, and perhaps done: only the answer is missing.
+        return EngineError::Unanswered(format!("redis: {error}"));
+    }
     EngineError::Unavailable(format!("redis: {error}"))
 }
 
