@@ -233,7 +233,8 @@ settings! {
     pub struct ClusterSettings {
         /// Redis URL (redis://HOST:PORT/): history, fan-out and presence go through Redis, and every
         /// node given the same Redis serves the same chat. Several comma-separated URLs spread rooms
-        /// over independent servers by a stable hash of the room [default: none: SQLite, one node].
+        /// over independent servers by a stable hash of the room (every node lists them in the same
+        /// order) [default: none: SQLite, one node].
         #[arg(long, env = "SWITCHBOARD_REDIS", value_delimiter = ',')]
         redis: Vec<String> = Vec::new(),
         /// The --redis URLs are nodes of a Redis Cluster (keys by slot, sharded pub/sub) [default: false].

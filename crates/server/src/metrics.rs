@@ -290,6 +290,7 @@ mod tests {
         use crate::engine::EngineError;
         let errors = [
             EngineError::Open { path: String::new(), reason: String::new() },
+            EngineError::Misconfigured { path: String::new(), reason: String::new() },
             EngineError::Write(String::new()),
             EngineError::Read(String::new()),
             EngineError::Busy,

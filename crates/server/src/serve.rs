@@ -24,7 +24,7 @@ use crate::config::{ServeConfig, TokenKey};
 use crate::engine::memory::LocalPresence;
 use crate::engine::redis::{RedisConnector, RedisSettings};
 use crate::engine::sqlite::Store;
-use crate::engine::{Engine, Retention};
+use crate::engine::{Engine, EngineError, Retention};
 use crate::listen::{self, Admission, ConnectionLimiter};
 use crate::proxied::TrustedProxies;
 use crate::transport::http::{self, AppState, HttpHandler, HttpSettings};
@@ -193,6 +193,7 @@ async fn connect_redis(settings: RedisSettings, retention: Retention) -> anyhow:
         match RedisConnector::connect(settings.clone(), retention).await {
             Ok(connector) => return Ok(connector),
             Err(error) if is_refused_auth(&error.to_string()) => return Err(error.into()),
+            Err(error @ EngineError::Misconfigured { .. }) => return Err(error.into()),
             Err(error) if tokio::time::Instant::now() + pause < deadline => {
                 tracing::warn!(%error, "Redis does not answer yet; trying again in {pause:?}");
                 tokio::time::sleep(pause).await;

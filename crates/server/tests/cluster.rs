@@ -406,6 +406,30 @@ fn three_masters() -> Vec<Redis> {
     masters
 }
 
+#[test]
+fn a_node_that_lists_the_redis_shards_in_another_order_is_refused_at_start() {
+    if !redis_support::available() {
+        return;
+    }
+    let (one, two) = (Redis::start(), Redis::start());
+    let _first = node(&format!("{},{}", one.url(), two.url()), &[]);
+    let db = temp_dir("order").join("unused.db");
+    let addr = format!("127.0.0.1:{}", support::free_port());
+    let started = Instant::now();
+    let output = support::switchboard()
+        .args(["serve", "--listen", &addr, "--db"])
+        .arg(&db)
+        .args(["--redis", &format!("{},{}", two.url(), one.url())])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("the same --redis URLs in the same order"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(10), "said at once, not after the wait for Redis");
+    // The same list, in the same order, still starts.
+    let _second = node(&format!("{},{}", one.url(), two.url()), &[]);
+}
+
 #[tokio::test]
 async fn a_redis_cluster_of_three_masters_serves_rooms_from_every_slot() {
     if !redis_support::available() {

@@ -48,6 +48,14 @@ pub enum EngineError {
         /// The backend's own words.
         reason: String,
     },
+    /// The store was set up in a way this node cannot work with (waiting will not mend it).
+    #[error("history store {path}: {reason}")]
+    Misconfigured {
+        /// What was being opened.
+        path: String,
+        /// What is wrong, and what to do.
+        reason: String,
+    },
     /// A write failed (a full disk, a size cap): nothing was stored.
     #[error("could not store the message: {0}")]
     Write(String),
@@ -75,7 +83,7 @@ impl EngineError {
     /// One word for how it failed: the `kind` label of `switchboard_engine_errors_total`.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::Open { .. } => "open",
+            Self::Open { .. } | Self::Misconfigured { .. } => "open",
             Self::Write(_) => "write",
             Self::Read(_) => "read",
             Self::Busy => "busy",

@@ -214,6 +214,8 @@ fn room_of_channel(channel: &[u8]) -> Option<&str> {
 /// a room's channel, which ends in `:c`).
 const CONTROL_CHANNEL: &str = "sb:{sb.control}:ctl";
 const NODES_KEY: &str = "sb:nodes";
+/// Where a Redis stands in the nodes' `--redis` list (see `check_shard_place`).
+const SHARD_KEY: &str = "sb:shard";
 fn node_rooms_key(node: &str) -> String {
     format!("sb:node:{{{node}}}:rooms")
 }
@@ -472,6 +474,36 @@ async fn durability(link: &mut Link) -> String {
     }
 }
 
+/// Each room lives on the shard its name hashes to among the `--redis` URLs in their order, so every
+/// node must list the same servers in the same order: a node that listed them otherwise would read
+/// and write rooms where the others do not look. The first node to use a Redis records its place
+/// there (`sb:shard`, `index/count`); a node that would use it at another place is refused.
+async fn check_shard_place(link: &mut Link, index: usize, count: usize) -> Result<(), ShardCheck> {
+    let place = format!("{index}/{count}");
+    // SET NX, then GET (not SET NX GET, which Redis 6 does not take).
+    let mut set = redis::cmd("SET");
+    set.arg(SHARD_KEY).arg(&place).arg("NX");
+    let unanswered = |e: EngineError| ShardCheck::Unanswered(e.to_string());
+    let _: Option<String> = link.query(&set).await.map_err(unanswered)?;
+    let recorded: Option<String> = link.query(redis::cmd("GET").arg(SHARD_KEY)).await.map_err(unanswered)?;
+    match recorded {
+        Some(recorded) if recorded != place => Err(ShardCheck::Elsewhere(format!(
+            "other nodes use this Redis as shard {recorded} (index/count) of their --redis list, this node as \
+             {place}: give every node the same --redis URLs in the same order (after moving rooms to other \
+             shards on purpose, `DEL {SHARD_KEY}` on each)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Why [`check_shard_place`] failed.
+enum ShardCheck {
+    /// Redis did not answer (a node started before its Redis waits).
+    Unanswered(String),
+    /// Other nodes use this Redis at another place in their list.
+    Elsewhere(String),
+}
+
 /// Whether a restart of this Redis keeps every acknowledged write (`appendfsync always`).
 async fn keeps_every_write(link: &mut Link) -> bool {
     let get = |name: &str| {
@@ -548,6 +580,14 @@ impl RedisConnector {
                 Link::Single(manager)
             };
             tracing::info!(redis = %name, durability = %durability(&mut link).await, "connected to redis");
+            if !settings.cluster {
+                check_shard_place(&mut link, shards.len(), settings.urls.len()).await.map_err(
+                    |reason| match reason {
+                        ShardCheck::Unanswered(reason) => open(&name, reason),
+                        ShardCheck::Elsewhere(reason) => EngineError::Misconfigured { path: name.clone(), reason },
+                    },
+                )?;
+            }
             let (job_tx, job_rx) = mpsc::channel(PUBLISH_QUEUE);
             let (control_tx, control_rx) = mpsc::unbounded_channel();
             shards.push(Shard { link, jobs: job_tx, control: control_tx, wanted: Mutex::default(), overflowed });
