@@ -32,8 +32,10 @@ pub struct Config {
     pub keepalive: Option<Keepalive>,
     /// How long to wait for the peer's part of the close handshake (its close frame, or, for a client,
     /// the server closing TCP), and for our close frame to be written to a peer that does not read,
-    /// before dropping the connection. Past it, `close` and `recv` report [`Error::CloseTimeout`]
-    /// (once; `recv` then ends).
+    /// before dropping the connection. Past it, `close` (or a writer half's flush) reports
+    /// [`Error::CloseTimeout`] when our close frame could not be written, and `recv` when the peer's
+    /// close frame did not come (once; `recv` then ends). A client whose close handshake is done but
+    /// whose server never closes TCP just ends (`None`).
     ///
     /// [`Error::CloseTimeout`]: crate::Error::CloseTimeout
     pub close_timeout: Duration,

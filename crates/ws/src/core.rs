@@ -142,7 +142,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
                     // even if the caller stops here; later calls finish the close (bounded by the deadline).
                     if !self.write_failed {
                         if let Poll::Ready(Err(_)) = self.poll_write_output(wcx) {
-                            self.write_failed = true;
+                            self.fail_writes(wcx);
                         }
                     }
                     return Poll::Ready(Some(Err(Error::Protocol(error))));
@@ -154,7 +154,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
                 // blocking the reader if the socket is full. A read follows at once, so the output
                 // buffer, once written, becomes the receive buffer instead of going back to the pool.
                 if let Poll::Ready(Err(e)) = self.write_output(wcx, true) {
-                    self.write_failed = true;
+                    self.fail_writes(wcx);
                     if self.conn.close_state() == CloseState::Open {
                         self.finished = true;
                         return Poll::Ready(Some(Err(Error::Io(e))));
@@ -164,10 +164,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
             match self.conn.close_state() {
                 CloseState::Closed => return self.poll_finish(cx, wcx).map(|()| None),
                 CloseState::CloseSent => {
-                    if self.close_deadline_passed(cx) {
+                    if self.close_deadline_passed(wcx) {
                         self.finished = true;
-                        self.write_failed = true;
-                        wcx.waker().wake_by_ref();
+                        self.fail_writes(wcx);
                         return Poll::Ready(Some(Err(Error::CloseTimeout(self.close_timeout))));
                     }
                 }
@@ -180,9 +179,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
                         if !self.write_failed {
                             let _ = self.poll_write_output(wcx);
                         }
-                        self.write_failed = true;
                         self.finished = true;
-                        wcx.waker().wake_by_ref();
+                        self.fail_writes(wcx);
                         return Poll::Ready(Some(Err(error)));
                     }
                     if self.conn.pending_output() > queued {
@@ -245,14 +243,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
     fn poll_finish(&mut self, cx: &mut Context<'_>, wcx: &mut Context<'_>) -> Poll<()> {
         if !self.write_failed {
             match self.poll_write_output(wcx) {
-                Poll::Pending if !self.close_deadline_passed(cx) => return Poll::Pending,
+                Poll::Pending if !self.close_deadline_passed(wcx) => return Poll::Pending,
                 Poll::Ready(Ok(())) => {}
-                _ => self.write_failed = true,
+                _ => self.fail_writes(wcx),
             }
         }
         if !self.write_shut && (self.conn.should_close_transport() || self.write_failed) {
             let shutdown_pending = !self.write_failed && Pin::new(&mut self.io).poll_shutdown(wcx).is_pending();
-            if shutdown_pending && !self.close_deadline_passed(cx) {
+            if shutdown_pending && !self.close_deadline_passed(wcx) {
                 return Poll::Pending;
             }
             self.write_shut = true;
@@ -263,7 +261,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
         // closed its side, is done once nothing more is there: waiting for the client's FIN would
         // hold the connection for a client that keeps its socket.
         loop {
-            if self.close_deadline_passed(cx) {
+            if self.close_deadline_passed(wcx) {
                 break;
             }
             let buf = self.conn.receive_buffer();
@@ -286,12 +284,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
         Poll::Ready(())
     }
 
+    /// Nothing more can be written: a writer half waiting for room (or for the close deadline) is
+    /// woken to find out. `wcx` wakes the writer (in split mode, both halves).
+    fn fail_writes(&mut self, wcx: &mut Context<'_>) {
+        self.write_failed = true;
+        wcx.waker().wake_by_ref();
+    }
+
     fn arm_close_deadline(&mut self) {
         if self.close_deadline.is_none() {
             self.close_deadline = Some(Box::pin(tokio::time::sleep(self.close_timeout)));
         }
     }
 
+    /// Polled with the writer's context (`wcx`): in split mode that wakes both halves, and the
+    /// deadline's timer keeps only the last waker it was polled with.
     fn close_deadline_passed(&mut self, cx: &mut Context<'_>) -> bool {
         self.arm_close_deadline();
         let deadline = self.close_deadline.as_mut().expect("armed");

@@ -91,7 +91,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
 
     /// The next message. Pings are answered automatically and still reported; the peer's close frame is
     /// reported as [`Message::Close`], after which `recv` returns `None` once the connection has ended.
-    /// An `Err` ends the connection too (the next call returns `None`).
+    /// An `Err` ends the connection too: keep calling until `None`, which finishes the close (a
+    /// protocol error's close that the peer leaves unanswered reports [`Error::CloseTimeout`] before
+    /// the `None`).
     pub async fn recv(&mut self) -> Option<Result<Message>> {
         poll_fn(|cx| {
             let waker = cx.waker();
@@ -120,7 +122,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     /// Sends a close frame and flushes it. Keep calling [`recv`](Self::recv) until `None` to complete
     /// the handshake (it gives up after `close_timeout`).
     pub async fn close(&mut self, code: impl Into<CloseCode>, reason: &str) -> Result<()> {
-        self.send(Message::Close(Some(CloseFrame::new(code.into(), reason)))).await
+        // Queued without waiting for room, after what is queued: the close timeout bounds the flush,
+        // also when the peer reads nothing.
+        self.core.start_send(Message::Close(Some(CloseFrame::new(code.into(), reason))))?;
+        self.flush().await
     }
 
     /// Bytes queued but not yet written to the socket.
@@ -292,9 +297,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsWriter<S> {
         poll_fn(|cx| self.with_write_context(cx, |core, wcx| core.poll_flush(wcx))).await
     }
 
-    /// Sends a close frame; the reader then sees the peer's answer and the end of the connection.
+    /// Sends a close frame (without waiting for room, as [`WebSocket::close`]); the reader then sees
+    /// the peer's answer and the end of the connection.
     pub async fn close(&mut self, code: impl Into<CloseCode>, reason: &str) -> Result<()> {
-        self.send(Message::Close(Some(CloseFrame::new(code.into(), reason)))).await
+        self.shared.lock().start_send(Message::Close(Some(CloseFrame::new(code.into(), reason))))?;
+        self.flush().await
     }
 }
 

@@ -1,5 +1,7 @@
 //! `ws://` and `wss://` URLs (RFC 6455 §3): scheme, host (IPv6 literals in brackets), port with the
 //! scheme's default, and the resource name (path and query). A `#fragment` is refused, as the RFC says.
+//! `http://` and `https://` are taken as `ws://` and `wss://`, as browsers' `WebSocket` takes them
+//! (WHATWG WebSockets standard).
 
 use crate::error::Error;
 
@@ -24,7 +26,7 @@ impl WsUrl {
         let secure = match scheme.to_ascii_lowercase().as_str() {
             "ws" | "http" => false,
             "wss" | "https" => true,
-            _ => return Err(bad("scheme must be ws or wss")),
+            _ => return Err(bad("scheme must be ws or wss (or http or https, taken as those)")),
         };
         if rest.contains('#') {
             return Err(bad("WebSocket URLs cannot have a #fragment"));

@@ -398,11 +398,15 @@ async fn close_gives_up_at_the_close_timeout_when_the_peer_does_not_read() {
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
-        let config = Config::default().close_timeout(Duration::from_millis(300));
+        // A small high-water mark: the queue is over it once the socket is full.
+        let config = Config::default().close_timeout(Duration::from_millis(300)).write_high_water(1024);
         let mut ws = accept(stream, config).await.unwrap();
-        // Fill the socket of a peer that reads nothing.
+        // Fill the socket of a peer that reads nothing, and the queue past its mark.
         let big = Bytes::from(vec![1u8; 64 * 1024]);
-        while tokio::time::timeout(Duration::from_millis(300), ws.send(Message::Binary(big.clone()))).await.is_ok() {}
+        while tokio::time::timeout(Duration::from_millis(300), ws.feed(Message::Binary(big.clone()))).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_millis(50), ws.flush()).await;
+        }
+        assert!(ws.pending_output() > 1024, "the queue is past its high-water mark");
         let started = tokio::time::Instant::now();
         let closed = tokio::time::timeout(5 * SECOND, ws.close(CloseCode::POLICY_VIOLATION, "too slow")).await;
         (closed, started.elapsed())
