@@ -281,7 +281,8 @@ impl Compressor {
     pub(crate) fn new(window_bits: u8, level: u8, mem_level: u8, reset_each_message: bool) -> Self {
         Self {
             stream: None,
-            window_bits,
+            // zlib takes 8 to 15 (parameters set by hand, not negotiated, may be anything).
+            window_bits: window_bits.clamp(8, 15),
             level: level.min(9),
             mem_level: mem_level.clamp(1, 9),
             reset_each_message,
@@ -371,7 +372,7 @@ impl std::fmt::Debug for Decompressor {
 
 impl Decompressor {
     pub(crate) fn new(window_bits: u8, reset_each_message: bool) -> Self {
-        Self { stream: None, window_bits: window_bits.max(9), reset_each_message, chunk: Vec::new() }
+        Self { stream: None, window_bits: window_bits.clamp(9, 15), reset_each_message, chunk: Vec::new() }
     }
 
     /// Inflates `input` (a frame's payload, or the sync tail at the end of a message), handing the
