@@ -221,9 +221,28 @@ fn an_unusable_database_path_stops_serve_with_the_reason() {
 fn a_second_server_on_the_same_database_is_refused_and_the_first_keeps_it() {
     let (first, db) = support::start_serve(&[]);
     let addr = format!("127.0.0.1:{}", support::free_port());
-    let output = support::switchboard().args(["serve", "--listen", &addr, "--db"]).arg(&db).output().unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let mut second = support::switchboard()
+        .args(["serve", "--listen", &addr, "--db"])
+        .arg(&db)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded: a second server that started would serve on, not exit.
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(10) {
+            let _ = second.kill();
+            panic!("a second server on the same database started");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(stderr.contains("another switchboard process has this database open"), "{stderr}");
     // The first one is untouched, and once it is gone the file opens again.
     assert_eq!(support::http_json(&first.addr, "GET", "/healthz", None, None).0, 200);

@@ -440,13 +440,13 @@ impl Hub {
     /// Records `id` as signed in as `sub` in the place of a session of that user that is counted
     /// already (a long poll standing in for its client's kept presence): `max_sessions_per_user` does
     /// not count it a second time, and [`Hub::disconnect_user`] still ends it.
-    pub fn set_stand_in(&self, id: ConnId, sub: &str) {
+    pub fn set_stand_in(&self, id: ConnId, user: (String, String)) {
         let mut guard = self.lock();
         let Inner { conns, stand_ins, .. } = &mut *guard;
         let Some(conn) = conns.get_mut(&id) else { return };
         if conn.user.is_none() {
-            conn.user = Some(Arc::new((sub.to_owned(), sub.to_owned())));
-            stand_ins.entry(sub.to_owned()).or_default().insert(id);
+            stand_ins.entry(user.0.clone()).or_default().insert(id);
+            conn.user = Some(Arc::new(user));
         }
     }
 

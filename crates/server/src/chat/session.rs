@@ -386,18 +386,14 @@ impl Session {
     /// user's session limit is not applied twice. The server API's `disconnect` of the user ends it
     /// with the others.
     pub fn start_counted_elsewhere(&mut self, identity: Identity) {
-        if let Some(sub) = &identity.subject {
-            self.core.hub.set_stand_in(self.conn, sub);
+        if let Some(user) = user_of(&identity) {
+            self.core.hub.set_stand_in(self.conn, user);
         }
         self.keep_identity(identity);
     }
 
     fn set_identity(&mut self, identity: Identity) -> Result<(), UserLimit> {
-        let user = identity.subject.clone().map(|sub| {
-            let name = identity.name.clone().unwrap_or_else(|| sub.clone());
-            (sub, name)
-        });
-        self.core.hub.set_user(self.conn, user)?;
+        self.core.hub.set_user(self.conn, user_of(&identity))?;
         self.keep_identity(identity);
         Ok(())
     }
@@ -455,7 +451,7 @@ impl Session {
                             let reason = match error {
                                 // The seed protocol has no ids to send it again safely with.
                                 EngineError::Unanswered(_) => {
-                                    "the store did not answer in time; the message may have been stored"
+                                    "the store did not answer; the message may have been stored"
                                 }
                                 _ => "message could not be stored; try again later",
                             };
@@ -774,6 +770,14 @@ fn close_code(error: &AuthError) -> u16 {
         AuthError::TooManySessions(_) => POLICY_VIOLATION,
         _ => UNAUTHORIZED,
     }
+}
+
+/// Who a session is signed in as, for the hub: the token's subject and its display name (the
+/// subject when the token names none).
+fn user_of(identity: &Identity) -> Option<(String, String)> {
+    let sub = identity.subject.clone()?;
+    let name = identity.name.clone().unwrap_or_else(|| sub.clone());
+    Some((sub, name))
 }
 
 /// The identity of every anonymous session, shared.

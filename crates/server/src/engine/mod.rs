@@ -68,11 +68,10 @@ pub enum EngineError {
     /// The store cannot be reached (Redis is down); nothing was done.
     #[error("the store cannot be reached: {0}")]
     Unavailable(String),
-    /// The store did not answer in time: what was asked may have been done all the same (a publish
-    /// stored and delivered). A publish with an idempotency id is safe to send again.
-    #[error(
-        "the store did not answer in time ({0}): the message may have been stored; send it again with the same id"
-    )]
+    /// A publish was sent to the store and its answer did not come (a timeout, a dropped
+    /// connection): it may have been stored and delivered all the same. One with an idempotency id
+    /// is safe to send again.
+    #[error("the store did not answer ({0}): the message may have been stored; send it again with the same id")]
     Unanswered(String),
     /// The engine has shut down (the server is stopping).
     #[error("the store has shut down")]

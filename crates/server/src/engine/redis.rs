@@ -111,14 +111,21 @@ return {'ok', e, off, '', ts}
 /// The room's top offset and epoch, drawing the epoch (ARGV[1]) if the room has none.
 const TOP_SCRIPT: &str = concat!(room_epoch_lua!(), "return {redis.call('HGET', KEYS[1], 'o'), e}\n");
 
-/// A new epoch for a room whose history went back under its old one (ARGV[2]; ARGV[1]: the new
-/// one); a room whose epoch changed already keeps the one it has. Returns the top and the epoch.
+/// A new epoch (ARGV[1]) for a room whose history went back: when its epoch is still the stale one
+/// (ARGV[2], '' for none) a node saw it under, or when the Redis process that restarted (its run id,
+/// ARGV[3], '' for none) has not given the room a new epoch yet. The room remembers that run id
+/// (`r`), so nodes and retries after one restart change it once, and a later restart again. Returns
+/// the top and the epoch.
 const NEW_EPOCH_SCRIPT: &str = concat!(
     room_epoch_lua!(),
     r#"
-if e == ARGV[2] then
+local r = redis.call('HGET', KEYS[1], 'r')
+if e == ARGV[2] or (ARGV[3] ~= '' and r ~= ARGV[3]) then
   e = ARGV[1]
   redis.call('HSET', KEYS[1], 'e', e)
+end
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'r', ARGV[3])
 end
 return {redis.call('HGET', KEYS[1], 'o'), e}
 "#
@@ -291,10 +298,6 @@ impl Link {
 }
 
 fn unavailable(error: redis::RedisError) -> EngineError {
-    if error.is_timeout() {
-        // Sent, and perhaps done: only the answer is missing.
-        return EngineError::Unanswered(format!("redis: {error}"));
-    }
     EngineError::Unavailable(format!("redis: {error}"))
 }
 
@@ -441,35 +444,33 @@ pub struct RedisConnector {
     presence_rx: mpsc::Receiver<PresenceOp>,
 }
 
+/// One setting of the Redis server (`CONFIG GET`); `None` when refused (managed services refuse it).
+async fn config_value(link: &mut Link, name: &str) -> Option<String> {
+    let mut cmd = redis::cmd("CONFIG");
+    cmd.arg("GET").arg(name);
+    // A map in RESP3 (what the links speak), pairs in RESP2: a map reads both.
+    let answer: HashMap<String, String> = link.query(&cmd).await.ok()?;
+    Some(answer.get(name).cloned().unwrap_or_default())
+}
+
 /// What a Redis server keeps when it is killed, for the log at start.
 async fn durability(link: &mut Link) -> String {
-    let get = |name: &str| {
-        let mut cmd = redis::cmd("CONFIG");
-        cmd.arg("GET").arg(name);
-        cmd
-    };
-    // A map in RESP3 (what the links speak), pairs in RESP2: a map reads both.
-    let appendonly: Result<HashMap<String, String>, _> = link.query(&get("appendonly")).await;
-    let fsync: Result<HashMap<String, String>, _> = link.query(&get("appendfsync")).await;
-    match (appendonly, fsync) {
-        (Ok(a), Ok(f)) if a.get("appendonly").map(String::as_str) == Some("yes") => {
-            let f = f.get("appendfsync").cloned().unwrap_or_default();
-            if f == "always" {
-                "appendonly yes, appendfsync always: every acknowledged message survives a crash of Redis".into()
-            } else {
-                format!("appendonly yes, appendfsync {f}: a crash of Redis can lose the last second of messages")
-            }
+    let appendonly = config_value(link, "appendonly").await;
+    let fsync = config_value(link, "appendfsync").await;
+    match (appendonly.as_deref(), fsync.as_deref()) {
+        (Some("yes"), Some("always")) => {
+            "appendonly yes, appendfsync always: every acknowledged message survives a crash of Redis".into()
         }
-        (Ok(_), Ok(_)) => {
-            let save: Result<HashMap<String, String>, _> = link.query(&get("save")).await;
-            match save.ok().and_then(|s| s.get("save").cloned()).filter(|s| !s.is_empty()) {
-                Some(save) => format!(
-                    "appendonly no, snapshots (save {save}): a restart of Redis goes back to the last snapshot \
-                     (rooms get a new epoch)"
-                ),
-                None => "appendonly no: a restart of Redis loses history (rooms get a new epoch)".into(),
-            }
+        (Some("yes"), Some(f)) => {
+            format!("appendonly yes, appendfsync {f}: a crash of Redis can lose the last second of messages")
         }
+        (Some(_), Some(_)) => match config_value(link, "save").await.filter(|save| !save.is_empty()) {
+            Some(save) => format!(
+                "appendonly no, snapshots (save {save}): a restart of Redis goes back to the last snapshot \
+                 (rooms get a new epoch)"
+            ),
+            None => "appendonly no: a restart of Redis loses history (rooms get a new epoch)".into(),
+        },
         _ => "unknown (CONFIG GET refused)".into(),
     }
 }
@@ -483,9 +484,9 @@ async fn check_shard_place(link: &mut Link, index: usize, count: usize) -> Resul
     // SET NX, then GET (not SET NX GET, which Redis 6 does not take).
     let mut set = redis::cmd("SET");
     set.arg(SHARD_KEY).arg(&place).arg("NX");
-    let unanswered = |e: EngineError| ShardCheck::Unanswered(e.to_string());
-    let _: Option<String> = link.query(&set).await.map_err(unanswered)?;
-    let recorded: Option<String> = link.query(redis::cmd("GET").arg(SHARD_KEY)).await.map_err(unanswered)?;
+    let failed = |e: EngineError| ShardCheck::Failed(e.to_string());
+    let _: Option<String> = link.query(&set).await.map_err(failed)?;
+    let recorded: Option<String> = link.query(redis::cmd("GET").arg(SHARD_KEY)).await.map_err(failed)?;
     match recorded {
         Some(recorded) if recorded != place => Err(ShardCheck::Elsewhere(format!(
             "other nodes use this Redis as shard {recorded} (index/count) of their --redis list, this node as \
@@ -498,23 +499,16 @@ async fn check_shard_place(link: &mut Link, index: usize, count: usize) -> Resul
 
 /// Why [`check_shard_place`] failed.
 enum ShardCheck {
-    /// Redis did not answer (a node started before its Redis waits).
-    Unanswered(String),
+    /// Redis did not do it (not up yet: a node started before its Redis waits for it).
+    Failed(String),
     /// Other nodes use this Redis at another place in their list.
     Elsewhere(String),
 }
 
 /// Whether a restart of this Redis keeps every acknowledged write (`appendfsync always`).
 async fn keeps_every_write(link: &mut Link) -> bool {
-    let get = |name: &str| {
-        let mut cmd = redis::cmd("CONFIG");
-        cmd.arg("GET").arg(name);
-        cmd
-    };
-    let appendonly: Result<HashMap<String, String>, _> = link.query(&get("appendonly")).await;
-    let fsync: Result<HashMap<String, String>, _> = link.query(&get("appendfsync")).await;
-    matches!((appendonly, fsync), (Ok(a), Ok(f))
-        if a.get("appendonly").map(String::as_str) == Some("yes") && f.get("appendfsync").map(String::as_str) == Some("always"))
+    config_value(link, "appendonly").await.as_deref() == Some("yes")
+        && config_value(link, "appendfsync").await.as_deref() == Some("always")
 }
 
 /// The Redis server's `run_id`: new at every start of the process. `None` from a Redis Cluster
@@ -583,7 +577,7 @@ impl RedisConnector {
             if !settings.cluster {
                 check_shard_place(&mut link, shards.len(), settings.urls.len()).await.map_err(
                     |reason| match reason {
-                        ShardCheck::Unanswered(reason) => open(&name, reason),
+                        ShardCheck::Failed(reason) => open(&name, reason),
                         ShardCheck::Elsewhere(reason) => EngineError::Misconfigured { path: name.clone(), reason },
                     },
                 )?;
@@ -673,10 +667,18 @@ async fn write(shared: Arc<Shared>, index: usize, mut jobs: mpsc::Receiver<Job>)
             );
             // Each call is queued on the connection when first polled, and `join_all` polls them in
             // order: they reach Redis in the order they were published.
-            async move { link.query::<(String, String, u64, String, i64)>(&cmd).await }
+            async move { cmd.query_async::<(String, String, u64, String, i64)>(&mut link).await }
         });
         let answers = join_all(calls).await;
         for ((message, reply), answer) in batch.drain(..).zip(answers) {
+            let answer = answer.map_err(|error| {
+                if error.is_timeout() || error.is_connection_dropped() {
+                    // Sent, and perhaps run: only the answer is missing.
+                    EngineError::Unanswered(format!("redis: {error}"))
+                } else {
+                    unavailable(error)
+                }
+            });
             let result = answer.and_then(|(kind, _epoch, offset, stored_body, ts_ms)| {
                 if kind == "dup" {
                     let body: Body = serde_json::from_str(&stored_body)
@@ -697,6 +699,10 @@ struct Tracked {
     epoch: String,
     /// The last offset handed to the hub.
     last: u64,
+    /// The last offset the room's channel brought. Pub/sub brings a room's messages in offset order
+    /// (the publish script numbers and publishes at once), so one not above it means Redis went
+    /// back to an older copy of the room and gives offsets out again.
+    channel_last: u64,
 }
 
 /// A shard's pub/sub side: subscriptions, delivery in offset order, gap closing.
@@ -785,11 +791,12 @@ impl Subscriber {
         // first node to get there changes it; the others find it changed).
         let now = run_id(&mut link).await;
         if now.is_some() && self.run_id.is_some() && now != self.run_id && !keeps_every_write(&mut link).await {
-            let rooms: Vec<(String, String)> =
-                self.tracked.iter().map(|(room, tracked)| (room.clone(), tracked.epoch.clone())).collect();
+            let rooms: Vec<String> = self.tracked.keys().cloned().collect();
             tracing::warn!(rooms = rooms.len(), "redis restarted and may have lost its last writes: new epochs");
-            for (room, stale) in rooms {
-                if let Err(error) = self.start_new_epoch(&room, &stale).await {
+            for room in rooms {
+                // By the new run id alone: a room changes once for it, whichever node (or retry after
+                // a failure here) gets there first.
+                if let Err(error) = self.start_new_epoch(&room, "", now.as_deref()).await {
                     tracing::warn!(%error, room, "starting a new epoch after a redis restart");
                     return false;
                 }
@@ -897,16 +904,16 @@ impl Subscriber {
         if tracked.epoch != epoch {
             return self.catch_up(room).await;
         }
+        if offset <= tracked.channel_last {
+            // Redis went back to an older copy of the room without a restart this node saw.
+            let stale = tracked.epoch.clone();
+            let run = self.run_id.clone();
+            return self.start_new_epoch(room, &stale, run.as_deref()).await;
+        }
+        let Some(tracked) = self.tracked.get_mut(room) else { return Ok(()) };
+        tracked.channel_last = offset;
         if offset <= tracked.last {
-            // Most often a message a fill delivered already. Or Redis went back to an older copy of
-            // the room without a restart this node saw, and gives delivered offsets out again: then
-            // its top is below what was delivered.
-            let last = tracked.last;
-            if self.shared.top(room).await?.offset < last {
-                let stale = tracked.epoch.clone();
-                self.start_new_epoch(room, &stale).await?;
-            }
-            return Ok(());
+            return Ok(()); // delivered by a fill already
         }
         if offset > tracked.last + 1 {
             self.fill(room, offset - 1).await?;
@@ -926,19 +933,23 @@ impl Subscriber {
         let top = self.shared.top(room).await?;
         match self.tracked.get_mut(room) {
             None => {
-                self.tracked.insert(room.to_owned(), Tracked { epoch: top.epoch.to_string(), last: top.offset });
+                let tracked = Tracked { epoch: top.epoch.to_string(), last: top.offset, channel_last: 0 };
+                self.tracked.insert(room.to_owned(), tracked);
             }
             Some(tracked) if *tracked.epoch != *top.epoch => {
                 tracing::warn!(room, "room history was lost in redis (new epoch): its members rejoin");
                 tracked.epoch = top.epoch.to_string();
                 tracked.last = top.offset;
+                // A lost room numbers from 1 again.
+                tracked.channel_last = 0;
                 self.sink.reset(room);
             }
             Some(tracked) if top.offset < tracked.last => {
                 // Delivered offsets that Redis no longer has, under the same epoch: it went back to
                 // an older copy of the room, and the next messages would reuse those offsets.
                 let stale = tracked.epoch.clone();
-                self.start_new_epoch(room, &stale).await?;
+                let run = self.run_id.clone();
+                self.start_new_epoch(room, &stale, run.as_deref()).await?;
             }
             Some(_) => self.fill(room, top.offset).await?,
         }
@@ -947,11 +958,11 @@ impl Subscriber {
 
     /// Gives `room` a new epoch in Redis unless it has left `stale` already, delivers from its top
     /// and lets its members go, to resume with `recovered: false`.
-    async fn start_new_epoch(&mut self, room: &str, stale: &str) -> Result<(), EngineError> {
+    async fn start_new_epoch(&mut self, room: &str, stale: &str, run: Option<&str>) -> Result<(), EngineError> {
         let mut link = self.shard().link.clone();
         let keys = [meta_key(room), stream_key(room), idem_key(room)];
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let cmd = script(NEW_EPOCH_SCRIPT, &keys, &[&new_epoch(), stale]);
+        let cmd = script(NEW_EPOCH_SCRIPT, &keys, &[&new_epoch(), stale, run.unwrap_or("")]);
         let (offset, epoch): (u64, String) = link.query(&cmd).await?;
         tracing::warn!(
             room,
@@ -960,6 +971,7 @@ impl Subscriber {
         if let Some(tracked) = self.tracked.get_mut(room) {
             tracked.epoch = epoch;
             tracked.last = offset;
+            tracked.channel_last = offset;
         }
         self.sink.reset(room);
         Ok(())

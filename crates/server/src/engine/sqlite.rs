@@ -67,11 +67,14 @@ pub struct Store {
 }
 
 /// One server per database file: a second process would count offsets from what it read at its
-/// start, and give the first one's numbers to other messages. An advisory lock (`flock`, which does
-/// not meet SQLite's own POSIX locks) that the kernel lets go of when the process ends, however.
+/// start, and give the first one's numbers to other messages. The lock is on a file beside the
+/// database (`chat.db.lock`), not on the database: a second handle on the database itself, once
+/// closed, would drop SQLite's own locks. The kernel lets go of it when the process ends, however.
 fn lock_database(path: &Path) -> Result<std::fs::File, String> {
-    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path);
-    let file = file.map_err(|e| e.to_string())?;
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock_path);
+    let file = file.map_err(|e| format!("{}: {e}", Path::new(&lock_path).display()))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err("another switchboard process has this database open \
