@@ -49,6 +49,19 @@ impl Drop for Haproxy {
 /// HAProxy in HTTP mode on a free port, in front of `backend`, with `server_options` on its server
 /// line (`ssl verify none alpn h2 ws h2`, `send-proxy-v2`...) and a 3 s `timeout tunnel`.
 fn start_haproxy(backend: &str, server_options: &str) -> Haproxy {
+    // A port picked ahead can be bound by another test's server (port 0) before HAProxy binds it;
+    // HAProxy then exits, and this test's clients would reach that server. Tried again elsewhere.
+    for _ in 0..5 {
+        let mut proxy = try_start_haproxy(backend, server_options);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if proxy.child.try_wait().unwrap().is_none() {
+            return proxy;
+        }
+    }
+    panic!("haproxy did not stay up on five ports");
+}
+
+fn try_start_haproxy(backend: &str, server_options: &str) -> Haproxy {
     let port = free_port();
     let dir = support::temp_dir("haproxy");
     let config = format!(
