@@ -139,6 +139,9 @@ pub enum HandshakeError {
         status: u16,
         /// Why, for the response body.
         reason: String,
+        /// Headers of the refusal (`WWW-Authenticate`, `Retry-After`...), added with
+        /// [`HandshakeError::with_header`]; any that could split the response are dropped.
+        headers: Vec<(String, String)>,
     },
 }
 
@@ -155,8 +158,18 @@ impl HandshakeError {
         }
     }
 
+    /// An application's refusal ([`HandshakeError::Rejected`]) with a header more; other errors are
+    /// returned as they are.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        if let Self::Rejected { headers, .. } = &mut self {
+            headers.push((name.into(), value.into()));
+        }
+        self
+    }
+
     /// The refusal as a response: its status, the reason as a plain-text body, and the headers the
-    /// RFCs ask for (`Sec-WebSocket-Version: 13` on version errors, `Allow: GET` on a wrong method).
+    /// RFCs ask for (`Sec-WebSocket-Version: 13` on version errors, `Allow: GET` on a wrong method)
+    /// or the application added.
     pub fn response(&self) -> HandshakeResponse {
         let mut response = HandshakeResponse::new(self.status());
         response.push_header("Content-Type", "text/plain; charset=utf-8");
@@ -166,6 +179,11 @@ impl HandshakeError {
             }
             Self::Method(_) => {
                 response.push_header("Allow", "GET");
+            }
+            Self::Rejected { headers, .. } => {
+                for (name, value) in headers {
+                    response.push_header(name.as_str(), value.as_str());
+                }
             }
             _ => {}
         }
@@ -786,9 +804,22 @@ Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSoc
     }
 
     #[test]
+    fn an_application_refusal_carries_its_headers_and_none_that_would_split_the_response() {
+        let refusal = HandshakeError::Rejected { status: 401, reason: "no token".into(), headers: Vec::new() }
+            .with_header("WWW-Authenticate", "Bearer realm=\"chat\"")
+            .with_header("X-Evil", "a\r\nSet-Cookie: x=1");
+        let response = String::from_utf8(refusal.to_response()).unwrap();
+        assert!(response.starts_with("HTTP/1.1 401 "), "{response}");
+        assert!(response.contains("WWW-Authenticate: Bearer realm=\"chat\"\r\n"), "{response}");
+        assert!(!response.contains("Set-Cookie"), "{response}");
+        let other = HandshakeError::MissingVersion.with_header("Retry-After", "1");
+        assert!(!String::from_utf8(other.to_response()).unwrap().contains("Retry-After"));
+    }
+
+    #[test]
     fn an_application_refusal_is_an_error_status_whatever_it_asked_for() {
         for (asked, answered) in [(403, 403), (599, 599), (101, 500), (200, 500), (1000, 500), (0, 500)] {
-            let refusal = HandshakeError::Rejected { status: asked, reason: "no".into() };
+            let refusal = HandshakeError::Rejected { status: asked, reason: "no".into(), headers: Vec::new() };
             assert_eq!(refusal.status(), answered, "{asked}");
             let response = String::from_utf8(refusal.to_response()).unwrap();
             assert!(response.starts_with(&format!("HTTP/1.1 {answered} ")), "{response}");

@@ -28,9 +28,10 @@ impl Accept {
 }
 
 /// A refusal with an HTTP error status (400 to 599; any other is answered as 500) and a reason the
-/// client will see in the body.
+/// client will see in the body. Headers go with it through
+/// [`HandshakeError::with_header`]: `reject(401, "a token is required").with_header("WWW-Authenticate", "Bearer")`.
 pub fn reject(status: u16, reason: impl Into<String>) -> HandshakeError {
-    HandshakeError::Rejected { status, reason: reason.into() }
+    HandshakeError::Rejected { status, reason: reason.into(), headers: Vec::new() }
 }
 
 /// Accepts every valid WebSocket handshake on `io`.
@@ -93,6 +94,7 @@ where
                 HandshakeError::Rejected {
                     status: 500,
                     reason: format!("server selected unoffered subprotocol {p:?}"),
+                    headers: Vec::new(),
                 },
             )
             .await;

@@ -101,9 +101,19 @@ impl Upgrade {
         match connect_protocol.map(hyper::ext::Protocol::as_str) {
             Some(WEBSOCKET_PROTOCOL) => {}
             Some(other) => {
-                return Err(HandshakeError::Rejected { status: 501, reason: format!("unknown :protocol {other:?}") })
+                return Err(HandshakeError::Rejected {
+                    status: 501,
+                    reason: format!("unknown :protocol {other:?}"),
+                    headers: Vec::new(),
+                })
             }
-            None => return Err(HandshakeError::Rejected { status: 405, reason: "CONNECT without :protocol".into() }),
+            None => {
+                return Err(HandshakeError::Rejected {
+                    status: 405,
+                    reason: "CONNECT without :protocol".into(),
+                    headers: Vec::new(),
+                })
+            }
         }
         // `:authority` stands for `Host` (RFC 9113 §8.3.1), so the request reads the same either way.
         if let Some(authority) = uri.authority().filter(|_| !headers.contains_key(http::header::HOST)) {

@@ -146,6 +146,9 @@ async fn refusals_are_http_answers_with_reasons() {
                     if req.origin() == Some("https://evil.example") {
                         return Err(reject(403, "origin not allowed"));
                     }
+                    if req.header("x-no-token").is_some() {
+                        return Err(reject(401, "a token is required").with_header("WWW-Authenticate", "Bearer"));
+                    }
                     Ok(Accept::negotiate(req, &["switchboard.v1"]))
                 })
                 .await;
@@ -165,6 +168,11 @@ async fn refusals_are_http_answers_with_reasons() {
     assert!(huge.starts_with("HTTP/1.1 431 "), "{huge}");
     let evil = answer(format!("{HANDSHAKE}Origin: https://evil.example\r\n\r\n").into_bytes()).await;
     assert!(evil.starts_with("HTTP/1.1 403 ") && evil.contains("origin not allowed"), "{evil}");
+    let anonymous = answer(format!("{HANDSHAKE}X-No-Token: 1\r\n\r\n").into_bytes()).await;
+    assert!(
+        anonymous.starts_with("HTTP/1.1 401 ") && anonymous.contains("WWW-Authenticate: Bearer\r\n"),
+        "{anonymous}"
+    );
 
     // Our client reports the status and the body's reason.
     let err = ClientBuilder::new(format!("ws://{addr}/"))
