@@ -367,6 +367,42 @@ async fn a_keepalive_timeout_ends_the_writer_half_too() {
 }
 
 #[tokio::test]
+async fn a_writer_half_waiting_for_room_ends_when_the_close_gives_up() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let config = Config::default().close_timeout(Duration::from_millis(300));
+        let (mut reader, mut writer) = accept(stream, config).await.unwrap().split();
+        // The writer fills the socket of a peer that reads nothing, and waits for room.
+        let writing = tokio::spawn(async move {
+            let big = Bytes::from(vec![1u8; 64 * 1024]);
+            loop {
+                if let Err(error) = writer.send(Message::Binary(big.clone())).await {
+                    return error;
+                }
+            }
+        });
+        // The peer's close frame; our answer cannot be written, and the reader gives up at the
+        // close deadline.
+        let close = reader.recv().await;
+        let end = reader.recv().await;
+        let written = tokio::time::timeout(3 * SECOND, writing).await;
+        (close, end, written)
+    });
+    let mut peer = silent_client(addr).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut conn = switchboard_ws::proto::Connection::new(switchboard_ws::Role::Client, Default::default());
+    conn.close(Some(CloseFrame::new(CloseCode::NORMAL, "bye"))).unwrap();
+    peer.write_all(&conn.take_output()).await.unwrap();
+    let (close, end, written) = tokio::time::timeout(10 * SECOND, server).await.unwrap().unwrap();
+    assert!(matches!(close, Some(Ok(Message::Close(_)))), "{close:?}");
+    assert!(end.is_none(), "{end:?}");
+    let error = written.expect("the waiting writer is woken, not left waiting").unwrap();
+    assert!(matches!(error, Error::ConnectionClosed), "{error:?}");
+}
+
+#[tokio::test]
 async fn a_keepalive_timeout_tells_the_peer_why_when_its_socket_has_room() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
