@@ -57,12 +57,20 @@ impl Default for DeflateConfig {
     }
 }
 
+/// The window sizes RFC 7692 allows (and zlib takes), in bits.
+const WINDOW_BITS: std::ops::RangeInclusive<u8> = 8..=15;
+
+/// `bits` within [`WINDOW_BITS`]: a value set by hand outside it is taken as the nearest.
+fn window_bits_within_limits(bits: u8) -> u8 {
+    bits.clamp(*WINDOW_BITS.start(), *WINDOW_BITS.end())
+}
+
 impl DeflateConfig {
-    /// The window sizes within what RFC 7692 allows (and zlib takes): 8 to 15 bits.
+    /// The configuration with its window sizes within [`WINDOW_BITS`].
     fn within_limits(&self) -> Self {
         Self {
-            server_max_window_bits: self.server_max_window_bits.clamp(8, 15),
-            client_max_window_bits: self.client_max_window_bits.clamp(8, 15),
+            server_max_window_bits: window_bits_within_limits(self.server_max_window_bits),
+            client_max_window_bits: window_bits_within_limits(self.client_max_window_bits),
             ..self.clone()
         }
     }
@@ -131,7 +139,7 @@ fn parse_window_bits(value: &str) -> Option<u8> {
     if value.starts_with('0') {
         return None;
     }
-    value.parse::<u8>().ok().filter(|bits| (8..=15).contains(bits))
+    value.parse::<u8>().ok().filter(|bits| WINDOW_BITS.contains(bits))
 }
 
 impl DeflateParams {
@@ -281,8 +289,8 @@ impl Compressor {
     pub(crate) fn new(window_bits: u8, level: u8, mem_level: u8, reset_each_message: bool) -> Self {
         Self {
             stream: None,
-            // zlib takes 8 to 15 (parameters set by hand, not negotiated, may be anything).
-            window_bits: window_bits.clamp(8, 15),
+            // Parameters set by hand, not negotiated, may be anything.
+            window_bits: window_bits_within_limits(window_bits),
             level: level.min(9),
             mem_level: mem_level.clamp(1, 9),
             reset_each_message,
@@ -372,7 +380,10 @@ impl std::fmt::Debug for Decompressor {
 
 impl Decompressor {
     pub(crate) fn new(window_bits: u8, reset_each_message: bool) -> Self {
-        Self { stream: None, window_bits: window_bits.clamp(9, 15), reset_each_message, chunk: Vec::new() }
+        // At least 9: zlib compresses with a 9-bit window when asked for 8, so a peer that agreed
+        // to 8 may send what needs 9.
+        let window_bits = window_bits_within_limits(window_bits).max(9);
+        Self { stream: None, window_bits, reset_each_message, chunk: Vec::new() }
     }
 
     /// Inflates `input` (a frame's payload, or the sync tail at the end of a message), handing the

@@ -158,6 +158,12 @@ impl HandshakeError {
         }
     }
 
+    /// An application's refusal: `status` (an error status, see [`HandshakeError::Rejected`]) and
+    /// the reason for the body, with no headers yet ([`HandshakeError::with_header`] adds them).
+    pub fn rejected(status: u16, reason: impl Into<String>) -> Self {
+        Self::Rejected { status, reason: reason.into(), headers: Vec::new() }
+    }
+
     /// An application's refusal ([`HandshakeError::Rejected`]) with a header more; other errors are
     /// returned as they are.
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
@@ -805,7 +811,7 @@ Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSoc
 
     #[test]
     fn an_application_refusal_carries_its_headers_and_none_that_would_split_the_response() {
-        let refusal = HandshakeError::Rejected { status: 401, reason: "no token".into(), headers: Vec::new() }
+        let refusal = HandshakeError::rejected(401, "no token")
             .with_header("WWW-Authenticate", "Bearer realm=\"chat\"")
             .with_header("X-Evil", "a\r\nSet-Cookie: x=1");
         let response = String::from_utf8(refusal.to_response()).unwrap();
@@ -819,7 +825,7 @@ Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSoc
     #[test]
     fn an_application_refusal_is_an_error_status_whatever_it_asked_for() {
         for (asked, answered) in [(403, 403), (599, 599), (101, 500), (200, 500), (1000, 500), (0, 500)] {
-            let refusal = HandshakeError::Rejected { status: asked, reason: "no".into(), headers: Vec::new() };
+            let refusal = HandshakeError::rejected(asked, "no");
             assert_eq!(refusal.status(), answered, "{asked}");
             let response = String::from_utf8(refusal.to_response()).unwrap();
             assert!(response.starts_with(&format!("HTTP/1.1 {answered} ")), "{response}");

@@ -31,7 +31,7 @@ impl Accept {
 /// client will see in the body. Headers go with it through
 /// [`HandshakeError::with_header`]: `reject(401, "a token is required").with_header("WWW-Authenticate", "Bearer")`.
 pub fn reject(status: u16, reason: impl Into<String>) -> HandshakeError {
-    HandshakeError::Rejected { status, reason: reason.into(), headers: Vec::new() }
+    HandshakeError::rejected(status, reason)
 }
 
 /// Accepts every valid WebSocket handshake on `io`.
@@ -89,15 +89,7 @@ where
     };
     if let Some(p) = &accepted.protocol {
         if !request.protocols().iter().any(|o| o == p) {
-            return refuse(
-                io,
-                HandshakeError::Rejected {
-                    status: 500,
-                    reason: format!("server selected unoffered subprotocol {p:?}"),
-                    headers: Vec::new(),
-                },
-            )
-            .await;
+            return refuse(io, reject(500, format!("server selected unoffered subprotocol {p:?}"))).await;
         }
     }
     let protocols: Vec<&str> = accepted.protocol.as_deref().into_iter().collect();

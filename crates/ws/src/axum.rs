@@ -48,13 +48,10 @@ impl<St: Send + Sync> FromRequestParts<St> for WebSocketUpgrade {
     type Rejection = WebSocketRejection;
 
     async fn from_request_parts(parts: &mut Parts, _state: &St) -> Result<Self, Self::Rejection> {
-        let on_upgrade = parts.extensions.remove::<OnUpgrade>().ok_or_else(|| {
-            WebSocketRejection(HandshakeError::Rejected {
-                status: 426,
-                reason: "connection cannot be upgraded".into(),
-                headers: Vec::new(),
-            })
-        })?;
+        let on_upgrade = parts
+            .extensions
+            .remove::<OnUpgrade>()
+            .ok_or_else(|| WebSocketRejection(crate::reject(426, "connection cannot be upgraded")))?;
         let protocol = parts.extensions.get::<hyper::ext::Protocol>();
         let inner = Upgrade::from_parts(&parts.method, &parts.uri, parts.version, &parts.headers, protocol, on_upgrade)
             .map_err(WebSocketRejection)?;

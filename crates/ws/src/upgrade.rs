@@ -100,20 +100,8 @@ impl Upgrade {
         // RFC 8441 §4: the HTTP/2 layer has checked the pseudo-headers; the protocol is ours to check.
         match connect_protocol.map(hyper::ext::Protocol::as_str) {
             Some(WEBSOCKET_PROTOCOL) => {}
-            Some(other) => {
-                return Err(HandshakeError::Rejected {
-                    status: 501,
-                    reason: format!("unknown :protocol {other:?}"),
-                    headers: Vec::new(),
-                })
-            }
-            None => {
-                return Err(HandshakeError::Rejected {
-                    status: 405,
-                    reason: "CONNECT without :protocol".into(),
-                    headers: Vec::new(),
-                })
-            }
+            Some(other) => return Err(crate::reject(501, format!("unknown :protocol {other:?}"))),
+            None => return Err(crate::reject(405, "CONNECT without :protocol")),
         }
         // `:authority` stands for `Host` (RFC 9113 §8.3.1), so the request reads the same either way.
         if let Some(authority) = uri.authority().filter(|_| !headers.contains_key(http::header::HOST)) {
