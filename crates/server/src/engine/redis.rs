@@ -453,25 +453,51 @@ async fn config_value(link: &mut Link, name: &str) -> Option<String> {
     Some(answer.get(name).cloned().unwrap_or_default())
 }
 
-/// What a Redis server keeps when it is killed, for the log at start.
-async fn durability(link: &mut Link) -> String {
-    let appendonly = config_value(link, "appendonly").await;
-    let fsync = config_value(link, "appendfsync").await;
-    match (appendonly.as_deref(), fsync.as_deref()) {
-        (Some("yes"), Some("always")) => {
-            "appendonly yes, appendfsync always: every acknowledged message survives a crash of Redis".into()
+/// What a Redis server keeps through a restart, from its settings.
+enum Durability {
+    /// `appendonly yes`, `appendfsync always`: every acknowledged write.
+    EveryWrite,
+    /// `appendonly yes` with another `appendfsync`: all but the last second or so.
+    Log(String),
+    /// `appendonly no`, snapshots (`save`): what the last snapshot had.
+    Snapshots(String),
+    /// Neither: nothing.
+    Nothing,
+    /// `CONFIG GET` refused (managed services refuse it).
+    Unknown,
+}
+
+impl Durability {
+    async fn of(link: &mut Link) -> Self {
+        match (config_value(link, "appendonly").await.as_deref(), config_value(link, "appendfsync").await) {
+            (Some("yes"), Some(fsync)) if fsync == "always" => Self::EveryWrite,
+            (Some("yes"), Some(fsync)) => Self::Log(fsync),
+            (Some(_), Some(_)) => match config_value(link, "save").await.filter(|save| !save.is_empty()) {
+                Some(save) => Self::Snapshots(save),
+                None => Self::Nothing,
+            },
+            _ => Self::Unknown,
         }
-        (Some("yes"), Some(f)) => {
-            format!("appendonly yes, appendfsync {f}: a crash of Redis can lose the last second of messages")
-        }
-        (Some(_), Some(_)) => match config_value(link, "save").await.filter(|save| !save.is_empty()) {
-            Some(save) => format!(
+    }
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::EveryWrite => {
+                f.write_str("appendonly yes, appendfsync always: every acknowledged message survives a crash of Redis")
+            }
+            Self::Log(fsync) => {
+                write!(f, "appendonly yes, appendfsync {fsync}: a crash of Redis can lose the last second of messages")
+            }
+            Self::Snapshots(save) => write!(
+                f,
                 "appendonly no, snapshots (save {save}): a restart of Redis goes back to the last snapshot \
                  (rooms get a new epoch)"
             ),
-            None => "appendonly no: a restart of Redis loses history (rooms get a new epoch)".into(),
-        },
-        _ => "unknown (CONFIG GET refused)".into(),
+            Self::Nothing => f.write_str("appendonly no: a restart of Redis loses history (rooms get a new epoch)"),
+            Self::Unknown => f.write_str("unknown (CONFIG GET refused)"),
+        }
     }
 }
 
@@ -479,36 +505,26 @@ async fn durability(link: &mut Link) -> String {
 /// node must list the same servers in the same order: a node that listed them otherwise would read
 /// and write rooms where the others do not look. The first node to use a Redis records its place
 /// there (`sb:shard`, `index/count`); a node that would use it at another place is refused.
-async fn check_shard_place(link: &mut Link, index: usize, count: usize) -> Result<(), ShardCheck> {
+async fn check_shard_place(link: &mut Link, name: &str, index: usize, count: usize) -> Result<(), EngineError> {
     let place = format!("{index}/{count}");
-    // SET NX, then GET (not SET NX GET, which Redis 6 does not take).
+    // SET NX, then GET (not SET NX GET, which Redis 6 does not take). A Redis that does not answer
+    // is an `Open` error, which a node started before its Redis waits out.
+    let failed = |e: EngineError| EngineError::Open { path: name.to_owned(), reason: e.to_string() };
     let mut set = redis::cmd("SET");
     set.arg(SHARD_KEY).arg(&place).arg("NX");
-    let failed = |e: EngineError| ShardCheck::Failed(e.to_string());
     let _: Option<String> = link.query(&set).await.map_err(failed)?;
     let recorded: Option<String> = link.query(redis::cmd("GET").arg(SHARD_KEY)).await.map_err(failed)?;
     match recorded {
-        Some(recorded) if recorded != place => Err(ShardCheck::Elsewhere(format!(
-            "other nodes use this Redis as shard {recorded} (index/count) of their --redis list, this node as \
-             {place}: give every node the same --redis URLs in the same order (after moving rooms to other \
-             shards on purpose, `DEL {SHARD_KEY}` on each)"
-        ))),
+        Some(recorded) if recorded != place => Err(EngineError::Misconfigured {
+            path: name.to_owned(),
+            reason: format!(
+                "other nodes use this Redis as shard {recorded} (index/count) of their --redis list, this node \
+                 as {place}: give every node the same --redis URLs in the same order (after moving rooms to \
+                 other shards on purpose, `DEL {SHARD_KEY}` on each)"
+            ),
+        }),
         _ => Ok(()),
     }
-}
-
-/// Why [`check_shard_place`] failed.
-enum ShardCheck {
-    /// Redis did not do it (not up yet: a node started before its Redis waits for it).
-    Failed(String),
-    /// Other nodes use this Redis at another place in their list.
-    Elsewhere(String),
-}
-
-/// Whether a restart of this Redis keeps every acknowledged write (`appendfsync always`).
-async fn keeps_every_write(link: &mut Link) -> bool {
-    config_value(link, "appendonly").await.as_deref() == Some("yes")
-        && config_value(link, "appendfsync").await.as_deref() == Some("always")
 }
 
 /// The Redis server's `run_id`: new at every start of the process. `None` from a Redis Cluster
@@ -573,14 +589,9 @@ impl RedisConnector {
                     client.get_connection_manager_with_config(config).await.map_err(|e| open(&name, e.to_string()))?;
                 Link::Single(manager)
             };
-            tracing::info!(redis = %name, durability = %durability(&mut link).await, "connected to redis");
+            tracing::info!(redis = %name, durability = %Durability::of(&mut link).await, "connected to redis");
             if !settings.cluster {
-                check_shard_place(&mut link, shards.len(), settings.urls.len()).await.map_err(
-                    |reason| match reason {
-                        ShardCheck::Failed(reason) => open(&name, reason),
-                        ShardCheck::Elsewhere(reason) => EngineError::Misconfigured { path: name.clone(), reason },
-                    },
-                )?;
+                check_shard_place(&mut link, &name, shards.len(), settings.urls.len()).await?;
             }
             let (job_tx, job_rx) = mpsc::channel(PUBLISH_QUEUE);
             let (control_tx, control_rx) = mpsc::unbounded_channel();
@@ -790,7 +801,11 @@ impl Subscriber {
         // have passed that top meanwhile. Each room this node delivers gets a new epoch, once (the
         // first node to get there changes it; the others find it changed).
         let now = run_id(&mut link).await;
-        if now.is_some() && self.run_id.is_some() && now != self.run_id && !keeps_every_write(&mut link).await {
+        if now.is_some()
+            && self.run_id.is_some()
+            && now != self.run_id
+            && !matches!(Durability::of(&mut link).await, Durability::EveryWrite)
+        {
             let rooms: Vec<String> = self.tracked.keys().cloned().collect();
             tracing::warn!(rooms = rooms.len(), "redis restarted and may have lost its last writes: new epochs");
             for room in rooms {
@@ -900,17 +915,14 @@ impl Subscriber {
             return Ok(());
         }
         let (Some(offset), Some(epoch), Some(body)) = (event.o, event.e, event.m) else { return Ok(()) };
-        let Some(tracked) = self.tracked.get(room) else { return Ok(()) };
+        let Some(tracked) = self.tracked.get_mut(room) else { return Ok(()) };
         if tracked.epoch != epoch {
             return self.catch_up(room).await;
         }
         if offset <= tracked.channel_last {
             // Redis went back to an older copy of the room without a restart this node saw.
-            let stale = tracked.epoch.clone();
-            let run = self.run_id.clone();
-            return self.start_new_epoch(room, &stale, run.as_deref()).await;
+            return self.went_back(room).await;
         }
-        let Some(tracked) = self.tracked.get_mut(room) else { return Ok(()) };
         tracked.channel_last = offset;
         if offset <= tracked.last {
             return Ok(()); // delivered by a fill already
@@ -947,17 +959,23 @@ impl Subscriber {
             Some(tracked) if top.offset < tracked.last => {
                 // Delivered offsets that Redis no longer has, under the same epoch: it went back to
                 // an older copy of the room, and the next messages would reuse those offsets.
-                let stale = tracked.epoch.clone();
-                let run = self.run_id.clone();
-                self.start_new_epoch(room, &stale, run.as_deref()).await?;
+                self.went_back(room).await?;
             }
             Some(_) => self.fill(room, top.offset).await?,
         }
         Ok(())
     }
 
-    /// Gives `room` a new epoch in Redis unless it has left `stale` already, delivers from its top
-    /// and lets its members go, to resume with `recovered: false`.
+    /// Redis went back to an older copy of `room` (this node saw offsets it no longer has, or gives
+    /// out again): a new epoch, unless another node changed it already.
+    async fn went_back(&mut self, room: &str) -> Result<(), EngineError> {
+        let Some(stale) = self.tracked.get(room).map(|tracked| tracked.epoch.clone()) else { return Ok(()) };
+        let run = self.run_id.clone();
+        self.start_new_epoch(room, &stale, run.as_deref()).await
+    }
+
+    /// Gives `room` a new epoch in Redis (see [`NEW_EPOCH_SCRIPT`] for when `stale` and `run` let
+    /// it), delivers from its top and lets its members go, to resume with `recovered: false`.
     async fn start_new_epoch(&mut self, room: &str, stale: &str, run: Option<&str>) -> Result<(), EngineError> {
         let mut link = self.shard().link.clone();
         let keys = [meta_key(room), stream_key(room), idem_key(room)];
