@@ -68,7 +68,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         )
         // HTTP/1.1 upgrades with GET, HTTP/2 (RFC 8441) with an extended CONNECT.
         .route("/ws", get(websocket).connect(websocket))
-        .route("/api/publish", post(api::api_publish).layer(DefaultBodyLimit::max(max_body)))
+        .route("/api/publish", post(api::api_publish))
         .route("/api/openapi.json", get(api::openapi))
         .route("/api/info", get(api::info))
         .route("/api/rooms", get(api::rooms))
@@ -76,15 +76,18 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/api/rooms/{room}/presence/count", get(api::presence_count))
         .route("/api/rooms/{room}/history", get(api::history))
         .route("/api/rooms/{room}/history/remove", post(api::remove_history))
-        .route("/api/users/{sub}/disconnect", post(api::disconnect).layer(DefaultBodyLimit::max(max_body)))
-        .route("/api/users/{sub}/subscribe", post(api::subscribe).layer(DefaultBodyLimit::max(max_body)))
-        .route("/api/users/{sub}/unsubscribe", post(api::unsubscribe).layer(DefaultBodyLimit::max(max_body)))
+        .route("/api/users/{sub}/disconnect", post(api::disconnect))
+        .route("/api/users/{sub}/subscribe", post(api::subscribe))
+        .route("/api/users/{sub}/unsubscribe", post(api::unsubscribe))
         .route("/sse", get(sse_stream))
         .route("/poll", get(long_poll))
-        .route("/publish", post(sse_publish).layer(DefaultBodyLimit::max(max_body)))
+        .route("/publish", post(sse_publish))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics_page))
+        // `body_in_time` reads every POST body, within `max_body`: the handlers' extractors need no
+        // limit of their own.
         .layer(axum::middleware::from_fn_with_state((state.body_timeout, max_body), body_in_time))
+        .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::from_fn(json_errors))
         .with_state(state)
 }
@@ -132,7 +135,7 @@ fn answers_in_json(path: &str) -> bool {
 }
 
 /// Gives the router's own refusals on the JSON paths (no such path, a method the path does not take,
-/// a body over the limit: axum answers them with an empty or a plain-text body) the JSON error body
+/// a connection limit's 429 and 503: answered with an empty or a plain-text body) the JSON error body
 /// the handlers' refusals have.
 async fn json_errors(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     if !answers_in_json(request.uri().path()) {
@@ -153,7 +156,6 @@ async fn json_errors(request: axum::extract::Request, next: axum::middleware::Ne
     let (code, message) = match status {
         StatusCode::NOT_FOUND => (ErrorCode::BadRequest, format!("no such endpoint: {path}")),
         StatusCode::METHOD_NOT_ALLOWED => (ErrorCode::BadRequest, format!("{path} does not take {method}")),
-        StatusCode::PAYLOAD_TOO_LARGE => (ErrorCode::TooLong, "the request body is over the size limit".to_owned()),
         StatusCode::TOO_MANY_REQUESTS => (ErrorCode::TooMany, said),
         StatusCode::SERVICE_UNAVAILABLE => (ErrorCode::Unavailable, said),
         other => (ErrorCode::BadRequest, if said.is_empty() { other.to_string() } else { said }),
