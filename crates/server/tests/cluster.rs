@@ -386,8 +386,8 @@ async fn rooms_spread_over_two_redis_shards_and_still_cross_nodes() {
     assert!(on_one > 0 && on_two > 0, "both shards hold rooms ({on_one} and {on_two})");
 }
 
-/// A Redis Cluster of three masters (no replicas), up.
-fn three_masters() -> Vec<Redis> {
+/// A Redis Cluster of three masters (no replicas), up, and two nodes on it.
+fn three_masters_and_two_nodes() -> (Vec<Redis>, Server, Server) {
     let masters: Vec<Redis> =
         (0..3).map(|_| Redis::start_with(&["--save", "", "--appendonly", "no", "--cluster-enabled", "yes"])).collect();
     let addrs: Vec<String> = masters.iter().map(|m| format!("127.0.0.1:{}", m.port)).collect();
@@ -403,7 +403,9 @@ fn three_masters() -> Vec<Redis> {
         assert!(started.elapsed() < Duration::from_secs(20), "the cluster did not come up");
         std::thread::sleep(Duration::from_millis(100));
     }
-    masters
+    let url = masters[0].url();
+    let (a, b) = (node(&url, &["--redis-cluster"]), node(&url, &["--redis-cluster"]));
+    (masters, a, b)
 }
 
 #[test]
@@ -435,9 +437,7 @@ async fn a_redis_cluster_of_three_masters_serves_rooms_from_every_slot() {
     if !redis_support::available() {
         return;
     }
-    let masters = three_masters();
-    let url = masters[0].url();
-    let (a, b) = (node(&url, &["--redis-cluster"]), node(&url, &["--redis-cluster"]));
+    let (masters, a, b) = three_masters_and_two_nodes();
     let rooms: Vec<String> = (0..6).map(|i| format!("slot{i}")).collect();
     let mut readers = Vec::new();
     for room in &rooms {
@@ -462,9 +462,7 @@ async fn live_delivery_follows_a_room_whose_slot_moves_to_another_master() {
     if !redis_support::available() {
         return;
     }
-    let masters = three_masters();
-    let url = masters[0].url();
-    let (a, b) = (node(&url, &["--redis-cluster"]), node(&url, &["--redis-cluster"]));
+    let (masters, a, b) = three_masters_and_two_nodes();
     let (mut reader, _) = joined(&b.addr, "moving", "reader").await;
     let mut writer = v1_client(&a.addr).await;
     for i in 0..3 {

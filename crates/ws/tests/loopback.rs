@@ -338,6 +338,34 @@ async fn silent_client(addr: std::net::SocketAddr) -> TcpStream {
     stream
 }
 
+/// A writer half sending 64 KiB messages until a send fails (to a peer that reads nothing, once the
+/// socket is full it waits for room); that failure.
+fn write_until_it_fails(mut writer: switchboard_ws::WsWriter<TcpStream>) -> tokio::task::JoinHandle<Error> {
+    tokio::spawn(async move {
+        let big = Bytes::from(vec![1u8; 64 * 1024]);
+        loop {
+            if let Err(error) = writer.send(Message::Binary(big.clone())).await {
+                return error;
+            }
+        }
+    })
+}
+
+/// A close frame with code 1000 and `reason`, as a client sends it.
+fn client_close_frame(reason: &str) -> Vec<u8> {
+    let mut conn = switchboard_ws::proto::Connection::new(switchboard_ws::Role::Client, Default::default());
+    conn.close(Some(CloseFrame::new(CloseCode::NORMAL, reason))).unwrap();
+    conn.take_output().to_vec()
+}
+
+/// The messages a raw client received after the server's handshake response.
+fn messages_after_the_response(received: &[u8]) -> Vec<Message> {
+    let response_end = received.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let mut conn = switchboard_ws::proto::Connection::new(switchboard_ws::Role::Client, Default::default());
+    conn.receive_data(&received[response_end..]);
+    std::iter::from_fn(|| conn.next_message().ok().flatten()).collect()
+}
+
 #[tokio::test]
 async fn a_keepalive_timeout_ends_the_writer_half_too() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -345,16 +373,9 @@ async fn a_keepalive_timeout_ends_the_writer_half_too() {
     let server = tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
         let config = Config::default().keepalive(Duration::from_millis(200), Duration::from_millis(200));
-        let (mut reader, mut writer) = accept(stream, config).await.unwrap().split();
+        let (mut reader, writer) = accept(stream, config).await.unwrap().split();
         // The writer fills the socket of a peer that reads nothing, and waits for room.
-        let writing = tokio::spawn(async move {
-            let big = Bytes::from(vec![1u8; 64 * 1024]);
-            loop {
-                if let Err(error) = writer.send(Message::Binary(big.clone())).await {
-                    return error;
-                }
-            }
-        });
+        let writing = write_until_it_fails(writer);
         let read = reader.recv().await;
         let written = tokio::time::timeout(2 * SECOND, writing).await;
         (read, written)
@@ -373,16 +394,9 @@ async fn a_writer_half_waiting_for_room_ends_when_the_close_gives_up() {
     let server = tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
         let config = Config::default().close_timeout(Duration::from_millis(300));
-        let (mut reader, mut writer) = accept(stream, config).await.unwrap().split();
+        let (mut reader, writer) = accept(stream, config).await.unwrap().split();
         // The writer fills the socket of a peer that reads nothing, and waits for room.
-        let writing = tokio::spawn(async move {
-            let big = Bytes::from(vec![1u8; 64 * 1024]);
-            loop {
-                if let Err(error) = writer.send(Message::Binary(big.clone())).await {
-                    return error;
-                }
-            }
-        });
+        let writing = write_until_it_fails(writer);
         // The peer's close frame; our answer cannot be written, and the reader gives up at the
         // close deadline.
         let close = reader.recv().await;
@@ -392,9 +406,7 @@ async fn a_writer_half_waiting_for_room_ends_when_the_close_gives_up() {
     });
     let mut peer = silent_client(addr).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut conn = switchboard_ws::proto::Connection::new(switchboard_ws::Role::Client, Default::default());
-    conn.close(Some(CloseFrame::new(CloseCode::NORMAL, "bye"))).unwrap();
-    peer.write_all(&conn.take_output()).await.unwrap();
+    peer.write_all(&client_close_frame("bye")).await.unwrap();
     let (close, end, written) = tokio::time::timeout(10 * SECOND, server).await.unwrap().unwrap();
     assert!(matches!(close, Some(Ok(Message::Close(_)))), "{close:?}");
     assert!(end.is_none(), "{end:?}");
@@ -422,13 +434,7 @@ async fn a_keepalive_timeout_tells_the_peer_why_when_its_socket_has_room() {
             Ok(n) => received.extend_from_slice(&chunk[..n]),
         }
     }
-    let response_end = received.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    let mut conn = switchboard_ws::proto::Connection::new(switchboard_ws::Role::Client, Default::default());
-    conn.receive_data(&received[response_end..]);
-    let mut messages = Vec::new();
-    while let Ok(Some(message)) = conn.next_message() {
-        messages.push(message);
-    }
+    let messages = messages_after_the_response(&received);
     assert_eq!(
         messages.last(),
         Some(&Message::Close(Some(CloseFrame::new(CloseCode::GOING_AWAY, "keepalive timeout")))),
@@ -475,9 +481,7 @@ async fn a_server_is_done_once_the_close_handshake_is_over_though_the_client_kee
         (close, end, started.elapsed())
     });
     let mut peer = silent_client(addr).await;
-    let mut conn = switchboard_ws::proto::Connection::new(switchboard_ws::Role::Client, Default::default());
-    conn.close(Some(CloseFrame::new(CloseCode::NORMAL, "bye"))).unwrap();
-    peer.write_all(&conn.take_output()).await.unwrap();
+    peer.write_all(&client_close_frame("bye")).await.unwrap();
     let (close, end, took) = tokio::time::timeout(3 * SECOND, server).await.unwrap().unwrap();
     assert!(matches!(close, Some(Ok(Message::Close(_)))), "{close:?}");
     assert!(end.is_none());
@@ -486,9 +490,7 @@ async fn a_server_is_done_once_the_close_handshake_is_over_though_the_client_kee
     // The peer gets the server's close frame and its FIN.
     let mut received = Vec::new();
     tokio::time::timeout(2 * SECOND, peer.read_to_end(&mut received)).await.unwrap().unwrap();
-    let response_end = received.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    conn.receive_data(&received[response_end..]);
-    assert_eq!(conn.next_message().unwrap(), Some(Message::Close(Some(CloseFrame::new(1000, "")))));
+    assert_eq!(messages_after_the_response(&received), vec![Message::Close(Some(CloseFrame::new(1000, "")))]);
 }
 
 #[tokio::test]
