@@ -380,8 +380,8 @@ impl std::fmt::Debug for Decompressor {
 
 impl Decompressor {
     pub(crate) fn new(window_bits: u8, reset_each_message: bool) -> Self {
-        // At least 9: zlib compresses with a 9-bit window when asked for 8, so a peer that agreed
-        // to 8 may send what needs 9.
+        // At least 9: zlib inflates no raw stream with an 8-bit window, and 9 bits decode anything
+        // compressed for 8 (CONFORMANCE.md, "8-bit windows").
         let window_bits = window_bits_within_limits(window_bits).max(9);
         Self { stream: None, window_bits, reset_each_message, chunk: Vec::new() }
     }
