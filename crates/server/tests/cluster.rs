@@ -557,6 +557,61 @@ async fn a_redis_restarted_from_an_older_snapshot_starts_a_new_epoch_rather_than
 }
 
 #[tokio::test]
+async fn a_room_no_node_delivered_when_redis_went_back_gets_a_new_epoch_at_its_next_use() {
+    if !redis_support::available() {
+        return;
+    }
+    let mut redis = Redis::start_with(&["--save", "", "--appendonly", "no"]);
+    let (a, b) = (node(&redis.url(), &[]), node(&redis.url(), &[]));
+    // Node B has used this Redis before its restart (a publish in another room, which it does not
+    // deliver), so it must notice the restart rather than go by what it read then.
+    let mut writer_b = v1_client(&b.addr).await;
+    assert_eq!(publish(&mut writer_b, "elsewhere", "before").await["type"], "ack");
+    let (mut reader, first) = joined(&a.addr, "idle", "reader").await;
+    let old_epoch = first["epoch"].as_str().unwrap().to_owned();
+    let mut writer = v1_client(&a.addr).await;
+    for i in 0..2 {
+        publish(&mut writer, "idle", &format!("kept{i}")).await;
+    }
+    assert_eq!(redis.cli(&["SAVE"]), "OK");
+    for i in 0..2 {
+        publish(&mut writer, "idle", &format!("lost{i}")).await;
+    }
+    assert_eq!(offsets(&mut reader, 4).await, vec![1, 2, 3, 4]);
+    // The room's only node goes, so no running node saw it at offset 4 when Redis went back to 2.
+    drop((reader, writer, a));
+    redis.kill();
+    redis.restart();
+    assert_eq!(redis.cli(&["HGET", "sb:{idle}:m", "o"]), "2", "Redis went back to the snapshot");
+    // These take offsets 3 and 4 again: under the old epoch they would pass for the lost ones. The
+    // first may find node B still reconnecting.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut i = 0;
+    while i < 2 {
+        let ack = publish(&mut writer_b, "idle", &format!("new{i}")).await;
+        if ack["type"] == "ack" {
+            i += 1;
+        } else {
+            assert!(Instant::now() < deadline, "node B did not get its Redis back: {ack}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mut back = v1_client(&b.addr).await;
+    send(&mut back, json!({"type": "join", "room": "idle", "since": 4, "epoch": old_epoch})).await;
+    let rejoined = next_of(&mut back, "joined").await;
+    assert_eq!(
+        rejoined["recovered"], false,
+        "a reader that saw offset 4 must not be told it is up to date: {rejoined}"
+    );
+    assert_ne!(rejoined["epoch"], old_epoch.as_str(), "the reused offsets are under a new epoch");
+    let mut texts = Vec::new();
+    while !texts.contains(&"m new1".to_owned()) {
+        texts.push(next_of(&mut back, "message").await["message"].as_str().unwrap().to_owned());
+    }
+    assert!(texts.contains(&"m new0".to_owned()), "the new messages reach the reader: {texts:?}");
+}
+
+#[tokio::test]
 async fn a_room_that_goes_back_without_a_restart_is_caught_by_the_offsets_it_gives_out_again() {
     if !redis_support::available() {
         return;

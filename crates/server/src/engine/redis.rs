@@ -2,7 +2,8 @@
 //! number of `serve` nodes are one chat.
 //!
 //! **Keys** (per room, all with the room as hash tag, so that in a Redis Cluster they share a slot):
-//! `sb:{ROOM}:m` a hash with the room's last offset (`o`) and epoch (`e`); `sb:{ROOM}:s` the stream
+//! `sb:{ROOM}:m` a hash with the room's last offset (`o`), its epoch (`e`) and the run tag of the
+//! Redis process it was last used under (`r`, see `room_epoch_lua`); `sb:{ROOM}:s` the stream
 //! of messages, entry id `OFFSET-0`, trimmed to the retention count; `sb:{ROOM}:i` a sorted set of
 //! idempotency keys scored by offset, trimmed with the stream, so a retry is recognised for as long
 //! as its message is retained; `sb:{ROOM}:p` the room's presence (member id → `NODE\nNAME`);
@@ -27,7 +28,7 @@
 //! since a member is removed once, each gets exactly one leave event.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -60,8 +61,12 @@ pub struct RedisSettings {
 }
 
 /// The start of every script that reads a room's epoch (KEYS: meta, stream, idempotency set;
-/// ARGV[1]: a fresh epoch): a room without one (new, or its history lost with a Redis that kept no
-/// data) draws ARGV[1], and anything left of its stream and keys belongs to no epoch and goes.
+/// ARGV[1]: a fresh epoch, ARGV[2]: the shard's run tag, see [`Shard::run_tag`]). A room without an
+/// epoch (new, or its history lost with a Redis that kept no data) draws ARGV[1], and anything left
+/// of its stream and keys belongs to no epoch and goes. A room last used under another run tag (or
+/// none) draws ARGV[1] too: the Redis process restarted since, from a copy that may lack the room's
+/// last writes, and the next offsets it gives out may be ones clients have seen for other
+/// messages. The room keeps the tag (`r`), so it changes once per restart, whoever uses it first.
 /// Leaves the epoch in `e`.
 macro_rules! room_epoch_lua {
     () => {
@@ -72,20 +77,25 @@ if not e then
   redis.call('DEL', KEYS[2], KEYS[3])
   redis.call('HSET', KEYS[1], 'e', e, 'o', 0)
 end
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'r') ~= ARGV[2] then
+  e = ARGV[1]
+  redis.call('HSET', KEYS[1], 'e', e, 'r', ARGV[2])
+end
 "#
     };
 }
 
-/// One atomic publish. KEYS: meta, stream, idempotency set. ARGV: a fresh epoch (used if the room has
-/// none), the idempotency key ('' for none), the message body (JSON), the count to keep, the age to
-/// keep in ms (0: no limit), the channel, and the publish command (PUBLISH or SPUBLISH).
+/// One atomic publish. KEYS: meta, stream, idempotency set. ARGV: a fresh epoch and the run tag (see
+/// [`room_epoch_lua`]), the idempotency key ('' for none), the message body (JSON), the count to
+/// keep, the age to keep in ms (0: no limit), the channel, and the publish command (PUBLISH or
+/// SPUBLISH).
 /// Sent with EVAL, not EVALSHA: after a Redis restart EVALSHA fails with NOSCRIPT, and retrying only
 /// the failed calls could reorder one publisher's messages.
 const PUBLISH_SCRIPT: &str = concat!(
     room_epoch_lua!(),
     r#"
-if ARGV[2] ~= '' then
-  local prev = redis.call('ZSCORE', KEYS[3], ARGV[2])
+if ARGV[3] ~= '' then
+  local prev = redis.call('ZSCORE', KEYS[3], ARGV[3])
   if prev then
     local found = redis.call('XRANGE', KEYS[2], prev .. '-0', prev .. '-0')
     if #found > 0 then return {'dup', e, prev, found[1][2][2], found[1][2][4]} end
@@ -94,38 +104,32 @@ end
 local off = redis.call('HINCRBY', KEYS[1], 'o', 1)
 local now = redis.call('TIME')
 local ts = now[1] * 1000 + math.floor(now[2] / 1000)
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], off .. '-0', 'm', ARGV[3], 't', ts)
-if ARGV[2] ~= '' then
-  redis.call('ZADD', KEYS[3], off, ARGV[2])
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', off - ARGV[4])
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[5], off .. '-0', 'm', ARGV[4], 't', ts)
+if ARGV[3] ~= '' then
+  redis.call('ZADD', KEYS[3], off, ARGV[3])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', off - ARGV[5])
 end
-if tonumber(ARGV[5]) > 0 then
-  redis.call('PEXPIRE', KEYS[2], ARGV[5])
-  redis.call('PEXPIRE', KEYS[3], ARGV[5])
+if tonumber(ARGV[6]) > 0 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+  redis.call('PEXPIRE', KEYS[3], ARGV[6])
 end
-redis.call(ARGV[7], ARGV[6], '{"o":' .. off .. ',"e":"' .. e .. '","t":' .. ts .. ',"m":' .. ARGV[3] .. '}')
+redis.call(ARGV[8], ARGV[7], '{"o":' .. off .. ',"e":"' .. e .. '","t":' .. ts .. ',"m":' .. ARGV[4] .. '}')
 return {'ok', e, off, '', ts}
 "#
 );
 
-/// The room's top offset and epoch, drawing the epoch (ARGV[1]) if the room has none.
+/// The room's top offset and epoch (ARGV: a fresh epoch and the run tag, see [`room_epoch_lua`]).
 const TOP_SCRIPT: &str = concat!(room_epoch_lua!(), "return {redis.call('HGET', KEYS[1], 'o'), e}\n");
 
-/// A new epoch (ARGV[1]) for a room whose history went back: when its epoch is still the stale one
-/// (ARGV[2], '' for none) a node saw it under, or when the Redis process that restarted (its run id,
-/// ARGV[3], '' for none) has not given the room a new epoch yet. The room remembers that run id
-/// (`r`), so nodes and retries after one restart change it once, and a later restart again. Returns
-/// the top and the epoch.
+/// A new epoch (ARGV[1]) for a room whose history went back without a restart: when its epoch is
+/// still the stale one a node saw it under (ARGV[3]), so that nodes and retries change it once.
+/// ARGV[2] is the run tag (see [`room_epoch_lua`]). Returns the top and the epoch.
 const NEW_EPOCH_SCRIPT: &str = concat!(
     room_epoch_lua!(),
     r#"
-local r = redis.call('HGET', KEYS[1], 'r')
-if e == ARGV[2] or (ARGV[3] ~= '' and r ~= ARGV[3]) then
+if e == ARGV[3] then
   e = ARGV[1]
   redis.call('HSET', KEYS[1], 'e', e)
-end
-if ARGV[3] ~= '' then
-  redis.call('HSET', KEYS[1], 'r', ARGV[3])
 end
 return {redis.call('HGET', KEYS[1], 'o'), e}
 "#
@@ -369,11 +373,47 @@ struct Shard {
     wanted: Mutex<HashMap<String, watch::Sender<bool>>>,
     /// Set by the push sender when its queue was full: some message was dropped.
     overflowed: Arc<AtomicBool>,
+    /// How often the link lost its connection, counted by the push sender before the link connects
+    /// again: past one, the Redis on the other side may be another process.
+    disconnects: Arc<AtomicU64>,
+    /// The run tag as last read, with the count of disconnections it was read after.
+    run_tag: Mutex<Option<(u64, Arc<str>)>>,
 }
 
 impl Shard {
     fn wanted(&self) -> MutexGuard<'_, HashMap<String, watch::Sender<bool>>> {
         self.wanted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What every script that reads a room's epoch is given to find rooms last used before a restart
+    /// of Redis (see [`room_epoch_lua`]): the Redis process's `run_id` when a restart may lose
+    /// acknowledged writes (anything but `appendfsync always`), '' when it cannot or in a Redis
+    /// Cluster (where no one process answers). Read again after every lost connection, before the
+    /// link's next command can reach a restarted Redis; also the count of disconnections it was
+    /// read after, for [`Shard::restarted_since`].
+    async fn run_tag(&self) -> Result<(Arc<str>, u64), EngineError> {
+        let seen = self.disconnects.load(Ordering::SeqCst);
+        if let Some((at, tag)) = &*self.run_tag.lock().unwrap_or_else(|p| p.into_inner()) {
+            if *at == seen {
+                return Ok((tag.clone(), seen));
+            }
+        }
+        let mut link = self.link.clone();
+        let tag: Arc<str> = match run_id(&mut link).await? {
+            Some(run) if !matches!(Durability::of(&mut link).await, Durability::EveryWrite) => run.into(),
+            _ => "".into(),
+        };
+        *self.run_tag.lock().unwrap_or_else(|p| p.into_inner()) = Some((seen, tag.clone()));
+        Ok((tag, seen))
+    }
+
+    /// Whether commands sent with `tag`, read after `seen` disconnections, may have reached a Redis
+    /// that has restarted since (and so were not checked against its new run tag).
+    async fn restarted_since(&self, tag: &str, seen: u64) -> bool {
+        if self.disconnects.load(Ordering::SeqCst) == seen {
+            return false;
+        }
+        !matches!(self.run_tag().await, Ok((now, _)) if *now == *tag)
     }
 }
 
@@ -407,11 +447,18 @@ impl Shared {
     }
 
     async fn top(&self, room: &str) -> Result<Position, EngineError> {
-        let mut link = self.shard(room).link.clone();
-        let epoch = new_epoch();
-        let cmd = script(TOP_SCRIPT, &[&meta_key(room), &stream_key(room), &idem_key(room)], &[&epoch]);
-        let (offset, epoch): (u64, String) = link.query(&cmd).await?;
-        Ok(Position { offset, epoch: epoch.into() })
+        let shard = self.shard(room);
+        // A few tries, not a loop without end on a connection that keeps failing.
+        for _ in 0..3 {
+            let (tag, seen) = shard.run_tag().await?;
+            let cmd = script(TOP_SCRIPT, &[&meta_key(room), &stream_key(room), &idem_key(room)], &[&new_epoch(), &tag]);
+            let (offset, epoch): (u64, String) = shard.link.clone().query(&cmd).await?;
+            // Read from a Redis that restarted after the tag was: read again with its own.
+            if !shard.restarted_since(&tag, seen).await {
+                return Ok(Position { offset, epoch: epoch.into() });
+            }
+        }
+        Err(EngineError::Unavailable("redis: the connection kept failing while reading a room".into()))
     }
 
     /// Messages with offsets from `from` up to `to`, oldest first, at most `count`.
@@ -528,15 +575,20 @@ async fn check_shard_place(link: &mut Link, name: &str, index: usize, count: usi
 }
 
 /// The Redis server's `run_id`: new at every start of the process. `None` from a Redis Cluster
-/// (which node would answer is the client's choice) or when INFO is refused.
-async fn run_id(link: &mut Link) -> Option<String> {
+/// (which node would answer is the client's choice) or when INFO is refused or has none.
+async fn run_id(link: &mut Link) -> Result<Option<String>, EngineError> {
     if matches!(link, Link::Cluster(_)) {
-        return None;
+        return Ok(None);
     }
     let mut cmd = redis::cmd("INFO");
     cmd.arg("server");
-    let info: String = link.query(&cmd).await.ok()?;
-    info.lines().find_map(|line| line.strip_prefix("run_id:")).map(|id| id.trim().to_owned())
+    let info: String = match cmd.query_async(link).await {
+        Ok(info) => info,
+        // Refused (a managed service, an ACL): no run id to go by.
+        Err(error) if matches!(error.kind(), redis::ErrorKind::Server(_)) => return Ok(None),
+        Err(error) => return Err(unavailable(error)),
+    };
+    Ok(info.lines().find_map(|line| line.strip_prefix("run_id:")).map(|id| id.trim().to_owned()))
 }
 
 impl RedisConnector {
@@ -556,7 +608,14 @@ impl RedisConnector {
             let (push_tx, push_rx) = mpsc::channel(PUSH_QUEUE);
             let overflowed = Arc::new(AtomicBool::new(false));
             let flag = overflowed.clone();
+            let disconnects = Arc::new(AtomicU64::new(0));
+            let counter = disconnects.clone();
             let sender = move |info: PushInfo| {
+                if info.kind == PushKind::Disconnection {
+                    // Counted here, as the link starts to connect again, not when the subscriber
+                    // gets to it: the writer must not send on the new connection unaware.
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
                 if push_tx.try_send(info).is_err() {
                     flag.store(true, Ordering::Relaxed);
                 }
@@ -595,7 +654,15 @@ impl RedisConnector {
             }
             let (job_tx, job_rx) = mpsc::channel(PUBLISH_QUEUE);
             let (control_tx, control_rx) = mpsc::unbounded_channel();
-            shards.push(Shard { link, jobs: job_tx, control: control_tx, wanted: Mutex::default(), overflowed });
+            shards.push(Shard {
+                link,
+                jobs: job_tx,
+                control: control_tx,
+                wanted: Mutex::default(),
+                overflowed,
+                disconnects,
+                run_tag: Mutex::default(),
+            });
             pushes.push(push_rx);
             jobs.push(job_rx);
             controls.push(control_rx);
@@ -624,8 +691,7 @@ impl RedisConnector {
         let mut tasks = Vec::new();
         for (index, ((pushes, jobs), controls)) in pushes.into_iter().zip(jobs).zip(controls).enumerate() {
             tasks.push(tokio::spawn(write(shared.clone(), index, jobs)));
-            let subscriber =
-                Subscriber { shared: shared.clone(), index, sink: sink.clone(), tracked: HashMap::new(), run_id: None };
+            let subscriber = Subscriber { shared: shared.clone(), index, sink: sink.clone(), tracked: HashMap::new() };
             tasks.push(tokio::spawn(subscriber.run(pushes, controls)));
         }
         tasks.push(tokio::spawn(presence(Arc::downgrade(&shared), presence_rx)));
@@ -651,7 +717,17 @@ struct ControlMessage {
 async fn write(shared: Arc<Shared>, index: usize, mut jobs: mpsc::Receiver<Job>) {
     let mut batch = Vec::with_capacity(PUBLISH_BATCH);
     while jobs.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
-        let link = shared.shards[index].link.clone();
+        let shard = &shared.shards[index];
+        let (tag, seen) = match shard.run_tag().await {
+            Ok(tag) => tag,
+            Err(error) => {
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                continue;
+            }
+        };
+        let link = shard.link.clone();
         let publish = link.publish_command();
         let keep = shared.retention.max_messages.to_string();
         let age_ms = shared.retention.max_age.map_or(0, |age| age.as_millis() as u64).to_string();
@@ -668,6 +744,7 @@ async fn write(shared: Arc<Shared>, index: usize, mut jobs: mpsc::Receiver<Job>)
                 &[&meta_key(room), &stream_key(room), &idem_key(room)],
                 &[
                     &epoch_text(epochs.wrapping_add(i as u64)),
+                    &tag,
                     message.id.as_deref().unwrap_or(""),
                     &body,
                     &keep,
@@ -681,6 +758,17 @@ async fn write(shared: Arc<Shared>, index: usize, mut jobs: mpsc::Receiver<Job>)
             async move { cmd.query_async::<(String, String, u64, String, i64)>(&mut link).await }
         });
         let answers = join_all(calls).await;
+        if shard.restarted_since(&tag, seen).await {
+            // Redis restarted as the batch went out, and its new run tag was not read first: these
+            // rooms may have given out offsets again under their old epoch. Reading each room's top
+            // with the new tag starts its new epoch before anyone is told of the publish.
+            for (message, _) in &batch {
+                if let Err(error) = shared.top(&message.room).await {
+                    // The room keeps the old tag, so its next use starts the new epoch.
+                    tracing::warn!(%error, room = message.room, "checking a room after a redis restart");
+                }
+            }
+        }
         for ((message, reply), answer) in batch.drain(..).zip(answers) {
             let answer = answer.map_err(|error| {
                 if error.is_timeout() || error.is_connection_dropped() {
@@ -722,8 +810,6 @@ struct Subscriber {
     index: usize,
     sink: Arc<dyn Deliver>,
     tracked: HashMap<String, Tracked>,
-    /// The shard's Redis process as last seen (see [`Subscriber::recover`]).
-    run_id: Option<String>,
 }
 
 impl Subscriber {
@@ -734,7 +820,6 @@ impl Subscriber {
     async fn run(mut self, mut pushes: mpsc::Receiver<PushInfo>, mut controls: mpsc::UnboundedReceiver<Control>) {
         let mut health = tokio::time::interval(Duration::from_millis(250));
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        self.run_id = run_id(&mut self.shard().link.clone()).await;
         // The first shard's subscriber also takes the per-user commands of other nodes.
         let mut down = self.index == 0 && self.shard().link.clone().subscribe(CONTROL_CHANNEL).await.is_err();
         loop {
@@ -796,28 +881,8 @@ impl Subscriber {
             return false;
         }
         // A Redis that restarted without keeping every write (snapshots, `appendfsync everysec`) may
-        // have gone back to an older copy, and would give the lost messages' offsets to new ones
-        // under the same epoch: a room's top below what was delivered shows it, unless new messages
-        // have passed that top meanwhile. Each room this node delivers gets a new epoch, once (the
-        // first node to get there changes it; the others find it changed).
-        let now = run_id(&mut link).await;
-        if now.is_some()
-            && self.run_id.is_some()
-            && now != self.run_id
-            && !matches!(Durability::of(&mut link).await, Durability::EveryWrite)
-        {
-            let rooms: Vec<String> = self.tracked.keys().cloned().collect();
-            tracing::warn!(rooms = rooms.len(), "redis restarted and may have lost its last writes: new epochs");
-            for room in rooms {
-                // By the new run id alone: a room changes once for it, whichever node (or retry after
-                // a failure here) gets there first.
-                if let Err(error) = self.start_new_epoch(&room, "", now.as_deref()).await {
-                    tracing::warn!(%error, room, "starting a new epoch after a redis restart");
-                    return false;
-                }
-            }
-        }
-        self.run_id = now.or(self.run_id.take());
+        // have gone back to an older copy. Each room's confirmation reads its top with the new run
+        // tag, which gives it a new epoch (see `room_epoch_lua`), and catching up resets it.
         let rooms: Vec<String> = self.shard().wanted().keys().cloned().collect();
         for room in &rooms {
             if let Err(error) = link.subscribe(&channel(room)).await {
@@ -949,7 +1014,10 @@ impl Subscriber {
                 self.tracked.insert(room.to_owned(), tracked);
             }
             Some(tracked) if *tracked.epoch != *top.epoch => {
-                tracing::warn!(room, "room history was lost in redis (new epoch): its members rejoin");
+                tracing::warn!(
+                    room,
+                    "room has a new epoch in redis (its history was lost, or redis restarted): its members rejoin"
+                );
                 tracked.epoch = top.epoch.to_string();
                 tracked.last = top.offset;
                 // A lost room numbers from 1 again.
@@ -967,24 +1035,20 @@ impl Subscriber {
     }
 
     /// Redis went back to an older copy of `room` (this node saw offsets it no longer has, or gives
-    /// out again): a new epoch, unless another node changed it already.
+    /// out again) without a restart its run tag shows: a new epoch, unless another node changed it
+    /// already; delivery goes on from the top and the room's members are let go, to resume with
+    /// `recovered: false`.
     async fn went_back(&mut self, room: &str) -> Result<(), EngineError> {
         let Some(stale) = self.tracked.get(room).map(|tracked| tracked.epoch.clone()) else { return Ok(()) };
-        let run = self.run_id.clone();
-        self.start_new_epoch(room, &stale, run.as_deref()).await
-    }
-
-    /// Gives `room` a new epoch in Redis (see [`NEW_EPOCH_SCRIPT`] for when `stale` and `run` let
-    /// it), delivers from its top and lets its members go, to resume with `recovered: false`.
-    async fn start_new_epoch(&mut self, room: &str, stale: &str, run: Option<&str>) -> Result<(), EngineError> {
+        let (tag, _) = self.shard().run_tag().await?;
         let mut link = self.shard().link.clone();
         let keys = [meta_key(room), stream_key(room), idem_key(room)];
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let cmd = script(NEW_EPOCH_SCRIPT, &keys, &[&new_epoch(), stale, run.unwrap_or("")]);
+        let cmd = script(NEW_EPOCH_SCRIPT, &keys, &[&new_epoch(), &tag, &stale]);
         let (offset, epoch): (u64, String) = link.query(&cmd).await?;
         tracing::warn!(
             room,
-            "room history went back in redis (an older copy after a restart): new epoch, its members rejoin"
+            "room history went back in redis (an older copy was loaded): new epoch, its members rejoin"
         );
         if let Some(tracked) = self.tracked.get_mut(room) {
             tracked.epoch = epoch;
