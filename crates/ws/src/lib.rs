@@ -6,7 +6,8 @@
 //! - Client: [`connect`] and [`ClientBuilder`] (`ws://` and `wss://`, HTTP proxies via CONNECT,
 //!   WebSockets over HTTP/2 with [`ClientBuilder::http2`] and [`http2::Http2Connection`]), or
 //!   [`client_handshake`] over a stream you opened.
-//! - [`WebSocket`]: `recv`/`send`/`close`, `split` into halves for two tasks, `Stream`/`Sink`.
+//! - [`WebSocket`]: `recv`/`send`/`close`, `split` into halves for two tasks (`reunite` puts them
+//!   back), `Stream`/`Sink`.
 //! - [`Config`]: limits, keepalive, backpressure high-water mark, close and handshake timeouts.
 //!
 //! ```no_run
@@ -50,7 +51,7 @@ pub use client::{client_handshake, connect, ClientBuilder};
 pub use config::{Config, Keepalive};
 pub use error::{Error, Result};
 pub use proxy::Proxy;
-pub use socket::{WebSocket, WsReader, WsWriter};
+pub use socket::{ReuniteError, WebSocket, WsReader, WsWriter};
 pub use tls::ClientStream;
 pub use url::WsUrl;
 

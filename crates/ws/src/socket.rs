@@ -266,7 +266,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsReader<S> {
     pub fn is_pair_of(&self, writer: &WsWriter<S>) -> bool {
         Arc::ptr_eq(&self.shared, &writer.shared)
     }
+
+    /// Puts the two halves back together into the [`WebSocket`] they were split from, with
+    /// everything queued or half-read still in it. Halves of two different connections are given
+    /// back in the error.
+    pub fn reunite(self, writer: WsWriter<S>) -> std::result::Result<WebSocket<S>, ReuniteError<S>> {
+        if !self.is_pair_of(&writer) {
+            return Err(ReuniteError(self, writer));
+        }
+        drop(writer);
+        let Ok(shared) = Arc::try_unwrap(self.shared) else {
+            unreachable!("a split makes two halves and no other owner of what they share")
+        };
+        let core = shared.core.into_inner().unwrap_or_else(|p| p.into_inner());
+        Ok(WebSocket { core, protocol: shared.protocol })
+    }
 }
+
+/// Halves of two different connections, given to [`WsReader::reunite`]: here they are back.
+pub struct ReuniteError<S>(pub WsReader<S>, pub WsWriter<S>);
+
+impl<S> std::fmt::Debug for ReuniteError<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReuniteError(..)")
+    }
+}
+
+impl<S> std::fmt::Display for ReuniteError<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the reader and writer are halves of two different connections")
+    }
+}
+
+impl<S> std::error::Error for ReuniteError<S> {}
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsWriter<S> {
     /// The subprotocol agreed on in the handshake.

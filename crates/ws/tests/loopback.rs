@@ -7,7 +7,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use switchboard_ws::proto::frame::{FrameHeader, OpCode};
 use switchboard_ws::{
-    accept, accept_with, reject, Accept, ClientBuilder, CloseCode, CloseFrame, Config, Error, Message,
+    accept, accept_with, reject, Accept, ClientBuilder, CloseCode, CloseFrame, Config, Error, Message, ReuniteError,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -259,6 +259,33 @@ async fn split_halves_work_from_two_tasks() {
     writer.close(1000, "bye").await.unwrap();
     assert!(matches!(reader.recv().await, Some(Ok(Message::Close(_)))));
     assert!(tokio::time::timeout(2 * SECOND, reader.recv()).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn split_halves_reunite_into_their_connection_and_halves_of_two_are_given_back() {
+    let url = echo_server(Config::default()).await;
+    let (first, _) = switchboard_ws::connect(&url).await.unwrap();
+    let (second, _) = switchboard_ws::connect(&url).await.unwrap();
+    let (reader, mut writer) = first.split();
+    let (other_reader, other_writer) = second.split();
+    // Queued by the writer half, not flushed: it must travel with the reunited connection.
+    writer.feed("queued").await.unwrap();
+    let Err(ReuniteError(reader, other_writer)) = reader.reunite(other_writer) else {
+        panic!("halves of two connections were put together");
+    };
+    let mut ws = reader.reunite(writer).expect("the halves of one connection");
+    ws.send("after").await.unwrap();
+    for expected in ["queued", "after"] {
+        let message = tokio::time::timeout(5 * SECOND, ws.recv()).await.unwrap().unwrap().unwrap();
+        assert_eq!(message, Message::text(expected));
+    }
+    let mut other = other_reader.reunite(other_writer).expect("the halves given back still fit");
+    other.send("other").await.unwrap();
+    let message = tokio::time::timeout(5 * SECOND, other.recv()).await.unwrap().unwrap().unwrap();
+    assert_eq!(message, Message::text("other"));
+    ws.close(1000, "bye").await.unwrap();
+    assert!(matches!(ws.recv().await, Some(Ok(Message::Close(_)))));
+    assert!(tokio::time::timeout(2 * SECOND, ws.recv()).await.unwrap().is_none());
 }
 
 #[tokio::test]
