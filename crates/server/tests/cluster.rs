@@ -558,6 +558,16 @@ async fn a_redis_restarted_from_an_older_snapshot_starts_a_new_epoch_rather_than
 
 #[tokio::test]
 async fn a_room_no_node_delivered_when_redis_went_back_gets_a_new_epoch_at_its_next_use() {
+    room_no_node_delivered_when_redis_went_back(false).await;
+}
+
+#[tokio::test]
+async fn a_rollback_is_caught_even_when_redis_comes_back_with_appendfsync_always() {
+    // What the room's last messages were written under decides, not what Redis runs with now.
+    room_no_node_delivered_when_redis_went_back(true).await;
+}
+
+async fn room_no_node_delivered_when_redis_went_back(then_always: bool) {
     if !redis_support::available() {
         return;
     }
@@ -583,6 +593,10 @@ async fn a_room_no_node_delivered_when_redis_went_back_gets_a_new_epoch_at_its_n
     redis.kill();
     redis.restart();
     assert_eq!(redis.cli(&["HGET", "sb:{idle}:m", "o"]), "2", "Redis went back to the snapshot");
+    if then_always {
+        assert_eq!(redis.cli(&["CONFIG", "SET", "appendonly", "yes"]), "OK");
+        assert_eq!(redis.cli(&["CONFIG", "SET", "appendfsync", "always"]), "OK");
+    }
     // These take offsets 3 and 4 again: under the old epoch they would pass for the lost ones. The
     // first may find node B still reconnecting.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -61,13 +61,13 @@ pub struct RedisSettings {
 }
 
 /// The start of every script that reads a room's epoch (KEYS: meta, stream, idempotency set;
-/// ARGV[1]: a fresh epoch, ARGV[2]: the shard's run tag, see [`Shard::run_tag`]). A room without an
-/// epoch (new, or its history lost with a Redis that kept no data) draws ARGV[1], and anything left
-/// of its stream and keys belongs to no epoch and goes. A room last used under another run tag (or
-/// none) draws ARGV[1] too: the Redis process restarted since, from a copy that may lack the room's
-/// last writes, and the next offsets it gives out may be ones clients have seen for other
-/// messages. The room keeps the tag (`r`), so it changes once per restart, whoever uses it first.
-/// Leaves the epoch in `e`.
+/// ARGV[1]: a fresh epoch; ARGV[2] and ARGV[3]: the shard's [`RunTag`], its run id ('' when unknown)
+/// and '1' when a restart may lose acknowledged writes). A room without an epoch (new, or its
+/// history lost with a Redis that kept no data) draws ARGV[1], and anything left of its stream and
+/// keys belongs to no epoch and goes. A room last used under a Redis process that could lose writes
+/// (its run id in `r`) and has restarted since draws ARGV[1] too: the copy Redis came back with may
+/// lack the room's last messages, and the next offsets it gives out may be ones clients have seen
+/// for those. Leaves the epoch in `e`.
 macro_rules! room_epoch_lua {
     () => {
         r#"
@@ -77,25 +77,33 @@ if not e then
   redis.call('DEL', KEYS[2], KEYS[3])
   redis.call('HSET', KEYS[1], 'e', e, 'o', 0)
 end
-if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'r') ~= ARGV[2] then
-  e = ARGV[1]
-  redis.call('HSET', KEYS[1], 'e', e, 'r', ARGV[2])
+if ARGV[2] ~= '' then
+  local r = redis.call('HGET', KEYS[1], 'r')
+  if r and r ~= ARGV[2] then
+    e = ARGV[1]
+    redis.call('HSET', KEYS[1], 'e', e)
+  end
+  if ARGV[3] == '1' then
+    if r ~= ARGV[2] then redis.call('HSET', KEYS[1], 'r', ARGV[2]) end
+  elseif r then
+    redis.call('HDEL', KEYS[1], 'r')
+  end
 end
 "#
     };
 }
 
-/// One atomic publish. KEYS: meta, stream, idempotency set. ARGV: a fresh epoch and the run tag (see
-/// [`room_epoch_lua`]), the idempotency key ('' for none), the message body (JSON), the count to
-/// keep, the age to keep in ms (0: no limit), the channel, and the publish command (PUBLISH or
-/// SPUBLISH).
+/// One atomic publish. KEYS: meta, stream, idempotency set. ARGV: a fresh epoch and the run tag's
+/// two (see [`room_epoch_lua`]), the idempotency key ('' for none), the message body (JSON), the
+/// count to keep, the age to keep in ms (0: no limit), the channel, and the publish command
+/// (PUBLISH or SPUBLISH).
 /// Sent with EVAL, not EVALSHA: after a Redis restart EVALSHA fails with NOSCRIPT, and retrying only
 /// the failed calls could reorder one publisher's messages.
 const PUBLISH_SCRIPT: &str = concat!(
     room_epoch_lua!(),
     r#"
-if ARGV[3] ~= '' then
-  local prev = redis.call('ZSCORE', KEYS[3], ARGV[3])
+if ARGV[4] ~= '' then
+  local prev = redis.call('ZSCORE', KEYS[3], ARGV[4])
   if prev then
     local found = redis.call('XRANGE', KEYS[2], prev .. '-0', prev .. '-0')
     if #found > 0 then return {'dup', e, prev, found[1][2][2], found[1][2][4]} end
@@ -104,30 +112,31 @@ end
 local off = redis.call('HINCRBY', KEYS[1], 'o', 1)
 local now = redis.call('TIME')
 local ts = now[1] * 1000 + math.floor(now[2] / 1000)
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[5], off .. '-0', 'm', ARGV[4], 't', ts)
-if ARGV[3] ~= '' then
-  redis.call('ZADD', KEYS[3], off, ARGV[3])
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', off - ARGV[5])
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], off .. '-0', 'm', ARGV[5], 't', ts)
+if ARGV[4] ~= '' then
+  redis.call('ZADD', KEYS[3], off, ARGV[4])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', off - ARGV[6])
 end
-if tonumber(ARGV[6]) > 0 then
-  redis.call('PEXPIRE', KEYS[2], ARGV[6])
-  redis.call('PEXPIRE', KEYS[3], ARGV[6])
+if tonumber(ARGV[7]) > 0 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+  redis.call('PEXPIRE', KEYS[3], ARGV[7])
 end
-redis.call(ARGV[8], ARGV[7], '{"o":' .. off .. ',"e":"' .. e .. '","t":' .. ts .. ',"m":' .. ARGV[4] .. '}')
+redis.call(ARGV[9], ARGV[8], '{"o":' .. off .. ',"e":"' .. e .. '","t":' .. ts .. ',"m":' .. ARGV[5] .. '}')
 return {'ok', e, off, '', ts}
 "#
 );
 
-/// The room's top offset and epoch (ARGV: a fresh epoch and the run tag, see [`room_epoch_lua`]).
+/// The room's top offset and epoch (ARGV: a fresh epoch and the run tag's two, see
+/// [`room_epoch_lua`]).
 const TOP_SCRIPT: &str = concat!(room_epoch_lua!(), "return {redis.call('HGET', KEYS[1], 'o'), e}\n");
 
 /// A new epoch (ARGV[1]) for a room whose history went back without a restart: when its epoch is
-/// still the stale one a node saw it under (ARGV[3]), so that nodes and retries change it once.
-/// ARGV[2] is the run tag (see [`room_epoch_lua`]). Returns the top and the epoch.
+/// still the stale one a node saw it under (ARGV[4]), so that nodes and retries change it once.
+/// ARGV[2] and ARGV[3] are the run tag's (see [`room_epoch_lua`]). Returns the top and the epoch.
 const NEW_EPOCH_SCRIPT: &str = concat!(
     room_epoch_lua!(),
     r#"
-if e == ARGV[3] then
+if e == ARGV[4] then
   e = ARGV[1]
   redis.call('HSET', KEYS[1], 'e', e)
 end
@@ -373,11 +382,33 @@ struct Shard {
     wanted: Mutex<HashMap<String, watch::Sender<bool>>>,
     /// Set by the push sender when its queue was full: some message was dropped.
     overflowed: Arc<AtomicBool>,
-    /// How often the link lost its connection, counted by the push sender before the link connects
-    /// again: past one, the Redis on the other side may be another process.
+    /// How often the link lost its connection (Disconnection pushes, counted by the push sender):
+    /// past one, the Redis on the other side may be another process.
     disconnects: Arc<AtomicU64>,
     /// The run tag as last read, with the count of disconnections it was read after.
-    run_tag: Mutex<Option<(u64, Arc<str>)>>,
+    run_tag: Mutex<Option<(u64, RunTag)>>,
+}
+
+/// What the scripts that read a room's epoch are given to find rooms last used before a restart of
+/// Redis that may have lost their last messages (see [`room_epoch_lua`]).
+#[derive(Clone, PartialEq)]
+struct RunTag {
+    /// The Redis process's `run_id`; '' when unknown (INFO refused, or a Redis Cluster, where no one
+    /// process answers): no check then.
+    run: Arc<str>,
+    /// Whether a restart of this process may lose acknowledged writes (anything but `appendfsync
+    /// always`, or settings it would not tell).
+    lossy: bool,
+}
+
+impl RunTag {
+    fn lossy_arg(&self) -> &'static str {
+        if self.lossy {
+            "1"
+        } else {
+            ""
+        }
+    }
 }
 
 impl Shard {
@@ -385,13 +416,10 @@ impl Shard {
         self.wanted.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// What every script that reads a room's epoch is given to find rooms last used before a restart
-    /// of Redis (see [`room_epoch_lua`]): the Redis process's `run_id` when a restart may lose
-    /// acknowledged writes (anything but `appendfsync always`), '' when it cannot or in a Redis
-    /// Cluster (where no one process answers). Read again after every lost connection, before the
-    /// link's next command can reach a restarted Redis; also the count of disconnections it was
-    /// read after, for [`Shard::restarted_since`].
-    async fn run_tag(&self) -> Result<(Arc<str>, u64), EngineError> {
+    /// The shard's [`RunTag`], read again after every lost connection (the Redis that answers next
+    /// may be another process), with the count of disconnections it was read after, for
+    /// [`Shard::restarted_since`].
+    async fn run_tag(&self) -> Result<(RunTag, u64), EngineError> {
         let seen = self.disconnects.load(Ordering::SeqCst);
         if let Some((at, tag)) = &*self.run_tag.lock().unwrap_or_else(|p| p.into_inner()) {
             if *at == seen {
@@ -399,21 +427,24 @@ impl Shard {
             }
         }
         let mut link = self.link.clone();
-        let tag: Arc<str> = match run_id(&mut link).await? {
-            Some(run) if !matches!(Durability::of(&mut link).await, Durability::EveryWrite) => run.into(),
-            _ => "".into(),
+        let tag = match run_id(&mut link).await? {
+            Some(run) => {
+                let lossy = !matches!(Durability::of(&mut link).await?, Durability::EveryWrite);
+                RunTag { run: run.into(), lossy }
+            }
+            None => RunTag { run: "".into(), lossy: true },
         };
         *self.run_tag.lock().unwrap_or_else(|p| p.into_inner()) = Some((seen, tag.clone()));
         Ok((tag, seen))
     }
 
-    /// Whether commands sent with `tag`, read after `seen` disconnections, may have reached a Redis
-    /// that has restarted since (and so were not checked against its new run tag).
-    async fn restarted_since(&self, tag: &str, seen: u64) -> bool {
+    /// Whether a command sent with `tag`, read after `seen` disconnections, may have reached a Redis
+    /// that has restarted since (and so was not checked against its new run id).
+    async fn restarted_since(&self, tag: &RunTag, seen: u64) -> bool {
         if self.disconnects.load(Ordering::SeqCst) == seen {
             return false;
         }
-        !matches!(self.run_tag().await, Ok((now, _)) if *now == *tag)
+        !matches!(self.run_tag().await, Ok((now, _)) if now == *tag)
     }
 }
 
@@ -451,7 +482,9 @@ impl Shared {
         // A few tries, not a loop without end on a connection that keeps failing.
         for _ in 0..3 {
             let (tag, seen) = shard.run_tag().await?;
-            let cmd = script(TOP_SCRIPT, &[&meta_key(room), &stream_key(room), &idem_key(room)], &[&new_epoch(), &tag]);
+            let keys = [meta_key(room), stream_key(room), idem_key(room)];
+            let cmd =
+                script(TOP_SCRIPT, &keys.each_ref().map(String::as_str), &[&new_epoch(), &tag.run, tag.lossy_arg()]);
             let (offset, epoch): (u64, String) = shard.link.clone().query(&cmd).await?;
             // Read from a Redis that restarted after the tag was: read again with its own.
             if !shard.restarted_since(&tag, seen).await {
@@ -492,12 +525,25 @@ pub struct RedisConnector {
 }
 
 /// One setting of the Redis server (`CONFIG GET`); `None` when refused (managed services refuse it).
-async fn config_value(link: &mut Link, name: &str) -> Option<String> {
+async fn config_value(link: &mut Link, name: &str) -> Result<Option<String>, EngineError> {
     let mut cmd = redis::cmd("CONFIG");
     cmd.arg("GET").arg(name);
     // A map in RESP3 (what the links speak), pairs in RESP2: a map reads both.
-    let answer: HashMap<String, String> = link.query(&cmd).await.ok()?;
-    Some(answer.get(name).cloned().unwrap_or_default())
+    let answer: Option<HashMap<String, String>> = refusable(cmd.query_async(link).await, "CONFIG GET")?;
+    Ok(answer.map(|answer| answer.get(name).cloned().unwrap_or_default()))
+}
+
+/// A command's answer; `None` when Redis refused the command itself (renamed away, or not allowed
+/// to this user, as managed services and ACLs do), which is logged; other failures are errors.
+fn refusable<T>(answer: redis::RedisResult<T>, what: &str) -> Result<Option<T>, EngineError> {
+    match answer {
+        Ok(value) => Ok(Some(value)),
+        Err(error) if matches!(error.code(), Some("NOPERM" | "ERR")) => {
+            tracing::warn!(%error, "redis refused {what}");
+            Ok(None)
+        }
+        Err(error) => Err(unavailable(error)),
+    }
 }
 
 /// What a Redis server keeps through a restart, from its settings.
@@ -515,16 +561,16 @@ enum Durability {
 }
 
 impl Durability {
-    async fn of(link: &mut Link) -> Self {
-        match (config_value(link, "appendonly").await.as_deref(), config_value(link, "appendfsync").await) {
+    async fn of(link: &mut Link) -> Result<Self, EngineError> {
+        Ok(match (config_value(link, "appendonly").await?.as_deref(), config_value(link, "appendfsync").await?) {
             (Some("yes"), Some(fsync)) if fsync == "always" => Self::EveryWrite,
             (Some("yes"), Some(fsync)) => Self::Log(fsync),
-            (Some(_), Some(_)) => match config_value(link, "save").await.filter(|save| !save.is_empty()) {
+            (Some(_), Some(_)) => match config_value(link, "save").await?.filter(|save| !save.is_empty()) {
                 Some(save) => Self::Snapshots(save),
                 None => Self::Nothing,
             },
             _ => Self::Unknown,
-        }
+        })
     }
 }
 
@@ -582,13 +628,8 @@ async fn run_id(link: &mut Link) -> Result<Option<String>, EngineError> {
     }
     let mut cmd = redis::cmd("INFO");
     cmd.arg("server");
-    let info: String = match cmd.query_async(link).await {
-        Ok(info) => info,
-        // Refused (a managed service, an ACL): no run id to go by.
-        Err(error) if matches!(error.kind(), redis::ErrorKind::Server(_)) => return Ok(None),
-        Err(error) => return Err(unavailable(error)),
-    };
-    Ok(info.lines().find_map(|line| line.strip_prefix("run_id:")).map(|id| id.trim().to_owned()))
+    let info: Option<String> = refusable(cmd.query_async(link).await, "INFO: restarts that lose writes go unseen")?;
+    Ok(info.and_then(|info| info.lines().find_map(|line| line.strip_prefix("run_id:")).map(|id| id.trim().to_owned())))
 }
 
 impl RedisConnector {
@@ -612,8 +653,8 @@ impl RedisConnector {
             let counter = disconnects.clone();
             let sender = move |info: PushInfo| {
                 if info.kind == PushKind::Disconnection {
-                    // Counted here, as the link starts to connect again, not when the subscriber
-                    // gets to it: the writer must not send on the new connection unaware.
+                    // Counted here, not when the subscriber gets to it: the link is reconnecting
+                    // already, and the writer should learn of it before it sends again.
                     counter.fetch_add(1, Ordering::SeqCst);
                 }
                 if push_tx.try_send(info).is_err() {
@@ -648,7 +689,8 @@ impl RedisConnector {
                     client.get_connection_manager_with_config(config).await.map_err(|e| open(&name, e.to_string()))?;
                 Link::Single(manager)
             };
-            tracing::info!(redis = %name, durability = %Durability::of(&mut link).await, "connected to redis");
+            let durability = Durability::of(&mut link).await.map_err(|e| open(&name, e.to_string()))?;
+            tracing::info!(redis = %name, %durability, "connected to redis");
             if !settings.cluster {
                 check_shard_place(&mut link, &name, shards.len(), settings.urls.len()).await?;
             }
@@ -718,8 +760,8 @@ async fn write(shared: Arc<Shared>, index: usize, mut jobs: mpsc::Receiver<Job>)
     let mut batch = Vec::with_capacity(PUBLISH_BATCH);
     while jobs.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
         let shard = &shared.shards[index];
-        let (tag, seen) = match shard.run_tag().await {
-            Ok(tag) => tag,
+        let tag = match shard.run_tag().await {
+            Ok((tag, _)) => tag,
             Err(error) => {
                 for (_, reply) in batch.drain(..) {
                     let _ = reply.send(Err(error.clone()));
@@ -744,7 +786,8 @@ async fn write(shared: Arc<Shared>, index: usize, mut jobs: mpsc::Receiver<Job>)
                 &[&meta_key(room), &stream_key(room), &idem_key(room)],
                 &[
                     &epoch_text(epochs.wrapping_add(i as u64)),
-                    &tag,
+                    &tag.run,
+                    tag.lossy_arg(),
                     message.id.as_deref().unwrap_or(""),
                     &body,
                     &keep,
@@ -758,17 +801,6 @@ async fn write(shared: Arc<Shared>, index: usize, mut jobs: mpsc::Receiver<Job>)
             async move { cmd.query_async::<(String, String, u64, String, i64)>(&mut link).await }
         });
         let answers = join_all(calls).await;
-        if shard.restarted_since(&tag, seen).await {
-            // Redis restarted as the batch went out, and its new run tag was not read first: these
-            // rooms may have given out offsets again under their old epoch. Reading each room's top
-            // with the new tag starts its new epoch before anyone is told of the publish.
-            for (message, _) in &batch {
-                if let Err(error) = shared.top(&message.room).await {
-                    // The room keeps the old tag, so its next use starts the new epoch.
-                    tracing::warn!(%error, room = message.room, "checking a room after a redis restart");
-                }
-            }
-        }
         for ((message, reply), answer) in batch.drain(..).zip(answers) {
             let answer = answer.map_err(|error| {
                 if error.is_timeout() || error.is_connection_dropped() {
@@ -1043,8 +1075,11 @@ impl Subscriber {
         let (tag, _) = self.shard().run_tag().await?;
         let mut link = self.shard().link.clone();
         let keys = [meta_key(room), stream_key(room), idem_key(room)];
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let cmd = script(NEW_EPOCH_SCRIPT, &keys, &[&new_epoch(), &tag, &stale]);
+        let cmd = script(
+            NEW_EPOCH_SCRIPT,
+            &keys.each_ref().map(String::as_str),
+            &[&new_epoch(), &tag.run, tag.lossy_arg(), &stale],
+        );
         let (offset, epoch): (u64, String) = link.query(&cmd).await?;
         tracing::warn!(
             room,
