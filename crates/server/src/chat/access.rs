@@ -149,6 +149,9 @@ impl Verifier {
     pub fn expecting(mut self, audience: Option<&str>, issuer: Option<&str>) -> Self {
         match audience {
             Some(audience) => {
+                // `set_audience` alone leaves `validate_aud` as `new` set it (off): then any `aud`
+                // passed, a token minted for another service on the same key among them.
+                self.validation.validate_aud = true;
                 self.validation.set_audience(&[audience]);
                 self.validation.required_spec_claims.insert("aud".into());
             }
@@ -389,6 +392,33 @@ mod tests {
         assert!(!id.may_join("teamx") && !id.may_join("other"));
         let open = verifier.verify(&mint(b"secret", &claims(None, None, None)).unwrap()).unwrap();
         assert!(open.may_join("anything") && open.may_publish("anything"));
+    }
+
+    #[test]
+    fn an_expected_audience_and_issuer_are_checked_by_value() {
+        let sign = |claims: serde_json::Value| {
+            let key = jsonwebtoken::EncodingKey::from_secret(b"secret");
+            jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
+        };
+        let verifier = Verifier::hs256(b"secret").expecting(Some("chat"), Some("issuer"));
+        let exp = unix_now() + 60;
+        for aud in [serde_json::json!("chat"), serde_json::json!(["other", "chat"])] {
+            let token = sign(serde_json::json!({"sub": "a", "exp": exp, "aud": aud, "iss": "issuer"}));
+            assert!(verifier.verify(&token).is_ok(), "aud {aud}");
+        }
+        let refused = [
+            serde_json::json!({"sub": "a", "exp": exp, "aud": "another-service", "iss": "issuer"}),
+            serde_json::json!({"sub": "a", "exp": exp, "aud": ["another-service"], "iss": "issuer"}),
+            serde_json::json!({"sub": "a", "exp": exp, "iss": "issuer"}),
+            serde_json::json!({"sub": "a", "exp": exp, "aud": "chat", "iss": "someone-else"}),
+            serde_json::json!({"sub": "a", "exp": exp, "aud": "chat"}),
+        ];
+        for claims in refused {
+            assert!(matches!(verifier.verify(&sign(claims.clone())), Err(AuthError::Invalid(_))), "{claims}");
+        }
+        // Without an expected audience, a token's `aud` is not looked at.
+        let any = Verifier::hs256(b"secret");
+        assert!(any.verify(&sign(serde_json::json!({"sub": "a", "exp": exp, "aud": "whatever"}))).is_ok());
     }
 
     #[test]
