@@ -217,13 +217,12 @@ fn an_unusable_database_path_stops_serve_with_the_reason() {
     assert!(stderr.contains("no/such/dir/chat.db"), "{stderr}");
 }
 
-#[test]
-fn a_second_server_on_the_same_database_is_refused_and_the_first_keeps_it() {
-    let (first, db) = support::start_serve(&[]);
+/// Starts `serve` on `db` and expects it to exit, refused; its stderr.
+fn refused_serve(db: &std::path::Path) -> String {
     let addr = format!("127.0.0.1:{}", support::free_port());
     let mut second = support::switchboard()
         .args(["serve", "--listen", &addr, "--db"])
-        .arg(&db)
+        .arg(db)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -236,13 +235,29 @@ fn a_second_server_on_the_same_database_is_refused_and_the_first_keeps_it() {
         }
         if started.elapsed() > std::time::Duration::from_secs(10) {
             let _ = second.kill();
-            panic!("a second server on the same database started");
+            panic!("a second server on the same database started ({})", db.display());
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     assert!(!status.success());
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
+    stderr
+}
+
+#[test]
+fn a_second_server_on_the_same_database_is_refused_and_the_first_keeps_it() {
+    let (first, db) = support::start_serve(&[]);
+    let stderr = refused_serve(&db);
+    assert!(stderr.contains("another switchboard process has this database open"), "{stderr}");
+    // The same file by another name: a symbolic link to it, and a path through a linked directory.
+    let linked = db.with_file_name("linked.db");
+    std::os::unix::fs::symlink(&db, &linked).unwrap();
+    let stderr = refused_serve(&linked);
+    assert!(stderr.contains("another switchboard process has this database open"), "{stderr}");
+    let dir_link = support::temp_dir("dir-link").join("dir");
+    std::os::unix::fs::symlink(db.parent().unwrap(), &dir_link).unwrap();
+    let stderr = refused_serve(&dir_link.join(db.file_name().unwrap()));
     assert!(stderr.contains("another switchboard process has this database open"), "{stderr}");
     // The first one is untouched, and once it is gone the file opens again.
     assert_eq!(support::http_json(&first.addr, "GET", "/healthz", None, None).0, 200);

@@ -70,8 +70,10 @@ pub struct Store {
 /// start, and give the first one's numbers to other messages. The lock is on a file beside the
 /// database (`chat.db.lock`), not on the database: a second handle on the database itself, once
 /// closed, would drop SQLite's own locks. The kernel lets go of it when the process ends, however.
+/// It is beside the file the path leads to, through symbolic links, so that one file under two
+/// names is one lock.
 fn lock_database(path: &Path) -> Result<std::fs::File, String> {
-    let mut lock_path = path.as_os_str().to_owned();
+    let mut lock_path = real_path(path).into_os_string();
     lock_path.push(".lock");
     let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock_path);
     let file = file.map_err(|e| format!("{}: {e}", Path::new(&lock_path).display()))?;
@@ -81,6 +83,19 @@ fn lock_database(path: &Path) -> Result<std::fs::File, String> {
              (one server per database file: stop the other one first; nodes of a cluster share Redis, not a file)"
             .to_owned()),
         Err(std::fs::TryLockError::Error(e)) => Err(format!("could not lock it: {e}")),
+    }
+}
+
+/// The path with symbolic links resolved; for a file not created yet, its directory's real path
+/// with its name (as given, if even that cannot be resolved: opening it will say why).
+fn real_path(path: &Path) -> PathBuf {
+    if let Ok(real) = std::fs::canonicalize(path) {
+        return real;
+    }
+    let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    match (std::fs::canonicalize(dir), path.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => path.to_owned(),
     }
 }
 
