@@ -76,6 +76,11 @@ settings! {
         /// [default: 10].
         #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_SECS")]
         handshake_timeout_secs: u64 = 10,
+        /// Seconds a connection may go without taking a byte of what the server has to send before
+        /// it is closed: a client that stopped reading (an SSE stream or a long poll's answer, also
+        /// when its session was let go for not keeping up) [default: 20].
+        #[arg(long, env = "SWITCHBOARD_SEND_TIMEOUT_SECS")]
+        send_timeout_secs: u64 = 20,
         /// Largest request head (request line and headers) of any request, the WebSocket handshake
         /// included, in bytes; a longer one gets 431. Over HTTP/2, the largest header list.
         /// 1024 to 1048576 [default: 8192].
@@ -347,6 +352,7 @@ impl ServeConfig {
             "connection limits must be at least 1"
         );
         anyhow::ensure!(server.handshake_timeout_secs() > 0, "handshake_timeout_secs must be at least 1");
+        anyhow::ensure!(server.send_timeout_secs() > 0, "send_timeout_secs must be at least 1");
         anyhow::ensure!(server.sse_heartbeat_secs() > 0, "sse_heartbeat_secs must be at least 1");
         anyhow::ensure!(
             (MIN_REQUEST_HEAD_BYTES..=MAX_REQUEST_HEAD_BYTES).contains(&server.max_request_head_bytes()),
@@ -434,6 +440,10 @@ impl ServeConfig {
     /// The handshake timeout.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.server.handshake_timeout_secs())
+    }
+
+    pub fn send_timeout(&self) -> Duration {
+        Duration::from_secs(self.server.send_timeout_secs())
     }
 
     /// How long shutdown waits.

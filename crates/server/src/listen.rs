@@ -58,6 +58,9 @@ pub struct Admission {
     /// Peers that forward for clients (PROXY headers are taken only from them when the list is not
     /// empty; their HTTP connections count in the total only).
     pub trusted: Arc<TrustedProxies>,
+    /// A connection that takes no byte of what is written to it for this long fails its writes
+    /// (see [`Admitted`]); none waits as long as the peer likes.
+    pub send_timeout: Option<Duration>,
 }
 
 /// Accepts until `stop` resolves, admitting each connection or refusing it before reading a byte.
@@ -145,7 +148,7 @@ fn admit(admission: &Admission, handler: &impl Handler, stream: TcpStream, peer:
             }
         }
     };
-    let stream = Admitted { inner: stream, _permit: permit };
+    let stream = Admitted { inner: stream, _permit: permit, send_timeout: admission.send_timeout, stall: None };
     match &admission.tls {
         None => handler.plain(stream, peer),
         Some(acceptor) => handler.tls(stream, peer, acceptor.clone()),
@@ -189,10 +192,49 @@ where
 }
 
 /// A connection's stream, carrying its place in the connection count for as long as it lives (through
-/// the upgrade into a WebSocket session).
+/// the upgrade into a WebSocket session). With a send timeout, a write that finds no room for that
+/// long fails (`TimedOut`), and the connection with it: hyper polls a response body only when it
+/// can write, so an SSE stream to a client that stopped reading would otherwise hold its socket and
+/// its places in the limits for as long as the client keeps the connection open, its session long
+/// since let go.
 pub struct Admitted<S> {
     inner: S,
     _permit: Option<Permit>,
+    send_timeout: Option<Duration>,
+    /// Made when a write first finds no room, and kept: armed (at the time the connection gives
+    /// up) while writes wait, disarmed by the next write that goes through.
+    stall: Option<Stall>,
+}
+
+struct Stall {
+    timer: Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+}
+
+impl<S> Admitted<S> {
+    /// What a write's poll means for the stall timer: a write that went through (or failed) disarms
+    /// it, one that waits for room arms it (if not already) and fails once it fires.
+    fn watch_stall<T>(&mut self, cx: &mut Context<'_>, write: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        let Some(limit) = self.send_timeout else { return write };
+        if write.is_ready() {
+            if let Some(stall) = self.stall.as_mut() {
+                stall.armed = false;
+            }
+            return write;
+        }
+        let stall = self.stall.get_or_insert_with(|| Stall { timer: Box::pin(tokio::time::sleep(limit)), armed: true });
+        if !stall.armed {
+            stall.timer.as_mut().reset(tokio::time::Instant::now() + limit);
+            stall.armed = true;
+        }
+        match stall.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the peer took nothing of what was sent for {} s", limit.as_secs()),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl<S> Admitted<S> {
@@ -211,14 +253,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for Admitted<S> {
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Admitted<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let write = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch_stall(cx, write)
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let write = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch_stall(cx, write)
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()

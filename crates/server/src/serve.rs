@@ -153,6 +153,7 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
         tls,
         proxy_protocol: config.server.proxy_protocol().then(|| config.handshake_timeout()),
         trusted,
+        send_timeout: Some(config.send_timeout()),
     };
     listen::accept_loop(&listener, admission, handler, stop).await;
 

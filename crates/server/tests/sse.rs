@@ -398,7 +398,16 @@ async fn a_listener_is_present_while_connected_and_idle_streams_hear_a_heartbeat
 
 #[tokio::test]
 async fn a_stream_that_does_not_read_is_cut_off_like_a_slow_websocket() {
-    let (server, _db) = start_serve(&["--rate-limit", "0", "--outbox-messages", "16", "--max-message-chars", "60000"]);
+    let (server, _db) = start_serve(&[
+        "--rate-limit",
+        "0",
+        "--outbox-messages",
+        "16",
+        "--max-message-chars",
+        "60000",
+        "--send-timeout-secs",
+        "1",
+    ]);
     // Opened, and never read again.
     let mut stalled = Stream::open(&server.addr, "room=slow&name=stalled", "");
     stalled.next_of("joined");
@@ -427,11 +436,12 @@ async fn a_stream_that_does_not_read_is_cut_off_like_a_slow_websocket() {
         assert!(Instant::now() < deadline, "the stalled stream is still a member: {names:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    drop(stalled);
-    // Counted as a slow consumer, by its transport (once the server has seen its connection go); what
+    // Counted as a slow consumer, by its transport, once the server has closed the connection that
+    // took nothing for --send-timeout-secs: the client keeps it open and still reads nothing. What
     // it did take counts as delivered over SSE.
     let metrics =
         support::metrics::wait_for(&server.addr, r#"switchboard_slow_consumer_cuts_total{transport="sse"}"#, 1.0);
+    drop(stalled);
     assert_eq!(
         support::metrics::sample(&metrics, r#"switchboard_slow_consumer_cuts_total{transport="sse"}"#),
         Some(1.0)
