@@ -63,7 +63,7 @@ pub enum Command {
         reuse_port: bool,
         /// Worker threads: 0 is one per core (tokio's multi-threaded runtime), 1 a current-thread
         /// runtime (with --reuse-port, the way to run one process per core), N a multi-threaded
-        /// runtime of N workers.
+        /// runtime of N workers (at most 1024).
         #[arg(long, default_value_t = 0, env = "SWITCHBOARD_THREADS")]
         threads: usize,
         /// Largest handshake request head, in bytes; a longer one gets 431 (as `serve`'s setting).

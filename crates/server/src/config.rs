@@ -59,6 +59,9 @@ macro_rules! settings {
 pub const MIN_REQUEST_HEAD_BYTES: usize = 1024;
 /// The most it can be.
 pub const MAX_REQUEST_HEAD_BYTES: usize = 1 << 20;
+/// The most worker threads `--threads` may ask for: far past any core count, short of what a
+/// process can start (each thread reserves a stack).
+pub const MAX_THREADS: usize = 1024;
 
 settings! {
     /// `[server]`: the listening socket, TLS, the life of a connection.
@@ -137,7 +140,7 @@ settings! {
         #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE_SECS")]
         shutdown_grace_secs: u64 = 5,
         /// Worker threads: 0 is one per core (tokio's multi-threaded runtime), 1 a current-thread
-        /// runtime, N a multi-threaded runtime of N workers [default: 0].
+        /// runtime, N a multi-threaded runtime of N workers (at most 1024) [default: 0].
         #[arg(long, env = "SWITCHBOARD_THREADS")]
         threads: usize = 0,
     }
@@ -374,6 +377,9 @@ impl ServeConfig {
         anyhow::ensure!(cluster.presence_lease_secs() > 0, "presence_lease_secs must be at least 1");
         let rate = limits.rate_limit();
         anyhow::ensure!(rate.is_finite() && rate >= 0.0, "rate_limit must be a number of messages per second");
+        // A burst of 0 would refuse every publish the rate allows.
+        anyhow::ensure!(limits.rate_burst() > 0, "rate_burst must be at least 1");
+        anyhow::ensure!(server.threads() <= MAX_THREADS, "threads must be 0 (one per core) to {MAX_THREADS}");
         anyhow::ensure!(server.tls_cert.is_some() == server.tls_key.is_some(), "tls_cert and tls_key go together");
         anyhow::ensure!(
             !(self.auth.jwt_secret.is_some() && self.auth.jwt_public_key.is_some()),
@@ -434,7 +440,7 @@ impl ServeConfig {
     /// The per-connection message rate, or none.
     pub fn rate_limit(&self) -> Option<RateLimit> {
         let per_sec = self.limits.rate_limit();
-        (per_sec > 0.0).then(|| RateLimit { per_sec, burst: self.limits.rate_burst().max(1) })
+        (per_sec > 0.0).then(|| RateLimit { per_sec, burst: self.limits.rate_burst() })
     }
 
     /// The handshake timeout.
@@ -545,6 +551,9 @@ mod tests {
         refused(&|a| a.auth.api_key = Some(String::new()), "api_key is empty");
         refused(&|a| a.auth.allowed_origins = Some(vec!["chat.example.com".into()]), "is not an origin");
         refused(&|a| a.chat.default_room = Some("bad room".into()), "default_room: invalid room name");
+        refused(&|a| a.limits.rate_burst = Some(0), "rate_burst must be at least 1");
+        refused(&|a| a.server.threads = Some(100_000), "threads must be 0 (one per core) to 1024");
+        refused(&|a| a.server.send_timeout_secs = Some(0), "send_timeout_secs must be at least 1");
         let mut args = ServeArgs::default();
         args.auth.allowed_origins = Some(vec!["HTTPS://Chat.example.com".into(), "*".into(), String::new()]);
         args.auth.api_key = Some("k".into());

@@ -134,6 +134,12 @@ fn main() -> anyhow::Result<()> {
 /// The runtime for `threads` workers: 0 is tokio's multi-threaded default (one per core), 1 a
 /// current-thread runtime (no worker threads, no cross-thread scheduling), N that many workers.
 fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    // `serve` checks its setting with the rest; this is `echo`'s check.
+    anyhow::ensure!(
+        threads <= switchboard::config::MAX_THREADS,
+        "--threads must be 0 (one per core) to {}",
+        switchboard::config::MAX_THREADS
+    );
     let mut builder = match threads {
         1 => tokio::runtime::Builder::new_current_thread(),
         _ => tokio::runtime::Builder::new_multi_thread(),
