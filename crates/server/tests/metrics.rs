@@ -73,6 +73,40 @@ async fn a_publish_and_its_delivery_a_bad_handshake_and_a_bad_token_are_counted(
     assert_eq!(sample(&text, "switchboard_rooms"), Some(1.0), "{text}");
 }
 
+/// A session ended by the rate limit while publishes it sent were still being stored: every
+/// message stored counts as published, and the end as one refusal for the rate.
+#[tokio::test]
+async fn publishes_stored_after_their_session_ended_count_and_so_does_the_rate_cut() {
+    let (server, _db) = start_serve(&["--rate-limit", "1", "--rate-burst", "200", "--api-key", "k"]);
+    let addr = &server.addr;
+    let mut ws = v1_client(addr).await;
+    // Back to back, no waiting for acks: the 201st message ends the session.
+    for i in 0..400 {
+        let publish = json!({"type": "publish", "room": "burst", "message": format!("m{i}")});
+        if ws.feed(publish.to_string()).await.is_err() {
+            break;
+        }
+    }
+    let _ = ws.flush().await;
+    assert_eq!(support::chat::next_close(&mut ws).await.map(|(code, _)| code), Some(1008));
+    let text = wait_for(addr, r#"switchboard_messages_refused_total{reason="rate_limit"}"#, 1.0);
+    assert_eq!(sample(&text, r#"switchboard_messages_refused_total{reason="rate_limit"}"#), Some(1.0), "{text}");
+    // What was stored, once the engine has stored all it was given.
+    let stored = loop {
+        let last =
+            |()| support::http_json(addr, "GET", "/api/rooms/burst/history?limit=1", Some("k"), None).1["last"].clone();
+        let before = last(());
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        if last(()) == before {
+            break before.as_f64().unwrap();
+        }
+    };
+    assert!(stored >= 1.0);
+    let series = r#"switchboard_messages_published_total{transport="websocket"}"#;
+    let text = wait_for(addr, series, stored);
+    assert_eq!(sample(&text, series), Some(stored), "{stored} stored:\n{text}");
+}
+
 /// The client publish over HTTP (`POST /publish`, for SSE and long polling) and the server API's
 /// publish count their refusals as the WebSocket's do.
 #[tokio::test]

@@ -2,15 +2,18 @@
 //! and one queued engine publish per room, in order.
 
 use std::collections::HashSet;
-use std::time::SystemTime;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::{Instant, SystemTime};
 
 use super::access::Identity;
 use super::limits::SessionLimits;
 use super::message::{check_name, check_room, now_hms, NewMessage, Refusal};
 use super::wire::ErrorCode;
 use super::Core;
-use crate::engine::{Engine, EngineError, PendingPublish};
-use crate::metrics::metrics;
+use crate::engine::{Engine, EngineError, PendingPublish, Published};
+use crate::metrics::{metrics, Transport};
 
 /// A publish that passed validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,7 +114,9 @@ pub fn submit(
     engine: &dyn Engine,
     publish: PublishRequest,
     now: SystemTime,
-) -> Vec<(String, Result<PendingPublish, EngineError>)> {
+    transport: Transport,
+) -> Vec<(String, Result<Counted, EngineError>)> {
+    let started = Instant::now();
     let time = now_hms(now);
     publish
         .rooms
@@ -124,9 +129,56 @@ pub fn submit(
                 message: publish.message.clone(),
                 time: time.clone(),
             });
-            (room, queued)
+            (room, queued.map(|pending| Counted { pending: Some(pending), transport, started }))
         })
         .collect()
+}
+
+/// A publish given to the engine, counted in the metrics once stored, whether or not anyone still
+/// waits for its answer: a session that ends (cut for its rate, closed by its client) or an HTTP
+/// client that goes with publishes in flight does not take them back.
+pub struct Counted {
+    /// Until the engine has answered.
+    pending: Option<PendingPublish>,
+    transport: Transport,
+    started: Instant,
+}
+
+impl Future for Counted {
+    type Output = Result<Published, EngineError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let Some(pending) = this.pending.as_mut() else { return Poll::Pending };
+        let result = ready!(pending.as_mut().poll(cx));
+        this.pending = None;
+        if let Ok(published) = &result {
+            count_stored(published, this.transport);
+            metrics().publish_acked(this.transport, this.started.elapsed());
+        }
+        Poll::Ready(result)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let Some(pending) = self.pending.take() else { return };
+        // Rare (a publish in flight when its session ends), so a task of its own is no burden.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let transport = self.transport;
+            runtime.spawn(async move {
+                if let Ok(published) = pending.await {
+                    count_stored(&published, transport);
+                }
+            });
+        }
+    }
+}
+
+fn count_stored(published: &Published, transport: Transport) {
+    if !published.is_duplicate() {
+        metrics().messages_published.inc(transport);
+    }
 }
 
 #[cfg(test)]

@@ -528,8 +528,8 @@ impl Session {
                 match publish::prepare_client_publish(&self.core, &identity, rooms, message, name, message_id) {
                     // Each room beyond the first is one more message against the rate limit.
                     Ok(publish) if !self.charge(publish.rooms.len() - 1) => {
-                        metrics().message_refused("rate_limit");
-                        Err((POLICY_VIOLATION, "message rate limit exceeded".into()))
+                        let end = rate_exceeded();
+                        Err((end.code, end.reason))
                     }
                     Ok(publish) => match publish::check_grants(&identity, &publish) {
                         Ok(()) => Ok(self.publish(publish, req)),
@@ -730,16 +730,13 @@ impl Session {
 
     fn publish(&mut self, publish: PublishRequest, req: Option<Value>) -> Vec<String> {
         let mut immediate = Vec::new();
-        let (transport, started) = (self.transport, std::time::Instant::now());
-        for (_, queued) in publish::submit(self.core.engine.as_ref(), publish, self.core.clock.wall()) {
+        let transport = self.transport;
+        for (_, queued) in publish::submit(self.core.engine.as_ref(), publish, self.core.clock.wall(), transport) {
             let req = req.clone();
             match queued {
                 Ok(pending) => self.push_pending(Box::pin(async move {
                     let text = match pending.await {
-                        Ok(published) => {
-                            count_published(&published, transport, started);
-                            ack(&published, req.as_ref())
-                        }
+                        Ok(published) => ack(&published, req.as_ref()),
                         Err(error) => unavailable(&error, req.as_ref()),
                     };
                     Completion(Done::Reply(Some(text)))
@@ -786,7 +783,9 @@ fn anonymous() -> Arc<Identity> {
     ANONYMOUS.get_or_init(|| Arc::new(Identity::anonymous())).clone()
 }
 
+/// The end of a session over its message rate, counted as a refused message.
 fn rate_exceeded() -> End {
+    metrics().message_refused("rate_limit");
     End::new(POLICY_VIOLATION, "message rate limit exceeded")
 }
 
@@ -809,13 +808,6 @@ fn unavailable(error: &EngineError, req: Option<&Value>) -> String {
 }
 
 /// Counts a publish the engine answered: stored (not a duplicate), and how long the ack took.
-pub(crate) fn count_published(published: &Published, transport: Transport, started: std::time::Instant) {
-    if !published.is_duplicate() {
-        metrics().messages_published.inc(transport);
-    }
-    metrics().publish_acked(transport, started.elapsed());
-}
-
 /// The seed server stored whatever JSON it got; a non-string name or message is kept as its JSON text.
 fn plain_string(value: Value) -> String {
     match value {

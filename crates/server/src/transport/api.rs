@@ -10,8 +10,6 @@
 //! history), rooms listed are this node's, and the per-user commands reach every node through the
 //! engine ([`crate::engine::Engine::broadcast`]).
 
-use std::time::Instant;
-
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -225,9 +223,8 @@ pub async fn api_publish(State(state): State<AppState>, headers: HeaderMap, byte
 /// Stores a checked publish in each of its rooms; the acknowledgements, or 503 `unavailable`. The
 /// tail of both HTTP publishes: this API's and the clients' `POST /publish`.
 pub async fn submit(core: &Core, publish: PublishRequest) -> Answer<PublishAnswer> {
-    let started = Instant::now();
     let mut acks = Vec::new();
-    for (_, queued) in publish::submit(core.engine.as_ref(), publish, core.clock.wall()) {
+    for (_, queued) in publish::submit(core.engine.as_ref(), publish, core.clock.wall(), Transport::Http) {
         let outcome = match queued {
             Ok(pending) => pending.await,
             Err(e) => Err(e),
@@ -236,7 +233,6 @@ pub async fn submit(core: &Core, publish: PublishRequest) -> Answer<PublishAnswe
             metrics().message_refused(ErrorCode::Unavailable.label());
             unavailable(&e)
         })?;
-        crate::chat::session::count_published(&published, Transport::Http, started);
         acks.push(ack_item(&published));
     }
     Ok(Json(PublishAnswer { kind: "ack", acks }))
