@@ -157,6 +157,21 @@ async fn a_users_sessions_are_subscribed_unsubscribed_and_disconnected_and_no_on
     assert_eq!(status, 400, "whitespace alone is not a JSON body");
     let (status, bad) = post(addr, "/api/users/bob/disconnect", json!({"code": 1006}));
     assert_eq!((status, bad["code"].as_str()), (400, Some("bad_request")), "{bad}");
+    // The reason's limit counts characters, as the document's maxLength does: 120 two-byte ones
+    // pass (a close frame carries what fits its 123 bytes), 121 do not.
+    let (status, answer) = post(addr, "/api/users/carol/disconnect", json!({"reason": "é".repeat(120)}));
+    assert_eq!(status, 200, "{answer}");
+    let (status, bad) = post(addr, "/api/users/carol/disconnect", json!({"reason": "é".repeat(121)}));
+    assert_eq!((status, bad["code"].as_str()), (400, Some("bad_request")), "{bad}");
+    // A user is named: an empty sub is refused, not taken as a user with no name.
+    for (path, body) in [
+        ("/api/users//disconnect", json!({})),
+        ("/api/users//subscribe", json!({"room": "lobby"})),
+        ("/api/users//unsubscribe", json!({"room": "lobby"})),
+    ] {
+        let (status, bad) = post(addr, path, body);
+        assert_eq!((status, bad["message"].as_str()), (400, Some("the user's sub is empty")), "{path}: {bad}");
+    }
 }
 
 #[test]

@@ -183,6 +183,8 @@ pub struct PublishAnswer {
     responses(
         (status = 200, description = "Stored in every room", body = PublishAnswer),
         (status = 400, description = "Bad JSON, an invalid room, too many rooms, `room` and `rooms` both, a message or name too long (`too_long`)", body = ApiError),
+        (status = 408, description = "The body did not arrive within the handshake timeout", body = ApiError),
+        (status = 413, description = "The body is over the size limit (`too_long`)", body = ApiError),
         (status = 401, description = "No API key, or a wrong one", body = ApiError),
         (status = 404, description = "The API is off (no --api-key)", body = ApiError),
         (status = 503, description = "The history store could not store it; retry (the id keeps it once)", body = ApiError),
@@ -542,6 +544,8 @@ pub async fn history(
     responses(
         (status = 200, description = "Removed; offsets go on from where they were", body = HistoryRemoved),
         (status = 400, description = "An invalid room name", body = ApiError),
+        (status = 408, description = "The body did not arrive within the handshake timeout", body = ApiError),
+        (status = 413, description = "The body is over the size limit (`too_long`)", body = ApiError),
         (status = 401, description = "No API key, or a wrong one", body = ApiError),
         (status = 404, description = "The API is off (no --api-key)", body = ApiError),
         (status = 503, description = "The history store could not do it", body = ApiError),
@@ -568,7 +572,8 @@ pub struct DisconnectBody {
     #[schema(value_type = Option<u16>, minimum = 3000, maximum = 4999)]
     #[serde(default, deserialize_with = "whole_number")]
     pub code: Option<f64>,
-    /// The close reason (default "disconnected by the server").
+    /// The close reason (default "disconnected by the server"); a WebSocket's close frame carries
+    /// its first 123 bytes.
     #[schema(max_length = 120)]
     pub reason: Option<String>,
 }
@@ -606,12 +611,17 @@ pub struct UserAnswer {
 }
 
 const SUB_PARAM: &str = "The user: the `sub` of its tokens";
+/// Longest close reason `disconnect` takes.
+const MAX_REASON_CHARS: usize = 120;
 
 async fn user_command(state: &AppState, headers: &HeaderMap, command: UserCommand) -> Response {
     let core = &state.ws.core;
     let outcome = async {
         authorize(core, headers)?;
         let sub = command.sub().to_owned();
+        if sub.is_empty() {
+            return Err(bad_request("the user's sub is empty"));
+        }
         let sessions_here = Deliver::command(&*core.hub, &command).await;
         let all_nodes = core.engine.broadcast(&command).await.map_err(|e| unavailable(&e))?;
         Ok::<_, Failure>(Json(UserAnswer { sub, sessions_here, all_nodes }))
@@ -623,7 +633,9 @@ async fn user_command(state: &AppState, headers: &HeaderMap, command: UserComman
     params(("sub" = String, Path, min_length = 1, description = SUB_PARAM)), request_body = Option<DisconnectBody>,
     responses(
         (status = 200, description = "The user's sessions were closed (with the code and reason), on every node", body = UserAnswer),
-        (status = 400, description = "Bad JSON, or a close code outside 3000-4999", body = ApiError),
+        (status = 400, description = "Bad JSON, a close code outside 3000-4999, a reason over 120 characters, or an empty sub", body = ApiError),
+        (status = 408, description = "The body did not arrive within the handshake timeout", body = ApiError),
+        (status = 413, description = "The body is over the size limit (`too_long`)", body = ApiError),
         (status = 401, description = "No API key, or a wrong one", body = ApiError),
         (status = 404, description = "The API is off (no --api-key)", body = ApiError),
         (status = 503, description = "The command could not reach the other nodes", body = ApiError),
@@ -657,8 +669,10 @@ pub async fn disconnect(
         }
     };
     let reason = request.reason.unwrap_or_else(|| "disconnected by the server".into());
-    if reason.len() > 120 {
-        return authorized_or(&state, &headers, bad_request("the reason is longer than 120 bytes"));
+    // Characters, as the document's `maxLength` counts; a close frame cuts it to its 123 bytes.
+    if reason.chars().count() > MAX_REASON_CHARS {
+        let message = format!("the reason is longer than {MAX_REASON_CHARS} characters");
+        return authorized_or(&state, &headers, bad_request(message));
     }
     user_command(&state, &headers, UserCommand::Disconnect { sub, code, reason }).await
 }
@@ -682,7 +696,9 @@ fn room_command(state: &AppState, headers: &HeaderMap, bytes: &[u8]) -> Result<S
     params(("sub" = String, Path, min_length = 1, description = SUB_PARAM)), request_body = RoomBody,
     responses(
         (status = 200, description = "The user's sessions joined the room (each gets `joined`, then live messages), on every node", body = UserAnswer),
-        (status = 400, description = "Bad JSON, or an invalid room", body = ApiError),
+        (status = 400, description = "Bad JSON, an invalid room, or an empty sub", body = ApiError),
+        (status = 408, description = "The body did not arrive within the handshake timeout", body = ApiError),
+        (status = 413, description = "The body is over the size limit (`too_long`)", body = ApiError),
         (status = 401, description = "No API key, or a wrong one", body = ApiError),
         (status = 404, description = "The API is off (no --api-key)", body = ApiError),
         (status = 503, description = "The command could not reach the other nodes", body = ApiError),
@@ -703,7 +719,9 @@ pub async fn subscribe(
     params(("sub" = String, Path, min_length = 1, description = SUB_PARAM)), request_body = RoomBody,
     responses(
         (status = 200, description = "The user's sessions left the room (each gets `left` with reason `unsubscribed`), on every node", body = UserAnswer),
-        (status = 400, description = "Bad JSON, or an invalid room", body = ApiError),
+        (status = 400, description = "Bad JSON, an invalid room, or an empty sub", body = ApiError),
+        (status = 408, description = "The body did not arrive within the handshake timeout", body = ApiError),
+        (status = 413, description = "The body is over the size limit (`too_long`)", body = ApiError),
         (status = 401, description = "No API key, or a wrong one", body = ApiError),
         (status = 404, description = "The API is off (no --api-key)", body = ApiError),
         (status = 503, description = "The command could not reach the other nodes", body = ApiError),
@@ -727,8 +745,12 @@ struct ApiKey;
 impl Modify for ApiKey {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
-        let scheme =
-            HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("The server's --api-key")).build();
+        let scheme = HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .description(Some(
+                "The server's --api-key, as `Authorization: Bearer KEY` or in an `X-Api-Key: KEY` header",
+            ))
+            .build();
         components.add_security_scheme("api_key", SecurityScheme::Http(scheme));
     }
 }
