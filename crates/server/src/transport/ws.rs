@@ -188,6 +188,12 @@ fn run<S: Socket>(
                 // (and the rate limit bounds how much reading there is).
                 incoming = poll_fn(|cx| gate.poll_recv(&mut ws, cx)) => match incoming {
                     None => Err(Stop::Dropped),
+                    Some(Err(switchboard_ws::Error::KeepaliveTimeout(_))) => {
+                        // The only word of it: the client is not reading, so it is told with a
+                        // 1001 close frame at best.
+                        tracing::info!(member = session.member_id(), "keepalive: no answer to a ping, closing");
+                        Ok(Outgoing::Nothing)
+                    }
                     Some(Err(error)) => {
                         tracing::debug!(member = session.member_id(), %error, "protocol error");
                         Ok(Outgoing::Nothing)
