@@ -158,7 +158,11 @@ impl Metrics {
             "WebSocket handshakes accepted, by HTTP version (1.1: Upgrade, 2: extended CONNECT)",
         );
         let websocket_handshakes = ["1.1", "2"].map(|v| handshakes.get_or_create(&[("http", v)]).clone());
-        let auth_failures = counters(&mut registry, "auth_failures", "Tokens refused, by reason (invalid, expired)");
+        let auth_failures = counters(
+            &mut registry,
+            "auth_failures",
+            "Tokens refused, by reason (invalid, expired), and server API calls without the right key (api_key)",
+        );
         let engine_errors = counters(
             &mut registry,
             "engine_errors",
@@ -190,7 +194,7 @@ impl Metrics {
         let tasks = gauge(&mut registry, "tasks", "Tokio tasks alive");
         precreate(&connections_refused, "reason", &Refusal::ALL.map(Refusal::label));
         precreate(&messages_refused, "reason", &MESSAGE_REFUSALS);
-        precreate(&auth_failures, "reason", &["invalid", "expired"]);
+        precreate(&auth_failures, "reason", &["invalid", "expired", "api_key"]);
         precreate(&engine_errors, "kind", &ENGINE_ERRORS);
         Self {
             registry,
@@ -227,7 +231,7 @@ impl Metrics {
         self.messages_refused.get_or_create(&[("reason", reason)]).inc();
     }
 
-    /// A token refused: `invalid` or `expired`.
+    /// A token refused (`invalid`, `expired`), or a server API call without the right key (`api_key`).
     pub fn auth_failed(&self, reason: &'static str) {
         self.auth_failures.get_or_create(&[("reason", reason)]).inc();
     }

@@ -127,6 +127,11 @@ async fn publishes_refused_over_http_are_counted() {
         Some(1.0),
         "{text}"
     );
+    // Server API calls with a wrong key, or none, are auth failures of their own.
+    assert_eq!(support::http_json(addr, "GET", "/api/info", Some("wrong"), None).0, 401);
+    assert_eq!(support::http_json(addr, "GET", "/api/info", None, None).0, 401);
+    let series = r#"switchboard_auth_failures_total{reason="api_key"}"#;
+    assert_eq!(sample(&wait_for(addr, series, 2.0), series), Some(2.0));
 }
 
 #[tokio::test]

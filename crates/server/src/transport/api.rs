@@ -111,6 +111,7 @@ fn authorize(core: &Core, headers: &HeaderMap) -> Result<(), Failure> {
     if presented.is_some_and(|key| core.access.api_key_matches(key)) {
         Ok(())
     } else {
+        metrics().auth_failed("api_key");
         Err(fail(
             StatusCode::UNAUTHORIZED,
             ErrorCode::NotAllowed,
