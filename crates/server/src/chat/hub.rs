@@ -818,7 +818,8 @@ impl Deliver for Hub {
             }
         }
         for id in stalled {
-            tracing::info!(conn = id, "outbox full: dropping a client that does not keep up");
+            // Logged with the client's address when its session ends.
+            tracing::debug!(conn = id, "outbox full: dropping a client that does not keep up");
             self.cut_conn(&mut guard, id, Cut::Slow);
         }
         drop(guard);

@@ -754,6 +754,12 @@ impl Drop for Session {
         // SSE stream's body is not polled again before its connection is dropped.
         if self.outbox.cut() == Some(Cut::Slow) {
             metrics().slow_consumer_cuts.inc(self.transport);
+            tracing::info!(
+                conn = self.conn,
+                peer = self.peer.map(tracing::field::display),
+                transport = ?self.transport,
+                "let go for not reading fast enough"
+            );
         }
         self.core.hub.unregister(self.conn);
     }
