@@ -72,6 +72,37 @@ fn a_stream_resumes_by_last_event_id_with_exactly_what_it_missed() {
 }
 
 #[test]
+fn a_stream_cut_right_after_its_joined_event_resumes_with_the_same_replay() {
+    let (server, _db) = start_serve(&["--rate-limit", "0"]);
+    for i in 0..120 {
+        publish(&server.addr, &json!({"room": "r", "message": format!("m{i}")}).to_string(), None);
+    }
+    // A fresh stream replays the recent messages after its `joined`; cut before the first of them.
+    let mut fresh = Stream::open(&server.addr, "room=r", "");
+    let joined = fresh.next_of("joined");
+    let replay_from = fresh.next_of("message").json()["offset"].as_u64().unwrap();
+    assert!(replay_from > 1, "a fresh stream replays only the recent messages ({replay_from})");
+    drop(fresh);
+    let id = joined.id.expect("the joined event carries the cursor");
+    let mut back = Stream::open(&server.addr, "room=r", &format!("Last-Event-ID: {id}\r\n"));
+    let rejoined = back.next_of("joined").json();
+    assert_eq!(rejoined["recovered"], true, "nothing was lost: {rejoined}");
+    assert_eq!(back.next_of("message").json()["offset"].as_u64(), Some(replay_from), "the same replay, no more");
+    // A cursor that says "from now on" (u64::MAX) is the room's last offset once joined: the next
+    // poll from the cursor it is given waits for new messages, rather than replay from offset 0.
+    let epoch = rejoined["epoch"].as_str().unwrap();
+    use base64::Engine as _;
+    let now_on =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(r#"{{"r":["{epoch}",{}]}}"#, u64::MAX));
+    let (status, answer) = poll(&server.addr, &format!("room=r&cursor={now_on}&wait=0"));
+    assert_eq!((status, texts(&answer)), (200, Vec::<&str>::new()), "{answer}");
+    let cursor = answer["cursor"].as_str().unwrap().to_owned();
+    let (status, answer) = poll(&server.addr, &format!("room=r&cursor={cursor}&wait=0"));
+    assert_eq!((status, texts(&answer)), (200, Vec::<&str>::new()), "nothing old comes back: {answer}");
+    assert_eq!(answer["notices"], json!([]), "{answer}");
+}
+
+#[test]
 fn a_cursor_from_another_history_is_told_recovered_false() {
     let (server, _db) = start_serve(&[]);
     publish(&server.addr, r#"{"room":"r","message":"one"}"#, None);

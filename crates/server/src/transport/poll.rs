@@ -245,7 +245,15 @@ struct Collected {
 }
 
 impl Collected {
-    fn take(&mut self, envelope: &str) {
+    /// A batch of replies, each `joined` placed before the replay that follows it.
+    fn take_all(&mut self, replies: &[String]) {
+        for (i, reply) in replies.iter().enumerate() {
+            self.take(reply, replies.get(i + 1).map(String::as_str));
+        }
+    }
+
+    /// One envelope; `next` is the one after it in the same batch.
+    fn take(&mut self, envelope: &str, next: Option<&str>) {
         // A message (most of what a poll carries) is placed by its first fields, as SSE places it,
         // and passed on without being parsed into a tree and written out again.
         if let Some((room, offset)) = sse::message_place(envelope) {
@@ -261,7 +269,7 @@ impl Collected {
         match value["type"].as_str() {
             Some("joined") => {
                 self.joined += 1;
-                self.cursor.joined_envelope(&room, &value);
+                self.cursor.joined_envelope(&room, &value, sse::replay_from(&room, next));
                 if value["recovered"] == false {
                     self.notices.push(value);
                 }
@@ -287,20 +295,15 @@ struct Answer {
 async fn answer(session: &mut Session, rooms: &[String], cursor: Cursor, wait: Duration) -> Result<String, End> {
     let mut collected = Collected { cursor, messages: Vec::new(), notices: Vec::new(), joined: 0, failed: None };
     for room in rooms {
-        for reply in session.on_text(&sse::join_request(room, &collected.cursor, None))? {
-            collected.take(&reply);
-        }
+        let replies = session.on_text(&sse::join_request(room, &collected.cursor, None))?;
+        collected.take_all(&replies);
     }
     // Every room's `joined` and replay first; the wait starts after them.
     let deadline = tokio::time::Instant::now() + wait.max(Duration::from_secs(1)) + Duration::from_secs(5);
     while collected.joined < rooms.len() {
         let (completions, _) = session.streams();
         match tokio::time::timeout_at(deadline, completions.next()).await {
-            Ok(done) => {
-                for reply in session.complete(done)? {
-                    collected.take(&reply);
-                }
-            }
+            Ok(done) => collected.take_all(&session.complete(done)?),
             Err(_) => return Err(End::new(1013, "the history did not answer in time")),
         }
     }
@@ -312,9 +315,9 @@ async fn answer(session: &mut Session, rooms: &[String], cursor: Cursor, wait: D
         let (_, deliveries) = session.streams();
         match tokio::time::timeout_at(until, deliveries.next()).await {
             Ok(Some(bytes)) => {
-                collected.take(&bytes);
+                collected.take(&bytes, None);
                 while let Some(bytes) = session.try_delivery() {
-                    collected.take(&bytes);
+                    collected.take(&bytes, None);
                 }
             }
             Ok(None) => return Err(session.cut_off()),

@@ -143,21 +143,27 @@ impl Cursor {
         self.places.get(room).map(|(epoch, offset)| (epoch.as_str(), *offset))
     }
 
-    /// After a `joined`: the room's epoch is `epoch`; offsets of another one are void.
-    /// After a `joined` envelope (`value`, of room `room`): its epoch and last offset.
-    pub(crate) fn joined_envelope(&mut self, room: &str, value: &Value) {
-        self.joined(room, value["epoch"].as_str().unwrap_or_default(), value["offset"].as_u64().unwrap_or(0));
+    /// After a `joined` envelope (`value`, of room `room`): its epoch and last offset, and where
+    /// the replay that follows it starts (`replay_from`, the offset of the next envelope when that
+    /// is a message of the room).
+    pub(crate) fn joined_envelope(&mut self, room: &str, value: &Value, replay_from: Option<u64>) {
+        let (epoch, last) = (value["epoch"].as_str().unwrap_or_default(), value["offset"].as_u64().unwrap_or(0));
+        self.joined(room, epoch, last, replay_from);
     }
 
-    pub(crate) fn joined(&mut self, room: &str, epoch: &str, last: u64) {
+    /// After a `joined`: the room's epoch is `epoch` and its last offset `last`. A place this
+    /// history cannot continue from (none yet, another epoch's, or past `last`: one from a backup,
+    /// or `u64::MAX`, "from now on") becomes the place just before the replay that follows, or
+    /// `last` when none does: a stream cut right after its `joined` resumes with the same replay,
+    /// not with the room's whole history.
+    pub(crate) fn joined(&mut self, room: &str, epoch: &str, last: u64, replay_from: Option<u64>) {
+        let start = replay_from.map_or(last, |first| first.saturating_sub(1).min(last));
         match self.places.get_mut(room) {
-            // A place past the room's last offset is not in this history (one restored from a
-            // backup): kept, it would take every message to come for a repeat.
-            Some(entry) if entry.0 == epoch && entry.1 > last => entry.1 = 0,
+            Some(entry) if entry.0 == epoch && entry.1 > last => entry.1 = start,
             Some(entry) if entry.0 == epoch => return,
-            Some(entry) => *entry = (epoch.to_owned(), 0),
+            Some(entry) => *entry = (epoch.to_owned(), start),
             None => {
-                self.places.insert(room.to_owned(), (epoch.to_owned(), 0));
+                self.places.insert(room.to_owned(), (epoch.to_owned(), start));
             }
         }
         self.shape += 1;
@@ -472,13 +478,29 @@ pub(crate) fn message_place(text: &str) -> Option<(&str, u64)> {
 }
 
 /// Appends the event of one envelope of the session, keeping the cursor; nothing for what a stream
-/// does not show (a repeat, an envelope of another kind).
-fn push_envelope(out: &mut impl BufMut, envelope: &str, cursor: &mut Cursor) {
-    push_envelope_with(out, envelope, cursor, &mut Scratch::default());
+/// does not show (a repeat, an envelope of another kind). `scratch` is kept between events for the
+/// cursor's JSON.
+/// The events of a batch of replies, each `joined` placed before the replay that follows it.
+fn push_replies(out: &mut impl BufMut, replies: &[String], cursor: &mut Cursor, scratch: &mut Scratch) {
+    for (i, reply) in replies.iter().enumerate() {
+        push_envelope_with(out, reply, replies.get(i + 1).map(String::as_str), cursor, scratch);
+    }
 }
 
-/// [`push_envelope`], with a buffer kept between events for the cursor's JSON.
-fn push_envelope_with(out: &mut impl BufMut, envelope: &str, cursor: &mut Cursor, scratch: &mut Scratch) {
+/// Where the replay after a `joined` of `room` starts: the offset of `next`, when it is a message
+/// of that room.
+pub(crate) fn replay_from(room: &str, next: Option<&str>) -> Option<u64> {
+    next.and_then(message_place).filter(|(of, _)| *of == room).map(|(_, offset)| offset)
+}
+
+/// `next` is the envelope that follows in the same batch, if any (see [`Cursor::joined`]).
+fn push_envelope_with(
+    out: &mut impl BufMut,
+    envelope: &str,
+    next: Option<&str>,
+    cursor: &mut Cursor,
+    scratch: &mut Scratch,
+) {
     if let Some((room, offset)) = message_place(envelope) {
         if cursor.advance(room, offset) {
             // The message event, its id written straight into the chunk.
@@ -513,7 +535,7 @@ fn push_envelope_with(out: &mut impl BufMut, envelope: &str, cursor: &mut Cursor
             }
         }
         Some("joined") => {
-            cursor.joined_envelope(room, &value);
+            cursor.joined_envelope(room, &value, replay_from(room, next));
             push_event(out, "joined", Some(&cursor.encode()), envelope);
         }
         _ => {}
@@ -524,7 +546,7 @@ fn push_envelope_with(out: &mut impl BufMut, envelope: &str, cursor: &mut Cursor
 #[cfg(test)]
 fn to_event(envelope: &str, cursor: &mut Cursor) -> Option<Bytes> {
     let mut out = Vec::new();
-    push_envelope(&mut out, envelope, cursor);
+    push_envelope_with(&mut out, envelope, None, cursor, &mut Scratch::default());
     (!out.is_empty()).then(|| Bytes::from(out))
 }
 
@@ -568,7 +590,7 @@ impl Stream {
         let mut out = format!("retry: {RETRY_MS}\n\n").into_bytes();
         for room in rooms {
             match self.session.on_text(&join_request(room, &self.cursor, name)) {
-                Ok(replies) => replies.iter().for_each(|reply| push_envelope(&mut out, reply, &mut self.cursor)),
+                Ok(replies) => push_replies(&mut out, &replies, &mut self.cursor, &mut Scratch::default()),
                 Err(end) => {
                     self.ended = true;
                     out.put_slice(&end_event(&end));
@@ -625,20 +647,18 @@ impl Stream {
         }
         if let Poll::Ready(done) = self.session.poll_completion(cx) {
             let replies = self.session.complete(done)?;
-            for reply in &replies {
-                push_envelope_with(out, reply, &mut self.cursor, &mut self.scratch);
-            }
+            push_replies(out, &replies, &mut self.cursor, &mut self.scratch);
             return Poll::Ready(Ok(()));
         }
         match self.session.poll_delivery(cx) {
             Poll::Ready(Some(bytes)) => {
                 // Whatever is waiting goes out as one chunk: one write for a burst.
                 out.reserve(bytes.len() * 2 + 128);
-                push_envelope_with(out, &bytes, &mut self.cursor, &mut self.scratch);
+                push_envelope_with(out, &bytes, None, &mut self.cursor, &mut self.scratch);
                 let mut taken = 1;
                 while taken < DELIVERY_BATCH {
                     match self.session.try_delivery() {
-                        Some(bytes) => push_envelope_with(out, &bytes, &mut self.cursor, &mut self.scratch),
+                        Some(bytes) => push_envelope_with(out, &bytes, None, &mut self.cursor, &mut self.scratch),
                         None => break,
                     }
                     taken += 1;
@@ -797,13 +817,13 @@ mod tests {
     #[test]
     fn a_cursor_round_trips_and_bad_ones_are_named() {
         let mut cursor = Cursor::default();
-        cursor.joined("lobby", "e1", u64::MAX);
+        cursor.joined("lobby", "e1", u64::MAX, Some(1));
         assert!(cursor.advance("lobby", 3));
         assert!(!cursor.advance("lobby", 2), "an older offset is a repeat");
         let text = cursor.encode();
         assert!(text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "URL-safe: {text}");
         assert_eq!(Cursor::parse(&text).unwrap().get("lobby"), Some(("e1", 3)));
-        cursor.joined("lobby", "e2", u64::MAX);
+        cursor.joined("lobby", "e2", u64::MAX, Some(1));
         assert_eq!(cursor.get("lobby"), Some(("e2", 0)), "a new epoch voids the offset");
         let extremes = Cursor {
             places: [("a".to_owned(), ("e1".to_owned(), 0)), ("b".to_owned(), ("e2".to_owned(), u64::MAX))].into(),
@@ -827,21 +847,21 @@ mod tests {
             assert_eq!(Cursor::parse(&kept).as_ref(), Ok(cursor), "{kept}");
         };
         check(&cursor);
-        cursor.joined("b", "e1", u64::MAX);
+        cursor.joined("b", "e1", u64::MAX, Some(1));
         check(&cursor);
         for offset in [1, 9, 10, 99, 100, 12345] {
             cursor.advance("b", offset);
             check(&cursor);
         }
-        cursor.joined("a", "e2", u64::MAX); // a room before the last one
+        cursor.joined("a", "e2", u64::MAX, Some(1)); // a room before the last one
         check(&cursor);
         cursor.advance("a", 7);
         check(&cursor);
-        cursor.joined("c", "epoch3", u64::MAX); // a new last room
+        cursor.joined("c", "epoch3", u64::MAX, Some(1)); // a new last room
         check(&cursor);
         cursor.advance("c", u64::MAX);
         check(&cursor);
-        cursor.joined("c", "other", u64::MAX); // the last room's epoch changes
+        cursor.joined("c", "other", u64::MAX, Some(1)); // the last room's epoch changes
         check(&cursor);
         cursor.advance("b", 12346); // a room before the last one, after the last one moved
         check(&cursor);
@@ -884,5 +904,36 @@ mod tests {
         let text = String::from_utf8(to_event(presence, &mut cursor).unwrap().to_vec()).unwrap();
         assert_eq!(text, format!("event: presence\ndata: {presence}\n\n"));
         assert!(to_event(r#"{"type":"presenceless"}"#, &mut cursor).is_none(), "a kind is matched whole");
+    }
+
+    #[test]
+    fn a_joined_event_is_placed_before_its_replay_so_a_cut_right_after_it_resumes_with_the_same() {
+        let place = |out: &[u8], room: &str| {
+            let text = std::str::from_utf8(out).unwrap();
+            let id = text.lines().find_map(|line| line.strip_prefix("id: ")).unwrap();
+            Cursor::parse(id).unwrap().get(room).map(|(e, o)| (e.to_owned(), o))
+        };
+        let message = |offset: u64| format!(r#"{{"type":"message","room":"r","offset":{offset},"message":"m"}}"#);
+        // A fresh join: the last two of 1233 messages are replayed.
+        let joined = r#"{"type":"joined","room":"r","epoch":"e","offset":1233,"first":234}"#.to_owned();
+        let mut cursor = Cursor::default();
+        let mut out = Vec::new();
+        push_replies(&mut out, std::slice::from_ref(&joined), &mut cursor, &mut Scratch::default());
+        assert_eq!(place(&out, "r"), Some(("e".into(), 1233)), "no replay: up to date");
+        let (mut cursor, mut out) = (Cursor::default(), Vec::new());
+        push_replies(&mut out, &[joined.clone(), message(1232), message(1233)], &mut cursor, &mut Scratch::default());
+        assert_eq!(place(&out, "r"), Some(("e".into(), 1231)), "the joined event's own id: before the replay");
+        assert_eq!(cursor.get("r"), Some(("e", 1233)), "and the replay moves it on");
+        // "From now on" (u64::MAX) is the room's last offset once joined, not 0.
+        let mut cursor = Cursor::default();
+        cursor.places.insert("r".into(), ("e".into(), u64::MAX));
+        let mut out = Vec::new();
+        push_replies(&mut out, std::slice::from_ref(&joined), &mut cursor, &mut Scratch::default());
+        assert_eq!(cursor.get("r"), Some(("e", 1233)));
+        // A place in the same history is kept: its replay continues it.
+        let mut cursor = Cursor::default();
+        cursor.places.insert("r".into(), ("e".into(), 1200));
+        push_replies(&mut Vec::new(), &[joined, message(1201)], &mut cursor, &mut Scratch::default());
+        assert_eq!(cursor.get("r"), Some(("e", 1201)));
     }
 }
