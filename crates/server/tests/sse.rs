@@ -271,6 +271,83 @@ fn origins_and_room_grants_hold_for_streams_and_polls_as_for_websockets() {
     assert!(count(r#"switchboard_connections_refused_total{reason="auth"}"#) >= Some(2.0), "{metrics}");
 }
 
+/// The status line and headers (lower case) of a request sent as it is, on a fresh connection.
+fn head_of(addr: &str, request: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap() == 1 {
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap().to_ascii_lowercase()
+}
+
+#[test]
+fn pages_of_allowed_origins_may_use_the_http_routes_from_their_own_origin() {
+    let (server, _db) = start_serve(&["--allowed-origins", "https://chat.example.com,https://*.example.org"]);
+    let addr = &server.addr;
+    // Listed by name: the answer names the origin, and it may send credentials (the cookie).
+    let named = Stream::open(addr, "room=r", "Origin: https://chat.example.com\r\n");
+    let headers = named.headers.to_ascii_lowercase();
+    assert_eq!(named.status, 200);
+    assert!(headers.contains("access-control-allow-origin: https://chat.example.com\r\n"), "{headers}");
+    assert!(headers.contains("access-control-allow-credentials: true\r\n"), "{headers}");
+    assert!(headers.contains("vary: origin\r\n"), "{headers}");
+    // By a subdomain pattern: the same.
+    let wild = Stream::open(addr, "room=r", "Origin: https://a.example.org\r\n");
+    let headers = wild.headers.to_ascii_lowercase();
+    assert!(headers.contains("access-control-allow-origin: https://a.example.org\r\n"), "{headers}");
+    assert!(headers.contains("access-control-allow-credentials: true\r\n"), "{headers}");
+    // Let in by `*` alone (or by default): named in the answer, without credentials, as the cookie
+    // rule has it.
+    let (open, _db) = start_serve(&["--allowed-origins", "*"]);
+    let any = Stream::open(&open.addr, "room=r", "Origin: https://any.example.net\r\n");
+    let headers = any.headers.to_ascii_lowercase();
+    assert!(headers.contains("access-control-allow-origin: https://any.example.net\r\n"), "{headers}");
+    assert!(!headers.contains("access-control-allow-credentials"), "{headers}");
+    // Not let in: refused, and nothing tells the browser it may read the answer.
+    let other = Stream::open(addr, "room=r", "Origin: https://evil.example.net\r\n");
+    assert_eq!(other.status, 403);
+    assert!(!other.headers.to_ascii_lowercase().contains("access-control-allow-origin"), "{}", other.headers);
+    // The preflight of a cross-origin JSON POST to /publish (and of a poll with a token header).
+    for path in ["/publish", "/poll?room=r"] {
+        let preflight = |origin: &str| {
+            head_of(
+                addr,
+                &format!(
+                    "OPTIONS {path} HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: POST\r\n\
+                     Access-Control-Request-Headers: content-type, authorization\r\nConnection: close\r\n\r\n"
+                ),
+            )
+        };
+        let head = preflight("https://chat.example.com");
+        assert!(head.starts_with("http/1.1 204"), "{head}");
+        assert!(head.contains("access-control-allow-origin: https://chat.example.com\r\n"), "{head}");
+        assert!(head.contains("access-control-allow-methods: get, post\r\n"), "{head}");
+        assert!(
+            head.contains("access-control-allow-headers: authorization, content-type, last-event-id\r\n"),
+            "{head}"
+        );
+        let head = preflight("https://evil.example.net");
+        assert!(head.starts_with("http/1.1 403"), "{head}");
+        assert!(!head.contains("access-control-allow-origin"), "{head}");
+    }
+    // The publish itself, from the named origin.
+    let body = r#"{"room":"r","message":"from the other origin"}"#;
+    let head = head_of(
+        addr,
+        &format!(
+            "POST /publish HTTP/1.1\r\nHost: x\r\nOrigin: https://chat.example.com\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("access-control-allow-origin: https://chat.example.com\r\n"), "{head}");
+}
+
 #[test]
 fn a_client_address_holds_as_many_streams_as_the_per_address_limit() {
     let (server, _db) = start_serve(&["--max-connections-per-ip", "2"]);

@@ -79,9 +79,14 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/api/users/{sub}/disconnect", post(api::disconnect))
         .route("/api/users/{sub}/subscribe", post(api::subscribe))
         .route("/api/users/{sub}/unsubscribe", post(api::unsubscribe))
-        .route("/sse", get(sse_stream))
-        .route("/poll", get(long_poll))
-        .route("/publish", post(sse_publish))
+        // The clients' HTTP routes, which pages of other origins may call (CORS).
+        .merge(
+            Router::new()
+                .route("/sse", get(sse_stream).options(preflight))
+                .route("/poll", get(long_poll).options(preflight))
+                .route("/publish", post(sse_publish).options(preflight))
+                .route_layer(axum::middleware::from_fn_with_state(state.clone(), cors)),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics_page))
         // `body_in_time` reads every POST body, within `max_body`: the handlers' extractors need no
@@ -132,6 +137,59 @@ async fn body_in_time(
 /// Paths whose answers are JSON, errors included.
 fn answers_in_json(path: &str) -> bool {
     path.starts_with("/api/") || matches!(path, "/api" | "/publish" | "/poll" | "/sse")
+}
+
+/// A CORS preflight of the clients' HTTP routes; [`cors`] answers it (this handler only lets the
+/// route take `OPTIONS`).
+async fn preflight() -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
+/// CORS for `/sse`, `/poll` and `/publish`, so pages of the origins `--allowed-origins` lets in may
+/// use them from their own origin (`EventSource`, `fetch`): the answer names the page's origin. Only
+/// an origin the list names (exactly or by a subdomain pattern, not by `*` and not by default) may
+/// send credentials (`withCredentials`, the `switchboard_token` cookie), as the cookie rule has it.
+/// A preflight from an origin not let in is a 403. Same-origin requests (and those of non-browser
+/// clients) carry no `Origin` to answer.
+async fn cors(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let origin = request.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let policy = &state.ws.core.access.origins;
+    let allowed = origin.as_deref().filter(|origin| policy.allows(Some(origin)));
+    let mut response = if request.method() == axum::http::Method::OPTIONS {
+        match (&origin, allowed) {
+            (Some(_), None) => {
+                return api::fail(StatusCode::FORBIDDEN, ErrorCode::NotAllowed, "this origin is not allowed")
+                    .into_response()
+            }
+            _ => {
+                let mut answer = StatusCode::NO_CONTENT.into_response();
+                let headers = answer.headers_mut();
+                headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, header::HeaderValue::from_static("GET, POST"));
+                headers.insert(
+                    header::ACCESS_CONTROL_ALLOW_HEADERS,
+                    header::HeaderValue::from_static("authorization, content-type, last-event-id"),
+                );
+                headers.insert(header::ACCESS_CONTROL_MAX_AGE, header::HeaderValue::from_static("600"));
+                answer
+            }
+        }
+    } else {
+        next.run(request).await
+    };
+    let headers = response.headers_mut();
+    headers.append(header::VARY, header::HeaderValue::from_static("origin"));
+    if let Some(value) = allowed.and_then(|origin| header::HeaderValue::from_str(origin).ok()) {
+        let named = policy.allows_ambient_credentials(allowed, Some("cross-site"));
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
+        if named {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, header::HeaderValue::from_static("true"));
+        }
+    }
+    response
 }
 
 /// Gives the router's own refusals on the JSON paths (no such path, a method the path does not take,
