@@ -1,7 +1,8 @@
 // The token cookie in a real browser (Chromium). A page of the server's own origin publishes with the
 // cookie alone. Another site's page can make the browser send a request there, which the browser
 // marks `Sec-Fetch-Site: cross-site` (the server then does not take the cookie; this Chromium does
-// not even attach a third-party cookie), and nothing is published.
+// not even attach a third-party cookie), and nothing is published. A page of an origin the server
+// lets in by name listens and publishes across origins (CORS).
 
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
@@ -58,5 +59,43 @@ test("the server's own page publishes with the cookie alone; another site's page
   assert.equal(seen.length, 1);
   assert.equal(seen[0]["sec-fetch-site"], "cross-site", "the browser marks what the server looks at");
   assert.deepEqual(await messages(port, token), ["mine"], "the forged publish stored nothing");
+  await context.close();
+});
+
+test("a page of an allowed origin listens and publishes across origins (CORS)", async () => {
+  // The other origin's page, served first: the server is told to let its origin in by name.
+  const foreign = createServer((request, response) => {
+    response.setHeader("Content-Type", "text/html");
+    response.end("<!DOCTYPE html><title>elsewhere</title>");
+  });
+  await new Promise((done) => foreign.listen(0, "127.0.0.1", done));
+  after(() => foreign.close());
+  const origin = `http://127.0.0.1:${foreign.address().port}`;
+  const port = await freePort();
+  const server = await startServer(port, tempDb(), ["--allowed-origins", origin]);
+  after(() => stop(server));
+  const context = await getBrowser().newContext();
+  const page = await context.newPage();
+  await page.goto(`${origin}/`);
+  const outcome = await page.evaluate(async (base) => {
+    const stream = new EventSource(`${base}/sse?room=c`, { withCredentials: true });
+    const joined = await new Promise((resolve, reject) => {
+      stream.addEventListener("joined", (event) => resolve(JSON.parse(event.data)));
+      stream.onerror = () => reject(new Error("the stream failed (CORS?)"));
+      setTimeout(() => reject(new Error("no joined event")), 5000);
+    });
+    const heard = new Promise((resolve) => stream.addEventListener("message", (event) => resolve(JSON.parse(event.data))));
+    const answer = await fetch(`${base}/publish`, {
+      method: "POST",
+      credentials: "include",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ room: "c", message: "across origins" }),
+    });
+    const ack = await answer.json();
+    const message = await heard;
+    stream.close();
+    return { room: joined.room, status: answer.status, acks: ack.acks.length, heard: message.message };
+  }, `http://localhost:${port}`);
+  assert.deepEqual(outcome, { room: "c", status: 200, acks: 1, heard: "across origins" });
   await context.close();
 });
