@@ -189,6 +189,18 @@ fn bad_requests_get_a_4xx_naming_the_problem() {
         let body = stream.body();
         assert!(body["message"].as_str().unwrap().contains(says), "{query}: {body}");
     }
+    // A Last-Event-ID that is not text is refused, not ignored (which would skip what was missed).
+    let mut raw = TcpStream::connect(&server.addr).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    raw.write_all(b"GET /sse?room=r HTTP/1.1\r\nHost: x\r\nLast-Event-ID: \xff\xfe\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = raw.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("Last-Event-ID is not text"), "{answer}");
+    let (status, body) = publish(&server.addr, "[]", None);
+    assert_eq!((status, body["message"].as_str()), (400, Some("the body must be a JSON object")), "{body}");
     let (status, body) = publish(&server.addr, "{not json", None);
     assert_eq!((status, body["code"].as_str()), (400, Some("bad_json")), "{body}");
     let refused = |reason: &str| {

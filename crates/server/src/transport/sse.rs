@@ -352,13 +352,16 @@ pub(crate) fn query_cursor(params: &[(String, String)]) -> Result<Cursor, Refuse
 /// The cursor of `Last-Event-ID` (a reconnecting `EventSource`), else of `?cursor=`; none is a
 /// first visit.
 fn cursor(headers: &HeaderMap, params: &[(String, String)]) -> Result<Cursor, Refused> {
-    let text = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| params.iter().find(|(name, _)| name == "cursor").map(|(_, value)| value.clone()));
+    let bad = |message: String| refused(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message);
+    let header = match headers.get("last-event-id").map(|v| v.to_str()) {
+        Some(Ok(text)) => Some(text.to_owned()),
+        // Not ignored: a stream started afresh would skip what the client missed.
+        Some(Err(_)) => return Err(bad("invalid cursor: Last-Event-ID is not text".to_owned())),
+        None => None,
+    };
+    let text = header.or_else(|| params.iter().find(|(name, _)| name == "cursor").map(|(_, value)| value.clone()));
     match text.filter(|t| !t.trim().is_empty()) {
-        Some(text) => Cursor::parse(&text).map_err(|e| refused(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e)),
+        Some(text) => Cursor::parse(&text).map_err(bad),
         None => Ok(Cursor::default()),
     }
 }
@@ -785,6 +788,9 @@ pub async fn client_publish(
         Ok(request) => request,
         Err(e) => return refused_body(ErrorCode::BadJson, format!("not JSON: {e}")),
     };
+    if !request.is_object() {
+        return refused_body(ErrorCode::BadRequest, "the body must be a JSON object".to_owned());
+    }
     let request: ClientPublish = match serde_json::from_value(request) {
         Ok(request) => request,
         Err(e) => return refused_body(ErrorCode::BadRequest, e.to_string()),
