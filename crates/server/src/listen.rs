@@ -148,7 +148,7 @@ fn admit(admission: &Admission, handler: &impl Handler, stream: TcpStream, peer:
             }
         }
     };
-    let stream = Admitted { inner: stream, _permit: permit, send_timeout: admission.send_timeout, stall: None };
+    let stream = Admitted::new(stream, permit, admission.send_timeout);
     match &admission.tls {
         None => handler.plain(stream, peer),
         Some(acceptor) => handler.tls(stream, peer, acceptor.clone()),
@@ -200,34 +200,51 @@ where
 pub struct Admitted<S> {
     inner: S,
     _permit: Option<Permit>,
-    send_timeout: Option<Duration>,
-    /// Made when a write first finds no room, and kept: armed (at the time the connection gives
-    /// up) while writes wait, disarmed by the next write that goes through.
-    stall: Option<Stall>,
+    /// With a send timeout: one pointer here, so a stream without one (`echo`) is no larger.
+    stall: Option<Box<Stall>>,
 }
 
 struct Stall {
-    timer: Pin<Box<tokio::time::Sleep>>,
+    limit: Duration,
+    /// Made when a write first finds no room, and kept: armed (at the time the connection gives
+    /// up) while writes wait, disarmed by the next write that goes through.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     armed: bool,
 }
 
 impl<S> Admitted<S> {
+    fn new(inner: S, permit: Option<Permit>, send_timeout: Option<Duration>) -> Self {
+        let stall = send_timeout.map(|limit| Box::new(Stall { limit, timer: None, armed: false }));
+        Self { inner, _permit: permit, stall }
+    }
+
     /// What a write's poll means for the stall timer: a write that went through (or failed) disarms
-    /// it, one that waits for room arms it (if not already) and fails once it fires.
+    /// it, one that waits for room arms it (if not already) and fails once it fires. Inlined for the
+    /// write that goes through (every write of a busy connection); the rest is out of line.
+    #[inline]
     fn watch_stall<T>(&mut self, cx: &mut Context<'_>, write: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
-        let Some(limit) = self.send_timeout else { return write };
-        if write.is_ready() {
-            if let Some(stall) = self.stall.as_mut() {
+        match self.stall.as_deref_mut() {
+            None => write,
+            Some(stall) if write.is_ready() => {
                 stall.armed = false;
+                write
             }
-            return write;
+            Some(stall) => stall.wait_for_room(cx),
         }
-        let stall = self.stall.get_or_insert_with(|| Stall { timer: Box::pin(tokio::time::sleep(limit)), armed: true });
-        if !stall.armed {
-            stall.timer.as_mut().reset(tokio::time::Instant::now() + limit);
-            stall.armed = true;
+    }
+}
+
+impl Stall {
+    /// A write found no room: arms the timer (if not already) and fails once it fires.
+    #[cold]
+    fn wait_for_room<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        let limit = self.limit;
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if !self.armed {
+            timer.as_mut().reset(tokio::time::Instant::now() + limit);
+            self.armed = true;
         }
-        match stall.timer.as_mut().poll(cx) {
+        match timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("the peer took nothing of what was sent for {} s", limit.as_secs()),

@@ -123,6 +123,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
 
     /// The next message; `None` once the connection is over (after the close handshake, or after an
     /// error was reported).
+    #[inline]
     pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>, wcx: &mut Context<'_>) -> Poll<Option<Result<Message>>> {
         loop {
             if self.finished {
@@ -172,7 +173,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
                 }
                 CloseState::Open => {
                     let queued = self.conn.pending_output();
-                    if let Some(error) = self.poll_keepalive(cx) {
+                    // Checked here, so the keepalive's body stays out of this hot loop when it is off.
+                    let expired = if self.keepalive.is_some() { self.poll_keepalive(cx) } else { None };
+                    if let Some(error) = expired {
                         // The peer is probably gone, but is told why if its socket takes the close
                         // frame now; nothing waits for it. A writer half waiting for room is woken
                         // to learn that the connection is over.
@@ -306,6 +309,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
     }
 
     /// Runs the keepalive timer; returns an error when the peer stopped answering.
+    #[inline(never)]
     fn poll_keepalive(&mut self, cx: &mut Context<'_>) -> Option<Error> {
         loop {
             let keepalive = self.keepalive.as_mut()?;
@@ -391,6 +395,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
         Poll::Ready(Ok(()))
     }
 
+    #[inline]
     pub(crate) fn start_send(&mut self, message: Message) -> Result<()> {
         if self.write_failed {
             return Err(Error::ConnectionClosed);
