@@ -84,7 +84,10 @@ test("a page of an allowed origin listens and publishes across origins (CORS)", 
       stream.onerror = () => reject(new Error("the stream failed (CORS?)"));
       setTimeout(() => reject(new Error("no joined event")), 5000);
     });
-    const heard = new Promise((resolve) => stream.addEventListener("message", (event) => resolve(JSON.parse(event.data))));
+    const heard = new Promise((resolve, reject) => {
+      stream.addEventListener("message", (event) => resolve(JSON.parse(event.data)));
+      setTimeout(() => reject(new Error("the message did not come")), 5000);
+    });
     const answer = await fetch(`${base}/publish`, {
       method: "POST",
       credentials: "include",

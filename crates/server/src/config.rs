@@ -355,7 +355,7 @@ impl ServeConfig {
             "connection limits must be at least 1"
         );
         anyhow::ensure!(server.handshake_timeout_secs() > 0, "handshake_timeout_secs must be at least 1");
-        anyhow::ensure!(server.send_timeout_secs() > 0, "send_timeout_secs must be at least 1");
+        anyhow::ensure!((1..=86_400).contains(&server.send_timeout_secs()), "send_timeout_secs must be 1 to 86400");
         anyhow::ensure!(server.sse_heartbeat_secs() > 0, "sse_heartbeat_secs must be at least 1");
         anyhow::ensure!(
             (MIN_REQUEST_HEAD_BYTES..=MAX_REQUEST_HEAD_BYTES).contains(&server.max_request_head_bytes()),
@@ -448,6 +448,7 @@ impl ServeConfig {
         Duration::from_secs(self.server.handshake_timeout_secs())
     }
 
+    /// How long a connection may take none of what is sent to it (see `listen::Admitted`).
     pub fn send_timeout(&self) -> Duration {
         Duration::from_secs(self.server.send_timeout_secs())
     }
@@ -553,7 +554,8 @@ mod tests {
         refused(&|a| a.chat.default_room = Some("bad room".into()), "default_room: invalid room name");
         refused(&|a| a.limits.rate_burst = Some(0), "rate_burst must be at least 1");
         refused(&|a| a.server.threads = Some(100_000), "threads must be 0 (one per core) to 1024");
-        refused(&|a| a.server.send_timeout_secs = Some(0), "send_timeout_secs must be at least 1");
+        refused(&|a| a.server.send_timeout_secs = Some(0), "send_timeout_secs must be 1 to 86400");
+        refused(&|a| a.server.send_timeout_secs = Some(u64::MAX), "send_timeout_secs must be 1 to 86400");
         let mut args = ServeArgs::default();
         args.auth.allowed_origins = Some(vec!["HTTPS://Chat.example.com".into(), "*".into(), String::new()]);
         args.auth.api_key = Some("k".into());

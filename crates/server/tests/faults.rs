@@ -263,4 +263,12 @@ fn a_second_server_on_the_same_database_is_refused_and_the_first_keeps_it() {
     assert_eq!(support::http_json(&first.addr, "GET", "/healthz", None, None).0, 200);
     drop(first);
     let _again = support::start_serve_with_db(&db, &[]);
+    // A link to a database not created yet: the first server creates it through the link, and a
+    // second one given the file's own path is refused.
+    let dir = support::temp_dir("link-ahead");
+    std::os::unix::fs::symlink("later.db", dir.join("ahead.db")).unwrap();
+    let _through_link = support::start_serve_with_db(&dir.join("ahead.db"), &[]);
+    assert!(dir.join("later.db").exists(), "created through the link");
+    let stderr = refused_serve(&dir.join("later.db"));
+    assert!(stderr.contains("another switchboard process has this database open"), "{stderr}");
 }

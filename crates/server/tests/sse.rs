@@ -526,7 +526,7 @@ async fn a_stream_that_does_not_read_is_cut_off_like_a_slow_websocket() {
         "--max-message-chars",
         "60000",
         "--send-timeout-secs",
-        "1",
+        "2",
     ]);
     // Opened, and never read again.
     let mut stalled = Stream::open(&server.addr, "room=slow&name=stalled", "");

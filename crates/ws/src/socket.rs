@@ -284,6 +284,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsReader<S> {
 }
 
 /// Halves of two different connections, given to [`WsReader::reunite`]: here they are back.
+#[derive(thiserror::Error)]
+#[error("the reader and writer are halves of two different connections")]
 pub struct ReuniteError<S>(pub WsReader<S>, pub WsWriter<S>);
 
 impl<S> std::fmt::Debug for ReuniteError<S> {
@@ -291,14 +293,6 @@ impl<S> std::fmt::Debug for ReuniteError<S> {
         f.write_str("ReuniteError(..)")
     }
 }
-
-impl<S> std::fmt::Display for ReuniteError<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the reader and writer are halves of two different connections")
-    }
-}
-
-impl<S> std::error::Error for ReuniteError<S> {}
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsWriter<S> {
     /// The subprotocol agreed on in the handshake.

@@ -149,7 +149,7 @@ impl Future for Counted {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let Some(pending) = this.pending.as_mut() else { return Poll::Pending };
+        let pending = this.pending.as_mut().expect("a publish is not polled after its answer");
         let result = ready!(pending.as_mut().poll(cx));
         this.pending = None;
         if let Ok(published) = &result {

@@ -813,7 +813,6 @@ fn unavailable(error: &EngineError, req: Option<&Value>) -> String {
     error_text(ErrorCode::Unavailable, &error.to_string(), req)
 }
 
-/// Counts a publish the engine answered: stored (not a duplicate), and how long the ack took.
 /// The seed server stored whatever JSON it got; a non-string name or message is kept as its JSON text.
 fn plain_string(value: Value) -> String {
     match value {

@@ -86,12 +86,23 @@ fn lock_database(path: &Path) -> Result<std::fs::File, String> {
     }
 }
 
-/// The path with symbolic links resolved; for a file not created yet, its directory's real path
-/// with its name (as given, if even that cannot be resolved: opening it will say why).
+/// The path with symbolic links resolved; for a file not created yet (a link to one too), its
+/// directory's real path with its name (as given, if even that cannot be resolved: opening it will
+/// say why).
 fn real_path(path: &Path) -> PathBuf {
-    if let Ok(real) = std::fs::canonicalize(path) {
-        return real;
+    let mut path = path.to_owned();
+    // At most as many links as Linux follows in one lookup.
+    for _ in 0..40 {
+        if let Ok(real) = std::fs::canonicalize(&path) {
+            return real;
+        }
+        match std::fs::read_link(&path) {
+            // A link to a file not created yet: where it leads (relative to the link's directory).
+            Ok(target) => path = path.parent().unwrap_or(Path::new("")).join(target),
+            Err(_) => break,
+        }
     }
+    let path = path.as_path();
     let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(Path::new("."));
     match (std::fs::canonicalize(dir), path.file_name()) {
         (Ok(dir), Some(name)) => dir.join(name),

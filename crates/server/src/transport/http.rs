@@ -79,14 +79,9 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/api/users/{sub}/disconnect", post(api::disconnect))
         .route("/api/users/{sub}/subscribe", post(api::subscribe))
         .route("/api/users/{sub}/unsubscribe", post(api::unsubscribe))
-        // The clients' HTTP routes, which pages of other origins may call (CORS).
-        .merge(
-            Router::new()
-                .route("/sse", get(sse_stream).options(preflight))
-                .route("/poll", get(long_poll).options(preflight))
-                .route("/publish", post(sse_publish).options(preflight))
-                .route_layer(axum::middleware::from_fn_with_state(state.clone(), cors)),
-        )
+        .route("/sse", get(sse_stream))
+        .route("/poll", get(long_poll))
+        .route("/publish", post(sse_publish))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics_page))
         // `body_in_time` reads every POST body, within `max_body`: the handlers' extractors need no
@@ -94,6 +89,9 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .layer(axum::middleware::from_fn_with_state((state.body_timeout, max_body), body_in_time))
         .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::from_fn(json_errors))
+        // Outermost, so that every answer on those paths carries it, the body reader's 408 and 413
+        // and the JSON refusals included.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), cors))
         .with_state(state)
 }
 
@@ -139,23 +137,20 @@ fn answers_in_json(path: &str) -> bool {
     path.starts_with("/api/") || matches!(path, "/api" | "/publish" | "/poll" | "/sse")
 }
 
-/// A CORS preflight of the clients' HTTP routes; [`cors`] answers it (this handler only lets the
-/// route take `OPTIONS`).
-async fn preflight() -> StatusCode {
-    StatusCode::NO_CONTENT
-}
-
 /// CORS for `/sse`, `/poll` and `/publish`, so pages of the origins `--allowed-origins` lets in may
 /// use them from their own origin (`EventSource`, `fetch`): the answer names the page's origin. Only
 /// an origin the list names (exactly or by a subdomain pattern, not by `*` and not by default) may
 /// send credentials (`withCredentials`, the `switchboard_token` cookie), as the cookie rule has it.
 /// A preflight from an origin not let in is a 403. Same-origin requests (and those of non-browser
-/// clients) carry no `Origin` to answer.
+/// clients) carry no `Origin` to answer. Other paths pass untouched.
 async fn cors(
     State(state): State<AppState>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    if !matches!(request.uri().path(), "/sse" | "/poll" | "/publish") {
+        return next.run(request).await;
+    }
     let origin = request.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let policy = &state.ws.core.access.origins;
     let allowed = origin.as_deref().filter(|origin| policy.allows(Some(origin)));

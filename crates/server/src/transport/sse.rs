@@ -480,9 +480,6 @@ pub(crate) fn message_place(text: &str) -> Option<(&str, u64)> {
     (digits > 0).then_some((room, offset))
 }
 
-/// Appends the event of one envelope of the session, keeping the cursor; nothing for what a stream
-/// does not show (a repeat, an envelope of another kind). `scratch` is kept between events for the
-/// cursor's JSON.
 /// The events of a batch of replies, each `joined` placed before the replay that follows it.
 fn push_replies(out: &mut impl BufMut, replies: &[String], cursor: &mut Cursor, scratch: &mut Scratch) {
     for (i, reply) in replies.iter().enumerate() {
@@ -496,7 +493,10 @@ pub(crate) fn replay_from(room: &str, next: Option<&str>) -> Option<u64> {
     next.and_then(message_place).filter(|(of, _)| *of == room).map(|(_, offset)| offset)
 }
 
-/// `next` is the envelope that follows in the same batch, if any (see [`Cursor::joined`]).
+/// Appends the event of one envelope of the session, keeping the cursor; nothing for what a stream
+/// does not show (a repeat, an envelope of another kind). `next` is the envelope that follows in
+/// the same batch, if any (see [`Cursor::joined`]); `scratch` is kept between events for the
+/// cursor's JSON.
 fn push_envelope_with(
     out: &mut impl BufMut,
     envelope: &str,
