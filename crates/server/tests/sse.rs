@@ -358,6 +358,18 @@ fn pages_of_allowed_origins_may_use_the_http_routes_from_their_own_origin() {
     );
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.contains("access-control-allow-origin: https://chat.example.com\r\n"), "{head}");
+    // A refusal before the handler (the body over its limit) is readable by the page too.
+    let big = format!(r#"{{"room":"r","message":"{}"}}"#, "x".repeat(83_000));
+    let head = head_of(
+        addr,
+        &format!(
+            "POST /publish HTTP/1.1\r\nHost: x\r\nOrigin: https://chat.example.com\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{big}",
+            big.len()
+        ),
+    );
+    assert!(head.starts_with("http/1.1 413"), "{head}");
+    assert!(head.contains("access-control-allow-origin: https://chat.example.com\r\n"), "{head}");
 }
 
 #[test]
