@@ -311,7 +311,14 @@ impl OriginPolicy {
         if !fetch_site.is_some_and(|site| site.trim().eq_ignore_ascii_case("cross-site")) {
             return true;
         }
-        origin.is_some_and(|origin| self.lists(origin, false))
+        origin.is_some_and(|origin| self.names(origin))
+    }
+
+    /// Whether the list names `origin`, exactly or by a subdomain pattern: `*` names no one, and
+    /// neither does the default (any origin). Such an origin's pages may use credentials the
+    /// browser attaches by itself, across sites.
+    pub fn names(&self, origin: &str) -> bool {
+        self.lists(origin, false)
     }
 
     /// Whether a pattern of the list matches `origin` (`*` counting only with `star`).

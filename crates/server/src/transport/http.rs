@@ -178,9 +178,8 @@ async fn cors(
     let headers = response.headers_mut();
     headers.append(header::VARY, header::HeaderValue::from_static("origin"));
     if let Some(value) = allowed.and_then(|origin| header::HeaderValue::from_str(origin).ok()) {
-        let named = policy.allows_ambient_credentials(allowed, Some("cross-site"));
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
-        if named {
+        if allowed.is_some_and(|origin| policy.names(origin)) {
             headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, header::HeaderValue::from_static("true"));
         }
     }
