@@ -225,6 +225,16 @@ fn bad_requests_get_a_4xx_naming_the_problem() {
         let (status, body) = poll(&server.addr, &format!("{query}&client=c1&wait=0"));
         assert_eq!((status, body["code"].as_str()), (400, Some(code)), "/poll {code}: {body}");
     }
+    // A name that does not decode to UTF-8 is refused, not shown as U+FFFD: `%FF` and `%EF%BF%BD`
+    // would otherwise be one name.
+    let stream = Stream::open(&server.addr, "room=r&name=%FF", "");
+    assert_eq!(stream.status, 400);
+    let body = stream.body();
+    assert!(body["message"].as_str().unwrap().contains(r#""name" is not UTF-8"#), "{body}");
+    let (status, body) = poll(&server.addr, "room=r&client=c1&name=%C3&wait=0");
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_request")), "{body}");
+    let (status, body) = poll(&server.addr, "room=r&client=c1&name=%C3%A9&wait=0");
+    assert_eq!(status, 200, "a name in UTF-8, escaped: {body}");
 
     let (closed, _db) = start_serve(&["--jwt-secret", "s3cret", "--allow-anonymous", "false"]);
     let stream = Stream::open(&closed.addr, "room=r", "");

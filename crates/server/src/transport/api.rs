@@ -502,7 +502,7 @@ pub async fn history(
         room_of(&room)?;
         let mut since = 0u64;
         let mut limit = 100u64;
-        for (name, value) in query_pairs(query.as_deref()) {
+        for (name, value) in query_pairs(query.as_deref())? {
             // As the document says: a non-negative 64-bit integer.
             let number = || {
                 value.parse::<i64>().ok().and_then(|n| u64::try_from(n).ok()).ok_or_else(|| {

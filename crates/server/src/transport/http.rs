@@ -334,8 +334,10 @@ pub fn bearer(value: &str) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// Tokens are URL-safe already; decoding `%XX` lets clients that escape everything work too.
-pub fn percent_decode(text: &str) -> String {
+/// Decodes `%XX` and `+` in a query's name or value (tokens are URL-safe already; decoding lets
+/// clients that escape everything work too). `None` when the decoded bytes are not UTF-8: a name
+/// or a room quietly turned into U+FFFD would be another name or room than the client meant.
+pub fn percent_decode(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -356,7 +358,7 @@ pub fn percent_decode(text: &str) -> String {
             }
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8(out).ok()
 }
 
 /// `GET /metrics`: OpenMetrics text (see [`crate::metrics`] and `docs/operations.md`).

@@ -176,7 +176,10 @@ pub async fn poll(
     headers: HeaderMap,
     query: Option<String>,
 ) -> Response {
-    let params = sse::query_pairs(query.as_deref());
+    let params = match sse::query_pairs(query.as_deref()) {
+        Ok(params) => params,
+        Err(refusal) => return refusal.into_response(),
+    };
     let (rooms, cursor) = match (sse::rooms(&params), sse::query_cursor(&params)) {
         (Ok(rooms), Ok(cursor)) => (rooms, cursor),
         (Err(refusal), _) | (_, Err(refusal)) => return refusal.into_response(),

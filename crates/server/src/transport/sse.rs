@@ -249,15 +249,20 @@ fn error(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Res
     refused(status, code, message).into_response()
 }
 
-/// The query's `name=value` pairs, decoded, in order (a name may repeat).
-pub fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+/// The query's `name=value` pairs, decoded, in order (a name may repeat); a 400 for one that does
+/// not decode to UTF-8.
+pub fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>, Refused> {
     query
         .unwrap_or_default()
         .split('&')
         .filter(|pair| !pair.is_empty())
         .map(|pair| {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(name), percent_decode(value))
+            percent_decode(name).zip(percent_decode(value)).ok_or_else(|| {
+                let shown: String = name.chars().take(64).collect();
+                let message = format!("the query parameter {shown:?} is not UTF-8 once its %XX escapes are decoded");
+                refused(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
+            })
         })
         .collect()
 }
@@ -391,7 +396,10 @@ pub async fn stream(
     query: Option<String>,
     heartbeat: Duration,
 ) -> Response {
-    let params = query_pairs(query.as_deref());
+    let params = match query_pairs(query.as_deref()) {
+        Ok(params) => params,
+        Err(refusal) => return refusal.into_response(),
+    };
     let (rooms, cursor) = match (rooms(&params), cursor(&headers, &params)) {
         (Ok(rooms), Ok(cursor)) => (rooms, cursor),
         (Err(refusal), _) | (_, Err(refusal)) => return refusal.into_response(),
@@ -756,7 +764,10 @@ pub async fn client_publish(
     query: Option<String>,
     body: Bytes,
 ) -> Response {
-    let params = query_pairs(query.as_deref());
+    let params = match query_pairs(query.as_deref()) {
+        Ok(params) => params,
+        Err(refusal) => return refusal.into_response(),
+    };
     let identity = match identify(&core, &headers, &params) {
         Ok(identity) => identity,
         Err(refusal) => return refusal.into_response(),

@@ -117,7 +117,10 @@ fn handshake_token(upgrade: &WebSocketUpgrade) -> Option<String> {
     if let Some(token) = request.header("Authorization").and_then(bearer) {
         return Some(token.to_owned());
     }
-    request.query()?.split('&').find_map(|pair| pair.strip_prefix("token=")).map(percent_decode)
+    // A token that is not UTF-8 once decoded cannot be a good one: it goes on undecoded, to be
+    // refused as a bad token rather than taken for no token.
+    let token = request.query()?.split('&').find_map(|pair| pair.strip_prefix("token="))?;
+    Some(percent_decode(token).unwrap_or_else(|| token.to_owned()))
 }
 
 /// Counts a session as live until it is dropped, however the session ends; and holds its place in
