@@ -183,6 +183,14 @@ struct Output {
     chunks: VecDeque<Bytes>,
     tail: BytesMut,
     len: usize,
+    /// Of the pending bytes, at most this many are replies the engine queued on its own (pongs, close
+    /// replies): a count kept apart from what the caller queued, so a transport can bound what a peer
+    /// that pings without reading makes us hold, without also holding up reads behind the caller's
+    /// own large messages.
+    replies: usize,
+    /// Pending bytes up to the end of the last of those replies: once that many are written, none is
+    /// left.
+    replies_end: usize,
 }
 
 impl Output {
@@ -200,9 +208,19 @@ impl Output {
             // All written: the buffer starts over from its beginning instead of moving along its
             // allocation, so it never needs rewinding by `reserve`.
             self.tail.clear();
+            self.replies = 0;
+            self.replies_end = 0;
             return;
         }
+        self.replies_end = self.replies_end.saturating_sub(n);
+        self.replies = self.replies.min(self.replies_end);
         self.consume_partly(n);
+    }
+
+    /// Counts the `n` bytes just queued at the end as the engine's own reply.
+    fn count_reply(&mut self, n: usize) {
+        self.replies += n;
+        self.replies_end = self.len;
     }
 
     /// [`Output::consume`] when something is left: walks the chunks.
@@ -565,7 +583,7 @@ impl Connection {
             }
             OpCode::Ping => {
                 if self.config.auto_pong && !self.close_sent {
-                    self.queue_frame(OpCode::Pong, true, &payload);
+                    self.queue_reply(OpCode::Pong, &payload);
                 }
                 Ok(Some(Message::Ping(payload)))
             }
@@ -579,7 +597,7 @@ impl Connection {
                 if !self.close_sent {
                     // Echo the peer's code (RFC 6455 §5.5.1); an empty close is answered empty.
                     let echo = close.as_ref().map(|c| CloseFrame::new(c.code, "").encode()).unwrap_or_default();
-                    self.queue_frame(OpCode::Close, true, &echo);
+                    self.queue_reply(OpCode::Close, &echo);
                     self.close_sent = true;
                 }
                 Ok(Some(Message::Close(close)))
@@ -635,7 +653,7 @@ impl Connection {
         self.recv = BytesMut::new();
         if !self.close_sent {
             let payload = CloseFrame::new(error.close_code(), error.to_string()).encode();
-            self.queue_frame(OpCode::Close, true, &payload);
+            self.queue_reply(OpCode::Close, &payload);
             self.close_sent = true;
         }
     }
@@ -764,6 +782,13 @@ impl Connection {
         self.out.len += n;
     }
 
+    /// Queues a control frame the engine sends on its own, counted in [`Connection::pending_replies`].
+    fn queue_reply(&mut self, opcode: OpCode, payload: &[u8]) {
+        let before = self.out.len;
+        self.queue_frame(opcode, true, payload);
+        self.out.count_reply(self.out.len - before);
+    }
+
     /// Encodes a whole frame into the output buffer, masking it when we are the client.
     fn queue_frame(&mut self, opcode: OpCode, fin: bool, payload: &[u8]) {
         self.queue_frame_with_rsv(opcode, fin, 0, payload);
@@ -815,6 +840,16 @@ impl Connection {
     #[inline]
     pub fn pending_output(&self) -> usize {
         self.out.len
+    }
+
+    /// At most this many of the [`Connection::pending_output`] bytes are replies the engine queued on its
+    /// own: pongs (with `auto_pong`) and the close frame answering the peer's or a protocol error.
+    /// What the caller queued is not counted. A transport that pauses reading while this is over its
+    /// limit bounds what a peer that sends pings and never reads can make it hold, and still reads
+    /// while its own messages wait for the peer (which may itself be waiting to be read).
+    #[inline]
+    pub fn pending_replies(&self) -> usize {
+        self.out.replies
     }
 
     /// Fills `dst` with the pending output in order, for a vectored write; returns how many slices.

@@ -217,6 +217,28 @@ fn no_pong_after_close_sent_and_sends_refused() {
 }
 
 #[test]
+fn pending_replies_counts_the_engines_own_frames_and_not_the_callers() {
+    let mut s = server();
+    s.send(Message::binary(vec![7u8; 1000])).unwrap();
+    assert_eq!((s.pending_output(), s.pending_replies()), (1004, 0), "a message of ours is not a reply");
+    feed(&mut s, &client_frame(OpCode::Ping, true, b"abc"));
+    assert_eq!((s.pending_output(), s.pending_replies()), (1009, 5), "the pong is");
+    s.send_text("after").unwrap();
+    assert_eq!(s.pending_replies(), 5);
+    // Writing the message before it leaves the pong counted; writing into the pong shrinks it.
+    s.consume_output(1004);
+    assert_eq!(s.pending_replies(), 5);
+    s.consume_output(2);
+    assert_eq!(s.pending_replies(), 3);
+    s.consume_output(3);
+    assert_eq!((s.pending_output(), s.pending_replies()), (7, 0), "what is left is ours");
+    feed(&mut s, &client_frame(OpCode::Close, true, &1000u16.to_be_bytes()));
+    assert_eq!(s.pending_replies(), 4, "the close reply");
+    s.take_output();
+    assert_eq!((s.pending_output(), s.pending_replies()), (0, 0));
+}
+
+#[test]
 fn send_errors() {
     let mut s = server();
     assert_eq!(s.send(Message::Ping(vec![0u8; 126].into())), Err(SendError::ControlTooLong(126)));

@@ -24,7 +24,9 @@ pub struct Config {
     /// The whole opening handshake must finish within this.
     pub handshake_timeout: Duration,
     /// `send` waits (backpressure) while more than this many bytes are queued unsent; reading also
-    /// pauses while automatic replies (pongs) exceed it, so a peer that never reads cannot grow memory.
+    /// pauses while automatic replies (pongs) exceed it, so a peer that pings and never reads cannot
+    /// grow memory. The caller's own messages never pause reading: a peer that is itself waiting to
+    /// write (an echo) would otherwise wait for us forever.
     pub write_high_water: usize,
     /// How much to ask the socket for per read.
     pub read_chunk: usize,

@@ -91,6 +91,17 @@ pub(crate) struct Core<S> {
     write_failed: bool,
 }
 
+impl<S> Core<S> {
+    /// [`Connection::close_state`], and `Closed` once the end has been reported however it came.
+    pub(crate) fn close_state(&self) -> CloseState {
+        if self.finished {
+            CloseState::Closed
+        } else {
+            self.conn.close_state()
+        }
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
     pub(crate) fn new(io: S, role: Role, config: Config, leftover: &[u8], deflate: Option<DeflateParams>) -> Self {
         let mut conn = Connection::new(role, config.protocol.clone());
@@ -191,14 +202,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
                     }
                 }
             }
-            if self.conn.pending_output() > self.write_high_water && !self.write_failed {
-                // Our replies are piling up unread by the peer: stop reading until they drain.
+            if self.conn.pending_replies() > self.write_high_water && !self.write_failed {
+                // Our automatic replies (pongs) are piling up unread by the peer: stop reading until
+                // they drain. Not for the caller's own messages: `send` waits for those, and a peer
+                // that is itself blocked writing to us (an echo) would wait for our read forever.
                 return Poll::Pending;
             }
             match self.poll_read(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) => {
                     self.finished = true;
+                    if self.conn.close_state() == CloseState::Open {
+                        // The connection is over without a close handshake: a send now would go
+                        // into a socket the peer has given up on.
+                        self.fail_writes(wcx);
+                    }
                     return match self.conn.close_state() {
                         CloseState::Open => Poll::Ready(Some(Err(Error::AbnormalClosure))),
                         // We started closing and the peer just hung up: done, if not graciously.
@@ -212,6 +230,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
                 }
                 Poll::Ready(Err(e)) => {
                     self.finished = true;
+                    self.fail_writes(wcx);
                     return Poll::Ready(Some(Err(Error::Io(e))));
                 }
             }
@@ -440,6 +459,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Core<S> {
     }
 
     /// Starts the close handshake if not started, and flushes.
+    /// Queues our close frame, unless one is queued already (ours, or the answer to the peer's): then
+    /// the flush that follows finishes the close, as a second `close` or a `close` on receiving the
+    /// peer's [`Message::Close`] expects.
+    pub(crate) fn start_close(&mut self, frame: CloseFrame) -> Result<()> {
+        if self.conn.close_sent() {
+            return Ok(());
+        }
+        self.start_send(Message::Close(Some(frame)))
+    }
+
     pub(crate) fn poll_close(&mut self, wcx: &mut Context<'_>) -> Poll<Result<()>> {
         if !self.conn.close_sent() && !self.write_failed {
             self.start_send(Message::Close(Some(CloseFrame::new(CloseCode::NORMAL, ""))))?;

@@ -29,7 +29,7 @@ impl<S> std::fmt::Debug for WebSocket<S> {
         f.debug_struct("WebSocket")
             .field("role", &self.core.conn.role())
             .field("protocol", &self.protocol)
-            .field("close_state", &self.core.conn.close_state())
+            .field("close_state", &self.core.close_state())
             .finish()
     }
 }
@@ -73,9 +73,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
         self.core.conn.role()
     }
 
-    /// Where the close handshake stands.
+    /// Where the close handshake stands: [`CloseState::Closed`] too once [`WebSocket::recv`] has
+    /// reported the connection over without one (the peer hung up, or a timeout).
     pub fn close_state(&self) -> CloseState {
-        self.core.conn.close_state()
+        self.core.close_state()
     }
 
     /// The underlying stream.
@@ -91,9 +92,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
 
     /// The next message. Pings are answered automatically and still reported; the peer's close frame is
     /// reported as [`Message::Close`], after which `recv` returns `None` once the connection has ended.
-    /// An `Err` ends the connection too: keep calling until `None`, which finishes the close (a
-    /// protocol error's close that the peer leaves unanswered reports [`Error::CloseTimeout`] before
-    /// the `None`).
+    /// An `Err` ends the connection too: keep calling until `None`, which finishes the close. After a
+    /// protocol error, our close frame (1002, 1007, 1009...) is written and the connection ends
+    /// without waiting for the peer's answer. A close we started that the peer leaves unanswered
+    /// reports [`Error::CloseTimeout`] before the `None`.
     pub async fn recv(&mut self) -> Option<Result<Message>> {
         poll_fn(|cx| {
             let waker = cx.waker();
@@ -120,11 +122,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WebSocket<S> {
     }
 
     /// Sends a close frame and flushes it. Keep calling [`recv`](Self::recv) until `None` to complete
-    /// the handshake (it gives up after `close_timeout`).
+    /// the handshake (it gives up after `close_timeout`). Once a close frame is queued (by an earlier
+    /// `close`, or in answer to the peer's [`Message::Close`]), it only flushes: `code` and `reason`
+    /// are not sent again.
     pub async fn close(&mut self, code: impl Into<CloseCode>, reason: &str) -> Result<()> {
         // Queued without waiting for room, after what is queued: the close timeout bounds the flush,
         // also when the peer reads nothing.
-        self.core.start_send(Message::Close(Some(CloseFrame::new(code.into(), reason))))?;
+        self.core.start_close(CloseFrame::new(code.into(), reason))?;
         self.flush().await
     }
 
@@ -326,7 +330,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsWriter<S> {
     /// Sends a close frame (without waiting for room, as [`WebSocket::close`]); the reader then sees
     /// the peer's answer and the end of the connection.
     pub async fn close(&mut self, code: impl Into<CloseCode>, reason: &str) -> Result<()> {
-        self.shared.lock().start_send(Message::Close(Some(CloseFrame::new(code.into(), reason))))?;
+        self.shared.lock().start_close(CloseFrame::new(code.into(), reason))?;
         self.flush().await
     }
 }

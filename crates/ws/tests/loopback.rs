@@ -757,3 +757,102 @@ async fn axum_extractor_upgrades_and_refuses() {
     .unwrap();
     assert!(bad.starts_with("HTTP/1.1 426"), "{bad}");
 }
+
+#[tokio::test]
+async fn a_split_connection_keeps_reading_while_its_own_large_messages_wait_for_the_peer() {
+    // The server echoes with `send`, so it stops reading while its echo waits for room; the client's
+    // reader must keep reading meanwhile, though its writer's messages are over the high-water mark.
+    let url = echo_server(Config::default().write_high_water(64 * 1024)).await;
+    let config = Config::default().write_high_water(64 * 1024);
+    let (ws, _) = ClientBuilder::new(&url).config(config).connect().await.unwrap();
+    let (mut reader, mut writer) = ws.split();
+    let size = 4 << 20;
+    let count = 3;
+    let sender = tokio::spawn(async move {
+        for i in 0..count {
+            writer.send(Message::binary(vec![i as u8; size])).await.unwrap();
+        }
+        writer
+    });
+    for i in 0..count {
+        let echo = tokio::time::timeout(10 * SECOND, reader.recv()).await.expect("no echo: stuck").unwrap().unwrap();
+        assert_eq!((echo.len(), echo.payload()[0]), (size, i as u8));
+    }
+    let _ = sender.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_peer_that_pings_and_never_reads_cannot_grow_our_pongs_past_the_high_water_mark() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let high_water = 64 * 1024;
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut ws = accept(stream, Config::default().write_high_water(high_water)).await.unwrap();
+        // The reader stops while the pongs are unsent; give it a while to take what it can.
+        let _ = tokio::time::timeout(2 * SECOND, async { while let Some(Ok(_)) = ws.recv().await {} }).await;
+        ws.pending_output()
+    });
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(format!("{HANDSHAKE}\r\n").as_bytes()).await.unwrap();
+    // 125-byte pings, masked, until the server stops taking them (the socket buffers fill).
+    let mut ping = vec![0x89, 0x80 | 125, 1, 2, 3, 4];
+    ping.extend(std::iter::repeat_n(0u8, 125));
+    let pings: Vec<u8> = ping.iter().copied().cycle().take(ping.len() * 1000).collect();
+    let flood = async {
+        loop {
+            stream.write_all(&pings).await.unwrap();
+        }
+    };
+    let _ = tokio::time::timeout(2 * SECOND, flood).await;
+    let pending = server.await.unwrap();
+    assert!(pending > 0, "the pongs stay unsent: the client reads nothing");
+    // Reading stops once the unsent pongs are over the mark; the pings of the read before that are
+    // still answered (a read is at most `read_chunk`, 32 KiB).
+    assert!(pending <= high_water + 32 * 1024, "pongs queued past the high-water mark: {pending}");
+}
+
+#[tokio::test]
+async fn once_the_peer_hangs_up_sends_fail_and_the_state_says_closed() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut ws = accept(stream, Config::default()).await.unwrap();
+        assert!(matches!(ws.recv().await, Some(Err(Error::AbnormalClosure))));
+        assert_eq!(ws.close_state(), switchboard_ws::proto::CloseState::Closed);
+        assert!(matches!(ws.send("into the void").await, Err(Error::ConnectionClosed)));
+    });
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(format!("{HANDSHAKE}\r\n").as_bytes()).await.unwrap();
+    let mut buf = [0u8; 256];
+    let _ = stream.read(&mut buf).await.unwrap();
+    drop(stream);
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn close_on_the_peers_close_frame_finishes_the_handshake_without_an_error() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut ws = accept(stream, Config::default()).await.unwrap();
+        match ws.recv().await {
+            Some(Ok(Message::Close(frame))) => {
+                assert_eq!(frame.map(|f| f.code), Some(CloseCode::from(4000)));
+                // The habit from tokio-tungstenite: answer a close with `close`.
+                ws.close(1000, "").await.unwrap();
+                ws.close(1000, "twice").await.unwrap();
+            }
+            other => panic!("{other:?}"),
+        }
+        ws.recv().await.is_none()
+    });
+    let (mut ws, _) = switchboard_ws::connect(&format!("ws://{addr}")).await.unwrap();
+    ws.close(4000, "done").await.unwrap();
+    ws.close(4001, "a second close only flushes").await.unwrap();
+    assert!(matches!(ws.recv().await, Some(Ok(Message::Close(_)))));
+    assert!(tokio::time::timeout(5 * SECOND, ws.recv()).await.unwrap().is_none());
+    assert!(server.await.unwrap());
+}
