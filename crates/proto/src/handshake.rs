@@ -49,12 +49,20 @@ pub fn generate_key() -> String {
 }
 
 /// One header line; values are kept as bytes since HTTP allows non-UTF-8 (obs-text).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Header {
     /// The field name as received (compare it case-insensitively).
     pub name: String,
     /// The field value, untrimmed.
     pub value: Vec<u8>,
+}
+
+/// `name: "value"`, the value as text (bytes that are not UTF-8 escaped), as a log line wants it
+/// rather than a list of numbers.
+impl std::fmt::Debug for Header {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: \"{}\"", self.name, self.value.escape_ascii())
+    }
 }
 
 /// A parsed HTTP head (request or response), before any WebSocket validation.
@@ -764,6 +772,12 @@ fn agreed(request: &ClientRequest, head: Head) -> Result<Accepted, ResponseError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_header_debugs_as_a_line_of_text() {
+        let header = Header { name: "X-Note".into(), value: b"caf\xc3\xa9 \"ok\"".to_vec() };
+        assert_eq!(format!("{header:?}"), r#"X-Note: "caf\xc3\xa9 \"ok\"""#);
+    }
 
     const SEED_REQUEST: &[u8] = b"GET /chat HTTP/1.1\r\nHost: server.example.com\r\nUpgrade: websocket\r\n\
 Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSocket-Version: 13\r\n\r\n";

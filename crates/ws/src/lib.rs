@@ -57,5 +57,6 @@ pub use url::WsUrl;
 
 pub use bytes::Bytes;
 pub use switchboard_proto as proto;
+pub use switchboard_proto::deflate::DeflateConfig;
 pub use switchboard_proto::handshake::{Accepted, UpgradeRequest};
 pub use switchboard_proto::{CloseCode, CloseFrame, CloseState, Message, ProtocolError, Role, Utf8Bytes};
