@@ -183,14 +183,6 @@ struct Output {
     chunks: VecDeque<Bytes>,
     tail: BytesMut,
     len: usize,
-    /// Of the pending bytes, at most this many are replies the engine queued on its own (pongs, close
-    /// replies): a count kept apart from what the caller queued, so a transport can bound what a peer
-    /// that pings without reading makes us hold, without also holding up reads behind the caller's
-    /// own large messages.
-    replies: usize,
-    /// Pending bytes up to the end of the last of those replies: once that many are written, none is
-    /// left.
-    replies_end: usize,
 }
 
 impl Output {
@@ -208,19 +200,9 @@ impl Output {
             // All written: the buffer starts over from its beginning instead of moving along its
             // allocation, so it never needs rewinding by `reserve`.
             self.tail.clear();
-            self.replies = 0;
-            self.replies_end = 0;
             return;
         }
-        self.replies_end = self.replies_end.saturating_sub(n);
-        self.replies = self.replies.min(self.replies_end);
         self.consume_partly(n);
-    }
-
-    /// Counts the `n` bytes just queued at the end as the engine's own reply.
-    fn count_reply(&mut self, n: usize) {
-        self.replies += n;
-        self.replies_end = self.len;
     }
 
     /// [`Output::consume`] when something is left: walks the chunks.
@@ -255,6 +237,12 @@ pub struct Connection {
     assembly: Option<Box<Assembly>>,
     utf8: Utf8Validator,
     out: Output,
+    /// Bytes of replies the engine queued on its own (pongs, close replies) since the output was last
+    /// empty, so at least as many as are unsent: a count kept apart from what the caller queued, so a
+    /// transport can bound what a peer that pings without reading makes us hold, without also holding
+    /// up reads behind the caller's own large messages. A saturating `u32` here fits in padding,
+    /// where a `usize` would make every idle connection 8 bytes larger.
+    replies: u32,
     mask_keys: MaskKeys,
     close_sent: bool,
     close_received: bool,
@@ -292,6 +280,7 @@ impl Connection {
             assembly: None,
             utf8: Utf8Validator::new(),
             out: Output::default(),
+            replies: 0,
             mask_keys,
             close_sent: false,
             close_received: false,
@@ -786,7 +775,8 @@ impl Connection {
     fn queue_reply(&mut self, opcode: OpCode, payload: &[u8]) {
         let before = self.out.len;
         self.queue_frame(opcode, true, payload);
-        self.out.count_reply(self.out.len - before);
+        let queued = u32::try_from(self.out.len - before).unwrap_or(u32::MAX);
+        self.replies = self.replies.saturating_add(queued);
     }
 
     /// Encodes a whole frame into the output buffer, masking it when we are the client.
@@ -842,14 +832,15 @@ impl Connection {
         self.out.len
     }
 
-    /// At most this many of the [`Connection::pending_output`] bytes are replies the engine queued on its
-    /// own: pongs (with `auto_pong`) and the close frame answering the peer's or a protocol error.
-    /// What the caller queued is not counted. A transport that pauses reading while this is over its
-    /// limit bounds what a peer that sends pings and never reads can make it hold, and still reads
-    /// while its own messages wait for the peer (which may itself be waiting to be read).
+    /// Bytes of replies the engine queued on its own since the output was last all written: pongs
+    /// (with `auto_pong`) and the close frame answering the peer's or a protocol error. What the
+    /// caller queued is not counted. At least as many are unsent, so a transport that pauses reading
+    /// while this is over its limit bounds what a peer that sends pings and never reads can make it
+    /// hold, and still reads while its own messages wait for the peer (which may itself be waiting to
+    /// be read).
     #[inline]
     pub fn pending_replies(&self) -> usize {
-        self.out.replies
+        self.replies as usize
     }
 
     /// Fills `dst` with the pending output in order, for a vectored write; returns how many slices.
@@ -880,6 +871,9 @@ impl Connection {
     #[inline]
     pub fn consume_output(&mut self, n: usize) {
         self.out.consume(n);
+        if self.out.len == 0 {
+            self.replies = 0;
+        }
     }
 
     /// Takes every pending output byte as one contiguous buffer (tests, simple transports).
@@ -889,8 +883,7 @@ impl Connection {
             all.extend_from_slice(chunk);
         }
         all.extend_from_slice(&self.out.tail);
-        let n = self.out.len;
-        self.out.consume(n);
+        self.consume_output(self.out.len);
         all
     }
 
