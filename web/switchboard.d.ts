@@ -11,7 +11,10 @@ export type Transport = "websocket" | "sse" | "longpoll";
 /** The connection's state, as the `state` event tells it. */
 export type ConnectionState = "connecting" | "open" | "reconnecting" | "closed";
 
-/** A JWT, or a function giving one (called again before each expiry, to renew it on the open connection). */
+/** A JWT, or a function giving one (called again before each expiry, to renew it on the open
+ * WebSocket, and for each new connection). A fixed JWT the server refuses (4001, or 401 over HTTP)
+ * ends the client (state "closed", after an `error` event); a function is asked again on the next
+ * attempt, with backoff. */
 export type TokenSource = string | (() => string | Promise<string>);
 
 /** Where offsets, epochs and unsent publishes are kept across page reloads (sessionStorage by default). */
@@ -38,6 +41,9 @@ export interface SwitchboardOptions {
   storageKey?: string;
   /** Default `["websocket", "sse", "longpoll"]`: the next one after a transport never opened. */
   transports?: Transport[];
+  /** On a fallback transport, when to first try WebSocket again, in ms (default 30000; then less
+   * often while it fails, up to every 5 minutes). When a probe opens, the client moves back. */
+  upgradeProbeMs?: number;
   /** How long a long poll waits on the server, in seconds; default 25. */
   pollWaitSecs?: number;
 }

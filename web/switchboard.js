@@ -18,9 +18,15 @@
 // - Publishes carry a random id; unacknowledged ones are sent again after a reconnect and the server
 //   stores each id once. With `storage` (sessionStorage by default), offsets and unsent publishes also
 //   survive a page reload.
-// - Authentication: `token` (a JWT string, or a function returning one or a promise of one) is sent as
-//   the first message of every connection, so it never shows in URLs or logs. With a function, the
-//   token is renewed `refreshMarginMs` before it expires, on the open connection.
+// - Authentication: `token` (a JWT string, or a function returning one or a promise of one). Over
+//   WebSocket it is the first message of every connection, and over long polling and HTTP publishes
+//   an `Authorization` header, so it shows in no URL. EventSource can send no header: over SSE the
+//   token goes in the query string, where proxies may log it (the `switchboard_token` cookie avoids
+//   that). With a function, the token is renewed `refreshMarginMs` before it expires, on the open
+//   WebSocket. A token the server refuses (4001) ends the client when it is a fixed string, as no
+//   retry can fix it; a function is asked again on the next, backed-off attempt.
+// - Falls back to SSE, then long polling, where WebSocket does not get through, and goes back to
+//   WebSocket as soon as a probe finds it does (checked every minute or so).
 
 export const PROTOCOL = "switchboard.v1";
 
@@ -35,6 +41,9 @@ const DEFAULTS = {
   // Tried in this order; the next one after a transport failed twice without ever opening.
   transports: ["websocket", "sse", "longpoll"],
   pollWaitSecs: 25,
+  // On a fallback transport, the first WebSocket probe comes this long after it opened (then less
+  // and less often, up to every 5 minutes, while the probes fail).
+  upgradeProbeMs: 30000,
 };
 
 function defaultStorage() {
@@ -79,8 +88,20 @@ export class SwitchboardClient extends EventTarget {
     this.stopped = false;
     this.reqCounter = 0;
     this.clientId = randomId(); // names this client's long polls, so it counts as present between them
+    this.generation = 0; // each connect() counts one; a stream set up for an older one is dropped
+    this.opening = false; // an SSE stream or long poll is being set up and has not opened yet
     this.restore();
-    this.connect();
+    // After the constructor returns, so listeners added right after it see the first "connecting".
+    queueMicrotask(() => this.connect());
+    // Back from offline: try now rather than at the end of the backoff.
+    this.onOnline = () => {
+      if (this.stopped || this.retryTimer === null || this.retryTimer === undefined) return;
+      clearTimeout(this.retryTimer);
+      this.retryTimer = null;
+      this.attempt = 0;
+      this.connect();
+    };
+    globalThis.addEventListener?.("online", this.onOnline);
   }
 
   // ---------------------------------------------------------------- public API
@@ -114,9 +135,12 @@ export class SwitchboardClient extends EventTarget {
     this.restartStream();
   }
 
-  /** Over SSE or long polling the rooms and the name are in the request: a change opens a new one. */
+  /** Over SSE or long polling the rooms and the name are in the request: a change opens a new one,
+   * also while one is still being set up (it was set up with the rooms of before). Waiting for a
+   * reconnect, there is nothing to do: the next attempt asks for the rooms as they are then. */
   restartStream() {
-    if (this.transport === "websocket" || this.state !== "open" || this.stopped) return;
+    if (this.transport === "websocket" || this.stopped) return;
+    if (this.state !== "open" && !this.opening) return;
     if (this.transport === "sse") this.socket?.close();
     this.socket = null;
     this.connect();
@@ -142,6 +166,8 @@ export class SwitchboardClient extends EventTarget {
     this.stopped = true;
     clearTimeout(this.retryTimer);
     clearTimeout(this.refreshTimer);
+    clearTimeout(this.probeTimer);
+    globalThis.removeEventListener?.("online", this.onOnline);
     this.socket?.close?.(1000, "bye"); // an EventSource ignores the code; a long poll has nothing to close
     this.socket = null;
     this.setState("closed");
@@ -156,6 +182,8 @@ export class SwitchboardClient extends EventTarget {
 
   connect() {
     if (this.stopped) return;
+    this.generation += 1;
+    this.retryTimer = null;
     this.setState(this.attempt === 0 ? "connecting" : "reconnecting");
     const available = { websocket: typeof WebSocket === "function", sse: typeof EventSource === "function", longpoll: typeof fetch === "function" };
     while (!available[this.transport] && this.transportIndex < this.transports.length - 1) this.transportIndex += 1;
@@ -198,9 +226,17 @@ export class SwitchboardClient extends EventTarget {
       this.socket = null;
       clearTimeout(this.refreshTimer);
       if (event.code === 4001 || event.code === 4003) {
-        this.emit("error", { code: event.code === 4001 ? "unauthorized" : "forbidden", message: event.reason });
+        this.emit("error", { code: event.code === 4001 ? "unauthorized" : "forbidden", message: event.reason, close: event.code });
+      } else if (event.code === 4002) {
+        this.emit("error", { code: "disconnected", message: event.reason, close: event.code });
       }
       if (this.stopped) return;
+      if (event.code === 4001 && typeof this.options.token !== "function") {
+        // A fixed token the server refused (bad, expired, or none where one is needed) will be
+        // refused again: stop rather than ask again forever.
+        this.close();
+        return;
+      }
       this.scheduleReconnect();
     };
     socket.onerror = () => {}; // onclose follows; the error event carries no detail
@@ -208,12 +244,47 @@ export class SwitchboardClient extends EventTarget {
 
   opened() {
     this.transportWorked = true;
-    this.attempt = 0;
+    this.opening = false;
+    // With a token over WebSocket, the backoff starts over only once the server took the token
+    // ("authed"): an open socket says nothing yet, and a refused token must not retry at full speed.
+    if (!(this.options.token && this.transport === "websocket")) this.attempt = 0;
     this.members = {};
     this.setState("open");
+    if (this.transportIndex > 0) this.scheduleProbe(this.options.upgradeProbeMs);
+  }
+
+  /** On a fallback transport, tries a WebSocket now and then; when one opens, moves back to it. */
+  scheduleProbe(delay) {
+    clearTimeout(this.probeTimer);
+    if (this.transports[0] !== "websocket" || typeof WebSocket !== "function") return;
+    this.probeTimer = setTimeout(() => {
+      if (this.stopped || this.transportIndex === 0) return;
+      let probe;
+      try {
+        probe = new WebSocket(this.urls[this.urlIndex], PROTOCOL);
+      } catch {
+        return this.scheduleProbe(Math.min(2 * delay, 300000));
+      }
+      probe.onopen = () => {
+        const accepted = probe.protocol === PROTOCOL;
+        probe.close(1000, "probe");
+        if (!accepted || this.stopped || this.transportIndex === 0) return;
+        // Moving costs a reconnect and nothing else: the offsets and unacknowledged publishes go along.
+        if (this.transport === "sse") this.socket?.close();
+        this.socket = null;
+        this.transportIndex = 0;
+        this.failures = 0;
+        this.transportWorked = false;
+        this.attempt = 0;
+        this.connect();
+      };
+      probe.onerror = () => this.scheduleProbe(Math.min(2 * delay, 300000));
+    }, delay);
   }
 
   scheduleReconnect() {
+    this.opening = false;
+    clearTimeout(this.probeTimer);
     this.setState("reconnecting");
     this.urlIndex = (this.urlIndex + 1) % this.urls.length;
     // A transport that has never opened, tried twice on every URL (a proxy that strips Upgrade, a
@@ -232,6 +303,18 @@ export class SwitchboardClient extends EventTarget {
     this.retryTimer = setTimeout(() => this.connect(), delay);
   }
 
+  /** Over SSE and long polling a refused token comes as an HTTP answer: said as an error event, and,
+   * for a fixed token, the end (as a WebSocket's 4001). */
+  refusedOverHttp(status, answer) {
+    if (status !== 401 && status !== 403) return false;
+    this.emit("error", { code: answer?.code ?? (status === 401 ? "unauthorized" : "forbidden"), message: answer?.message ?? `HTTP ${status}` });
+    if (status === 401 && typeof this.options.token !== "function") {
+      this.close();
+      return true;
+    }
+    return false;
+  }
+
   async currentToken() {
     const { token } = this.options;
     return typeof token === "function" ? await token() : token;
@@ -241,7 +324,11 @@ export class SwitchboardClient extends EventTarget {
   scheduleRefresh(exp) {
     clearTimeout(this.refreshTimer);
     if (typeof this.options.token !== "function" || !exp) return;
-    const delay = Math.max(0, exp * 1000 - Date.now() - this.options.refreshMarginMs);
+    const left = exp * 1000 - Date.now();
+    // A token already within the margin (the function gave back one as old as the last) is renewed
+    // halfway to its end, and never sooner than a second: not again at once, in a loop. setTimeout
+    // takes at most 2^31 - 1 ms (24.8 days); more would fire at once.
+    const delay = Math.min(Math.max(left - this.options.refreshMarginMs, left / 2, 1000), 2 ** 31 - 1);
     this.refreshTimer = setTimeout(async () => {
       try {
         this.send({ type: "auth", token: await this.currentToken() });
@@ -303,22 +390,26 @@ export class SwitchboardClient extends EventTarget {
     params.set("name", this.name);
     params.set("cursor", this.cursor());
     if (this.transport === "longpoll") params.set("client", this.clientId);
-    // EventSource cannot send headers: the token goes in the query.
-    if (this.options.token) params.set("token", await this.currentToken());
+    // EventSource cannot send headers: its token goes in the query. A long poll sends a header.
+    if (this.options.token && this.transport === "sse") params.set("token", await this.currentToken());
     for (const [key, value] of Object.entries(extra)) params.set(key, value);
     return params.toString();
   }
 
   async connectSse() {
+    const generation = this.generation;
+    this.opening = true;
     let query;
     try {
       query = await this.query();
     } catch (error) {
+      if (generation !== this.generation) return;
       this.emit("error", { code: "token", message: String(error) });
       return this.scheduleReconnect();
     }
-    if (this.stopped) return;
-    const source = new EventSource(`${this.httpBase()}/sse?${query}`);
+    if (this.stopped || generation !== this.generation) return;
+    const url = `${this.httpBase()}/sse?${query}`;
+    const source = new EventSource(url);
     this.socket = source;
     for (const kind of ["message", "joined", "presence", "error"]) {
       source.addEventListener(kind, (event) => {
@@ -336,17 +427,38 @@ export class SwitchboardClient extends EventTarget {
       // EventSource reconnects by itself (with Last-Event-ID) unless the server refused it; a
       // stream that never opened is this transport failing.
       if (source.readyState === EventSource.CLOSED || this.state !== "open") {
+        const neverOpened = this.state !== "open";
         source.close();
         this.socket = null;
         this.scheduleReconnect();
+        if (neverOpened && this.options.token) this.explainRefusal(url);
       } else {
         this.setState("reconnecting");
       }
     };
   }
 
+  /** EventSource says nothing of why a stream was refused: the same request once more, by fetch,
+   * reads the answer (and is cut off at once if it is a stream after all). */
+  async explainRefusal(url) {
+    const abort = new AbortController();
+    try {
+      const response = await fetch(url, { signal: abort.signal });
+      if (response.status === 401 || response.status === 403) {
+        this.refusedOverHttp(response.status, await response.json().catch(() => null));
+      }
+    } catch {
+      // Unreachable: the reconnect already scheduled will say so by its state.
+    } finally {
+      abort.abort();
+    }
+  }
+
   async connectPoll() {
+    const generation = this.generation;
+    this.opening = true;
     const token = this.options.token ? await this.currentToken().catch(() => null) : null;
+    if (this.stopped || generation !== this.generation) return;
     const headers = token ? { Authorization: `Bearer ${token}` } : {};
     const session = {};
     this.socket = session;
@@ -357,7 +469,10 @@ export class SwitchboardClient extends EventTarget {
         const wait = first ? 0 : this.options.pollWaitSecs;
         const response = await fetch(`${this.httpBase()}/poll?${await this.query({ wait })}`, { headers });
         answer = await response.json();
-        if (!response.ok) throw new Error(answer.message ?? `HTTP ${response.status}`);
+        if (!response.ok) {
+          if (this.socket === session && this.refusedOverHttp(response.status, answer)) return;
+          throw new Error(answer.message ?? `HTTP ${response.status}`);
+        }
       } catch (error) {
         if (this.socket !== session) return;
         this.socket = null;
@@ -372,7 +487,30 @@ export class SwitchboardClient extends EventTarget {
       for (const [room, epoch] of Object.entries(answer.epochs ?? {})) if (this.epochs[room] === undefined) this.epochs[room] = epoch;
       for (const notice of answer.notices ?? []) this.onEnvelope(JSON.stringify(notice));
       for (const message of answer.messages ?? []) this.onMessage(message);
+      this.adoptCursor(answer.cursor);
     }
+  }
+
+  /** Takes the place a poll's answer gives each room (after its messages): a room with no message
+   * yet has its place there only, and without it a restart would find none and get only the recent
+   * messages. */
+  adoptCursor(cursor) {
+    if (typeof cursor !== "string") return;
+    let places;
+    try {
+      const base64 = cursor.replace(/-/g, "+").replace(/_/g, "/");
+      const binary = atob(base64 + "=".repeat((4 - (base64.length % 4)) % 4));
+      places = JSON.parse(new TextDecoder().decode(Uint8Array.from(binary, (c) => c.charCodeAt(0))));
+    } catch {
+      return; // opaque after all: the offsets of the messages stand
+    }
+    for (const [room, place] of Object.entries(places ?? {})) {
+      const [epoch, offset] = Array.isArray(place) ? place : [];
+      if (!this.rooms.has(room) || !Number.isSafeInteger(offset)) continue;
+      if (epoch && this.epochs[room] !== undefined && this.epochs[room] !== epoch) continue;
+      if (!(this.offsets[room] >= offset)) this.offsets[room] = offset;
+    }
+    this.save();
   }
 
   /** Publishes over HTTP one after another, so that they are stored in the order they were made. */
@@ -391,10 +529,13 @@ export class SwitchboardClient extends EventTarget {
       const answer = await response.json();
       if (response.ok) {
         for (const ack of answer.acks ?? []) this.onAck({ ...ack, req: entry.id });
-      } else if (response.status >= 400 && response.status < 500) {
+      } else if (response.status >= 400 && response.status < 500 && response.status !== 429 && response.status !== 408) {
         this.onEnvelope(JSON.stringify({ ...answer, req: entry.id }));
       } else {
-        await new Promise((r) => setTimeout(r, 1000)); // unavailable: again, before any later one
+        // Over the rate (429), too slow (408) or unavailable (5xx): again with the same id, before
+        // any later one, after what Retry-After asks (1 to 60 s).
+        const after = Math.min(60, Math.max(1, Number(response.headers.get("Retry-After")) || 1));
+        await new Promise((r) => setTimeout(r, after * 1000));
         if (this.state === "open") await this.postOne(entry);
       }
     } catch {
@@ -431,6 +572,12 @@ export class SwitchboardClient extends EventTarget {
           delete this.offsets[envelope.room];
         }
         if (envelope.epoch !== undefined) this.epochs[envelope.room] = envelope.epoch;
+        // Everything before `first` is behind us (seen, or reported as a gap): the place to resume
+        // from even when the replay brings nothing (an empty room), or a restart would find no place
+        // and get only the recent messages.
+        if (Number.isSafeInteger(envelope.first) && !(this.offsets[envelope.room] >= envelope.first - 1)) {
+          this.offsets[envelope.room] = envelope.first - 1;
+        }
         this.save();
         return this.emitPresence(envelope.room);
       }
@@ -448,6 +595,7 @@ export class SwitchboardClient extends EventTarget {
       case "ack":
         return this.onAck(envelope);
       case "authed":
+        this.attempt = 0; // the server took the token: a later drop starts its backoff over
         this.emit("authed", { sub: envelope.sub, exp: envelope.exp });
         return this.scheduleRefresh(envelope.exp);
       case "left":
@@ -457,6 +605,11 @@ export class SwitchboardClient extends EventTarget {
         }
         return undefined;
       case "error":
+        if (envelope.code === "unavailable" && envelope.req && this.transport === "websocket") {
+          // Not stored, or not known to be: the same publish again (its id keeps it once) in a second.
+          const entry = this.pending.find((p) => p.id === envelope.req);
+          if (entry) setTimeout(() => { if (this.pending.includes(entry)) this.sendPublish(entry); }, 1000);
+        }
         if (envelope.req && this.waiters.has(envelope.req) && envelope.code !== "unavailable") {
           // A request the server refused outright will not succeed on retry.
           this.pending = this.pending.filter((p) => p.id !== envelope.req);
