@@ -111,6 +111,7 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
             rate_limit: config.rate_limit(),
             auth_timeout: config.handshake_timeout(),
             max_publish_rooms: chat.max_rooms_per_connection(),
+            max_replay_bytes: config.limits.outbox_bytes(),
         },
         clock: Arc::new(SystemClock),
     });

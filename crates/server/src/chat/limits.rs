@@ -29,6 +29,9 @@ pub struct SessionLimits {
     pub auth_timeout: Duration,
     /// Most rooms one publish may name.
     pub max_publish_rooms: usize,
+    /// Most bytes of messages in one join's replay or one history answer (the outbox's bytes), so
+    /// that a client that asks for much and reads slowly holds no more than a slow member does.
+    pub max_replay_bytes: usize,
 }
 
 /// What the hub holds for each connection.

@@ -194,6 +194,7 @@ mod tests {
             rate_limit: None,
             auth_timeout: std::time::Duration::from_secs(1),
             max_publish_rooms: 2,
+            max_replay_bytes: 1 << 20,
         }
     }
 

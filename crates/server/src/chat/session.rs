@@ -26,7 +26,7 @@ use super::message::{check_name, check_room, now_hms, NewMessage, Refusal};
 use super::publish::{self, PublishRequest};
 use super::wire::{error_text, Dialect, Envelope, ErrorCode, Member, Request};
 use super::Core;
-use crate::engine::{EngineError, History, Position, PresenceEntry, Published};
+use crate::engine::{EngineError, History, Position, PresenceEntry, Published, StoredMessage};
 use crate::metrics::{metrics, Refusal as ConnectionRefusal, Transport};
 
 /// The server is going away (shutdown).
@@ -560,10 +560,11 @@ impl Session {
                     return refused(e, &req);
                 }
                 let max_replay = self.core.limits.max_replay;
-                if limit == Some(0) {
+                if limit.is_some_and(|limit| limit == 0 || limit > max_replay) {
                     return refused((ErrorCode::BadRequest, format!("limit must be 1 to {max_replay}")), &req);
                 }
-                let limit = limit.unwrap_or(max_replay).min(max_replay);
+                let limit = limit.unwrap_or(max_replay);
+                let budget = self.core.limits.max_replay_bytes;
                 let engine = self.core.engine.clone();
                 self.push_pending(Box::pin(async move {
                     let read = async {
@@ -577,7 +578,9 @@ impl Session {
                         Ok((top, history)) => Envelope::History {
                             room: &room,
                             epoch: &top.epoch,
-                            messages: history.messages.iter().map(Envelope::message).collect(),
+                            // The newest that fit in the outbox's bytes (one at least), as a smaller
+                            // `limit` would give: a client that reads slowly holds no more.
+                            messages: newest_fitting(&history.messages, budget).iter().map(Envelope::message).collect(),
                             first: history.first_retained,
                             last: history.last_offset,
                             req: req.as_ref(),
@@ -710,13 +713,23 @@ impl Session {
                 history.first_retained <= since + 1 && (last - since) as usize <= self.core.limits.max_replay
             }
         });
-        let mut out = Vec::with_capacity(history.messages.len() + 1);
+        // The replay is at most the outbox's bytes, as what it holds for live delivery: the newest
+        // messages that fit, and a client further behind is told so, as one past `max_replay` is.
+        let mut replay: Vec<String> = history.messages.iter().map(|m| Envelope::message(m).encode()).collect();
+        let cut = newest_within(&replay, self.core.limits.max_replay_bytes);
+        let first = match cut {
+            0 => history.first_retained,
+            cut => history.messages[cut].offset,
+        };
+        replay.drain(..cut);
+        let recovered = recovered.map(|recovered| recovered && cut == 0);
+        let mut out = Vec::with_capacity(replay.len() + 1);
         out.push(
             Envelope::Joined {
                 room: &room,
                 offset: last,
                 epoch: &top.epoch,
-                first: history.first_retained,
+                first,
                 recovered,
                 members: members.iter().map(Member::from).collect(),
                 truncated,
@@ -724,7 +737,7 @@ impl Session {
             }
             .encode(),
         );
-        out.extend(history.messages.iter().map(|m| Envelope::message(m).encode()));
+        out.extend(replay);
         out
     }
 
@@ -746,6 +759,32 @@ impl Session {
         }
         immediate
     }
+}
+
+/// How many of `encoded` (oldest first) to leave out, from the front, so that the rest fit in
+/// `budget` bytes; the newest one is kept whatever its size.
+fn newest_within(encoded: &[String], budget: usize) -> usize {
+    let mut total = 0usize;
+    let kept = encoded.iter().rev().take_while(|text| {
+        total += text.len();
+        total <= budget
+    });
+    encoded.len() - kept.count().max(1.min(encoded.len()))
+}
+
+/// The newest of `messages` (oldest first) whose envelopes fit in about `budget` bytes (their fields
+/// and 100 bytes for the rest, before JSON escaping); the newest one whatever its size.
+fn newest_fitting(messages: &[StoredMessage], budget: usize) -> &[StoredMessage] {
+    let mut total = 0usize;
+    let fitting = messages
+        .iter()
+        .rev()
+        .take_while(|message| {
+            total += message.message.len() + message.name.len() + message.id.as_deref().map_or(0, str::len) + 100;
+            total <= budget
+        })
+        .count();
+    &messages[messages.len() - fitting.max(1).min(messages.len())..]
 }
 
 impl Drop for Session {

@@ -94,6 +94,7 @@ fn chat_on(options: Options, wrap: impl FnOnce(Arc<dyn Engine>) -> Arc<dyn Engin
             rate_limit: options.rate,
             auth_timeout: Duration::from_secs(10),
             max_publish_rooms: 3,
+            max_replay_bytes: 1 << 20,
         },
         clock: clock.clone(),
     });
@@ -306,6 +307,39 @@ async fn resume_past_the_replay_limit_or_from_another_epoch_is_not_recovered() {
     let other = carl.send(json!({"type": "join", "room": "r", "since": 5, "epoch": "a-lost-history"})).await.unwrap();
     assert_eq!(other[0]["recovered"], false, "offsets of another epoch are void");
     assert_eq!(other[0]["epoch"].as_str(), Some(epoch.as_str()));
+}
+
+#[tokio::test]
+async fn a_replay_and_a_history_answer_hold_at_most_the_outbox_bytes_and_a_resume_past_them_is_told() {
+    let mut chat = chat(Options::default());
+    Arc::get_mut(&mut chat.core).unwrap().limits.max_replay_bytes = 1000;
+    let mut ann = chat.v1();
+    let joined = ann.join("r").await;
+    let epoch = joined[0]["epoch"].as_str().unwrap().to_owned();
+    for n in 1..=10 {
+        ann.publish("r", &format!("{n:0>90}")).await; // about 250 bytes an envelope
+    }
+    let mut bob = chat.v1();
+    let answers = bob.send(json!({"type": "join", "room": "r", "since": 2, "epoch": epoch})).await.unwrap();
+    let replay: Vec<u64> = answers[1..].iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    let bytes: usize = answers[1..].iter().map(|m| m.to_string().len()).sum();
+    assert!(bytes <= 1000 && replay.len() >= 3, "{bytes} bytes: {replay:?}");
+    assert_eq!(replay.last(), Some(&10), "the newest ones");
+    assert_eq!(
+        (answers[0]["recovered"].as_bool(), answers[0]["first"].as_u64()),
+        (Some(false), Some(replay[0])),
+        "what did not fit is missing, and said so: {}",
+        answers[0]
+    );
+    let mut carl = chat.v1();
+    let near = carl.send(json!({"type": "join", "room": "r", "since": 8, "epoch": epoch})).await.unwrap();
+    assert_eq!((near[0]["recovered"].as_bool(), near.len()), (Some(true), 3), "two fit");
+    let history = ann.send(json!({"type": "history", "room": "r"})).await.unwrap();
+    let offsets: Vec<u64> =
+        history[0]["messages"].as_array().unwrap().iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    assert!(offsets.len() >= 3 && offsets.len() < 10 && offsets.last() == Some(&10), "{offsets:?}");
+    let too_many = ann.send(json!({"type": "history", "room": "r", "limit": 100_000})).await.unwrap();
+    assert_eq!(too_many[0]["code"].as_str(), Some("bad_request"), "past max_replay: {}", too_many[0]);
 }
 
 #[tokio::test]

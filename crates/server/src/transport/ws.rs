@@ -435,6 +435,7 @@ mod tests {
                 rate_limit: None,
                 auth_timeout: Duration::from_secs(1),
                 max_publish_rooms: 1,
+                max_replay_bytes: 1024,
             },
             clock: Arc::new(SystemClock),
         });
