@@ -121,10 +121,7 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
         ws: WsState { core, config: ws_config, live: live.clone() },
         connections: connections.clone(),
         sse_heartbeat: Duration::from_secs(config.server.sse_heartbeat_secs()),
-        poll_presence: PollPresence::new(
-            Duration::from_secs(config.server.poll_grace_secs()),
-            config.server.max_connections(),
-        ),
+        poll_presence: PollPresence::new(Duration::from_secs(config.server.poll_grace_secs()), connections.clone()),
         publish_rate: AddressRate::new(config.rate_limit()),
         started: std::time::Instant::now(),
         engine_name: if cluster.redis().is_empty() { "sqlite" } else { "redis" },

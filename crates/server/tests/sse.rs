@@ -749,3 +749,21 @@ fn the_server_api_disconnects_a_poll_that_stands_in_its_clients_place() {
         assert_eq!(answer["sessions_here"], 2, "the kept presence and the poll: {answer}");
     });
 }
+
+#[test]
+fn each_long_polling_client_kept_present_holds_a_place_in_the_per_address_limit() {
+    // Before, any number of made-up client ids from one address were kept present (8,000 in five
+    // seconds, each a join and later a leave for every member of the room).
+    let (server, _db) = start_serve(&["--max-connections-per-ip", "3"]);
+    for client in ["c1", "c2"] {
+        let (status, body) = poll(&server.addr, &format!("room=r&client={client}&name={client}&wait=0"));
+        assert_eq!(status, 200, "{client}: {body}");
+    }
+    // Two kept, and this poll's own connection: the third id has no place left.
+    let (status, body) = poll(&server.addr, "room=r&client=c3&name=c3&wait=0");
+    assert_eq!((status, body["code"].as_str()), (429, Some("too_many")), "{body}");
+    let (status, body) = poll(&server.addr, "room=r&client=c1&name=c1&wait=0");
+    assert_eq!(status, 200, "a kept client polls on in its place: {body}");
+    let (status, _) = poll(&server.addr, "room=r&wait=0");
+    assert_eq!(status, 200, "a poll without a client id keeps no place");
+}

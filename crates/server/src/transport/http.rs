@@ -291,8 +291,14 @@ async fn sse_stream(
     count_bad_request(sse::stream(core, live, peer, place, headers, query, heartbeat).await)
 }
 
-async fn long_poll(State(state): State<AppState>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
-    count_bad_request(poll::poll(state.ws.core.clone(), &state.poll_presence, headers, query).await)
+async fn long_poll(
+    State(state): State<AppState>,
+    peer: Option<axum::Extension<Peer>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let peer = peer.map(|axum::Extension(Peer(address))| address.ip());
+    count_bad_request(poll::poll(state.ws.core.clone(), &state.poll_presence, peer, headers, query).await)
 }
 
 /// A stream or poll refused for its request (no room, a bad cursor): counted as a bad handshake.

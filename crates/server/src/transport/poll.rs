@@ -10,6 +10,7 @@
 //! with the old cursor, and gets the same messages.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,7 +28,8 @@ use crate::chat::hub::ConnId;
 use crate::chat::session::{End, Session};
 use crate::chat::wire::{Dialect, ErrorCode};
 use crate::chat::Core;
-use crate::metrics::{metrics, Transport};
+use crate::listen::{ConnectionLimiter, Permit, Refused};
+use crate::metrics::{metrics, Refusal, Transport};
 
 /// How long a poll waits by default, and at most.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(25);
@@ -43,7 +45,9 @@ const MAX_MESSAGES: usize = 1000;
 pub struct PollPresence {
     clients: Mutex<HashMap<String, Kept>>,
     grace: Duration,
-    max_clients: usize,
+    /// Each kept client holds a place in the connection limits, as a WebSocket does: so one address
+    /// cannot fill rooms with as many present "clients" as it can make up ids.
+    connections: Arc<ConnectionLimiter>,
 }
 
 struct Kept {
@@ -56,6 +60,16 @@ struct Kept {
     conn: ConnId,
     /// Set while one poll of the client is answered in the kept session's place (see [`Polling`]).
     polling: Arc<AtomicBool>,
+    /// Its place in the connection limits, given back when it is no longer kept.
+    _place: Permit,
+}
+
+/// Why a poll's client could not be kept present.
+enum NotKept {
+    /// Its session could not start (its user's session limit, say).
+    Refused(End),
+    /// Over the connection limits (per address, or in all).
+    Limit(Refused),
 }
 
 /// One poll of a kept client, standing in the kept session's place among the user's sessions, so
@@ -76,9 +90,9 @@ impl Drop for Polling {
 }
 
 impl PollPresence {
-    /// Clients stay present `grace` after their last poll; at most `max_clients` at once.
-    pub fn new(grace: Duration, max_clients: usize) -> Arc<Self> {
-        Arc::new(Self { clients: Mutex::default(), grace, max_clients })
+    /// Clients stay present `grace` after their last poll, each holding a place in `connections`.
+    pub fn new(grace: Duration, connections: Arc<ConnectionLimiter>) -> Arc<Self> {
+        Arc::new(Self { clients: Mutex::default(), grace, connections })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Kept>> {
@@ -93,13 +107,14 @@ impl PollPresence {
         identity: Identity,
         rooms: &[String],
         name: Option<String>,
-    ) -> Result<Option<Arc<AtomicBool>>, End> {
+        address: Option<IpAddr>,
+    ) -> Result<Arc<AtomicBool>, NotKept> {
         let until = Instant::now() + self.grace;
         let mut clients = self.lock();
         if let Some(kept) = clients.get(&client) {
             if kept.rooms == rooms && kept.name == name && !kept.until.is_closed() {
                 kept.until.send_replace(until);
-                return Ok(Some(kept.polling.clone()));
+                return Ok(kept.polling.clone());
             }
         }
         // New, or its rooms or name changed: its old session ends as its task sees the sender go,
@@ -107,12 +122,14 @@ impl PollPresence {
         if let Some(old) = clients.remove(&client) {
             let _ = core.hub.set_user(old.conn, None);
         }
-        if clients.len() >= self.max_clients {
-            return Ok(None);
-        }
+        let place = match address {
+            Some(address) => self.connections.try_acquire(address),
+            None => self.connections.try_acquire_shared(),
+        };
+        let place = place.map_err(NotKept::Limit)?;
         let mut session = Session::new(core.clone(), Dialect::V1);
         session.set_transport(Transport::LongPoll);
-        session.start(Some(identity))?;
+        session.start(Some(identity)).map_err(NotKept::Refused)?;
         // A long-polling client is "connected" while it polls within the grace period: one opening
         // per client (and per change of its rooms or name), not one per poll.
         metrics().connections_opened.inc(Transport::LongPoll);
@@ -127,11 +144,18 @@ impl PollPresence {
         }
         let (until_tx, until_rx) = watch::channel(until);
         let polling = Arc::new(AtomicBool::new(false));
-        let kept = Kept { rooms: rooms.to_vec(), name, until: until_tx, conn: session.id(), polling: polling.clone() };
+        let kept = Kept {
+            rooms: rooms.to_vec(),
+            name,
+            until: until_tx,
+            conn: session.id(),
+            polling: polling.clone(),
+            _place: place,
+        };
         clients.insert(client.clone(), kept);
         drop(clients);
         tokio::spawn(keep(self.clone(), client, session, until_rx));
-        Ok(Some(polling))
+        Ok(polling)
     }
 }
 
@@ -173,6 +197,7 @@ async fn keep(registry: Arc<PollPresence>, client: String, mut session: Session,
 pub async fn poll(
     core: Arc<Core>,
     presence: &Arc<PollPresence>,
+    peer: Option<IpAddr>,
     headers: HeaderMap,
     query: Option<String>,
 ) -> Response {
@@ -214,9 +239,14 @@ pub async fn poll(
         }
         // Keyed by the token's subject too: one user cannot end or rename another's presence.
         let key = format!("{}\n{client}", identity.subject.as_deref().unwrap_or_default());
-        in_kept_place = match presence.seen(&core, key, identity.clone(), &rooms, name) {
-            Ok(kept) => kept.as_ref().and_then(Polling::claim),
-            Err(end) => return sse::start_refused(end).into_response(),
+        in_kept_place = match presence.seen(&core, key, identity.clone(), &rooms, name, peer) {
+            Ok(kept) => Polling::claim(&kept),
+            Err(NotKept::Refused(end)) => return sse::start_refused(end).into_response(),
+            Err(NotKept::Limit(refused)) => {
+                tracing::info!(peer = peer.map(tracing::field::display), reason = %refused, "refused a long-polling client");
+                metrics().refused(Refusal::Limit);
+                return super::http::refuse(refused.status(), refused.to_string());
+            }
         };
     }
     let mut session = Session::listener(core);
