@@ -190,6 +190,17 @@ fn the_routers_own_refusals_are_json_errors_too() {
         let (status, body) = post(addr, path, big.clone());
         assert_eq!((status, body["code"].as_str()), (413, Some("too_long")), "{path}: {body}");
     }
+    // A declared length past the limit is refused at once, before any of the body (none comes).
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(3))).unwrap();
+    let head =
+        "POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000000\r\n\r\n{";
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "within 3 s, without waiting for the body: {answer}");
 }
 
 #[test]

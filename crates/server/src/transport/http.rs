@@ -109,6 +109,18 @@ async fn body_in_time(
         return next.run(request).await;
     }
     let (parts, body) = request.into_parts();
+    let too_large = || {
+        let message = format!("the request body is over the size limit ({max_body} bytes)");
+        let mut answer = api::fail(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLong, message).into_response();
+        // What is left of the body is not read: the connection cannot carry another request.
+        answer.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        answer
+    };
+    // A declared length over the limit is refused at once, not after waiting for the body.
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > max_body as u64) {
+        return too_large();
+    }
     let body = http_body_util::Limited::new(body, max_body);
     let Ok(read) = tokio::time::timeout(deadline, body.collect()).await else {
         tracing::debug!(path = parts.uri.path(), "a request body did not arrive in time");
@@ -121,10 +133,7 @@ async fn body_in_time(
         Ok(collected) => {
             next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(collected.to_bytes()))).await
         }
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
-            let message = format!("the request body is over the size limit ({max_body} bytes)");
-            api::fail(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLong, message).into_response()
-        }
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => too_large(),
         Err(error) => {
             let message = format!("the request body could not be read: {error}");
             api::fail(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message).into_response()
