@@ -148,7 +148,7 @@ fn admit(admission: &Admission, handler: &impl Handler, stream: TcpStream, peer:
             }
         }
     };
-    let stream = Admitted::new(stream, permit, admission.send_timeout);
+    let stream = Admitted::new(stream, permit, admission.send_timeout, peer);
     match &admission.tls {
         None => handler.plain(stream, peer),
         Some(acceptor) => handler.tls(stream, peer, acceptor.clone()),
@@ -206,15 +206,18 @@ pub struct Admitted<S> {
 
 struct Stall {
     limit: Duration,
+    /// For the log line when it gives up (the connection's address: behind a proxy, the proxy's).
+    peer: SocketAddr,
     /// Made when a write first finds no room, and kept: armed (at the time the connection gives
     /// up) while writes wait, disarmed by the next write that goes through.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     armed: bool,
+    logged: bool,
 }
 
 impl<S> Admitted<S> {
-    fn new(inner: S, permit: Option<Permit>, send_timeout: Option<Duration>) -> Self {
-        let stall = send_timeout.map(|limit| Box::new(Stall { limit, timer: None, armed: false }));
+    fn new(inner: S, permit: Option<Permit>, send_timeout: Option<Duration>, peer: SocketAddr) -> Self {
+        let stall = send_timeout.map(|limit| Box::new(Stall { limit, peer, timer: None, armed: false, logged: false }));
         Self { inner, _permit: permit, stall }
     }
 
@@ -245,10 +248,17 @@ impl Stall {
             self.armed = true;
         }
         match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("the peer took nothing of what was sent for {} s", limit.as_secs()),
-            ))),
+            Poll::Ready(()) => {
+                if !self.logged {
+                    // Once: the writes that follow fail at once, without another line.
+                    self.logged = true;
+                    tracing::info!(peer = %self.peer, "send timeout: the client took nothing for {} s, closing", limit.as_secs());
+                }
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the peer took nothing of what was sent for {} s", limit.as_secs()),
+                )))
+            }
             Poll::Pending => Poll::Pending,
         }
     }

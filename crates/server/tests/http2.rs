@@ -298,3 +298,36 @@ async fn http2_needs_tls_and_a_server_that_offers_it() {
         ClientBuilder::new(format!("ws://{}/ws", server.addr)).no_proxy().http2(true).connect().await.unwrap();
     assert!(!ws.get_ref().is_http2());
 }
+
+#[tokio::test]
+async fn a_websocket_stream_that_stops_taking_data_ends_its_connection_once_its_session_is_over() {
+    // hyper's task for an upgraded HTTP/2 stream waits for window that never comes, and nothing
+    // resets the stream: it outlived its session with its buffers, for as long as the client kept
+    // the connection. The connection is now ended, which frees it (and ends its other streams).
+    let ca = ca("h2-stuck");
+    let server = serve_tls(&ca, &["--keepalive-secs", "1"]);
+    let builder = chat_client(&server, &ca);
+    let connection = builder.connect_http2().await.unwrap();
+    let mut stalled = open(&connection, &builder).await;
+    let mut bystander = open(&connection, &builder).await;
+    let long = "x".repeat(4000);
+    for i in 0..300 {
+        send(&mut stalled, json!({"type": "publish", "room": "big", "message": long, "id": format!("m{i}")})).await;
+    }
+    // Answers of up to 1 MiB each, more than the client's window for the stream (2 MiB), which it
+    // never opens again: `stalled` is not read from here on.
+    for _ in 0..4 {
+        send(&mut stalled, json!({"type": "history", "room": "big"})).await;
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match bystander.recv().await {
+                Some(Ok(_)) => continue,
+                _ => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection of the stuck stream was ended");
+    drop(stalled);
+}

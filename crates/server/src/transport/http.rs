@@ -240,11 +240,12 @@ async fn websocket(
     let peer = peer.map(|axum::Extension(Peer(address))| address);
     match upgrade {
         Ok(upgrade) => {
+            let stuck_stream = shared.as_ref().and_then(|axum::Extension(shared)| shared.stuck_stream.clone());
             let place = match own_place(&state, peer, shared, "refused a WebSocket handshake") {
                 Ok(place) => place,
                 Err(refused) => return limit_response(refused),
             };
-            ws::upgrade(state.ws, upgrade, peer, place).await
+            ws::upgrade(state.ws, upgrade, peer, place, stuck_stream).await
         }
         Err(rejection) => {
             metrics().refused(Refusal::BadHandshake);
@@ -455,9 +456,12 @@ pub struct Peer(pub SocketAddr);
 /// clients). A WebSocket or SSE session on it takes a place of its own, for its client's address:
 /// in the total too on HTTP/2, where one connection carries many sessions; per address only on a
 /// proxy's HTTP/1.1 connection, whose own place in the total stands for the one session it carries.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SharedConnection {
     pub http2: bool,
+    /// On HTTP/2: told when a WebSocket stream ends with output its client never took, so the
+    /// connection is ended (see [`serve_http2`]).
+    pub stuck_stream: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// The router as a hyper service: each request learns the client's address (for per-address limits
@@ -467,7 +471,7 @@ fn service(
     app: Router,
     peer: SocketAddr,
     settings: &HttpSettings,
-    http2: bool,
+    stuck_stream: Option<Arc<tokio::sync::Notify>>,
     on_request: impl Fn() + Clone + Send + 'static,
 ) -> impl hyper::service::Service<
     hyper::Request<hyper::body::Incoming>,
@@ -476,13 +480,14 @@ fn service(
     Future = impl std::future::Future<Output = Result<Response, std::convert::Infallible>> + Send + 'static,
 > + Clone {
     let trusted = settings.trusted.clone();
+    let http2 = stuck_stream.is_some();
     let shared = http2 || trusted.contains(peer.ip());
     hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
         on_request();
         let client = trusted.client(peer, request.headers()).unwrap_or(peer);
         request.extensions_mut().insert(Peer(client));
         if shared {
-            request.extensions_mut().insert(SharedConnection { http2 });
+            request.extensions_mut().insert(SharedConnection { http2, stuck_stream: stuck_stream.clone() });
         }
         let mut app = app.clone();
         tower_service::Service::call(&mut app, request)
@@ -507,7 +512,7 @@ async fn serve_http1<S>(
         // 400 KiB read buffer bounds a head).
         .max_header_size(settings.max_head)
         .writev(false)
-        .serve_connection(TokioIo::new(stream), service(app, peer, &settings, false, || {}))
+        .serve_connection(TokioIo::new(stream), service(app, peer, &settings, None, || {}))
         .with_upgrades();
     tokio::pin!(connection);
     let mut told = false;
@@ -552,6 +557,7 @@ async fn serve_http2<S>(
     let mut closing = closing_signal(closing);
     let requested = Arc::new(AtomicBool::new(false));
     let seen = requested.clone();
+    let stuck_stream = Arc::new(tokio::sync::Notify::new());
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .enable_connect_protocol()
@@ -564,7 +570,7 @@ async fn serve_http2<S>(
         .max_send_buf_size(H2_SEND_BUFFER)
         .serve_connection(
             TokioIo::new(stream),
-            service(app, peer, &settings, true, move || seen.store(true, Ordering::Relaxed)),
+            service(app, peer, &settings, Some(stuck_stream.clone()), move || seen.store(true, Ordering::Relaxed)),
         );
     tokio::pin!(connection);
     let first_request = tokio::time::sleep(settings.handshake_timeout);
@@ -577,6 +583,14 @@ async fn serve_http2<S>(
                 if let Err(error) = result {
                     tracing::debug!(%peer, %error, "HTTP/2 connection ended with an error");
                 }
+                return;
+            }
+            // A WebSocket stream whose client stopped taking its data (a zero window) outlives its
+            // session: hyper's task for it waits for window that never comes, and nothing resets
+            // the stream, which keeps its buffers and its place among the connection's streams.
+            // Only ending the connection frees them (its streams then fail; their clients reconnect).
+            () = stuck_stream.notified() => {
+                tracing::info!(%peer, "closing an HTTP/2 connection: a WebSocket stream on it stopped taking data");
                 return;
             }
             _ = &mut first_request, if waiting => {

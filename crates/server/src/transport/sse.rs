@@ -437,7 +437,7 @@ pub async fn stream(
         scratch: Scratch::default(),
         chunk: BytesMut::new(),
         ended: false,
-        _live: LiveGuard::new(live).holding(place),
+        _live: LiveGuard::new(live).holding(place, None),
     };
     state.first = Some(state.open(&rooms, name.as_deref()));
     state.arm_deadline();

@@ -52,6 +52,7 @@ pub async fn upgrade(
     upgrade: WebSocketUpgrade,
     peer: Option<SocketAddr>,
     place: Option<Permit>,
+    stuck_stream: Option<Arc<tokio::sync::Notify>>,
 ) -> Response {
     let refuse = |status: axum::http::StatusCode, reason: String| {
         tracing::info!(peer = peer.map(tracing::field::display), status = status.as_u16(), %reason, "refused a WebSocket handshake");
@@ -93,7 +94,7 @@ pub async fn upgrade(
         .on_upgrade(move |socket| {
             // The session is made here, outside the connection's future: what that future holds across
             // its awaits is what every idle connection costs.
-            let live = LiveGuard::new(&live).holding(place);
+            let live = LiveGuard::new(&live).holding(place, stuck_stream);
             let mut session = Session::new(core, Dialect::from_subprotocol(socket.protocol()));
             session.set_peer(peer);
             metrics().connections_opened.inc(Transport::WebSocket);
@@ -126,7 +127,14 @@ fn handshake_token(upgrade: &WebSocketUpgrade) -> Option<String> {
 /// Counts a session as live until it is dropped, however the session ends; and holds its place in
 /// the connection limits when it has one of its own (on an HTTP/2 or a proxy's connection; boxed, as
 /// every idle connection carries the field).
-pub(crate) struct LiveGuard(Arc<AtomicUsize>, Option<Box<Permit>>);
+pub(crate) struct LiveGuard(Arc<AtomicUsize>, Option<Box<Held>>);
+
+/// What a session on a shared connection holds: its place, and on HTTP/2 the connection's word for
+/// a stream left stuck.
+struct Held {
+    _place: Option<Permit>,
+    stuck_stream: Option<Arc<tokio::sync::Notify>>,
+}
 
 impl LiveGuard {
     pub(crate) fn new(live: &Arc<AtomicUsize>) -> Self {
@@ -134,9 +142,25 @@ impl LiveGuard {
         Self(live.clone(), None)
     }
 
-    pub(crate) fn holding(mut self, place: Option<Permit>) -> Self {
-        self.1 = place.map(Box::new);
+    pub(crate) fn holding(mut self, place: Option<Permit>, stuck_stream: Option<Arc<tokio::sync::Notify>>) -> Self {
+        if place.is_some() || stuck_stream.is_some() {
+            self.1 = Some(Box::new(Held { _place: place, stuck_stream }));
+        }
         self
+    }
+
+    /// On HTTP/2, as the session's stream is let go: when it ends with output its client did not
+    /// take, and the stream underneath still stands (a flush that does not fail, as it would on a
+    /// stream the client reset), the connection is told: nothing else would free the stream.
+    fn check_stream<S: Socket>(&self, ws: &mut WebSocket<S>) {
+        let Some(notify) = self.1.as_ref().and_then(|held| held.stuck_stream.as_ref()) else { return };
+        if ws.pending_output() == 0 {
+            return;
+        }
+        let flushed = futures_util::FutureExt::now_or_never(tokio::io::AsyncWriteExt::flush(ws.get_mut()));
+        if !matches!(flushed, Some(Err(_))) {
+            notify.notify_one();
+        }
     }
 }
 
@@ -241,8 +265,9 @@ fn run<S: Socket>(
             } else {
                 tracing::info!(peer = peer.map(tracing::field::display), code = end.code, reason = %end.reason, "closing a WebSocket");
             }
-            Box::pin(close(ws, end)).await;
+            Box::pin(close(&mut ws, end)).await;
         }
+        live.check_stream(&mut ws);
         drop(live);
     }
 }
@@ -309,7 +334,7 @@ async fn fire(timer: &mut Option<Pin<Box<Sleep>>>) {
 
 /// The close handshake, bounded as a whole: a peer that stopped reading never takes the close frame
 /// either.
-async fn close<S: Socket>(mut ws: WebSocket<S>, End { code, reason }: End) {
+async fn close<S: Socket>(ws: &mut WebSocket<S>, End { code, reason }: End) {
     let _ = tokio::time::timeout(CLOSE_WAIT, async {
         if ws.close(CloseCode(code), &reason).await.is_ok() {
             while ws.recv().await.is_some() {}
