@@ -68,7 +68,7 @@ pub enum ProtocolError {
     #[error("invalid frame header: {0}")]
     Header(#[from] crate::frame::HeaderError),
     /// An RSV bit is set that no negotiated extension defines.
-    #[error("reserved bits set without a negotiated extension")]
+    #[error("reserved bits set where no negotiated extension allows them (RSV1: permessage-deflate, on a message's first frame)")]
     ReservedBits,
     /// A server received an unmasked frame.
     #[error("client frame is not masked")]

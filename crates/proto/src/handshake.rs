@@ -131,7 +131,7 @@ pub enum HandshakeError {
     #[error("missing 'Connection: Upgrade'")]
     MissingConnectionUpgrade,
     /// An HTTP/1.1 request without a key, or any key that is not 16 bytes in base64 (400).
-    #[error("missing or invalid Sec-WebSocket-Key (must be 16 bytes, base64)")]
+    #[error("missing, repeated or invalid Sec-WebSocket-Key (one, of 16 bytes in base64)")]
     BadKey,
     /// No `Sec-WebSocket-Version` (400, with `Sec-WebSocket-Version: 13`).
     #[error("missing Sec-WebSocket-Version")]
@@ -386,7 +386,11 @@ impl Offer {
     pub fn from_head(head: &Head) -> Self {
         Self {
             version: head.header("Sec-WebSocket-Version").map(|v| v.trim().to_owned()),
-            key: head.header("Sec-WebSocket-Key").map(|k| k.trim().to_owned()),
+            // RFC 6455 §11.3.1: it must not appear more than once. Two are taken as a bad key.
+            key: match head.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("Sec-WebSocket-Key")).count() {
+                0 | 1 => head.header("Sec-WebSocket-Key").map(|k| k.trim().to_owned()),
+                _ => Some(String::new()),
+            },
             protocols: head.header_tokens("Sec-WebSocket-Protocol").map(str::to_owned).collect(),
             extensions: head.header_tokens("Sec-WebSocket-Extensions").map(str::to_owned).collect(),
         }
@@ -859,6 +863,14 @@ Connection: Upgrade\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSoc
             (request_with("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"), 426),
             (request_with("Sec-WebSocket-Version: 13\r\n", ""), 400),
             (request_with("Sec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\n", ""), 400),
+            // RFC 6455 §11.3.1: the key may not appear twice, not even twice the same.
+            (
+                request_with(
+                    "Sec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\n",
+                    "Sec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\n",
+                ),
+                400,
+            ),
         ];
         for (bytes, status) in cases {
             let err = validate(&bytes).unwrap_err();

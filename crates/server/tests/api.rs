@@ -201,6 +201,16 @@ fn the_routers_own_refusals_are_json_errors_too() {
     let _ = stream.read_to_end(&mut answer);
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 413"), "within 3 s, without waiting for the body: {answer}");
+    // RFC 9112 §3.2: no Host in an HTTP/1.1 request is a 400 (in JSON on the API's paths).
+    for path in ["/healthz", "/api/info"] {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(3))).unwrap();
+        stream.write_all(format!("GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("Host"), "{path}: {answer}");
+    }
 }
 
 #[test]

@@ -310,7 +310,7 @@ async fn kill_9_of_redis_with_fsync_always_loses_nothing_acknowledged() {
     let (acked, _) = load.stop().await;
 
     let mut reader = v1_client(&a.addr).await;
-    send(&mut reader, json!({"type": "history", "room": "load", "limit": 100000})).await;
+    send(&mut reader, json!({"type": "history", "room": "load", "limit": 10000})).await;
     let history = next_of(&mut reader, "history").await;
     let stored: BTreeMap<String, u64> = history["messages"]
         .as_array()

@@ -141,9 +141,10 @@ async fn kill_9_under_publish_load_loses_nothing_acknowledged() {
     assert!(acked.len() < 4 * MAX_PER_PUBLISHER, "the kill came while the publishers were still at it");
     assert!(seen.windows(2).all(|w| w[1] == w[0] + 1) && seen.first() == Some(&1), "live delivery was gap-free");
 
-    let _server = start_serve_at(&server.addr, &db, &[history]);
+    // Room for the whole history in one answer (an answer holds at most --outbox-bytes).
+    let _server = start_serve_at(&server.addr, &db, &[history, "--outbox-bytes", "16777216"]);
     let mut reader = v1_client(&server.addr).await;
-    send(&mut reader, json!({"type": "history", "room": "load", "limit": 1000000})).await;
+    send(&mut reader, json!({"type": "history", "room": "load", "limit": 10000})).await;
     let stored = next_of(&mut reader, "history").await;
     let stored: Vec<&Value> = stored["messages"].as_array().unwrap().iter().collect();
     let offsets: Vec<u64> = stored.iter().map(|m| m["offset"].as_u64().unwrap()).collect();

@@ -87,6 +87,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         // `body_in_time` reads every POST body, within `max_body`: the handlers' extractors need no
         // limit of their own.
         .layer(axum::middleware::from_fn_with_state((state.body_timeout, max_body), body_in_time))
+        .layer(axum::middleware::from_fn(host_required))
         .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::from_fn(json_errors))
         // Outermost, so that every answer on those paths carries it, the body reader's 408 and 413
@@ -139,6 +140,15 @@ async fn body_in_time(
             api::fail(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message).into_response()
         }
     }
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host` is a 400 (hyper serves it otherwise). HTTP/2
+/// has `:authority` instead, and HTTP/1.0 no such rule.
+async fn host_required(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if request.version() == axum::http::Version::HTTP_11 && !request.headers().contains_key(header::HOST) {
+        return (StatusCode::BAD_REQUEST, "an HTTP/1.1 request needs a Host header\n").into_response();
+    }
+    next.run(request).await
 }
 
 /// Paths whose answers are JSON, errors included.
