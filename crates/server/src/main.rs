@@ -127,7 +127,7 @@ fn main() -> anyhow::Result<()> {
     });
     // Tasks still running (a client that never finished closing) must not hold the exit: the grace
     // period is over by now.
-    runtime.shutdown_timeout(Duration::from_millis(200));
+    runtime.shutdown_timeout(serve::RUNTIME_END);
     result
 }
 

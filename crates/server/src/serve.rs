@@ -158,9 +158,13 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
     tracing::info!("shutting down: closing connections with 1001");
     drop(listener);
     hub.shut_down();
-    let deadline = tokio::time::Instant::now() + config.shutdown_grace();
+    let grace = config.shutdown_grace();
+    let deadline = tokio::time::Instant::now() + grace;
+    // The end of the grace period is kept for what follows the sessions: the engine's last commit,
+    // and the runtime's own end (`main`'s 200 ms), so the process is gone within the grace period.
+    let sessions_until = deadline - (grace / 4).min(Duration::from_millis(700));
     // Sessions count as live until their close handshake is over (or timed out).
-    while live.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+    while live.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < sessions_until {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Only now, with every WebSocket closed with 1001, do idle HTTP/1.1 connections close and HTTP/2
@@ -168,12 +172,15 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
     let _ = closing.send(true);
     // The engine commits what it holds and stops; later publishes (from sessions still closing) are
     // refused. Whatever it held was never acknowledged, so a publisher retries it after the restart.
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_millis(500));
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now()).saturating_sub(RUNTIME_END);
     if tokio::time::timeout(left, engine.shutdown()).await.is_err() {
         tracing::warn!("history writer still busy at the end of the grace period; exiting anyway");
     }
     Ok(())
 }
+
+/// What `main` gives the runtime to end once `run` returns (tasks still running are dropped).
+pub const RUNTIME_END: Duration = Duration::from_millis(200);
 
 /// How long a node waits at start for Redis to answer: long enough for a Redis started beside it
 /// (a compose file, a pod) to come up. Past it the node exits with the error, for its supervisor to
