@@ -44,6 +44,11 @@ export interface SwitchboardOptions {
   /** On a fallback transport, when to first try WebSocket again, in ms (default 30000; then less
    * often while it fails, up to every 5 minutes). When a probe opens, the client moves back. */
   upgradeProbeMs?: number;
+  /** Over WebSocket: after this many ms without a word from the server a `ping` goes out, and when
+   * `heartbeatTimeoutMs` (default 10000) more bring nothing the connection is replaced; default
+   * 25000, 0 turns it off. */
+  heartbeatMs?: number;
+  heartbeatTimeoutMs?: number;
   /** How long a long poll waits on the server, in seconds; default 25. */
   pollWaitSecs?: number;
 }

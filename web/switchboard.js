@@ -44,6 +44,11 @@ const DEFAULTS = {
   // On a fallback transport, the first WebSocket probe comes this long after it opened (then less
   // and less often, up to every 5 minutes, while the probes fail).
   upgradeProbeMs: 30000,
+  // Over WebSocket, after this long without a word from the server a `ping` goes out; when
+  // `heartbeatTimeoutMs` more bring nothing, the connection is taken for dead (a laptop that slept,
+  // a NAT that forgot it: no close ever comes) and replaced. 0 turns it off.
+  heartbeatMs: 25000,
+  heartbeatTimeoutMs: 10000,
 };
 
 function defaultStorage() {
@@ -164,6 +169,7 @@ export class SwitchboardClient extends EventTarget {
   /** Closes for good (no reconnect). */
   close() {
     this.stopped = true;
+    clearInterval(this.heartbeatTimer);
     clearTimeout(this.retryTimer);
     clearTimeout(this.refreshTimer);
     clearTimeout(this.probeTimer);
@@ -220,11 +226,16 @@ export class SwitchboardClient extends EventTarget {
       for (const room of this.rooms) this.sendJoin(room);
       for (const entry of this.pending) this.sendPublish(entry);
     };
-    socket.onmessage = (event) => this.onEnvelope(event.data);
+    socket.onmessage = (event) => {
+      this.lastHeard = Date.now();
+      this.pingSent = false;
+      this.onEnvelope(event.data);
+    };
     socket.onclose = (event) => {
       if (this.socket !== socket) return;
       this.socket = null;
       clearTimeout(this.refreshTimer);
+      clearInterval(this.heartbeatTimer);
       if (event.code === 4001 || event.code === 4003) {
         this.emit("error", { code: event.code === 4001 ? "unauthorized" : "forbidden", message: event.reason, close: event.code });
       } else if (event.code === 4002) {
@@ -243,6 +254,7 @@ export class SwitchboardClient extends EventTarget {
   }
 
   opened() {
+    if (this.transport === "websocket") this.startHeartbeat(this.socket);
     this.transportWorked = true;
     this.opening = false;
     // With a token over WebSocket, the backoff starts over only once the server took the token
@@ -251,6 +263,29 @@ export class SwitchboardClient extends EventTarget {
     this.members = {};
     this.setState("open");
     if (this.transportIndex > 0) this.scheduleProbe(this.options.upgradeProbeMs);
+  }
+
+  /** Watches `socket` for silence (see `heartbeatMs`); a dead one is dropped and replaced at once,
+   * without waiting for a close that a vanished peer never sends. */
+  startHeartbeat(socket) {
+    clearInterval(this.heartbeatTimer);
+    const { heartbeatMs, heartbeatTimeoutMs } = this.options;
+    if (!heartbeatMs) return;
+    this.lastHeard = Date.now();
+    this.pingSent = false;
+    this.heartbeatTimer = setInterval(() => {
+      if (this.socket !== socket) return clearInterval(this.heartbeatTimer);
+      const quiet = Date.now() - this.lastHeard;
+      if (quiet >= heartbeatMs + heartbeatTimeoutMs) {
+        clearInterval(this.heartbeatTimer);
+        this.socket = null;
+        socket.close(4000, "no answer to a ping");
+        this.scheduleReconnect();
+      } else if (quiet >= heartbeatMs && !this.pingSent) {
+        this.pingSent = true;
+        this.send({ type: "ping" });
+      }
+    }, Math.max(50, Math.min(heartbeatMs, heartbeatTimeoutMs) / 4));
   }
 
   /** On a fallback transport, tries a WebSocket now and then; when one opens, moves back to it. */
@@ -594,6 +629,8 @@ export class SwitchboardClient extends EventTarget {
       }
       case "ack":
         return this.onAck(envelope);
+      case "pong":
+        return undefined; // heard: that is all it is for
       case "authed":
         this.attempt = 0; // the server took the token: a later drop starts its backoff over
         this.emit("authed", { sub: envelope.sub, exp: envelope.exp });

@@ -208,3 +208,48 @@ test("a page that started during an outage on a fallback transport moves back to
     if (server) await stop(server);
   }
 });
+
+test("a WebSocket that goes quiet for good (no close ever comes) is noticed by its pings and replaced", async () => {
+  // Before: a connection black-holed on the way (a laptop that slept, a NAT that forgot it) stayed
+  // "open" for good, with nothing delivered and publishes waiting.
+  const { createServer, connect } = await import("node:net");
+  const port = await freePort();
+  const server = await startServer(port, tempDb());
+  const pairs = [];
+  const relay = createServer((client) => {
+    const upstream = connect(port, "127.0.0.1");
+    client.pipe(upstream);
+    upstream.pipe(client);
+    pairs.push([client, upstream]);
+    client.on("error", () => {});
+    upstream.on("error", () => {});
+  });
+  await new Promise((r) => relay.listen(0, "127.0.0.1", r));
+  const relayPort = relay.address().port;
+  try {
+    const page = await modulePage(port);
+    await page.evaluate((relayPort) => {
+      window.client = window.watch(new window.sb.SwitchboardClient({
+        url: `ws://127.0.0.1:${relayPort}/ws`, rooms: ["lobby"], storage: null, heartbeatMs: 500, heartbeatTimeoutMs: 500,
+      }));
+    }, relayPort);
+    await waitFor(page, () => window.log.states.includes("open"));
+    await sleep(1500); // quiet, but answered: the pings keep it
+    assert.deepEqual(await page.evaluate(() => window.log.states), ["connecting", "open"], "a quiet room is not a dead connection");
+    // The relay stops passing bytes on the connections it has, and closes nothing.
+    for (const [client, upstream] of pairs) {
+      client.unpipe(upstream);
+      upstream.unpipe(client);
+      client.pause();
+      upstream.pause();
+    }
+    await waitFor(page, () => window.log.states.filter((s) => s === "open").length >= 2, undefined, 10000);
+    await publishOverHttp(port, "lobby", "after", 1);
+    await waitFor(page, () => window.log.messages.includes("lobby:after 1"));
+    await page.evaluate(() => window.client.close());
+  } finally {
+    for (const pair of pairs) for (const socket of pair) socket.destroy();
+    relay.close();
+    await stop(server);
+  }
+});

@@ -515,6 +515,7 @@ impl Session {
                 }
                 Ok(self.join(id, &identity, room, name, since, epoch, req))
             }
+            Request::Ping { req } => Ok(vec![Envelope::Pong { req: req.as_ref() }.encode()]),
             Request::Leave { room, req } => {
                 if self.core.hub.leave(id, &room) {
                     Ok(vec![Envelope::Left { room: &room, reason: None, req: req.as_ref() }.encode()])

@@ -362,6 +362,16 @@ async fn a_message_committed_while_a_join_reads_its_replay_arrives_once() {
 }
 
 #[tokio::test]
+async fn a_ping_is_answered_with_a_pong_naming_it() {
+    let chat = chat(Options::default());
+    let mut ann = chat.v1();
+    let answers = ann.send(json!({"type": "ping", "req": 9})).await.unwrap();
+    assert_eq!(answers, vec![json!({"type": "pong", "req": 9})]);
+    let extra = ann.send(json!({"type": "ping", "room": "r"})).await.unwrap();
+    assert_eq!(extra[0]["code"].as_str(), Some("bad_request"), "unknown fields are refused: {}", extra[0]);
+}
+
+#[tokio::test]
 async fn history_reads_a_room_after_an_offset() {
     let chat = chat(Options::default());
     let mut ann = chat.v1();

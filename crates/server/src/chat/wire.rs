@@ -118,6 +118,13 @@ pub enum Request {
         #[serde(default)]
         req: Option<Value>,
     },
+    /// Are you there? Answered with `pong`: a browser cannot see the WebSocket's own pings, and
+    /// finds out this way that a connection went quiet for good (a laptop that slept, a NAT that
+    /// forgot it).
+    Ping {
+        #[serde(default)]
+        req: Option<Value>,
+    },
 }
 
 /// Error codes of `{"type": "error"}` envelopes.
@@ -224,6 +231,8 @@ pub enum Envelope<'a> {
     },
     /// A token was accepted.
     Authed { sub: &'a Option<String>, exp: Option<u64>, req: Option<&'a Value> },
+    /// The answer to a ping.
+    Pong { req: Option<&'a Value> },
     /// A request failed; `req` names it.
     Error { code: ErrorCode, message: &'a str, req: Option<&'a Value> },
 }
