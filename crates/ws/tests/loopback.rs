@@ -48,6 +48,25 @@ async fn raw_exchange(addr: &str, request: &[u8]) -> Vec<u8> {
     answer
 }
 
+/// A server for one connection on a free port: accepted with `config`, then handed to `serve` on a
+/// task of its own. Returns the port's address and that task.
+async fn serve_one<T, F>(
+    config: Config,
+    serve: impl FnOnce(switchboard_ws::WebSocket<TcpStream>) -> F + Send + 'static,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<T>)
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        serve(accept(stream, config).await.unwrap()).await
+    });
+    (addr, task)
+}
+
 const HANDSHAKE: &str = "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
 
@@ -544,13 +563,7 @@ async fn a_client_closes_its_socket_when_the_server_has_closed_tcp() {
 
 #[tokio::test]
 async fn peer_vanishing_is_an_abnormal_closure() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut ws = accept(stream, Config::default()).await.unwrap();
-        ws.recv().await
-    });
+    let (addr, server) = serve_one(Config::default(), |mut ws| async move { ws.recv().await }).await;
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(format!("{HANDSHAKE}\r\n").as_bytes()).await.unwrap();
     let mut buf = [0u8; 256];
@@ -783,16 +796,13 @@ async fn a_split_connection_keeps_reading_while_its_own_large_messages_wait_for_
 
 #[tokio::test]
 async fn a_peer_that_pings_and_never_reads_cannot_grow_our_pongs_past_the_high_water_mark() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let high_water = 64 * 1024;
-    let server = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut ws = accept(stream, Config::default().write_high_water(high_water)).await.unwrap();
+    let (addr, server) = serve_one(Config::default().write_high_water(high_water), |mut ws| async move {
         // The reader stops while the pongs are unsent; give it a while to take what it can.
         let _ = tokio::time::timeout(2 * SECOND, async { while let Some(Ok(_)) = ws.recv().await {} }).await;
         ws.pending_output()
-    });
+    })
+    .await;
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(format!("{HANDSHAKE}\r\n").as_bytes()).await.unwrap();
     // 125-byte pings, masked, until the server stops taking them (the socket buffers fill).
@@ -814,15 +824,12 @@ async fn a_peer_that_pings_and_never_reads_cannot_grow_our_pongs_past_the_high_w
 
 #[tokio::test]
 async fn once_the_peer_hangs_up_sends_fail_and_the_state_says_closed() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut ws = accept(stream, Config::default()).await.unwrap();
+    let (addr, server) = serve_one(Config::default(), |mut ws| async move {
         assert!(matches!(ws.recv().await, Some(Err(Error::AbnormalClosure))));
         assert_eq!(ws.close_state(), switchboard_ws::proto::CloseState::Closed);
         assert!(matches!(ws.send("into the void").await, Err(Error::ConnectionClosed)));
-    });
+    })
+    .await;
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(format!("{HANDSHAKE}\r\n").as_bytes()).await.unwrap();
     let mut buf = [0u8; 256];
@@ -833,11 +840,7 @@ async fn once_the_peer_hangs_up_sends_fail_and_the_state_says_closed() {
 
 #[tokio::test]
 async fn close_on_the_peers_close_frame_finishes_the_handshake_without_an_error() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut ws = accept(stream, Config::default()).await.unwrap();
+    let (addr, server) = serve_one(Config::default(), |mut ws| async move {
         match ws.recv().await {
             Some(Ok(Message::Close(frame))) => {
                 assert_eq!(frame.map(|f| f.code), Some(CloseCode::from(4000)));
@@ -848,7 +851,8 @@ async fn close_on_the_peers_close_frame_finishes_the_handshake_without_an_error(
             other => panic!("{other:?}"),
         }
         ws.recv().await.is_none()
-    });
+    })
+    .await;
     let (mut ws, _) = switchboard_ws::connect(&format!("ws://{addr}")).await.unwrap();
     ws.close(4000, "done").await.unwrap();
     ws.close(4001, "a second close only flushes").await.unwrap();
