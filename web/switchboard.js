@@ -141,11 +141,14 @@ export class SwitchboardClient extends EventTarget {
   }
 
   /** Over SSE or long polling the rooms and the name are in the request: a change opens a new one,
-   * also while one is still being set up (it was set up with the rooms of before). Waiting for a
-   * reconnect, there is nothing to do: the next attempt asks for the rooms as they are then. */
+   * also while one is still being set up, or while an EventSource reconnects by itself (either
+   * would ask with the rooms of before). Waiting for our own reconnect, there is nothing to do: the
+   * next attempt asks for the rooms as they are then. */
   restartStream() {
     if (this.transport === "websocket" || this.stopped) return;
-    if (this.state !== "open" && !this.opening) return;
+    // An EventSource that reconnects by itself would ask again with the rooms of before.
+    const reconnectingBySelf = this.transport === "sse" && this.socket;
+    if (this.state !== "open" && !this.opening && !reconnectingBySelf) return;
     if (this.transport === "sse") this.socket?.close();
     this.socket = null;
     this.connect();
@@ -189,6 +192,7 @@ export class SwitchboardClient extends EventTarget {
   connect() {
     if (this.stopped) return;
     this.generation += 1;
+    clearTimeout(this.retryTimer); // a probe or a restart may come before a pending retry
     this.retryTimer = null;
     this.setState(this.attempt === 0 ? "connecting" : "reconnecting");
     const available = { websocket: typeof WebSocket === "function", sse: typeof EventSource === "function", longpoll: typeof fetch === "function" };
@@ -204,6 +208,7 @@ export class SwitchboardClient extends EventTarget {
     }
     this.socket = socket;
     socket.onopen = async () => {
+      if (this.socket !== socket) return socket.close(1000, "replaced");
       if (socket.protocol !== PROTOCOL) {
         this.emit("error", { code: "protocol", message: `server did not accept ${PROTOCOL}` });
         socket.close(1002, "subprotocol refused");
@@ -227,8 +232,9 @@ export class SwitchboardClient extends EventTarget {
       for (const entry of this.pending) this.sendPublish(entry);
     };
     socket.onmessage = (event) => {
+      if (this.socket !== socket) return;
       this.lastHeard = Date.now();
-      this.pingSent = false;
+      this.pingSentAt = null;
       this.onEnvelope(event.data);
     };
     socket.onclose = (event) => {
@@ -272,17 +278,19 @@ export class SwitchboardClient extends EventTarget {
     const { heartbeatMs, heartbeatTimeoutMs } = this.options;
     if (!heartbeatMs) return;
     this.lastHeard = Date.now();
-    this.pingSent = false;
+    this.pingSentAt = null;
     this.heartbeatTimer = setInterval(() => {
       if (this.socket !== socket) return clearInterval(this.heartbeatTimer);
-      const quiet = Date.now() - this.lastHeard;
-      if (quiet >= heartbeatMs + heartbeatTimeoutMs) {
+      const now = Date.now();
+      // Dead only when a ping went out and its time passed with nothing heard: a timer that fired
+      // late (a background tab, a laptop waking) sends its ping first rather than give up at once.
+      if (this.pingSentAt !== null && now - this.pingSentAt >= heartbeatTimeoutMs) {
         clearInterval(this.heartbeatTimer);
         this.socket = null;
         socket.close(4000, "no answer to a ping");
         this.scheduleReconnect();
-      } else if (quiet >= heartbeatMs && !this.pingSent) {
-        this.pingSent = true;
+      } else if (this.pingSentAt === null && now - this.lastHeard >= heartbeatMs) {
+        this.pingSentAt = now;
         this.send({ type: "ping" });
       }
     }, Math.max(50, Math.min(heartbeatMs, heartbeatTimeoutMs) / 4));
@@ -295,6 +303,7 @@ export class SwitchboardClient extends EventTarget {
     this.probeTimer = setTimeout(() => {
       if (this.stopped || this.transportIndex === 0) return;
       let probe;
+      if (this.state !== "open") return; // a reconnect is under way; its opening probes again
       try {
         probe = new WebSocket(this.urls[this.urlIndex], PROTOCOL);
       } catch {
@@ -313,7 +322,9 @@ export class SwitchboardClient extends EventTarget {
         this.attempt = 0;
         this.connect();
       };
-      probe.onerror = () => this.scheduleProbe(Math.min(2 * delay, 300000));
+      probe.onerror = () => {
+        if (!this.stopped && this.state === "open" && this.transportIndex > 0) this.scheduleProbe(Math.min(2 * delay, 300000));
+      };
     }, delay);
   }
 

@@ -58,8 +58,7 @@ for (const transport of ["websocket", "longpoll"]) {
           url: `ws://127.0.0.1:${port}/ws`, rooms: ["quiet"], storage: null, transports: [transport], pollWaitSecs: 1,
         }));
       }, [port, transport]);
-      await waitFor(page, () => window.log.states.includes("open"));
-      await sleep(300); // the joined answer
+      await waitFor(page, () => window.client.offsets.quiet !== undefined); // its place, from `joined`
       await stop(server);
       // Published while the page cannot reach the server: through the same database on another port.
       const elsewhere = await freePort();
@@ -230,11 +229,11 @@ test("a WebSocket that goes quiet for good (no close ever comes) is noticed by i
     const page = await modulePage(port);
     await page.evaluate((relayPort) => {
       window.client = window.watch(new window.sb.SwitchboardClient({
-        url: `ws://127.0.0.1:${relayPort}/ws`, rooms: ["lobby"], storage: null, heartbeatMs: 500, heartbeatTimeoutMs: 500,
+        url: `ws://127.0.0.1:${relayPort}/ws`, rooms: ["lobby"], storage: null, heartbeatMs: 1000, heartbeatTimeoutMs: 2000,
       }));
     }, relayPort);
     await waitFor(page, () => window.log.states.includes("open"));
-    await sleep(1500); // quiet, but answered: the pings keep it
+    await sleep(3500); // quiet, but answered: the pings keep it
     assert.deepEqual(await page.evaluate(() => window.log.states), ["connecting", "open"], "a quiet room is not a dead connection");
     // The relay stops passing bytes on the connections it has, and closes nothing.
     for (const [client, upstream] of pairs) {
@@ -243,7 +242,7 @@ test("a WebSocket that goes quiet for good (no close ever comes) is noticed by i
       client.pause();
       upstream.pause();
     }
-    await waitFor(page, () => window.log.states.filter((s) => s === "open").length >= 2, undefined, 10000);
+    await waitFor(page, () => window.log.states.filter((s) => s === "open").length >= 2, undefined, 15000);
     await publishOverHttp(port, "lobby", "after", 1);
     await waitFor(page, () => window.log.messages.includes("lobby:after 1"));
     await page.evaluate(() => window.client.close());

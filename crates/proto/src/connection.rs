@@ -237,12 +237,15 @@ pub struct Connection {
     assembly: Option<Box<Assembly>>,
     utf8: Utf8Validator,
     out: Output,
-    /// Bytes of replies the engine queued on its own (pongs, close replies) since the output was last
-    /// empty, so at least as many as are unsent: a count kept apart from what the caller queued, so a
-    /// transport can bound what a peer that pings without reading makes us hold, without also holding
-    /// up reads behind the caller's own large messages. A saturating `u32` here fits in padding,
-    /// where a `usize` would make every idle connection 8 bytes larger.
+    /// Bytes of replies the engine queued on its own (pongs, close replies) since the last of them
+    /// was written, so at least as many as are unsent: a count kept apart from what the caller
+    /// queued, so a transport can bound what a peer that pings without reading makes us hold, without
+    /// also holding up reads behind the caller's own large messages. Saturating `u32`s here fit in
+    /// padding, where `usize`s would make every idle connection larger.
     replies: u32,
+    /// Pending bytes up to the end of the last of those replies: once they are written, no reply is
+    /// left, even while the caller's output never drains.
+    replies_end: u32,
     mask_keys: MaskKeys,
     close_sent: bool,
     close_received: bool,
@@ -281,6 +284,7 @@ impl Connection {
             utf8: Utf8Validator::new(),
             out: Output::default(),
             replies: 0,
+            replies_end: 0,
             mask_keys,
             close_sent: false,
             close_received: false,
@@ -777,6 +781,7 @@ impl Connection {
         self.queue_frame(opcode, true, payload);
         let queued = u32::try_from(self.out.len - before).unwrap_or(u32::MAX);
         self.replies = self.replies.saturating_add(queued);
+        self.replies_end = u32::try_from(self.out.len).unwrap_or(u32::MAX);
     }
 
     /// Encodes a whole frame into the output buffer, masking it when we are the client.
@@ -832,7 +837,7 @@ impl Connection {
         self.out.len
     }
 
-    /// Bytes of replies the engine queued on its own since the output was last all written: pongs
+    /// Bytes of replies the engine queued on its own since the last of them was written: pongs
     /// (with `auto_pong`) and the close frame answering the peer's or a protocol error. What the
     /// caller queued is not counted. At least as many are unsent, so a transport that pauses reading
     /// while this is over its limit bounds what a peer that sends pings and never reads can make it
@@ -871,8 +876,12 @@ impl Connection {
     #[inline]
     pub fn consume_output(&mut self, n: usize) {
         self.out.consume(n);
-        if self.out.len == 0 {
-            self.replies = 0;
+        if self.replies_end != 0 {
+            self.replies_end = self.replies_end.saturating_sub(u32::try_from(n).unwrap_or(u32::MAX));
+            if self.replies_end == 0 || self.out.len == 0 {
+                self.replies = 0;
+                self.replies_end = 0;
+            }
         }
     }
 

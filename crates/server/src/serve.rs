@@ -143,6 +143,7 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
         max_head: config.server.max_request_head_bytes(),
         max_streams: config.server.h2_max_streams(),
         trusted: trusted.clone(),
+        send_timeout: config.send_timeout(),
     };
     let (closing, closed) = tokio::sync::watch::channel(false);
     let handler = HttpHandler::new(app, settings, closed);
@@ -162,7 +163,7 @@ pub async fn serve(listener: TcpListener, config: ServeConfig, stop: impl Future
     let deadline = tokio::time::Instant::now() + grace;
     // The end of the grace period is kept for what follows the sessions: the engine's last commit,
     // and the runtime's own end (`main`'s 200 ms), so the process is gone within the grace period.
-    let sessions_until = deadline - (grace / 4).min(Duration::from_millis(700));
+    let sessions_until = deadline - (grace / 2).min(RUNTIME_END + Duration::from_millis(500));
     // Sessions count as live until their close handshake is over (or timed out).
     while live.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < sessions_until {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -305,7 +305,7 @@ async fn a_websocket_stream_that_stops_taking_data_ends_its_connection_once_its_
     // resets the stream: it outlived its session with its buffers, for as long as the client kept
     // the connection. The connection is now ended, which frees it (and ends its other streams).
     let ca = ca("h2-stuck");
-    let server = serve_tls(&ca, &["--keepalive-secs", "1"]);
+    let server = serve_tls(&ca, &["--keepalive-secs", "1", "--send-timeout-secs", "2"]);
     let builder = chat_client(&server, &ca);
     let connection = builder.connect_http2().await.unwrap();
     let mut stalled = open(&connection, &builder).await;
@@ -322,12 +322,14 @@ async fn a_websocket_stream_that_stops_taking_data_ends_its_connection_once_its_
     let ended = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             match bystander.recv().await {
+                Some(Ok(Message::Close(frame))) => return Some(frame),
                 Some(Ok(_)) => continue,
-                _ => return,
+                _ => return None,
             }
         }
     })
     .await;
-    assert!(ended.is_ok(), "the connection of the stuck stream was ended");
+    let close = ended.expect("the connection of the stuck stream was ended");
+    assert_eq!(close, None, "the connection ended under it, not its own session");
     drop(stalled);
 }

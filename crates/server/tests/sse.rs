@@ -317,6 +317,7 @@ fn pages_of_allowed_origins_may_use_the_http_routes_from_their_own_origin() {
     assert!(headers.contains("access-control-allow-origin: https://chat.example.com\r\n"), "{headers}");
     assert!(headers.contains("access-control-allow-credentials: true\r\n"), "{headers}");
     assert!(headers.contains("vary: origin\r\n"), "{headers}");
+    assert!(headers.contains("access-control-expose-headers: retry-after\r\n"), "{headers}");
     // By a subdomain pattern: the same.
     let wild = Stream::open(addr, "room=r", "Origin: https://a.example.org\r\n");
     let headers = wild.headers.to_ascii_lowercase();

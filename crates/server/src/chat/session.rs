@@ -714,16 +714,26 @@ impl Session {
                 history.first_retained <= since + 1 && (last - since) as usize <= self.core.limits.max_replay
             }
         });
-        // The replay is at most the outbox's bytes, as what it holds for live delivery: the newest
-        // messages that fit, and a client further behind is told so, as one past `max_replay` is.
+        // The replay is at most the outbox's bytes, as what it holds for live delivery. A long poll
+        // answers with the oldest that fit, and its cursor goes on from the last of them: nothing is
+        // skipped. A stream (WebSocket, SSE) goes on live after the replay, so it gets the newest that
+        // fit, and a client further behind is told so, as one past `max_replay` is.
         let mut replay: Vec<String> = history.messages.iter().map(|m| Envelope::message(m).encode()).collect();
-        let cut = newest_within(&replay, self.core.limits.max_replay_bytes);
-        let first = match cut {
-            0 => history.first_retained,
-            cut => history.messages[cut].offset,
+        let budget = self.core.limits.max_replay_bytes;
+        let cut = if self.transport == Transport::LongPoll {
+            replay.truncate(oldest_within(&replay, budget));
+            0
+        } else {
+            newest_within(&replay, budget)
         };
         replay.drain(..cut);
         let recovered = recovered.map(|recovered| recovered && cut == 0);
+        // Where a resume that could not be served whole starts again (retention, `max_replay`, the
+        // bytes): the oldest message sent. Otherwise where the room's history starts.
+        let first = match (since, history.messages.get(cut)) {
+            (Some(since), Some(sent)) if sent.offset > since.saturating_add(1) => sent.offset,
+            _ => history.first_retained,
+        };
         let mut out = Vec::with_capacity(replay.len() + 1);
         out.push(
             Envelope::Joined {
@@ -771,6 +781,20 @@ fn newest_within(encoded: &[String], budget: usize) -> usize {
         total <= budget
     });
     encoded.len() - kept.count().max(1.min(encoded.len()))
+}
+
+/// How many of `encoded` (oldest first), from the front, fit in `budget` bytes; the first one
+/// whatever its size.
+fn oldest_within(encoded: &[String], budget: usize) -> usize {
+    let mut total = 0usize;
+    let fitting = encoded
+        .iter()
+        .take_while(|text| {
+            total += text.len();
+            total <= budget
+        })
+        .count();
+    fitting.max(1).min(encoded.len())
 }
 
 /// The newest of `messages` (oldest first) whose envelopes fit in about `budget` bytes (their fields

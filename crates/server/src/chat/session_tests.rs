@@ -303,6 +303,7 @@ async fn resume_past_the_replay_limit_or_from_another_epoch_is_not_recovered() {
     let mut bob = chat.v1();
     let far = bob.send(json!({"type": "join", "room": "r", "since": 1, "epoch": epoch})).await.unwrap();
     assert_eq!(far[0]["recovered"], false, "4 missed, 2 replayable");
+    assert_eq!(far[0]["first"].as_u64(), Some(4), "where what was sent starts: {}", far[0]);
     let mut carl = chat.v1();
     let other = carl.send(json!({"type": "join", "room": "r", "since": 5, "epoch": "a-lost-history"})).await.unwrap();
     assert_eq!(other[0]["recovered"], false, "offsets of another epoch are void");
@@ -334,6 +335,14 @@ async fn a_replay_and_a_history_answer_hold_at_most_the_outbox_bytes_and_a_resum
     let mut carl = chat.v1();
     let near = carl.send(json!({"type": "join", "room": "r", "since": 8, "epoch": epoch})).await.unwrap();
     assert_eq!((near[0]["recovered"].as_bool(), near.len()), (Some(true), 3), "two fit");
+    // A long poll gets the oldest that fit instead, and its cursor goes on from there: no gap.
+    let mut dan = chat.v1();
+    dan.session.set_transport(crate::metrics::Transport::LongPoll);
+    let poll = dan.send(json!({"type": "join", "room": "r", "since": 2, "epoch": epoch})).await.unwrap();
+    let replay: Vec<u64> = poll[1..].iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    assert!(replay.len() >= 3 && replay.len() < 8, "{replay:?}");
+    assert!(replay.iter().copied().eq(3..3 + replay.len() as u64), "from the first missed on: {replay:?}");
+    assert_eq!(poll[0]["recovered"].as_bool(), Some(true), "{}", poll[0]);
     let history = ann.send(json!({"type": "history", "room": "r"})).await.unwrap();
     let offsets: Vec<u64> =
         history[0]["messages"].as_array().unwrap().iter().map(|m| m["offset"].as_u64().unwrap()).collect();

@@ -198,6 +198,8 @@ async fn cors(
     headers.append(header::VARY, header::HeaderValue::from_static("origin"));
     if let Some(value) = allowed.and_then(|origin| header::HeaderValue::from_str(origin).ok()) {
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, value);
+        // A page of another origin may read how long a 429 or 503 asks it to wait.
+        headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, header::HeaderValue::from_static("retry-after"));
         if allowed.is_some_and(|origin| policy.names(origin)) {
             headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, header::HeaderValue::from_static("true"));
         }
@@ -418,6 +420,18 @@ pub struct HttpSettings {
     pub max_streams: u32,
     /// Peers whose `X-Forwarded-For` / `Forwarded` name the client.
     pub trusted: Arc<TrustedProxies>,
+    /// `--send-timeout-secs`: also how long an HTTP/2 WebSocket stream whose session is over may
+    /// take to hand over what it still holds before it counts as stuck (see [`StuckStreams`]).
+    pub send_timeout: Duration,
+}
+
+/// An HTTP/2 connection's word to its task that one of its WebSocket streams is stuck: its session
+/// is over, yet what it holds has not gone for `after`. hyper's task for such a stream waits for
+/// flow-control window forever and nothing resets the stream; only ending the connection frees it.
+#[derive(Debug, Clone)]
+pub struct StuckStreams {
+    pub notify: Arc<tokio::sync::Notify>,
+    pub after: Duration,
 }
 
 /// Runs HTTP/1.1 (with upgrades) on each admitted connection, or HTTP/2 where TLS chose it (ALPN
@@ -469,9 +483,9 @@ pub struct Peer(pub SocketAddr);
 #[derive(Debug, Clone)]
 pub struct SharedConnection {
     pub http2: bool,
-    /// On HTTP/2: told when a WebSocket stream ends with output its client never took, so the
-    /// connection is ended (see [`serve_http2`]).
-    pub stuck_stream: Option<Arc<tokio::sync::Notify>>,
+    /// On HTTP/2: told when a WebSocket stream is stuck, so the connection is ended (see
+    /// [`serve_http2`]).
+    pub stuck_stream: Option<StuckStreams>,
 }
 
 /// The router as a hyper service: each request learns the client's address (for per-address limits
@@ -481,7 +495,7 @@ fn service(
     app: Router,
     peer: SocketAddr,
     settings: &HttpSettings,
-    stuck_stream: Option<Arc<tokio::sync::Notify>>,
+    stuck_stream: Option<StuckStreams>,
     on_request: impl Fn() + Clone + Send + 'static,
 ) -> impl hyper::service::Service<
     hyper::Request<hyper::body::Incoming>,
@@ -554,6 +568,10 @@ fn closing_signal(mut closing: watch::Receiver<bool>) -> Gated<impl Future<Outpu
 
 /// HTTP/2 on a TLS connection that chose it. The header list is bounded as an HTTP/1.1 head is,
 /// streams and flow-control windows as [`HttpSettings`] and the constants above say; a client that
+/// How long an HTTP/2 connection with a stuck WebSocket stream has, after its GOAWAY, for the
+/// requests in flight on it before it is closed.
+const STUCK_CONNECTION_GRACE: Duration = Duration::from_secs(2);
+
 /// sends no request within the handshake timeout is dropped, as over HTTP/1.1.
 async fn serve_http2<S>(
     stream: S,
@@ -567,7 +585,8 @@ async fn serve_http2<S>(
     let mut closing = closing_signal(closing);
     let requested = Arc::new(AtomicBool::new(false));
     let seen = requested.clone();
-    let stuck_stream = Arc::new(tokio::sync::Notify::new());
+    let stuck = StuckStreams { notify: Arc::new(tokio::sync::Notify::new()), after: settings.send_timeout };
+    let stuck_stream = stuck.notify.clone();
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .enable_connect_protocol()
@@ -580,12 +599,14 @@ async fn serve_http2<S>(
         .max_send_buf_size(H2_SEND_BUFFER)
         .serve_connection(
             TokioIo::new(stream),
-            service(app, peer, &settings, Some(stuck_stream.clone()), move || seen.store(true, Ordering::Relaxed)),
+            service(app, peer, &settings, Some(stuck), move || seen.store(true, Ordering::Relaxed)),
         );
     tokio::pin!(connection);
     let first_request = tokio::time::sleep(settings.handshake_timeout);
     tokio::pin!(first_request);
     let (mut waiting, mut told) = (true, false);
+    // Set once a stuck stream was reported: the GOAWAY went out, and this ends the connection.
+    let mut hard_stop: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         tokio::select! {
             biased;
@@ -599,10 +620,15 @@ async fn serve_http2<S>(
             // session: hyper's task for it waits for window that never comes, and nothing resets
             // the stream, which keeps its buffers and its place among the connection's streams.
             // Only ending the connection frees them (its streams then fail; their clients reconnect).
-            () = stuck_stream.notified() => {
+            () = stuck_stream.notified(), if hard_stop.is_none() => {
                 tracing::info!(%peer, "closing an HTTP/2 connection: a WebSocket stream on it stopped taking data");
-                return;
+                // A GOAWAY first, so requests in flight on it finish; the stuck stream never will, so
+                // the connection ends for good a moment later.
+                connection.as_mut().graceful_shutdown();
+                told = true;
+                hard_stop = Some(Box::pin(tokio::time::sleep(STUCK_CONNECTION_GRACE)));
             }
+            () = async { hard_stop.as_mut().expect("guarded").await }, if hard_stop.is_some() => return,
             _ = &mut first_request, if waiting => {
                 if !requested.load(Ordering::Relaxed) {
                     tracing::debug!(%peer, "HTTP/2 connection sent no request in time");

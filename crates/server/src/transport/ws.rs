@@ -17,7 +17,7 @@ use switchboard_ws::{CloseCode, Message, Utf8Bytes, WebSocket};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
-use super::http::{bearer, percent_decode, refuse};
+use super::http::{bearer, percent_decode, refuse, StuckStreams};
 use super::wake::WakeFlag;
 use crate::chat::access::{AuthError, Identity};
 use crate::chat::session::{End, Session};
@@ -52,7 +52,7 @@ pub async fn upgrade(
     upgrade: WebSocketUpgrade,
     peer: Option<SocketAddr>,
     place: Option<Permit>,
-    stuck_stream: Option<Arc<tokio::sync::Notify>>,
+    stuck_stream: Option<StuckStreams>,
 ) -> Response {
     let refuse = |status: axum::http::StatusCode, reason: String| {
         tracing::info!(peer = peer.map(tracing::field::display), status = status.as_u16(), %reason, "refused a WebSocket handshake");
@@ -133,7 +133,7 @@ pub(crate) struct LiveGuard(Arc<AtomicUsize>, Option<Box<Held>>);
 /// a stream left stuck.
 struct Held {
     _place: Option<Permit>,
-    stuck_stream: Option<Arc<tokio::sync::Notify>>,
+    stuck_stream: Option<StuckStreams>,
 }
 
 impl LiveGuard {
@@ -142,25 +142,28 @@ impl LiveGuard {
         Self(live.clone(), None)
     }
 
-    pub(crate) fn holding(mut self, place: Option<Permit>, stuck_stream: Option<Arc<tokio::sync::Notify>>) -> Self {
+    pub(crate) fn holding(mut self, place: Option<Permit>, stuck_stream: Option<StuckStreams>) -> Self {
         if place.is_some() || stuck_stream.is_some() {
             self.1 = Some(Box::new(Held { _place: place, stuck_stream }));
         }
         self
     }
 
-    /// On HTTP/2, as the session's stream is let go: when it ends with output its client did not
-    /// take, and the stream underneath still stands (a flush that does not fail, as it would on a
-    /// stream the client reset), the connection is told: nothing else would free the stream.
-    fn check_stream<S: Socket>(&self, ws: &mut WebSocket<S>) {
-        let Some(notify) = self.1.as_ref().and_then(|held| held.stuck_stream.as_ref()) else { return };
+    /// On HTTP/2, as the session's stream is let go with output its client has not taken: the
+    /// stream gets `--send-timeout-secs` more to hand it over (a slow client that still reads is
+    /// fine), on a task of its own. A flush that fails is a stream the client reset, gone already;
+    /// one that still waits then is stuck, and the connection is told: nothing else would free it.
+    fn check_stream<S: Socket>(&self, mut ws: WebSocket<S>) {
+        let Some(stuck) = self.1.as_ref().and_then(|held| held.stuck_stream.clone()) else { return };
         if ws.pending_output() == 0 {
             return;
         }
-        let flushed = futures_util::FutureExt::now_or_never(tokio::io::AsyncWriteExt::flush(ws.get_mut()));
-        if !matches!(flushed, Some(Err(_))) {
-            notify.notify_one();
-        }
+        tokio::spawn(async move {
+            let flushed = tokio::time::timeout(stuck.after, tokio::io::AsyncWriteExt::flush(ws.get_mut())).await;
+            if flushed.is_err() {
+                stuck.notify.notify_one();
+            }
+        });
     }
 }
 
@@ -267,7 +270,7 @@ fn run<S: Socket>(
             }
             Box::pin(close(&mut ws, end)).await;
         }
-        live.check_stream(&mut ws);
+        live.check_stream(ws);
         drop(live);
     }
 }
@@ -470,6 +473,9 @@ mod tests {
         let live = Arc::new(AtomicUsize::new(0));
         let connection = run(Session::new(core, Dialect::Seed), None, ws, LiveGuard::new(&live));
         let size = std::mem::size_of_val(&connection);
-        assert!(size <= 800, "the chat connection's future is {size} bytes");
+        // 808 since the engine counts its own unsent replies apart from the caller's output (two
+        // u32s, one of them beyond the padding it had), so that reading never waits on our own
+        // large messages.
+        assert!(size <= 808, "the chat connection's future is {size} bytes");
     }
 }
