@@ -718,15 +718,16 @@ impl Session {
         // answers with the oldest that fit, and its cursor goes on from the last of them: nothing is
         // skipped. A stream (WebSocket, SSE) goes on live after the replay, so it gets the newest that
         // fit, and a client further behind is told so, as one past `max_replay` is.
-        let mut replay: Vec<String> = history.messages.iter().map(|m| Envelope::message(m).encode()).collect();
+        // Only what is sent is encoded.
         let budget = self.core.limits.max_replay_bytes;
-        let cut = if self.transport == Transport::LongPoll {
-            replay.truncate(oldest_within(&replay, budget));
-            0
+        let (replay, cut) = if self.transport == Transport::LongPoll {
+            (encode_within(history.messages.iter(), budget), 0)
         } else {
-            newest_within(&replay, budget)
+            let mut newest = encode_within(history.messages.iter().rev(), budget);
+            newest.reverse();
+            let cut = history.messages.len() - newest.len();
+            (newest, cut)
         };
-        replay.drain(..cut);
         let recovered = recovered.map(|recovered| recovered && cut == 0);
         // Where a resume that could not be served whole starts again (retention, `max_replay`, the
         // bytes): the oldest message sent. Otherwise where the room's history starts.
@@ -772,29 +773,20 @@ impl Session {
     }
 }
 
-/// How many of `encoded` (oldest first) to leave out, from the front, so that the rest fit in
-/// `budget` bytes; the newest one is kept whatever its size.
-fn newest_within(encoded: &[String], budget: usize) -> usize {
+/// The envelopes of `messages`, in the order given, as long as together they fit in `budget` bytes;
+/// the first one whatever its size.
+fn encode_within<'m>(messages: impl Iterator<Item = &'m StoredMessage>, budget: usize) -> Vec<String> {
     let mut total = 0usize;
-    let kept = encoded.iter().rev().take_while(|text| {
+    let mut encoded = Vec::new();
+    for message in messages {
+        let text = Envelope::message(message).encode();
         total += text.len();
-        total <= budget
-    });
-    encoded.len() - kept.count().max(1.min(encoded.len()))
-}
-
-/// How many of `encoded` (oldest first), from the front, fit in `budget` bytes; the first one
-/// whatever its size.
-fn oldest_within(encoded: &[String], budget: usize) -> usize {
-    let mut total = 0usize;
-    let fitting = encoded
-        .iter()
-        .take_while(|text| {
-            total += text.len();
-            total <= budget
-        })
-        .count();
-    fitting.max(1).min(encoded.len())
+        if total > budget && !encoded.is_empty() {
+            break;
+        }
+        encoded.push(text);
+    }
+    encoded
 }
 
 /// The newest of `messages` (oldest first) whose envelopes fit in about `budget` bytes (their fields
