@@ -27,6 +27,18 @@ async function modulePage(port) {
   return page;
 }
 
+/** A server (given `args`) on a free port and a page with the module loaded: runs `body(port, page)`,
+ * then stops the server. */
+async function withModulePage(args, body) {
+  const port = await freePort();
+  const server = await startServer(port, tempDb(), args);
+  try {
+    return await body(port, await modulePage(port));
+  } finally {
+    await stop(server);
+  }
+}
+
 /** Publishes `count` messages `${prefix} i` to `room` over HTTP, as another client would. */
 async function publishOverHttp(port, room, prefix, count) {
   for (let i = 1; i <= count; i++) {
@@ -79,10 +91,7 @@ for (const transport of ["websocket", "longpoll"]) {
 
 test("a token function that gives a long-lived token is asked once per connection, not in a loop", async () => {
   // Before: a delay past 2^31 ms overflowed setTimeout and fired at once, thousands of times a second.
-  const port = await freePort();
-  const server = await startServer(port, tempDb(), ["--jwt-secret", "s3cret"]);
-  try {
-    const page = await modulePage(port);
+  await withModulePage(["--jwt-secret", "s3cret"], async (port, page) => {
     const long = spawnSync(BIN, ["token", "--sub", "ann", "--secret", "s3cret", "--ttl-secs", String(30 * 86400)]).stdout.toString().trim();
     const short = spawnSync(BIN, ["token", "--sub", "bob", "--secret", "s3cret", "--ttl-secs", "20"]).stdout.toString().trim();
     const counts = await page.evaluate(async ([port, long, short]) => {
@@ -102,17 +111,12 @@ test("a token function that gives a long-lived token is asked once per connectio
     assert.deepEqual(counts.long, { asked: 1, state: "open" });
     assert.equal(counts.short.state, "open");
     assert.ok(counts.short.asked <= 4, `a token inside the margin is renewed at most every second: ${counts.short.asked}`);
-  } finally {
-    await stop(server);
-  }
+  });
 });
 
 test("a fixed token the server refuses ends the client with one error, over WebSocket and over long polling", async () => {
   // Before: every attempt opened, reset the backoff and was refused, about 8 times a second for good.
-  const port = await freePort();
-  const server = await startServer(port, tempDb(), ["--jwt-secret", "s3cret", "--allow-anonymous", "false"]);
-  try {
-    const page = await modulePage(port);
+  await withModulePage(["--jwt-secret", "s3cret", "--allow-anonymous", "false"], async (port, page) => {
     for (const transport of ["websocket", "longpoll", "sse"]) {
       const log = await page.evaluate(async ([port, transport]) => {
         window.log = { states: [], errors: [], messages: [], tokens: 0 };
@@ -128,17 +132,12 @@ test("a fixed token the server refuses ends the client with one error, over WebS
       assert.equal(log.errors.length, 1, `${transport}: ${JSON.stringify(log.errors)}`);
       assert.match(log.errors[0].message, /token/i, transport);
     }
-  } finally {
-    await stop(server);
-  }
+  });
 });
 
 test("over SSE, joins and a new name made one after another all reach the stream", async () => {
   // Before: the second join came while the first one's new stream was opening and was dropped.
-  const port = await freePort();
-  const server = await startServer(port, tempDb());
-  try {
-    const page = await modulePage(port);
+  await withModulePage([], async (port, page) => {
     await page.evaluate((port) => {
       window.client = window.watch(new window.sb.SwitchboardClient({
         url: `ws://127.0.0.1:${port}/ws`, rooms: ["lobby"], storage: null, transports: ["sse"],
@@ -160,17 +159,12 @@ test("over SSE, joins and a new name made one after another all reach the stream
     }, port);
     assert.deepEqual(names, ["Annie", "Bob"]);
     await page.evaluate(() => window.client.close());
-  } finally {
-    await stop(server);
-  }
+  });
 });
 
 test("publishes over HTTP past the rate limit wait their turn instead of failing", async () => {
   // Before: a 429 rejected the publish and dropped it.
-  const port = await freePort();
-  const server = await startServer(port, tempDb(), ["--rate-limit", "5", "--rate-burst", "10"]);
-  try {
-    const page = await modulePage(port);
+  await withModulePage(["--rate-limit", "5", "--rate-burst", "10"], async (port, page) => {
     const outcome = await page.evaluate(async (port) => {
       const client = new window.sb.SwitchboardClient({ url: `ws://127.0.0.1:${port}/ws`, rooms: ["lobby"], storage: null, transports: ["longpoll"] });
       const results = await Promise.allSettled(Array.from({ length: 20 }, (_, i) => client.publish("lobby", `m${i}`)));
@@ -178,9 +172,7 @@ test("publishes over HTTP past the rate limit wait their turn instead of failing
       return results.map((r) => r.status === "fulfilled" ? r.value.offset : `rejected ${JSON.stringify(r.reason)}`);
     }, port);
     assert.deepEqual(outcome, Array.from({ length: 20 }, (_, i) => i + 1), "all stored, once, in order");
-  } finally {
-    await stop(server);
-  }
+  });
 });
 
 test("a page that started during an outage on a fallback transport moves back to WebSocket once it gets through", async () => {
